@@ -1,0 +1,27 @@
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install demo test quality bench gpu-check
+install:
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the CPU wheel, so the project's range never pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	$(BIN)/moe-prefetch run --model demo --prompt "def fibonacci(n):" --max-new-tokens 48 --cache-slots 24
+
+test: install
+	$(BIN)/python -m pytest
+
+quality:
+	$(BIN)/ruff check moe_prefetch cli tests scripts
+	$(BIN)/ruff format --check moe_prefetch cli tests scripts
+
+bench:
+	$(BIN)/python scripts/bench_resident.py
+
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -1,0 +1,235 @@
+"""The slot table and its eviction policy: pure bookkeeping, no tensors.
+
+A key is `(layer_idx, expert_id)`. Each of the `num_slots` device slots is EMPTY, LOADING
+(a copy is queued or in flight) or READY. Pinned slots (in use by the running layer) and
+LOADING slots are never evicted: that is what keeps a kernel from reading a slot that is
+being overwritten. The cache owns every hit/miss/prefetch counter, per MoE layer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+from .errors import CacheCapacityError
+
+Key = tuple[int, int]  # (layer_idx, expert_id)
+
+
+class SlotState(enum.Enum):
+    EMPTY = 0
+    LOADING = 1
+    READY = 2
+
+
+class LRUPolicy:
+    """Eviction order only. `victims()` yields keys least recently used first.
+
+    A key can be demoted to the front (a prediction that turned out wrong is the first to go)
+    or inserted cold (a prefetch not yet confirmed by any routing decision).
+    """
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, key: Key) -> None:
+        self._order.move_to_end(key)
+
+    def demote(self, key: Key) -> None:
+        self._order.move_to_end(key, last=False)
+
+    def remove(self, key: Key) -> None:
+        del self._order[key]
+
+    def victims(self) -> Iterator[Key]:
+        return iter(list(self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+
+@dataclass
+class Counters:
+    """What happened to one MoE layer's experts. `hits`/`misses` count demand accesses."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0  # evicted or dropped without ever being used
+    prefetch_dropped: int = 0  # stale prefetches cancelled before their copy started
+    evictions: int = 0
+    bytes_loaded: int = 0
+    stall_seconds: float = 0.0
+
+    def add(self, other: Counters) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+class ExpertCache:
+    """Maps keys to slots, decides evictions and counts what happens.
+
+    Callers drive it from one thread (the compute thread); loaders only report completion
+    through `mark_ready`, which the runtime calls on the compute thread.
+    """
+
+    def __init__(self, num_slots: int, expert_bytes: int, layer_ids: Iterable[int], policy: LRUPolicy | None = None):
+        if num_slots < 1:
+            raise CacheCapacityError(f"cache needs at least 1 slot, got {num_slots}; raise cache_slots")
+        self.num_slots = num_slots
+        self.expert_bytes = expert_bytes
+        self.policy = policy or LRUPolicy()
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * num_slots
+        self.state: list[SlotState] = [SlotState.EMPTY] * num_slots
+        self.pins: list[int] = [0] * num_slots
+        self.unused_prefetch: set[Key] = set()
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.counters: dict[int, Counters] = {layer: Counters() for layer in layer_ids}
+
+    # -- queries -------------------------------------------------------------
+    def lookup(self, key: Key) -> int | None:
+        return self.slot_of.get(key)
+
+    def resident(self, layer_idx: int | None = None) -> list[Key]:
+        return [k for k in self.slot_of if layer_idx is None or k[0] == layer_idx]
+
+    def evictable(self, slot: int) -> bool:
+        return self.pins[slot] == 0 and self.state[slot] is SlotState.READY
+
+    def free_or_evictable(self, protected: set[Key] = frozenset()) -> int:
+        return len(self._free) + sum(
+            1 for key, slot in self.slot_of.items() if key not in protected and self.evictable(slot)
+        )
+
+    # -- transitions ---------------------------------------------------------
+    def access(self, key: Key) -> tuple[int, bool]:
+        """Demand access by the running layer: returns (slot, needs_load) and pins the slot.
+
+        Raises CacheCapacityError when every slot is pinned or in flight.
+        """
+        counters = self.counters[key[0]]
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            counters.hits += 1
+            if key in self.unused_prefetch:
+                self.unused_prefetch.discard(key)
+                counters.prefetch_used += 1
+            self.policy.touch(key)
+            self.pins[slot] += 1
+            return slot, False
+        slot = self._allocate(key, protected=frozenset())
+        if slot is None:
+            raise CacheCapacityError(
+                f"no free slot for layer {key[0]} expert {key[1]}: all {self.num_slots} slots are in use or in flight; "
+                "raise cache_slots"
+            )
+        counters.misses += 1
+        counters.bytes_loaded += self.expert_bytes
+        self.pins[slot] += 1
+        return slot, True
+
+    def prefetch(self, key: Key, protected: set[Key] = frozenset()) -> tuple[int, bool] | None:
+        """Reserve a slot for a predicted expert: (slot, needs_load), or None if only a
+        protected, pinned or in-flight slot could be taken. Never counts a hit or miss."""
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            return slot, False
+        slot = self._allocate(key, protected)
+        if slot is None:
+            return None
+        counters = self.counters[key[0]]
+        counters.prefetch_issued += 1
+        counters.bytes_loaded += self.expert_bytes
+        self.unused_prefetch.add(key)
+        return slot, True
+
+    def mark_ready(self, slot: int) -> None:
+        if self.state[slot] is SlotState.LOADING:
+            self.state[slot] = SlotState.READY
+
+    def unpin(self, slot: int) -> None:
+        assert self.pins[slot] > 0, f"slot {slot} unpinned more often than pinned"
+        self.pins[slot] -= 1
+
+    def drop(self, key: Key) -> None:
+        """Forget a prefetch whose copy was cancelled before it started."""
+        slot = self.slot_of.pop(key)
+        assert self.pins[slot] == 0, "a pinned slot cannot be dropped"
+        self.policy.remove(key)
+        self.key_of[slot] = None
+        self.state[slot] = SlotState.EMPTY
+        self._free.append(slot)
+        counters = self.counters[key[0]]
+        counters.prefetch_dropped += 1
+        counters.bytes_loaded -= self.expert_bytes
+        if key in self.unused_prefetch:
+            self.unused_prefetch.discard(key)
+            counters.prefetch_wasted += 1
+
+    def demote(self, key: Key) -> None:
+        """A prediction that turned out wrong: make it the first candidate for eviction."""
+        if key in self.policy:
+            self.policy.demote(key)
+
+    def add_stall(self, layer_idx: int, seconds: float) -> None:
+        self.counters[layer_idx].stall_seconds += seconds
+
+    def _allocate(self, key: Key, protected: set[Key] | frozenset) -> int | None:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next(
+                (k for k in self.policy.victims() if k not in protected and self.evictable(self.slot_of[k])), None
+            )
+            if victim is None:
+                return None
+            slot = self._evict(victim)
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
+        self.state[slot] = SlotState.LOADING
+        self.policy.insert(key)
+        return slot
+
+    def _evict(self, key: Key) -> int:
+        slot = self.slot_of.pop(key)
+        self.policy.remove(key)
+        self.key_of[slot] = None
+        self.state[slot] = SlotState.EMPTY
+        counters = self.counters[key[0]]
+        counters.evictions += 1
+        if key in self.unused_prefetch:
+            self.unused_prefetch.discard(key)
+            counters.prefetch_wasted += 1
+        return slot
+
+    # -- reporting -----------------------------------------------------------
+    def totals(self) -> Counters:
+        total = Counters()
+        for counters in self.counters.values():
+            total.add(counters)
+        return total
+
+    def reset_counters(self) -> None:
+        for layer in self.counters:
+            self.counters[layer] = Counters()
+
+    def check(self) -> None:
+        """Internal consistency, for tests and debug mode."""
+        assert len(self.slot_of) + len(self._free) == self.num_slots
+        for key, slot in self.slot_of.items():
+            assert self.key_of[slot] == key and self.state[slot] is not SlotState.EMPTY
+        for slot in self._free:
+            assert self.key_of[slot] is None and self.pins[slot] == 0
+        assert set(self.slot_of) == set(self.policy.victims())
+        assert self.unused_prefetch <= set(self.slot_of)

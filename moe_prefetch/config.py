@@ -1,0 +1,94 @@
+"""Runtime settings: one frozen dataclass with every default, and size parsing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+PREDICTORS = ("none", "previous-token", "next-gate", "m2r2", "oracle")
+DEVICES = ("auto", "cuda", "cpu")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str, total: int | None = None) -> int:
+    """Turn 6442450944, "6GiB", "512MB" or "75%" (of `total`) into bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"size {value!r} is not a size; use bytes or a string such as '6GiB' or '75%'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ConfigError(f"size {value!r} must be positive; use e.g. '6GiB'")
+        return int(value)
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot parse size {value!r}; use e.g. '75%' or '6GiB'") from None
+        if not 0 < pct <= 100:
+            raise ConfigError(f"percentage {value!r} must be in (0, 100]")
+        if total is None:
+            raise ConfigError(f"size {value!r} is a percentage but the total is unknown; give bytes such as '6GiB'")
+        return int(total * pct / 100)
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"cannot parse size {value!r}; use bytes or a number with a unit: '6GiB', '512MB', '75%'")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"size {value!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Every runtime setting and its default, validated once.
+
+    `cache_slots` is the total number of expert slots in the one device pool shared by all
+    MoE layers; `cache_budget` (bytes or "6GiB"/"75%") is turned into slots; with neither
+    the pool is sized from free device memory less `safety_margin`.
+    """
+
+    device: str = "auto"
+    cache_slots: int | None = None
+    cache_budget: int | str | None = None
+    predictor: str = "none"
+    lookahead: int = 1
+    predictor_path: str | None = None
+    # Share of free device memory left untouched when sizing the pool automatically
+    # (activations, KV cache, allocator fragmentation).
+    safety_margin: float = 0.15
+    # Extra predicted experts per layer beyond top_k that may be prefetched.
+    prefetch_margin: int = 0
+    # Test option: pace every copy to this many bytes/s (CPU loader only); None = unthrottled.
+    link_bandwidth: float | None = None
+    # Debug mode: after every layer check that each used slot holds the bytes it claims.
+    verify_slots: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.cache_slots is not None and self.cache_budget is not None:
+            raise ConfigError("give cache_slots or cache_budget, not both")
+        if self.cache_slots is not None and (not isinstance(self.cache_slots, int) or self.cache_slots < 1):
+            raise ConfigError(f"cache_slots={self.cache_slots!r} must be a positive integer")
+        if self.predictor not in PREDICTORS:
+            raise ConfigError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
+        if not isinstance(self.lookahead, int) or not 1 <= self.lookahead <= 8:
+            raise ConfigError(f"lookahead={self.lookahead!r} must be an integer in 1..8")
+        if not 0.0 <= self.safety_margin < 1.0:
+            raise ConfigError(f"safety_margin={self.safety_margin!r} must be in [0, 1)")
+        if self.prefetch_margin < 0:
+            raise ConfigError(f"prefetch_margin={self.prefetch_margin!r} must be >= 0")
+        if self.link_bandwidth is not None and self.link_bandwidth <= 0:
+            raise ConfigError(f"link_bandwidth={self.link_bandwidth!r} must be positive bytes/s")
+        if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):
+            parse_size(self.cache_budget)  # fail early on an unparsable size

@@ -1,0 +1,185 @@
+"""Plugs the runtime into a transformers model through its experts-implementation interface.
+
+`attach` moves every expert out of the model into the host store, registers the
+"moe_prefetch" experts function with `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`
+and switches the model to it with `set_experts_implementation`. That function remaps
+expert ids to slot ids and runs the model's own (stock) expert kernel on the slot tensors,
+so the arithmetic is unchanged. Pre-hooks on the decoder layers hand the residual stream
+to the predictor. `Runtime.detach` undoes all of it, restoring the original parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .cache import ExpertCache
+from .config import RuntimeConfig, parse_size
+from .errors import CacheCapacityError, ConfigError, DeviceError, HostMemoryError
+from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
+from .loader import make_loader
+from .pool import SlotPool
+from .runtime import Runtime
+from .store import HostStore
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "moe_prefetch"
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    runtime, layer = self.__dict__["_moe_prefetch"]
+    return runtime.experts_forward(layer, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _experts_forward)
+
+
+def resolve_device(device: str) -> tuple[torch.device, str]:
+    """The device to run on, and why it was chosen."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), "auto: CUDA is available"
+        return torch.device("cpu"), "auto: no CUDA device, running on CPU"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} requested but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device), f"requested: {device}"
+
+
+def free_device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_slots(config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer], device: torch.device,
+                  free_bytes: int | None = None) -> int:
+    """Number of slots from cache_slots, cache_budget, or free device memory."""
+    top_k = max(layer.top_k for layer in layers)
+    total = sum(layer.num_experts for layer in layers)
+    if config.cache_slots is not None:
+        slots = config.cache_slots
+    else:
+        free = free_device_memory(device) if free_bytes is None else free_bytes
+        if config.cache_budget is not None:
+            budget = parse_size(config.cache_budget, total=free)
+            if budget > free:
+                raise CacheCapacityError(
+                    f"cache budget {budget / 2**30:.2f} GiB is larger than the {free / 2**30:.2f} GiB free on {device}; "
+                    "lower --cache-budget"
+                )
+        else:
+            budget = int(free * (1 - config.safety_margin))
+        slots = min(total, budget // spec.nbytes)
+    if slots < top_k:
+        raise CacheCapacityError(
+            f"{slots} cache slots but top_k is {top_k}: one layer needs at least {top_k}; "
+            f"raise cache_slots to >= {top_k} (each slot is {spec.nbytes / 2**20:.2f} MiB)"
+        )
+    return min(slots, total)
+
+
+def attach(model, device: str = "auto", cache_slots: int | None = None, cache_budget=None, predictor: str = "none",
+           lookahead: int = 1, predictor_path: str | None = None, **options) -> Runtime:
+    """Offload the experts of a transformers MoE model you already built.
+
+    Its experts move out of the model into the host store, the rest moves to `device`, and a
+    pool of `cache_slots` device slots (or as many as `cache_budget` or free memory allows)
+    serves every MoE layer. `model(...)` and `model.generate(...)` keep working with the same
+    outputs. Returns the `Runtime`; `runtime.detach()` restores the model exactly.
+    """
+    config = RuntimeConfig(device=device, cache_slots=cache_slots, cache_budget=cache_budget, predictor=predictor,
+                           lookahead=lookahead, predictor_path=predictor_path, **options)
+    if getattr(model, "_moe_prefetch_runtime", None) is not None:
+        raise ConfigError("this model is already attached; call runtime.detach() first")
+    layers = find_moe_layers(model)
+    spec = spec_of(layers)
+    target, device_reason = resolve_device(config.device)
+    if target.type == "cpu" and spec.dtype == torch.float16:
+        logger.info("float16 experts on CPU run slowly; consider dtype=torch.float32 or bfloat16")
+    keys = [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)]
+    needed = len(keys) * spec.nbytes
+    on_host = all(p.device.type == "cpu" for layer in layers for p in layer.experts.parameters())
+    available = psutil.virtual_memory().available
+    if not on_host and needed > available:
+        raise HostMemoryError(
+            f"the host store needs {needed / 2**30:.2f} GiB but {available / 2**30:.2f} GiB of RAM is free; "
+            "free memory or use a machine with more RAM"
+        )
+    store = HostStore(spec, keys, pin=target.type == "cuda")
+    # Move each expert into the store and free the model's copy (its Parameter objects stay,
+    # emptied, so references users hold remain valid and detach can refill them).
+    for layer in layers:
+        params = dict(layer.experts.named_parameters(recurse=False))
+        for e in range(layer.num_experts):
+            store.write((layer.layer_idx, e), {n: p.detach()[e] for n, p in params.items()})
+    return wire(model, layers, spec, store, config, target, device_reason)
+
+
+def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, config: RuntimeConfig,
+         target: torch.device, device_reason: str) -> Runtime:
+    """Empty the model's expert parameters (already copied into `store`), move the rest to
+    `target`, build pool, cache and loader, and switch the model to the runtime."""
+    saved = []
+    original_device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    for layer in layers:
+        for name, param in layer.experts.named_parameters(recurse=False):
+            # A loaded model's experts were never materialised: detach puts them beside the rest.
+            home = original_device if param.device.type == "meta" else param.device
+            shape = param.shape
+            if param.device.type == "meta":
+                param = torch.nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=False)
+                layer.experts._parameters[name] = param
+            else:
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            saved.append((layer.layer_idx, name, param, shape, home))
+    model.to(target)
+    slots = resolve_slots(config, spec, layers, target)
+    pool = SlotPool(spec, slots, target)
+    cache = ExpertCache(slots, spec.nbytes, [layer.layer_idx for layer in layers])
+    loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth)
+    original_impl = model.config._experts_implementation
+    stock = type(layers[0].experts).forward.__wrapped__
+    kernel = ALL_EXPERTS_FUNCTIONS.get_interface(original_impl, stock)
+    hooks = []
+
+    def restore() -> None:
+        for hook in hooks:
+            hook.remove()
+        model.set_experts_implementation(original_impl)
+        by_idx = {layer.layer_idx: layer for layer in layers}
+        for layer_idx, name, param, shape, param_device in saved:
+            rows = [store.views((layer_idx, e))[name] for e in range(by_idx[layer_idx].num_experts)]
+            param.data = torch.stack(rows).to(param_device).reshape(shape)
+        for layer in layers:
+            layer.experts.__dict__.pop("_moe_prefetch", None)
+        model.to(original_device)
+        model.__dict__.pop("_moe_prefetch_runtime", None)
+
+    runtime = Runtime(model=model, layers=layers, spec=spec, store=store, pool=pool, cache=cache, loader=loader,
+                      config=config, device=target, device_reason=device_reason, kernel=kernel, restore=restore)
+    for layer in layers:
+        layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)
+    for idx, decoder_layer in enumerate(decoder_layers(model)):
+        hooks.append(decoder_layer.register_forward_pre_hook(_residual_hook(runtime, idx), with_kwargs=True))
+    from .predictors import make_predictor  # predictors need the runtime's layers
+
+    runtime.predictor = make_predictor(config, runtime)
+    model.set_experts_implementation(IMPLEMENTATION)
+    model.__dict__["_moe_prefetch_runtime"] = runtime
+    logger.info("attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
+                len(layers), slots, spec.nbytes / 2**20, target, device_reason, loader.kind, store.pin_reason)
+    return runtime
+
+
+def _residual_hook(runtime: Runtime, layer_idx: int):
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None:
+            runtime.on_layer_start(layer_idx, hidden)
+
+    return hook

@@ -1,0 +1,257 @@
+"""Where the experts are: in a transformers model, and in a safetensors checkpoint.
+
+`ExpertSpec` is the per-expert layout shared by the host store and the device pool: the
+model's fused expert parameters without their leading expert dimension, packed into one
+flat buffer per expert (each piece aligned to 64 elements so device views stay aligned).
+`find_moe_layers` locates the experts modules through transformers' experts-implementation
+interface; `CheckpointExperts` reads one expert at a time from any of the on-disk layouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+    "gpt_oss", "granitemoe", "phimoe",
+)
+_ALIGN = 64  # elements; keeps every parameter view 256-byte aligned in fp32, 128 in bf16
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Per-expert parameter shapes, in the order they are packed in one flat buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        offsets, pos = [], 0
+        for shape in self.shapes:
+            offsets.append(pos)
+            pos += _round_up(math.prod(shape))
+        return tuple(offsets)
+
+    @property
+    def numel(self) -> int:
+        return sum(_round_up(math.prod(shape)) for shape in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a `[..., numel]` buffer into named parameter views `[..., *shape]`."""
+        lead = flat.shape[:-1]
+        return {
+            name: flat[..., off : off + math.prod(shape)].view(*lead, *shape)
+            for name, shape, off in zip(self.names, self.shapes, self.offsets)
+        }
+
+
+def _round_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass
+class MoELayer:
+    """One decoder layer's sparse block, as the runtime and the predictors see it."""
+
+    layer_idx: int
+    path: str  # module path of the experts module
+    experts: nn.Module
+    router: nn.Module | None
+    norm: nn.Module | None  # the norm that precedes the router (post_attention_layernorm)
+    decoder_layer: nn.Module
+    num_experts: int
+    top_k: int
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for modules decorated by transformers' `use_experts_implementation`."""
+    forward = getattr(type(module), "forward", None)
+    return hasattr(module, "has_gate") and hasattr(forward, "__wrapped__") and hasattr(module, "num_experts")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and any(
+            any(is_experts_module(m) for m in layer.modules()) for layer in module
+        ):
+            return module
+    raise UnsupportedModelError(_unsupported_message(model))
+
+
+def _unsupported_message(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    looks_moe = any("expert" in name.lower() for name, _ in model.named_modules())
+    if looks_moe:
+        return (
+            f"model type {model_type!r} has experts but not through transformers' experts interface; "
+            f"supported: {', '.join(SUPPORTED)} (and any transformers MoE using use_experts_implementation)"
+        )
+    return f"model type {model_type!r} is dense: it has no experts to offload; use it with plain transformers"
+
+
+def _find_router(block: nn.Module, experts: nn.Module) -> nn.Module | None:
+    for name in ("gate", "router"):
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module) and child is not experts:
+            return child
+    return None
+
+
+def _top_k(model: nn.Module, router: nn.Module | None) -> int:
+    for source in (router, getattr(model, "config", None)):
+        for attr in ("top_k", "num_experts_per_tok"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    raise UnsupportedModelError("cannot tell top_k: neither the router nor the config names num_experts_per_tok")
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every sparse block of `model`, in layer order. Raises UnsupportedModelError for a
+    dense model or one whose experts do not go through the experts interface."""
+    layers = decoder_layers(model)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for layer_idx, decoder_layer in enumerate(layers):
+        for block in decoder_layer.modules():
+            experts = next((c for c in block.children() if is_experts_module(c)), None)
+            if experts is None:
+                continue
+            router = _find_router(block, experts)
+            found.append(
+                MoELayer(
+                    layer_idx=layer_idx,
+                    path=prefix[id(experts)],
+                    experts=experts,
+                    router=router,
+                    norm=getattr(decoder_layer, "post_attention_layernorm", None),
+                    decoder_layer=decoder_layer,
+                    num_experts=int(experts.num_experts),
+                    top_k=_top_k(model, router),
+                )
+            )
+            break
+    if not found:
+        raise UnsupportedModelError(_unsupported_message(model))
+    return found
+
+
+def spec_of(layers: list[MoELayer]) -> ExpertSpec:
+    """The shared per-expert layout. Every MoE layer must have the same one."""
+    specs = set()
+    for layer in layers:
+        params = list(layer.experts.named_parameters(recurse=False))
+        specs.add(
+            ExpertSpec(
+                names=tuple(n for n, _ in params),
+                shapes=tuple(tuple(p.shape[1:]) for _, p in params),
+                dtype=params[0][1].dtype,
+            )
+        )
+    if len(specs) != 1:
+        raise UnsupportedModelError("MoE layers have experts of different shapes; one slot pool cannot serve them")
+    return specs.pop()
+
+
+# -- checkpoints ---------------------------------------------------------------
+# Per-expert files name (gate, up, down) one of these ways; they fuse to gate_up_proj = [gate; up].
+_PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+# Older checkpoints call the sparse block `block_sparse_moe` where the model says `mlp`.
+_BLOCK_ALIASES = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
+# Non-expert keys renamed between checkpoint and model.
+_KEY_RENAMES = ((".block_sparse_moe.", ".mlp."), ("router.layer.weight", "router.weight"))
+
+
+class CheckpointExperts:
+    """Reads experts one at a time from safetensors, whatever the on-disk layout.
+
+    Layouts: fused as in the model (`experts.gate_up_proj[e]`, GPT-OSS with biases),
+    per-expert (`experts.{e}.w1/w3/w2` or `gate_proj/up_proj/down_proj`), and Granite's
+    `input_linear/output_linear`. `resolve(path)` picks one per experts module.
+    """
+
+    def __init__(self, keys: dict[str, str], open_file):
+        self.keys = keys  # tensor name -> file
+        self._open = open_file  # file -> safe_open handle
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self._open(self.keys[key]).get_tensor(key)
+
+    def _slice(self, key: str, e: int) -> torch.Tensor:
+        return self._open(self.keys[key]).get_slice(key)[e]
+
+    def resolve(self, path: str, spec: ExpertSpec) -> tuple[str, str]:
+        """Return (kind, checkpoint prefix) for the experts module at `path`."""
+        candidates = [path] + [path.replace(a, b) for a, b in _BLOCK_ALIASES if a in path]
+        for prefix in candidates:
+            if all(f"{prefix}.{n}" in self.keys for n in spec.names):
+                return "fused", prefix
+            for names in _PER_EXPERT_NAMES:
+                if f"{prefix}.0.{names[0]}.weight" in self.keys and spec.names == ("gate_up_proj", "down_proj"):
+                    return "per_expert:" + ",".join(names), prefix
+            block = prefix.rsplit(".", 1)[0]
+            if f"{block}.input_linear.weight" in self.keys and spec.names == ("gate_up_proj", "down_proj"):
+                return "granite", block
+        raise CheckpointError(f"no expert weights for {path} in the checkpoint (tried {', '.join(candidates)})")
+
+    def expert_keys(self, kind: str, prefix: str, num_experts: int, spec: ExpertSpec) -> set[str]:
+        if kind == "fused":
+            return {f"{prefix}.{n}" for n in spec.names}
+        if kind == "granite":
+            return {f"{prefix}.input_linear.weight", f"{prefix}.output_linear.weight"}
+        names = kind.split(":", 1)[1].split(",")
+        return {f"{prefix}.{e}.{n}.weight" for e in range(num_experts) for n in names}
+
+    def read(self, kind: str, prefix: str, e: int, spec: ExpertSpec) -> dict[str, torch.Tensor]:
+        """Expert `e`'s tensors, shaped like the model's parameters without the expert dim."""
+        try:
+            if kind == "fused":
+                out = {n: self._slice(f"{prefix}.{n}", e) for n in spec.names}
+            elif kind == "granite":
+                out = {
+                    "gate_up_proj": self._slice(f"{prefix}.input_linear.weight", e),
+                    "down_proj": self._slice(f"{prefix}.output_linear.weight", e),
+                }
+            else:
+                gate, up, down = kind.split(":", 1)[1].split(",")
+                out = {
+                    "gate_up_proj": torch.cat(
+                        [self._get(f"{prefix}.{e}.{gate}.weight"), self._get(f"{prefix}.{e}.{up}.weight")], dim=0
+                    ),
+                    "down_proj": self._get(f"{prefix}.{e}.{down}.weight"),
+                }
+        except KeyError as err:
+            raise CheckpointError(f"expert {e} of {prefix} is missing tensor {err}; the checkpoint is incomplete") from None
+        for name, shape in zip(spec.names, spec.shapes):
+            if tuple(out[name].shape) != shape:
+                raise CheckpointError(
+                    f"{prefix} expert {e} {name} has shape {tuple(out[name].shape)}, config says {shape}; "
+                    "config.json and the weights disagree"
+                )
+        return out
+
+
+def rename_key(key: str, model_keys: set[str]) -> str | None:
+    """Map a non-expert checkpoint key to the model's name for it, or None."""
+    if key in model_keys:
+        return key
+    for old, new in _KEY_RENAMES:
+        renamed = key.replace(old, new)
+        if renamed in model_keys:
+            return renamed
+    return None

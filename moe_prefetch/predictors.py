@@ -1,0 +1,140 @@
+"""Routing predictors: which experts layers l+1..l+D will use, given layer l's residual.
+
+Every predictor calls the model's own router modules (with the norm that precedes them),
+so each architecture's routing rule is honoured without special cases. Prediction changes
+only what is resident, never what is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from .config import RuntimeConfig
+from .errors import PredictorError
+from .layout import MoELayer
+
+logger = logging.getLogger(__name__)
+
+Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
+
+
+def route(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+    """Run `layer`'s own norm and router on `hidden` [..., H]; returns top-k indices [T, k]."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    if layer.norm is not None:
+        x = layer.norm(x)
+    out = layer.router(x)
+    outputs = out if isinstance(out, tuple) else (out,)
+    for tensor in outputs:
+        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+            return tensor.reshape(x.shape[0], -1)
+    raise PredictorError(f"the router of layer {layer.layer_idx} returned no expert indices; cannot predict")
+
+
+def rank(indices: torch.Tensor, limit: int) -> list[int]:
+    """Experts named in `indices`, most votes first, at most `limit`."""
+    votes = Counter(indices.reshape(-1).tolist())
+    return [e for e, _ in votes.most_common(limit)]
+
+
+class Predictor:
+    """Base: predicts nothing. `predict` is called at the start of each decoder layer;
+    `observe` after each MoE layer routes."""
+
+    name = "none"
+
+    def __init__(self, runtime, lookahead: int = 1, margin: int = 0):
+        self.runtime = runtime
+        self.layers: list[MoELayer] = runtime.layers if runtime is not None else []
+        self.lookahead = lookahead
+        self.margin = margin
+
+    def targets(self, layer_idx: int) -> list[tuple[MoELayer, int]]:
+        """The MoE layers at distance d = 1..lookahead after decoder layer `layer_idx`."""
+        after = [layer for layer in self.layers if layer.layer_idx > layer_idx]
+        return [(layer, d) for d, layer in enumerate(after[: self.lookahead], start=1)]
+
+    def limit(self, layer: MoELayer, tokens: int) -> int:
+        return min(layer.num_experts, layer.top_k * tokens + self.margin)
+
+    def predict(self, layer_idx: int, hidden: torch.Tensor, step: int) -> list[Prediction]:
+        return []
+
+    def observe(self, layer_idx: int, top_k_index: torch.Tensor, step: int) -> None:
+        pass
+
+
+class PreviousTokenPredictor(Predictor):
+    """Layer l+d will use the experts it used for the previous token."""
+
+    name = "previous-token"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last: dict[int, list[int]] = {}
+
+    def predict(self, layer_idx, hidden, step):
+        return [(layer.layer_idx, d, self.last[layer.layer_idx])
+                for layer, d in self.targets(layer_idx) if layer.layer_idx in self.last]
+
+    def observe(self, layer_idx, top_k_index, step):
+        self.last[layer_idx] = rank(top_k_index, self.limit(self.runtime.by_layer[layer_idx], 1 if top_k_index.shape[0] == 1 else top_k_index.shape[0]))
+
+
+class NextGatePredictor(Predictor):
+    """Eliseev & Mazur 2023: layer l+d's router applied to the residual entering layer l."""
+
+    name = "next-gate"
+
+    def residual_for(self, layer_idx: int, target: MoELayer, d: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    @torch.no_grad()
+    def predict(self, layer_idx, hidden, step):
+        out = []
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        for layer, d in self.targets(layer_idx):
+            indices = route(layer, self.residual_for(layer_idx, layer, d, tokens))
+            out.append((layer.layer_idx, d, rank(indices, self.limit(layer, tokens.shape[0]))))
+        return out
+
+
+class OraclePredictor(Predictor):
+    """Replays a recorded routing trace (`runtime.trace` records); the upper bound."""
+
+    name = "oracle"
+
+    def __init__(self, *args, trace: list[dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.by_step: dict[tuple[int, int], list[int]] = {}
+        for record in trace or []:
+            self.by_step[(record["step"], record["layer_idx"])] = list(record["experts"])
+
+    def predict(self, layer_idx, hidden, step):
+        return [(layer.layer_idx, d, self.by_step[(step, layer.layer_idx)])
+                for layer, d in self.targets(layer_idx) if (step, layer.layer_idx) in self.by_step]
+
+
+def make_predictor(config: RuntimeConfig, runtime, trace: list[dict] | None = None) -> Predictor:
+    """Build the predictor named in `config` for `runtime`."""
+    kwargs = {"lookahead": config.lookahead, "margin": config.prefetch_margin}
+    if config.predictor in ("next-gate", "m2r2"):
+        missing = [layer.layer_idx for layer in runtime.layers if layer.router is None]
+        if missing:
+            raise PredictorError(f"no router module found in layers {missing}; use --predictor none or previous-token")
+    if config.predictor == "none":
+        return Predictor(runtime, **kwargs)
+    if config.predictor == "previous-token":
+        return PreviousTokenPredictor(runtime, **kwargs)
+    if config.predictor == "next-gate":
+        return NextGatePredictor(runtime, **kwargs)
+    if config.predictor == "oracle":
+        return OraclePredictor(runtime, trace=trace, **kwargs)
+    if config.predictor == "m2r2":
+        from .m2r2 import M2R2Predictor
+
+        return M2R2Predictor.from_config(config, runtime, **kwargs)
+    raise PredictorError(f"unknown predictor {config.predictor!r}")
