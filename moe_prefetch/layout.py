@@ -173,8 +173,8 @@ def spec_of(layers: list[MoELayer]) -> ExpertSpec:
 _PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 # Older checkpoints call the sparse block `block_sparse_moe` where the model says `mlp`.
 _BLOCK_ALIASES = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
-# Non-expert keys renamed between checkpoint and model.
-_KEY_RENAMES = ((".block_sparse_moe.", ".mlp."), ("router.layer.weight", "router.weight"))
+# Non-expert keys renamed between checkpoint and model; a key may need several of them.
+_KEY_RENAMES = ((".block_sparse_moe.", ".mlp."), (".gate.weight", ".router.weight"), ("router.layer.weight", "router.weight"))
 
 
 class CheckpointExperts:
@@ -248,10 +248,7 @@ class CheckpointExperts:
 
 def rename_key(key: str, model_keys: set[str]) -> str | None:
     """Map a non-expert checkpoint key to the model's name for it, or None."""
-    if key in model_keys:
-        return key
+    candidates = [key]
     for old, new in _KEY_RENAMES:
-        renamed = key.replace(old, new)
-        if renamed in model_keys:
-            return renamed
-    return None
+        candidates += [c.replace(old, new) for c in candidates if old in c]
+    return next((c for c in candidates if c in model_keys), None)
