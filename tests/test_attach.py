@@ -1,0 +1,101 @@
+"""attach/detach are exact inverses; the host store and slot pool hold what they claim."""
+
+import gc
+
+import psutil
+import pytest
+import torch
+from tiny_models import make_model, prompt
+
+import moe_prefetch
+from moe_prefetch.layout import find_moe_layers
+
+
+def _snapshot(model):
+    return {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v2"])
+def test_attach_detach_restores_parameters(arch):
+    model = make_model(arch)
+    before = _snapshot(model)
+    ids = prompt(2, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3)
+    experts = find_moe_layers(model)[0].experts
+    assert all(p.numel() == 0 for p in experts.parameters()), "experts must leave the model"
+    assert model.config._experts_implementation == "moe_prefetch"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+    runtime.detach()
+    assert model.config._experts_implementation == "grouped_mm"
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (param, value) in before.items():
+        assert after[name] is param, f"{name} is a new Parameter object"
+        assert torch.equal(param, value), name
+    assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_store_and_slots_hold_the_experts():
+    model = make_model("mixtral")
+    stock = {n: p.detach().clone() for n, p in find_moe_layers(model)[1].experts.named_parameters()}
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, verify_slots=True)
+    views = runtime.store.views((1, 5))
+    assert torch.equal(views["gate_up_proj"], stock["gate_up_proj"][5])
+    assert torch.equal(views["down_proj"], stock["down_proj"][5])
+    assert not runtime.store.pinned and "CPU" in runtime.store.pin_reason
+    assert tuple(runtime.pool.params["gate_up_proj"].shape) == (4, *stock["gate_up_proj"].shape[1:])
+    with torch.no_grad():
+        model(prompt(1, 4))
+    runtime.verify()  # every READY slot holds exactly its expert's bytes
+    runtime.detach()
+
+
+def test_stats_contract():
+    model = make_model("olmoe")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2)
+    model.generate(prompt(1, 4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False)
+    stats = runtime.stats()
+    for key in ("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_loaded", "stall_seconds", "per_layer"):
+        assert key in stats
+    assert len(stats["per_layer"]) == 2
+    assert sum(layer["misses"] for layer in stats["per_layer"]) == stats["misses"] > 0
+    assert stats["loader"] == "cpu-thread" and stats["stall_timing"] == "cpu-wait"
+    assert {r["step"] for r in runtime.trace} == {0, 1, 2}
+    runtime.detach()
+
+
+def test_attach_twice_and_detach_twice():
+    model = make_model("mixtral")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2)
+    with pytest.raises(moe_prefetch.ConfigError, match="already attached"):
+        moe_prefetch.attach(model, device="cpu", cache_slots=2)
+    runtime.detach()
+    runtime.detach()  # idempotent
+    assert not runtime.attached
+
+
+def test_auto_sized_pool_fits_free_memory():
+    model = make_model("mixtral")
+    runtime = moe_prefetch.attach(model, device="cpu")
+    assert runtime.cache.num_slots == 16  # all experts fit in free host memory
+    runtime.detach()
+
+
+def test_repeated_attach_detach_does_not_grow_memory():
+    model = make_model("mixtral")
+    process = psutil.Process()
+    for _ in range(3):
+        moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()
+    gc.collect()
+    baseline = process.memory_info().rss
+    threads = len(__import__("threading").enumerate())
+    for _ in range(20):
+        moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()
+    gc.collect()
+    assert process.memory_info().rss - baseline < 20 * 2**20
+    assert len(__import__("threading").enumerate()) == threads

@@ -1,0 +1,111 @@
+"""Bad input gets a typed error whose one-line message names the problem and the fix."""
+
+import json
+
+import pytest
+from tiny_models import make_model, save_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import moe_prefetch
+from moe_prefetch import (
+    CacheCapacityError,
+    CheckpointError,
+    ConfigError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    parse_size,
+)
+
+
+def _one_line(err):
+    assert "\n" not in str(err.value), str(err.value)
+
+
+def test_missing_path():
+    with pytest.raises(ModelNotFoundError, match="does not exist") as err:
+        moe_prefetch.load("/no/such/model", device="cpu")
+    _one_line(err)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json") as err:
+        moe_prefetch.load(tmp_path, device="cpu")
+    _one_line(err)
+
+
+def test_dense_model_has_no_experts(tmp_path):
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="dense") as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
+    _one_line(err)
+
+
+def test_corrupt_config(tmp_path):
+    save_model("mixtral", tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON") as err:
+        moe_prefetch.load(tmp_path, device="cpu")
+    _one_line(err)
+
+
+def test_truncated_safetensors(tmp_path):
+    save_model("mixtral", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
+    _one_line(err)
+
+
+def test_missing_shard(tmp_path):
+    save_model("mixtral", tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match="missing"):
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
+
+
+def test_cache_below_top_k():
+    with pytest.raises(CacheCapacityError, match="raise cache_slots to >= 2") as err:
+        moe_prefetch.attach(make_model("mixtral"), device="cpu", cache_slots=1)
+    _one_line(err)
+
+
+def test_budget_larger_than_free_memory():
+    with pytest.raises(CacheCapacityError, match="larger than"):
+        moe_prefetch.attach(make_model("mixtral"), device="cpu", cache_budget="100000TiB")
+
+
+@pytest.mark.parametrize("bad", ["6 parsecs", "abc", "-5GiB", "150%", ""])
+def test_unparsable_sizes(bad):
+    with pytest.raises(ConfigError):
+        parse_size(bad, total=100)
+
+
+def test_sizes_parse():
+    assert parse_size("6GiB") == 6 * 2**30
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("75%", total=1000) == 750
+    assert parse_size(4096) == 4096
+
+
+def test_unknown_predictor():
+    with pytest.raises(ConfigError, match="unknown predictor 'magic'; choose one of"):
+        moe_prefetch.attach(make_model("mixtral"), device="cpu", cache_slots=2, predictor="magic")
+
+
+def test_cuda_requested_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(moe_prefetch.DeviceError, match="no CUDA device"):
+        moe_prefetch.attach(make_model("mixtral"), device="cuda", cache_slots=2)
+
+
+def test_bad_dtype(tmp_path):
+    save_model("mixtral", tmp_path)
+    with pytest.raises(moe_prefetch.DeviceError, match="floating-point"):
+        moe_prefetch.load(tmp_path, device="cpu", dtype="int8")
