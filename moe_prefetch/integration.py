@@ -137,9 +137,14 @@ def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, conf
             else:
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             saved.append((layer.layer_idx, name, param, shape, home))
-    model.to(target)
-    slots = resolve_slots(config, spec, layers, target)
-    pool = SlotPool(spec, slots, target)
+    try:
+        model.to(target)
+        slots = resolve_slots(config, spec, layers, target)  # after the move: free memory is what is left
+        pool = SlotPool(spec, slots, target)
+    except BaseException:
+        _refill(saved, store, layers)  # refused: give the model its experts back, untouched
+        model.to(original_device)
+        raise
     cache = ExpertCache(slots, spec.nbytes, [layer.layer_idx for layer in layers])
     loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth)
     original_impl = model.config._experts_implementation
@@ -151,10 +156,7 @@ def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, conf
         for hook in hooks:
             hook.remove()
         model.set_experts_implementation(original_impl)
-        by_idx = {layer.layer_idx: layer for layer in layers}
-        for layer_idx, name, param, shape, param_device in saved:
-            rows = [store.views((layer_idx, e))[name] for e in range(by_idx[layer_idx].num_experts)]
-            param.data = torch.stack(rows).to(param_device).reshape(shape)
+        _refill(saved, store, layers)
         for layer in layers:
             layer.experts.__dict__.pop("_moe_prefetch", None)
         model.to(original_device)
@@ -168,12 +170,24 @@ def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, conf
         hooks.append(decoder_layer.register_forward_pre_hook(_residual_hook(runtime, idx), with_kwargs=True))
     from .predictors import make_predictor  # predictors need the runtime's layers
 
-    runtime.predictor = make_predictor(config, runtime)
+    try:
+        runtime.predictor = make_predictor(config, runtime)
+    except BaseException:
+        runtime.detach()  # a refused predictor must not leave the model without its experts
+        raise
     model.set_experts_implementation(IMPLEMENTATION)
     model.__dict__["_moe_prefetch_runtime"] = runtime
     logger.info("attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
                 len(layers), slots, spec.nbytes / 2**20, target, device_reason, loader.kind, store.pin_reason)
     return runtime
+
+
+def _refill(saved, store: HostStore, layers: list[MoELayer]) -> None:
+    """Put every expert back into its original Parameter object, on its original device."""
+    by_idx = {layer.layer_idx: layer for layer in layers}
+    for layer_idx, name, param, shape, param_device in saved:
+        rows = [store.views((layer_idx, e))[name] for e in range(by_idx[layer_idx].num_experts)]
+        param.data = torch.stack(rows).to(param_device).reshape(shape)
 
 
 def _residual_hook(runtime: Runtime, layer_idx: int):

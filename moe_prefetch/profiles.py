@@ -272,9 +272,9 @@ def calibrate(device: str = "cuda", name: str | None = None, sizes_mib=CALIBRATI
         gpu = torch.cuda.get_device_name(dev)
         h2d = {mib: _h2d_rate(mib << 20, dev) for mib in sizes_mib}
         hbm = _d2d_rate(min(1 << 30, free // 4), dev)
-        flops = _matmul_rate(dev)
+        flops, matmul_dtype = _matmul_rate(dev)
     measured = {"device": gpu, "free_bytes": int(free), "total_bytes": int(total), "h2d_by_mib": h2d,
-                "hbm_bytes_per_s": hbm, "bf16_flops": flops}
+                "hbm_bytes_per_s": hbm, "bf16_flops": flops, "matmul_dtype": matmul_dtype}
     return measured_profile(name or _slug(gpu, total), measured), measured
 
 
@@ -298,7 +298,8 @@ def measured_profile(name: str, m: dict) -> Profile:
             f"the {largest} MiB rate is used.",
             "hbm_bandwidth_bytes_per_s": f"{tag}: device-to-device copy, read + write bytes per second "
             "(achieved, below the datasheet peak).",
-            "peak_bf16_flops": f"{tag}: achieved dense bf16 matmul rate (4096^3), below the datasheet peak.",
+            "peak_bf16_flops": f"{tag}: achieved dense {m.get('matmul_dtype', 'bfloat16')} matmul rate (4096^3), "
+            "below the datasheet peak.",
         },
     )
 
@@ -333,8 +334,8 @@ def _d2d_rate(nbytes: int, dev: torch.device) -> float:
     return 2 * nbytes / _timed(dev, lambda: dst.copy_(src), 10)
 
 
-def _matmul_rate(dev: torch.device, n: int = 4096) -> float:
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _matmul_rate(dev: torch.device, n: int = 4096) -> tuple[float, str]:
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # pre-Ampere: no bf16 units
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    return 2 * math.pow(n, 3) / _timed(dev, lambda: a @ b, 10)
+    return 2 * math.pow(n, 3) / _timed(dev, lambda: a @ b, 10), str(dtype).removeprefix("torch.")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tiny_models import make_model, save_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,10 +68,15 @@ def test_missing_shard(tmp_path):
         moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
 
 
-def test_cache_below_top_k():
+def test_cache_below_top_k_leaves_the_model_whole():
+    model = make_model("mixtral")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(CacheCapacityError, match="raise cache_slots to >= 2") as err:
-        moe_prefetch.attach(make_model("mixtral"), device="cpu", cache_slots=1)
+        moe_prefetch.attach(model, device="cpu", cache_slots=1)
     _one_line(err)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed by a refused attach"
+    moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()  # and it can be attached afterwards
 
 
 def test_budget_larger_than_free_memory():
@@ -97,8 +103,6 @@ def test_unknown_predictor():
 
 
 def test_cuda_requested_without_gpu():
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(moe_prefetch.DeviceError, match="no CUDA device"):

@@ -1,0 +1,89 @@
+"""M2R2 adapters: they train, save with a fingerprint, refuse other models, and never change outputs."""
+
+import pytest
+import torch
+from tiny_models import make_model, prompt
+
+import moe_prefetch
+from moe_prefetch.evaluate import evaluate_predictors, format_table
+from moe_prefetch.layout import find_moe_layers
+from moe_prefetch.m2r2 import Adapter, TrainSettings, load_adapters, save_adapters, train_adapters
+from moe_prefetch.residuals import collect
+
+SETTINGS = TrainSettings(lookahead=1, rank=4, steps=60, batch_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model = make_model("mixtral")
+    layers = find_moe_layers(model)
+    data = collect(model, prompt(batch=12, length=24, seed=1))
+    adapters, metrics = train_adapters(model, layers, data, SETTINGS)
+    path = tmp_path_factory.mktemp("m2r2") / "m2r2_adapters.safetensors"
+    save_adapters(path, adapters, model, layers, SETTINGS, metrics, ["random"])
+    return model, layers, data, path, metrics
+
+
+def test_untrained_adapter_is_identity():
+    h = torch.randn(5, 32)
+    assert torch.equal(Adapter(32, 4)(h), h)
+
+
+def test_collect_shapes():
+    model = make_model("olmoe")
+    data = collect(model, prompt(batch=3, length=8))
+    assert data.num_tokens == 24
+    assert data.get("hidden", 0).shape == (24, 32) and data.get("chosen", 1).shape == (24, 2)
+
+
+def test_training_lowers_the_loss_and_reports_recall(trained):
+    _, _, _, _, metrics = trained
+    assert metrics["final_loss"] < 0.5
+    assert set(metrics["val_recall"]) == {"m2r2", "next-gate"}
+
+
+def test_adapters_round_trip_and_fingerprint(trained, tmp_path):
+    model, layers, _, path, _ = trained
+    adapters, meta = load_adapters(path, model, layers)
+    assert meta["settings"] == SETTINGS and len(adapters.keys) == 1
+    other = make_model("mixtral", seed=7)
+    with pytest.raises(moe_prefetch.PredictorError, match="trained for another model"):
+        load_adapters(path, other, find_moe_layers(other))
+    with pytest.raises(moe_prefetch.PredictorError, match="train them with"):
+        load_adapters(tmp_path / "none.safetensors", model, layers)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(moe_prefetch.PredictorError, match="not a readable adapters file"):
+        load_adapters(tmp_path / "junk.safetensors", model, layers)
+
+
+def test_m2r2_keeps_outputs_exact(trained):
+    model, _, _, path, _ = trained
+    ids = prompt(2, 6, seed=3)
+    mask = torch.ones_like(ids)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, predictor="m2r2", predictor_path=str(path),
+                                  verify_slots=True)
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(got, expected)
+        assert runtime.stats()["prefetch_issued"] > 0
+    finally:
+        runtime.detach()
+
+
+def test_lookahead_beyond_training_is_refused(trained):
+    model, _, _, path, _ = trained
+    with pytest.raises(moe_prefetch.PredictorError, match="lookahead <= 1"):
+        moe_prefetch.attach(model, device="cpu", cache_slots=3, predictor="m2r2", predictor_path=str(path), lookahead=2)
+    assert getattr(model, "_moe_prefetch_runtime", None) is None
+    assert all(p.numel() > 0 for p in model.parameters()), "a refused attach must leave the model whole"
+
+
+def test_evaluation_table(trained):
+    model, layers, data, path, _ = trained
+    adapters, _ = load_adapters(path, model, layers)
+    result = evaluate_predictors(model, data, lookahead=1, adapters=adapters, margin=2)
+    assert set(result["predictors"]) == {"previous-token", "next-gate", "m2r2"}
+    row = result["predictors"]["next-gate"]["by_distance"][1]
+    assert 0.0 <= row["recall"] <= 1.0 and row["recall_at_k_plus_margin"] >= row["recall"]
+    assert "m2r2" in format_table(result)
