@@ -32,8 +32,9 @@ def _extend(layer, x_normed: torch.Tensor, chosen: torch.Tensor, total: int) -> 
 
 
 @torch.no_grad()
-def evaluate_predictors(model, data: Residuals, lookahead: int = 3, adapters: Adapters | None = None,
-                        margin: int = 2, predictors=PREDICTORS) -> dict:
+def evaluate_predictors(
+    model, data: Residuals, lookahead: int = 3, adapters: Adapters | None = None, margin: int = 2, predictors=PREDICTORS
+) -> dict:
     """Recall per distance and per (source, target) layer pair, plus precision/recall at k+margin."""
     layers = find_moe_layers(model)
     by_idx = {layer.layer_idx: layer for layer in layers}
@@ -67,15 +68,24 @@ def evaluate_predictors(model, data: Residuals, lookahead: int = 3, adapters: Ad
                 pred_m = _extend(layer, normed, pred_k, min(layer.num_experts, k + margin))
             recall = (_overlap(pred_k, actual) / k).mean().item()
             hits_m = _overlap(pred_m, actual)
-            per_pair.append({"source": source, "target": target, "d": d, "recall": recall,
-                             "precision_at_k_plus_margin": (hits_m / pred_m.shape[1]).mean().item(),
-                             "recall_at_k_plus_margin": (hits_m / k).mean().item()})
+            per_pair.append(
+                {
+                    "source": source,
+                    "target": target,
+                    "d": d,
+                    "recall": recall,
+                    "precision_at_k_plus_margin": (hits_m / pred_m.shape[1]).mean().item(),
+                    "recall_at_k_plus_margin": (hits_m / k).mean().item(),
+                }
+            )
             sums.setdefault(d, []).append(recall)
         by_d = {}
         for d in sorted(sums):
             rows_d = [p for p in per_pair if p["d"] == d]
-            by_d[d] = {key: sum(p[key] for p in rows_d) / len(rows_d)
-                       for key in ("recall", "precision_at_k_plus_margin", "recall_at_k_plus_margin")}
+            by_d[d] = {
+                key: sum(p[key] for p in rows_d) / len(rows_d)
+                for key in ("recall", "precision_at_k_plus_margin", "recall_at_k_plus_margin")
+            }
         results[name] = {"by_distance": by_d, "by_pair": per_pair}
     return {"tokens": data.num_tokens, "lookahead": lookahead, "margin": margin, "predictors": results}
 
@@ -91,7 +101,11 @@ def format_table(result: dict) -> str:
         cells = []
         for d in ds:
             row = r["by_distance"].get(d)
-            cells.append("" if row is None else f"{row['recall']:.3f} ({row['precision_at_k_plus_margin']:.2f}/"
-                         f"{row['recall_at_k_plus_margin']:.2f})")
+            cells.append(
+                ""
+                if row is None
+                else f"{row['recall']:.3f} ({row['precision_at_k_plus_margin']:.2f}/"
+                f"{row['recall_at_k_plus_margin']:.2f})"
+            )
         lines.append(f"{name:<16}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)

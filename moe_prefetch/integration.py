@@ -56,8 +56,9 @@ def free_device_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def resolve_slots(config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer], device: torch.device,
-                  free_bytes: int | None = None) -> int:
+def resolve_slots(
+    config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer], device: torch.device, free_bytes: int | None = None
+) -> int:
     """Number of slots from cache_slots, cache_budget, or free device memory."""
     top_k = max(layer.top_k for layer in layers)
     total = sum(layer.num_experts for layer in layers)
@@ -69,8 +70,8 @@ def resolve_slots(config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer
             budget = parse_size(config.cache_budget, total=free)
             if budget > free:
                 raise CacheCapacityError(
-                    f"cache budget {budget / 2**30:.2f} GiB is larger than the {free / 2**30:.2f} GiB free on {device}; "
-                    "lower --cache-budget"
+                    f"cache budget {budget / 2**30:.2f} GiB is larger than the {free / 2**30:.2f} GiB free "
+                    f"on {device}; lower --cache-budget"
                 )
         else:
             budget = int(free * (1 - config.safety_margin))
@@ -83,8 +84,16 @@ def resolve_slots(config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer
     return min(slots, total)
 
 
-def attach(model, device: str = "auto", cache_slots: int | None = None, cache_budget=None, predictor: str = "none",
-           lookahead: int = 1, predictor_path: str | None = None, **options) -> Runtime:
+def attach(
+    model,
+    device: str = "auto",
+    cache_slots: int | None = None,
+    cache_budget=None,
+    predictor: str = "none",
+    lookahead: int = 1,
+    predictor_path: str | None = None,
+    **options,
+) -> Runtime:
     """Offload the experts of a transformers MoE model you already built.
 
     Its experts move out of the model into the host store, the rest moves to `device`, and a
@@ -92,8 +101,15 @@ def attach(model, device: str = "auto", cache_slots: int | None = None, cache_bu
     serves every MoE layer. `model(...)` and `model.generate(...)` keep working with the same
     outputs. Returns the `Runtime`; `runtime.detach()` restores the model exactly.
     """
-    config = RuntimeConfig(device=device, cache_slots=cache_slots, cache_budget=cache_budget, predictor=predictor,
-                           lookahead=lookahead, predictor_path=predictor_path, **options)
+    config = RuntimeConfig(
+        device=device,
+        cache_slots=cache_slots,
+        cache_budget=cache_budget,
+        predictor=predictor,
+        lookahead=lookahead,
+        predictor_path=predictor_path,
+        **options,
+    )
     if getattr(model, "_moe_prefetch_runtime", None) is not None:
         raise ConfigError("this model is already attached; call runtime.detach() first")
     layers = find_moe_layers(model)
@@ -120,8 +136,15 @@ def attach(model, device: str = "auto", cache_slots: int | None = None, cache_bu
     return wire(model, layers, spec, store, config, target, device_reason)
 
 
-def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, config: RuntimeConfig,
-         target: torch.device, device_reason: str) -> Runtime:
+def wire(
+    model,
+    layers: list[MoELayer],
+    spec: ExpertSpec,
+    store: HostStore,
+    config: RuntimeConfig,
+    target: torch.device,
+    device_reason: str,
+) -> Runtime:
     """Empty the model's expert parameters (already copied into `store`), move the rest to
     `target`, build pool, cache and loader, and switch the model to the runtime."""
     saved = []
@@ -162,8 +185,20 @@ def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, conf
         model.to(original_device)
         model.__dict__.pop("_moe_prefetch_runtime", None)
 
-    runtime = Runtime(model=model, layers=layers, spec=spec, store=store, pool=pool, cache=cache, loader=loader,
-                      config=config, device=target, device_reason=device_reason, kernel=kernel, restore=restore)
+    runtime = Runtime(
+        model=model,
+        layers=layers,
+        spec=spec,
+        store=store,
+        pool=pool,
+        cache=cache,
+        loader=loader,
+        config=config,
+        device=target,
+        device_reason=device_reason,
+        kernel=kernel,
+        restore=restore,
+    )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)
     for idx, decoder_layer in enumerate(decoder_layers(model)):
@@ -177,8 +212,16 @@ def wire(model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, conf
         raise
     model.set_experts_implementation(IMPLEMENTATION)
     model.__dict__["_moe_prefetch_runtime"] = runtime
-    logger.info("attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
-                len(layers), slots, spec.nbytes / 2**20, target, device_reason, loader.kind, store.pin_reason)
+    logger.info(
+        "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
+        len(layers),
+        slots,
+        spec.nbytes / 2**20,
+        target,
+        device_reason,
+        loader.kind,
+        store.pin_reason,
+    )
     return runtime
 
 

@@ -21,8 +21,15 @@ from .errors import CheckpointError, UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-    "gpt_oss", "granitemoe", "phimoe",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "phimoe",
 )
 _ALIGN = 64  # elements; keeps every parameter view 256-byte aligned in fp32, 128 in bf16
 
@@ -86,8 +93,10 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and any(
-            any(is_experts_module(m) for m in layer.modules()) for layer in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and any(any(is_experts_module(m) for m in layer.modules()) for layer in module)
         ):
             return module
     raise UnsupportedModelError(_unsupported_message(model))
@@ -174,7 +183,11 @@ _PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 # Older checkpoints call the sparse block `block_sparse_moe` where the model says `mlp`.
 _BLOCK_ALIASES = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
 # Non-expert keys renamed between checkpoint and model; a key may need several of them.
-_KEY_RENAMES = ((".block_sparse_moe.", ".mlp."), (".gate.weight", ".router.weight"), ("router.layer.weight", "router.weight"))
+_KEY_RENAMES = (
+    (".block_sparse_moe.", ".mlp."),
+    (".gate.weight", ".router.weight"),
+    ("router.layer.weight", "router.weight"),
+)
 
 
 class CheckpointExperts:
@@ -236,7 +249,9 @@ class CheckpointExperts:
                     "down_proj": self._get(f"{prefix}.{e}.{down}.weight"),
                 }
         except KeyError as err:
-            raise CheckpointError(f"expert {e} of {prefix} is missing tensor {err}; the checkpoint is incomplete") from None
+            raise CheckpointError(
+                f"expert {e} of {prefix} is missing tensor {err}; the checkpoint is incomplete"
+            ) from None
         for name, shape in zip(spec.names, spec.shapes):
             if tuple(out[name].shape) != shape:
                 raise CheckpointError(

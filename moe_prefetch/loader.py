@@ -189,8 +189,14 @@ class ThreadLoader(Loader):
                     del self._pending[ticket.slot]
                     self._done[ticket.slot].set()
                 self.events.append(
-                    {"slot": ticket.slot, "tag": ticket.tag, "queued": ticket.queued,
-                     "start": start - self._t0, "end": end - self._t0, "bytes": nbytes}
+                    {
+                        "slot": ticket.slot,
+                        "tag": ticket.tag,
+                        "queued": ticket.queued,
+                        "start": start - self._t0,
+                        "end": end - self._t0,
+                        "bytes": nbytes,
+                    }
                 )
 
     def close(self) -> None:
@@ -247,7 +253,9 @@ class CudaStreamLoader(Loader):
             self._error = err
             self._raise_if_failed()
         self._inflight.append(ticket.slot)
-        self.events.append({"slot": ticket.slot, "tag": ticket.tag, "bytes": ticket.src.numel() * ticket.src.element_size()})
+        self.events.append(
+            {"slot": ticket.slot, "tag": ticket.tag, "bytes": ticket.src.numel() * ticket.src.element_size()}
+        )
 
     def _pump(self) -> None:
         self._inflight = [s for s in self._inflight if not self._copied[s].query()]

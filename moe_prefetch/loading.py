@@ -38,7 +38,9 @@ def resolve_path(path: str | Path) -> Path:
     if not path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist; pass a checkpoint folder or 'demo'")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{str(path)!r} is not a model folder (no config.json); pass a Hugging Face checkpoint folder")
+        raise ModelNotFoundError(
+            f"{str(path)!r} is not a model folder (no config.json); pass a Hugging Face checkpoint folder"
+        )
     return path
 
 
@@ -62,7 +64,9 @@ def checkpoint_files(path: Path) -> dict[str, str]:
             raise CheckpointError(f"{index} is corrupt ({err!r}); restore it from the original checkpoint") from None
         missing = {f for f in weight_map.values() if not (path / f).is_file()}
         if missing:
-            raise CheckpointError(f"shard(s) {', '.join(sorted(missing))} named in {index.name} are missing; download them")
+            raise CheckpointError(
+                f"shard(s) {', '.join(sorted(missing))} named in {index.name} are missing; download them"
+            )
         return {name: str(path / f) for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -99,16 +103,32 @@ def default_dtype(config, device: torch.device, dtype) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.bfloat16
 
 
-def load(path, device: str = "auto", cache_slots: int | None = None, cache_budget=None, predictor: str = "none",
-         lookahead: int = 1, dtype=None, predictor_path: str | None = None, **options) -> tuple[object, Runtime]:
+def load(
+    path,
+    device: str = "auto",
+    cache_slots: int | None = None,
+    cache_budget=None,
+    predictor: str = "none",
+    lookahead: int = 1,
+    dtype=None,
+    predictor_path: str | None = None,
+    **options,
+) -> tuple[object, Runtime]:
     """Load a Hugging Face MoE checkpoint folder (or "demo") with its experts offloaded.
 
     Non-expert weights go to `device`; expert weights go from the safetensors files into the
     host store, one expert at a time. Returns `(model, runtime)`; the model works with
     `model(...)` and `model.generate(...)` exactly like the stock one.
     """
-    config = RuntimeConfig(device=device, cache_slots=cache_slots, cache_budget=cache_budget, predictor=predictor,
-                           lookahead=lookahead, predictor_path=predictor_path, **options)
+    config = RuntimeConfig(
+        device=device,
+        cache_slots=cache_slots,
+        cache_budget=cache_budget,
+        predictor=predictor,
+        lookahead=lookahead,
+        predictor_path=predictor_path,
+        **options,
+    )
     folder = resolve_path(path)
     if config.predictor == "m2r2" and config.predictor_path is None:
         config = RuntimeConfig(**{**config.__dict__, "predictor_path": str(folder / "m2r2_adapters.safetensors")})
@@ -125,8 +145,9 @@ def load(path, device: str = "auto", cache_slots: int | None = None, cache_budge
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     reader = CheckpointExperts(keys, _open)
-    store = HostStore(spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)],
-                      pin=target.type == "cuda")
+    store = HostStore(
+        spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
+    )
     expert_keys: set[str] = set()
     for layer in layers:
         kind, prefix = reader.resolve(layer.path, spec)

@@ -112,8 +112,9 @@ class Adapters(nn.Module):
         return self.blocks[f"{source}_{target}"] if f"{source}_{target}" in self.blocks else None
 
 
-def train_adapters(model, layers: list[MoELayer], data: Residuals, settings: TrainSettings,
-                   progress=None) -> tuple[Adapters, dict]:
+def train_adapters(
+    model, layers: list[MoELayer], data: Residuals, settings: TrainSettings, progress=None
+) -> tuple[Adapters, dict]:
     """Train one adapter per (l, t) pair on collected residuals; returns adapters and metrics.
 
     The model is frozen; only adapter weights get gradients. The last 10% of sequences are
@@ -162,8 +163,12 @@ def train_adapters(model, layers: list[MoELayer], data: Residuals, settings: Tra
         last = loss.item()
         if progress is not None:
             progress(step, last)
-    metrics = {"final_loss": last, "train_seconds": time.perf_counter() - start,
-               "train_tokens": int(train_rows.numel()), "val_tokens": int(val_rows.numel())}
+    metrics = {
+        "final_loss": last,
+        "train_seconds": time.perf_counter() - start,
+        "train_tokens": int(train_rows.numel()),
+        "val_tokens": int(val_rows.numel()),
+    }
     if val_rows.numel():
         metrics["val_recall"] = _val_recall(adapters, todo, data, val_rows, frozen, by_idx)
     return adapters, metrics
@@ -201,17 +206,32 @@ def _val_recall(adapters, todo, data, rows, frozen, by_idx) -> dict:
     return {name: {d: sum(v) / len(v) for d, v in per_d.items()} for name, per_d in out.items()}
 
 
-def save_adapters(path: str | Path, adapters: Adapters, model, layers: list[MoELayer], settings: TrainSettings,
-                  metrics: dict, data_files: list[str]) -> Path:
+def save_adapters(
+    path: str | Path,
+    adapters: Adapters,
+    model,
+    layers: list[MoELayer],
+    settings: TrainSettings,
+    metrics: dict,
+    data_files: list[str],
+) -> Path:
     """Write adapters as safetensors with the model fingerprint and training settings."""
     path = Path(path)
-    tensors = {f"{key}.{name}": p.detach().contiguous().cpu() for key, block in adapters.blocks.items()
-               for name, p in block.state_dict().items()}
+    tensors = {
+        f"{key}.{name}": p.detach().contiguous().cpu()
+        for key, block in adapters.blocks.items()
+        for name, p in block.state_dict().items()
+    }
     metadata = {
-        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(model, layers),
-        "model_type": str(model.config.model_type), "hidden_size": str(model.config.hidden_size),
-        "settings": json.dumps(asdict(settings)), "metrics": json.dumps(metrics),
-        "data": json.dumps([str(f) for f in data_files]), "pairs": json.dumps(adapters.keys),
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint(model, layers),
+        "model_type": str(model.config.model_type),
+        "hidden_size": str(model.config.hidden_size),
+        "settings": json.dumps(asdict(settings)),
+        "metrics": json.dumps(metrics),
+        "data": json.dumps([str(f) for f in data_files]),
+        "pairs": json.dumps(adapters.keys),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -271,8 +291,10 @@ class M2R2Predictor(NextGatePredictor):
     @classmethod
     def from_config(cls, config, runtime, **kwargs):
         if config.predictor_path is None:
-            raise PredictorError(f"predictor 'm2r2' needs adapters: pass predictor_path= ({FILENAME}) or "
-                                 "train them with `moe-prefetch train-predictor`")
+            raise PredictorError(
+                f"predictor 'm2r2' needs adapters: pass predictor_path= ({FILENAME}) or "
+                "train them with `moe-prefetch train-predictor`"
+            )
         adapters, meta = load_adapters(config.predictor_path, runtime.model, runtime.layers)
         return cls(runtime, adapters, meta["settings"].lookahead, **kwargs)
 

@@ -77,11 +77,17 @@ class PreviousTokenPredictor(Predictor):
         self.last: dict[int, list[int]] = {}
 
     def predict(self, layer_idx, hidden, step):
-        return [(layer.layer_idx, d, self.last[layer.layer_idx])
-                for layer, d in self.targets(layer_idx) if layer.layer_idx in self.last]
+        return [
+            (layer.layer_idx, d, self.last[layer.layer_idx])
+            for layer, d in self.targets(layer_idx)
+            if layer.layer_idx in self.last
+        ]
 
     def observe(self, layer_idx, top_k_index, step):
-        self.last[layer_idx] = rank(top_k_index, self.limit(self.runtime.by_layer[layer_idx], 1 if top_k_index.shape[0] == 1 else top_k_index.shape[0]))
+        self.last[layer_idx] = rank(
+            top_k_index,
+            self.limit(self.runtime.by_layer[layer_idx], 1 if top_k_index.shape[0] == 1 else top_k_index.shape[0]),
+        )
 
 
 class NextGatePredictor(Predictor):
@@ -114,8 +120,11 @@ class OraclePredictor(Predictor):
             self.by_step[(record["step"], record["layer_idx"])] = list(record["experts"])
 
     def predict(self, layer_idx, hidden, step):
-        return [(layer.layer_idx, d, self.by_step[(step, layer.layer_idx)])
-                for layer, d in self.targets(layer_idx) if (step, layer.layer_idx) in self.by_step]
+        return [
+            (layer.layer_idx, d, self.by_step[(step, layer.layer_idx)])
+            for layer, d in self.targets(layer_idx)
+            if (step, layer.layer_idx) in self.by_step
+        ]
 
 
 def make_predictor(config: RuntimeConfig, runtime, trace: list[dict] | None = None) -> Predictor:

@@ -55,6 +55,7 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress=None) 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             out.hidden.setdefault(idx, []).append(hidden.reshape(-1, hidden.shape[-1]).float().cpu())
+
         return hook
 
     def keep_routing(idx):
@@ -62,7 +63,10 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress=None) 
             out.router_in.setdefault(idx, []).append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
             outputs = output if isinstance(output, tuple) else (output,)
             chosen = next(t for t in outputs if isinstance(t, torch.Tensor) and not t.is_floating_point())
-            out.chosen.setdefault(idx, []).append(chosen.reshape(args[0].reshape(-1, args[0].shape[-1]).shape[0], -1).cpu())
+            out.chosen.setdefault(idx, []).append(
+                chosen.reshape(args[0].reshape(-1, args[0].shape[-1]).shape[0], -1).cpu()
+            )
+
         return hook
 
     for idx, layer in enumerate(decoder_layers(model)):

@@ -18,11 +18,12 @@ from dataclasses import asdict
 
 import torch
 
-from .cache import ExpertCache, Key, SlotState
+from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
 from .layout import ExpertSpec, MoELayer
-from .loader import DEMAND, Loader
+from .loader import Loader
 from .pool import SlotPool
+from .scheduler import Scheduler
 from .store import HostStore
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,22 @@ logger = logging.getLogger(__name__)
 class Runtime:
     """Holds the offloading state of one model. Build it with `moe_prefetch.load` or `attach`."""
 
-    def __init__(self, *, model, layers: list[MoELayer], spec: ExpertSpec, store: HostStore, pool: SlotPool,
-                 cache: ExpertCache, loader: Loader, config: RuntimeConfig, device: torch.device,
-                 device_reason: str, kernel, restore):
+    def __init__(
+        self,
+        *,
+        model,
+        layers: list[MoELayer],
+        spec: ExpertSpec,
+        store: HostStore,
+        pool: SlotPool,
+        cache: ExpertCache,
+        loader: Loader,
+        config: RuntimeConfig,
+        device: torch.device,
+        device_reason: str,
+        kernel,
+        restore,
+    ):
         self.model = model
         self.layers = layers
         self.by_layer = {layer.layer_idx: layer for layer in layers}
@@ -51,9 +65,10 @@ class Runtime:
         self.predictor = None  # set by integration once the runtime exists
         self.step = -1
         self.trace: list[dict] = []  # one record per MoE layer call: the routing trace and its timings
-        self._loading: dict[Key, int] = {}  # keys whose copies are queued or in flight
-        self._expected: dict[int, set[int]] = {}  # latest predictions per target layer
+        self.scheduler = Scheduler(cache, loader, lambda key, slot: (store[key], pool.slot(slot)), self.moe_layer_ids)
+        self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
         self._proxies: dict[int, object] = {}
+        self._luts: dict[int, torch.Tensor] = {}
         self._attached = True
         self._t0 = time.perf_counter()
 
@@ -61,136 +76,90 @@ class Runtime:
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:
         if layer_idx == 0:
             self.step += 1
-            self._expected.clear()
+            self.scheduler.new_step()
         if self.predictor is None or self.predictor.name == "none":
             return
-        self._reap()
         predictions = self.predictor.predict(layer_idx, hidden, self.step)
-        for target, _, experts in predictions:
-            self._expected[target] = set(experts)
-        upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
-        protected = {(t, e) for t in upcoming for e in self._expected.get(t, ())}
-        for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
-            for expert_id in experts:
-                key = (target, expert_id)
-                reserved = self.cache.prefetch(key, protected=protected)
-                if reserved is None:
-                    break  # nothing left to evict without hurting nearer layers
-                slot, needs_load = reserved
-                if needs_load:
-                    self._load(key, slot, priority=float(distance))
+        if predictions:
+            self.predictions.append({"step": self.step, "layer_idx": layer_idx, "predictions": predictions})
+        self.scheduler.prefetch(layer_idx, predictions)
 
     def experts_forward(self, layer: MoELayer, hidden_states, top_k_index, top_k_weights):
         start = time.perf_counter()
         layer_idx = layer.layer_idx
-        before = asdict(self.cache.counters[layer_idx])
-        self._reap()
-        needed = sorted(int(e) for e in torch.unique(top_k_index).tolist() if 0 <= e < layer.num_experts)
-        self._forget_stale(layer_idx, set(needed))
+        counters = self.cache.counters[layer_idx]
+        before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
+        needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < layer.num_experts]
+        waves = self.scheduler.plan(layer_idx, needed)
         if self.predictor is not None:
             self.predictor.observe(layer_idx, top_k_index, self.step)
-        # Experts already resident go first, so a wave never evicts one it is about to use.
-        needed.sort(key=lambda e: self.cache.lookup((layer_idx, e)) is None)
-        waves = [needed[i : i + self.cache.num_slots] for i in range(0, len(needed), self.cache.num_slots)]
+        single = len(waves) == 1
         out = None
         for wave in waves:
-            part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, single=len(waves) == 1)
+            part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, single=single)
             out = part if out is None else out + part
         if out is None:  # no token routed to a local expert
             out = torch.zeros_like(hidden_states)
-        self.cache.add_stall(layer_idx, 0.0)
-        after = asdict(self.cache.counters[layer_idx])
-        self.trace.append({
-            "step": self.step, "layer_idx": layer_idx, "tokens": int(hidden_states.shape[0]), "experts": needed,
-            "waves": len(waves), "start": start - self._t0, "end": time.perf_counter() - self._t0,
-            **{k: after[k] - before[k] for k in ("hits", "misses", "prefetch_used", "bytes_loaded")},
-        })
+        self.trace.append(
+            {
+                "step": self.step,
+                "layer_idx": layer_idx,
+                "tokens": int(hidden_states.shape[0]),
+                "experts": needed,
+                "waves": len(waves),
+                "start": start - self._t0,
+                "end": time.perf_counter() - self._t0,
+                "hits": counters.hits - before[0],
+                "misses": counters.misses - before[1],
+                "prefetch_used": counters.prefetch_used - before[2],
+                "bytes_loaded": counters.bytes_loaded - before[3],
+            }
+        )
         return out
 
     # -- internals ---------------------------------------------------------------
     def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, single):
-        layer_idx = layer.layer_idx
-        slots = {e: self._acquire((layer_idx, e)) for e in wave}
+        slots = self.scheduler.acquire(layer.layer_idx, wave)
         try:
-            for slot in slots.values():
-                self.loader.wait(slot, layer_idx)
-            for e, slot in slots.items():
-                self._loading.pop((layer_idx, e), None)
-                self.cache.mark_ready(slot)
             if self.config.verify_slots:
-                self.verify(layer_idx, wave)
-            lut = torch.full((layer.num_experts + 1,), -1, dtype=torch.long)
-            for e, slot in slots.items():
-                lut[e] = slot
-            lut = lut.to(top_k_index.device, non_blocking=True)
-            index = top_k_index.clamp(0, layer.num_experts)  # sentinels (EP) map to the -1 row
-            slot_index = lut[index]
-            proxy = self._proxy(layer)
+                self.verify(layer.layer_idx, wave)
+            # The kernel sees only the span of slots this layer uses: kernels such as grouped_mm
+            # cost per group, and the span is usually far smaller than the whole pool.
+            lo, hi = min(slots.values()), max(slots.values()) + 1
+            # expert id -> slot id - lo; the extra last row maps expert-parallel sentinels to -1
+            lut = self._luts.setdefault(layer.num_experts, torch.full((layer.num_experts + 1,), -1, dtype=torch.long))
+            lut.fill_(-1)
+            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=torch.long) - lo
+            index = top_k_index.clamp(0, layer.num_experts)
+            slot_index = lut.to(top_k_index.device, non_blocking=True)[index]
+            proxy = self._proxy(layer, lo, hi)
             if single:
                 return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
             # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
             # and only tokens with at least one pair in this wave are computed.
             in_wave = slot_index >= 0
             rows = in_wave.any(dim=-1).nonzero().squeeze(-1)
-            filler = next(iter(slots.values()))
+            filler = next(iter(slots.values())) - lo
             sub_index = torch.where(in_wave[rows], slot_index[rows], filler)
             sub_weights = torch.where(in_wave[rows], top_k_weights[rows], torch.zeros_like(top_k_weights[rows]))
             part = self.kernel(proxy, hidden_states[rows], sub_index, sub_weights)
             out = torch.zeros_like(hidden_states)
             return out.index_add_(0, rows, part.to(out.dtype))
         finally:
-            for slot in slots.values():
-                self.loader.release(slot)
-                self.cache.unpin(slot)
+            self.scheduler.release(slots.values())
 
-    def _acquire(self, key: Key) -> int:
-        """Pin `key` in a slot for the running layer, issuing a demand load if it is absent."""
-        try:
-            slot, needs_load = self.cache.access(key)
-        except Exception:
-            # Every unpinned slot is in flight: let those copies land, then they can be evicted.
-            for loading_key, slot in list(self._loading.items()):
-                self.loader.wait(slot, key[0])
-                self.cache.mark_ready(slot)
-                del self._loading[loading_key]
-            slot, needs_load = self.cache.access(key)
-        if needs_load:
-            self._load(key, slot, priority=DEMAND)
-        return slot
-
-    def _load(self, key: Key, slot: int, priority: float) -> None:
-        self._loading[key] = slot
-        self.loader.submit(slot, self.store[key], self.pool.slot(slot), priority, tag=key)
-
-    def _reap(self) -> None:
-        for key, slot in list(self._loading.items()):
-            if self.loader.done(slot):
-                self.cache.mark_ready(slot)
-                del self._loading[key]
-
-    def _forget_stale(self, layer_idx: int, needed: set[int]) -> None:
-        """Drop queued prefetches this layer turned out not to need (or for layers already
-        passed), and demote resident predictions that were wrong: they are evicted first."""
-        for key, slot in list(self._loading.items()):
-            stale = key[0] < layer_idx or (key[0] == layer_idx and key[1] not in needed)
-            if stale and key in self.cache.unused_prefetch and self.loader.cancel(slot):
-                del self._loading[key]
-                self.cache.drop(key)
-        for key in list(self.cache.unused_prefetch):
-            if key[0] == layer_idx and key[1] not in needed:
-                self.cache.demote(key)
-
-    def _proxy(self, layer: MoELayer):
-        """A stand-in for the experts module whose weights are the slot tensors."""
+    def _proxy(self, layer: MoELayer, lo: int, hi: int):
+        """A stand-in for the experts module whose weights are slots lo..hi-1 of the pool."""
         proxy = self._proxies.get(layer.layer_idx)
         if proxy is None:
             module = layer.experts
             proxy = object.__new__(type(module))
             proxy.__dict__.update(module.__dict__)
             proxy.__dict__["_parameters"] = {}
-            proxy.__dict__.update(self.pool.params)
-            proxy.__dict__["num_experts"] = self.pool.num_slots
             self._proxies[layer.layer_idx] = proxy
+        for name, param in self.pool.params.items():
+            proxy.__dict__[name] = param[lo:hi]
+        proxy.__dict__["num_experts"] = hi - lo
         return proxy
 
     # -- public API ----------------------------------------------------------------
@@ -236,6 +205,7 @@ class Runtime:
         self.loader.take_stalls()
         self.cache.reset_counters()
         self.trace.clear()
+        self.predictions.clear()
         self.step = -1
 
     def routing_counts(self) -> dict[int, Tally]:

@@ -46,7 +46,9 @@ class HostStore(Mapping[Key, torch.Tensor]):
                 return torch.zeros(shape, dtype=self.spec.dtype, pin_memory=True)
             except RuntimeError as err:
                 # Pinned memory is a limited OS resource (ulimit -l, containers); run slower rather than fail.
-                logger.warning("pinning %d bytes failed (%s); falling back to pageable memory", rows * self.spec.nbytes, err)
+                logger.warning(
+                    "pinning %d bytes failed (%s); falling back to pageable memory", rows * self.spec.nbytes, err
+                )
                 self.pinned = False
                 self.pin_reason = f"pageable: pinning failed ({err})"
         return torch.zeros(shape, dtype=self.spec.dtype)

@@ -77,8 +77,10 @@ def test_lru_policy_order():
     assert list(policy.victims()) == [(0, 2), (0, 1), (0, 0)]
 
 
-ops = st.lists(st.tuples(st.sampled_from(["access", "prefetch", "ready", "demote"]),
-                         st.integers(0, 1), st.integers(0, 5)), max_size=80)
+ops = st.lists(
+    st.tuples(st.sampled_from(["access", "prefetch", "ready", "demote"]), st.integers(0, 1), st.integers(0, 5)),
+    max_size=80,
+)
 
 
 @settings(max_examples=200, deadline=None)

@@ -35,8 +35,16 @@ def test_folder_without_config(tmp_path):
 
 
 def test_dense_model_has_no_experts(tmp_path):
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="dense") as err:
         moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
     _one_line(err)

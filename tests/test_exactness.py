@@ -11,8 +11,14 @@ ATOL = 1e-4
 
 
 def _generate(model, ids, n=5):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     return out.sequences, torch.stack(out.logits)
 
 
@@ -59,8 +65,9 @@ def test_cache_slots_equal_top_k(checkpoints, arch):
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "phimoe", "gpt_oss"])
 def test_predictors_keep_outputs(checkpoints, arch, predictor):
     folder, stock = checkpoints[arch]
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2,
-                                       verify_slots=True)
+    model, runtime = moe_prefetch.load(
+        folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2, verify_slots=True
+    )
     try:
         _check(stock, model, runtime, batch=2)
         if predictor == "next-gate":  # previous-token's picks are still resident in so small a model

@@ -61,8 +61,9 @@ def test_m2r2_keeps_outputs_exact(trained):
     ids = prompt(2, 6, seed=3)
     mask = torch.ones_like(ids)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, predictor="m2r2", predictor_path=str(path),
-                                  verify_slots=True)
+    runtime = moe_prefetch.attach(
+        model, device="cpu", cache_slots=3, predictor="m2r2", predictor_path=str(path), verify_slots=True
+    )
     try:
         got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         assert torch.equal(got, expected)

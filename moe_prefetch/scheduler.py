@@ -1,0 +1,124 @@
+"""Scheduling decisions, free of tensors: what to load, in which order, what to drop.
+
+The runtime and the trace simulator both drive this one class, so a simulated run makes
+exactly the decisions a measured one does. It talks to a cache (`ExpertCache`) and a
+loader (real, or the simulator's virtual link) through their interfaces only; `source`
+gives the (src, dst) a copy of `key` into `slot` needs (None, None in the simulator).
+
+Rules:
+- demand loads (the running layer's misses) go ahead of every prefetch;
+- prefetches are ordered by distance, i.e. by when they will be needed;
+- a prefetch never evicts what the running layer or the next one is expected to need;
+- queued prefetches that turn out stale are dropped, and a resident prediction that
+  turned out wrong is demoted to be the first evicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .cache import ExpertCache, Key
+from .errors import CacheCapacityError
+from .loader import DEMAND, Loader
+
+Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
+
+
+class Scheduler:
+    def __init__(self, cache: ExpertCache, loader: Loader, source: Callable[[Key, int], tuple], moe_layer_ids):
+        self.cache = cache
+        self.loader = loader
+        self.source = source
+        self.moe_layer_ids = list(moe_layer_ids)
+        self.loading: dict[Key, int] = {}  # keys whose copies are queued or in flight
+        self.expected: dict[int, set[int]] = {}  # latest prediction per target layer
+
+    def new_step(self) -> None:
+        self.expected.clear()
+
+    def prefetch(self, layer_idx: int, predictions: list[Prediction]) -> None:
+        """Turn predictions made at the start of `layer_idx` into prefetch requests."""
+        if not predictions:
+            return
+        self.reap()
+        for target, _, experts in predictions:
+            self.expected[target] = set(experts)
+        upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
+        protected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
+        for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
+            for expert_id in experts:
+                key = (target, expert_id)
+                reserved = self.cache.prefetch(key, protected=protected)
+                if reserved is None:
+                    break  # nothing left to evict without hurting nearer layers
+                slot, needs_load = reserved
+                if needs_load:
+                    self._load(key, slot, priority=float(distance))
+
+    def plan(self, layer_idx: int, needed: list[int]) -> list[list[int]]:
+        """Called once the running layer's routing is known: drop what turned out stale and
+        split `needed` into waves that fit the pool (resident experts first)."""
+        if self.loading:
+            self.reap()
+        if self.loading or self.cache.unused_prefetch:
+            self._forget_stale(layer_idx, set(needed))
+        n = self.cache.num_slots
+        if len(needed) <= n:
+            return [needed]
+        ordered = sorted(needed, key=lambda e: self.cache.lookup((layer_idx, e)) is None)
+        return [ordered[i : i + n] for i in range(0, len(ordered), n)]
+
+    def acquire(self, layer_idx: int, wave: list[int]) -> dict[int, int]:
+        """Pin every expert of `wave` in a slot and wait until its copy has landed (the stall)."""
+        slots = {e: self._access((layer_idx, e)) for e in wave}
+        try:
+            for expert_id, slot in slots.items():
+                self.loader.wait(slot, layer_idx)
+                self.loading.pop((layer_idx, expert_id), None)
+                self.cache.mark_ready(slot)
+        except BaseException:
+            self.release(slots.values())
+            raise
+        return slots
+
+    def release(self, slots) -> None:
+        for slot in slots:
+            self.loader.release(slot)
+            self.cache.unpin(slot)
+
+    def reap(self) -> None:
+        for key, slot in list(self.loading.items()):
+            if self.loader.done(slot):
+                self.cache.mark_ready(slot)
+                del self.loading[key]
+
+    def _access(self, key: Key) -> int:
+        try:
+            slot, needs_load = self.cache.access(key)
+        except CacheCapacityError:
+            if not self.loading:
+                raise
+            # Every unpinned slot is in flight: let those copies land, then they can be evicted.
+            for loading_key, slot in list(self.loading.items()):
+                self.loader.wait(slot, key[0])
+                self.cache.mark_ready(slot)
+                del self.loading[loading_key]
+            slot, needs_load = self.cache.access(key)
+        if needs_load:
+            self._load(key, slot, priority=DEMAND)
+        return slot
+
+    def _load(self, key: Key, slot: int, priority: float) -> None:
+        self.loading[key] = slot
+        src, dst = self.source(key, slot)
+        self.loader.submit(slot, src, dst, priority, tag=key)
+
+    def _forget_stale(self, layer_idx: int, needed: set[int]) -> None:
+        for key, slot in list(self.loading.items()):
+            stale = key[0] < layer_idx or (key[0] == layer_idx and key[1] not in needed)
+            if stale and key in self.cache.unused_prefetch and self.loader.cancel(slot):
+                del self.loading[key]
+                self.cache.drop(key)
+        for key in list(self.cache.unused_prefetch):
+            if key[0] == layer_idx and key[1] not in needed:
+                self.cache.demote(key)
