@@ -25,7 +25,20 @@ from .runtime import Runtime
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCapacityError", "CheckpointError", "ConfigError", "DeviceError", "HostMemoryError", "LoaderError",
-    "ModelNotFoundError", "MoePrefetchError", "PredictorError", "ReportError", "Runtime", "RuntimeConfig",
-    "UnsupportedModelError", "attach", "load", "parse_size",
+    "CacheCapacityError",
+    "CheckpointError",
+    "ConfigError",
+    "DeviceError",
+    "HostMemoryError",
+    "LoaderError",
+    "ModelNotFoundError",
+    "MoePrefetchError",
+    "PredictorError",
+    "ReportError",
+    "Runtime",
+    "RuntimeConfig",
+    "UnsupportedModelError",
+    "attach",
+    "load",
+    "parse_size",
 ]
