@@ -67,8 +67,10 @@ class Runtime:
         self.trace: list[dict] = []  # one record per MoE layer call: the routing trace and its timings
         self.scheduler = Scheduler(cache, loader, lambda key, slot: (store[key], pool.slot(slot)), self.moe_layer_ids)
         self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
+        self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
         self._proxies: dict[int, object] = {}
         self._luts: dict[int, torch.Tensor] = {}
+        self._call_wait = 0.0
         self._attached = True
         self._t0 = time.perf_counter()
 
@@ -76,6 +78,7 @@ class Runtime:
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:
         if layer_idx == 0:
             self.step += 1
+            self.step_starts.append(time.perf_counter() - self._t0)
             self.scheduler.new_step()
         if self.predictor is None or self.predictor.name == "none":
             return
@@ -89,6 +92,7 @@ class Runtime:
         layer_idx = layer.layer_idx
         counters = self.cache.counters[layer_idx]
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
+        self._call_wait = 0.0
         needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < layer.num_experts]
         waves = self.scheduler.plan(layer_idx, needed)
         if self.predictor is not None:
@@ -107,6 +111,7 @@ class Runtime:
                 "tokens": int(hidden_states.shape[0]),
                 "experts": needed,
                 "waves": len(waves),
+                "wait_s": self._call_wait,  # host time blocked on copies (the stall, on CPU)
                 "start": start - self._t0,
                 "end": time.perf_counter() - self._t0,
                 "hits": counters.hits - before[0],
@@ -119,7 +124,9 @@ class Runtime:
 
     # -- internals ---------------------------------------------------------------
     def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, single):
+        waited = time.perf_counter()
         slots = self.scheduler.acquire(layer.layer_idx, wave)
+        self._call_wait += time.perf_counter() - waited
         try:
             if self.config.verify_slots:
                 self.verify(layer.layer_idx, wave)
@@ -206,6 +213,7 @@ class Runtime:
         self.cache.reset_counters()
         self.trace.clear()
         self.predictions.clear()
+        self.step_starts.clear()
         self.step = -1
 
     def routing_counts(self) -> dict[int, Tally]:

@@ -1,0 +1,209 @@
+"""Trace-driven simulator: replay a recorded routing trace through the same scheduler.
+
+The recorded trace fixes what the model routed to (and, for next-gate/m2r2, what the
+predictor said at each layer). We replay it through `Scheduler` + `ExpertCache` (the very
+code the runtime uses) with a virtual link in place of the loader: copies run one at a
+time, demand first, at the profile's host-to-device bandwidth. Compute comes either from
+the trace's own measurements (`compute="measured"`, used to validate the simulator against
+a paced CPU run) or from a roofline of the model's bytes and FLOPs on the profile.
+
+Per decode token the result splits time into compute and exposed transfer (stall).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import statistics
+from dataclasses import dataclass
+
+from .cache import ExpertCache
+from .loader import DEMAND, Loader
+from .scheduler import Scheduler
+
+
+class Clock:
+    """Virtual time, in seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class SimLoader(Loader):
+    """A single link of `bandwidth` bytes/s, serving copies in priority order."""
+
+    kind = "simulated"
+
+    def __init__(self, num_slots: int, clock: Clock, bandwidth: float, expert_bytes: int):
+        super().__init__(num_slots)
+        self.clock = clock
+        self.duration = expert_bytes / bandwidth
+        self.expert_bytes = expert_bytes
+        self.reason = f"simulated link at {bandwidth / 1e9:.3g} GB/s"
+        self._heap: list[tuple[float, int, int, float]] = []  # (priority, seq, slot, submitted)
+        self._queued: dict[int, int] = {}
+        self._finish: dict[int, float] = {}
+        self._link_free = 0.0
+        self._count = itertools.count()
+
+    def submit(self, slot, src, dst, priority, tag=None):
+        self._run_until(self.clock.now)
+        seq = next(self._count)
+        self._queued[slot] = seq
+        self._finish.pop(slot, None)
+        heapq.heappush(self._heap, (priority, seq, slot, self.clock.now))
+
+    def _start_next(self, limit: float) -> bool:
+        while self._heap and self._queued.get(self._heap[0][2]) != self._heap[0][1]:
+            heapq.heappop(self._heap)  # cancelled or promoted
+        if not self._heap:
+            return False
+        _, _, slot, submitted = self._heap[0]
+        start = max(self._link_free, submitted)
+        if start > limit:
+            return False
+        heapq.heappop(self._heap)
+        del self._queued[slot]
+        self._link_free = self._finish[slot] = start + self.duration
+        self.events.append({"slot": slot, "start": start, "end": self._link_free, "bytes": self.expert_bytes})
+        return True
+
+    def _run_until(self, t: float) -> None:
+        while self._start_next(t):
+            pass
+
+    def done(self, slot):
+        self._run_until(self.clock.now)
+        return slot not in self._queued and self._finish.get(slot, 0.0) <= self.clock.now
+
+    def wait(self, slot, layer_idx):
+        self._run_until(self.clock.now)
+        if slot in self._queued:  # needed now: ahead of every prefetch
+            seq = next(self._count)
+            self._queued[slot] = seq
+            heapq.heappush(self._heap, (DEMAND, seq, slot, self.clock.now))
+            while slot in self._queued:
+                self._start_next(float("inf"))
+        stall = max(0.0, self._finish.get(slot, 0.0) - self.clock.now)
+        self.clock.now += stall
+        self._stalls[layer_idx] += stall
+
+    def cancel(self, slot):
+        if slot in self._queued:
+            del self._queued[slot]
+            return True
+        return False
+
+
+@dataclass
+class Roofline:
+    """Compute time of one layer on a device: max(bytes / HBM bandwidth, FLOPs / peak)."""
+
+    hbm_bandwidth: float
+    peak_flops: float
+    dense_bytes_per_layer: float  # attention, norms, router: read once per forward
+    expert_bytes: int
+    expert_params: int
+    head_bytes: float = 0.0  # embeddings and LM head, once per forward
+
+    def moe(self, tokens: int, distinct: int, top_k: int) -> float:
+        bytes_read = distinct * self.expert_bytes
+        flops = 2 * tokens * top_k * self.expert_params
+        return max(bytes_read / self.hbm_bandwidth, flops / self.peak_flops)
+
+    def dense(self, tokens: int) -> float:
+        return max(self.dense_bytes_per_layer / self.hbm_bandwidth,
+                   2 * tokens * self.dense_bytes_per_layer / 2 / self.peak_flops)
+
+
+def simulate(trace: list[dict], *, cache_slots: int, expert_bytes: int, bandwidth: float,
+             moe_layer_ids: list[int], num_layers: int, predictions: list[dict] | None = None,
+             step_starts: list[float] | None = None, roofline: Roofline | None = None,
+             top_k: int = 2, predictor: str = "recorded", lookahead: int = 1) -> dict:
+    """Replay `trace` (runtime.trace records) and return per-token times and totals.
+
+    `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
+    "oracle" and "previous-token" are rebuilt from the trace itself.
+    With `roofline` compute is modelled; without it the trace's measured compute is used
+    (needs `step_starts`)."""
+    clock = Clock()
+    cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids)
+    loader = SimLoader(cache_slots, clock, bandwidth, expert_bytes)
+    scheduler = Scheduler(cache, loader, lambda key, slot: (None, None), moe_layer_ids)
+    by_step: dict[int, list[dict]] = {}
+    for record in trace:
+        by_step.setdefault(record["step"], []).append(record)
+    said = _predictions(predictor, trace, predictions or [], moe_layer_ids, lookahead)
+    tokens = []
+    steps = sorted(by_step)
+    for i, step in enumerate(steps):
+        records = by_step[step]
+        begin = clock.now
+        stall_before = sum(loader._stalls.values())
+        scheduler.new_step()
+        if roofline is None:
+            prev_end = step_starts[step]
+        by_layer = {r["layer_idx"]: r for r in records}
+        for layer_idx in range(num_layers):
+            scheduler.prefetch(layer_idx, said.get((step, layer_idx), []))
+            record = by_layer.get(layer_idx)
+            if roofline is not None:
+                clock.now += roofline.dense(records[0]["tokens"])
+            elif record is not None:
+                clock.now += max(0.0, record["start"] - prev_end)  # attention and the rest, as measured
+            if record is None:
+                continue
+            for wave in scheduler.plan(layer_idx, list(record["experts"])):
+                slots = scheduler.acquire(layer_idx, wave)
+                if roofline is not None:
+                    clock.now += roofline.moe(record["tokens"], len(wave), top_k)
+                else:
+                    measured = record["end"] - record["start"] - record.get("wait_s", 0.0)
+                    clock.now += max(0.0, measured) * len(wave) / max(1, len(record["experts"]))
+                scheduler.release(slots.values())
+            if roofline is None:
+                prev_end = record["end"]
+        if roofline is not None:
+            clock.now += roofline.head_bytes / roofline.hbm_bandwidth
+        elif i + 1 < len(steps) and steps[i + 1] < len(step_starts):
+            clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
+        stall = sum(loader._stalls.values()) - stall_before
+        tokens.append({"step": step, "seconds": clock.now - begin, "stall_s": stall})
+    decode = [t for t in tokens if t["step"] > 0] or tokens
+    if roofline is None and len(step_starts) <= steps[-1] + 1 and decode:
+        decode = decode[:-1] or decode  # the last step has no measured end
+    totals = cache.totals()
+    demand = totals.hits + totals.misses
+    seconds = sum(t["seconds"] for t in decode)
+    stall = sum(t["stall_s"] for t in decode)
+    return {
+        "tokens": tokens,
+        "decode_tokens": len(decode),
+        "tokens_per_s": len(decode) / seconds if seconds else 0.0,
+        "median_token_s": statistics.median(t["seconds"] for t in decode) if decode else 0.0,
+        "stall_share": stall / seconds if seconds else 0.0,
+        "compute_s_per_token": (seconds - stall) / len(decode) if decode else 0.0,
+        "exposed_transfer_s_per_token": stall / len(decode) if decode else 0.0,
+        "hit_rate": totals.hits / demand if demand else 0.0,
+        "prefetch_issued": totals.prefetch_issued,
+        "prefetch_used": totals.prefetch_used,
+        "bytes_loaded": totals.bytes_loaded,
+    }
+
+
+def _predictions(predictor: str, trace: list[dict], recorded: list[dict], moe_layer_ids: list[int],
+                 lookahead: int) -> dict[tuple[int, int], list]:
+    """(step, layer_idx) -> predictions issued at the start of that decoder layer."""
+    if predictor == "none":
+        return {}
+    if predictor == "recorded":
+        return {(p["step"], p["layer_idx"]): [tuple(x) for x in p["predictions"]] for p in recorded}
+    routed = {(r["step"], r["layer_idx"]): list(r["experts"]) for r in trace}
+    out: dict[tuple[int, int], list] = {}
+    for step, layer_idx in sorted({(r["step"], layer) for r in trace for layer in range(max(moe_layer_ids) + 1)}):
+        targets = [t for t in moe_layer_ids if t > layer_idx][:lookahead]
+        source_step = step if predictor == "oracle" else step - 1
+        said = [(t, d, routed[(source_step, t)]) for d, t in enumerate(targets, 1) if (source_step, t) in routed]
+        if said:
+            out[(step, layer_idx)] = said
+    return out
