@@ -116,8 +116,11 @@ class OraclePredictor(Predictor):
     def __init__(self, *args, trace: list[dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.by_step: dict[tuple[int, int], list[int]] = {}
-        for record in trace or []:
-            self.by_step[(record["step"], record["layer_idx"])] = list(record["experts"])
+        self.load_trace(trace or [])
+
+    def load_trace(self, trace: list[dict]) -> None:
+        """Replay `trace` (runtime.trace of an earlier run of the same prompt) from step 0."""
+        self.by_step = {(record["step"], record["layer_idx"]): list(record["experts"]) for record in trace}
 
     def predict(self, layer_idx, hidden, step):
         return [

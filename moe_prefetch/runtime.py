@@ -129,7 +129,7 @@ class Runtime:
         self._call_wait += time.perf_counter() - waited
         try:
             if self.config.verify_slots:
-                self.verify(layer.layer_idx, wave)
+                self.verify()  # debug: every ready slot, not only this wave's
             # The kernel sees only the span of slots this layer uses: kernels such as grouped_mm
             # cost per group, and the span is usually far smaller than the whole pool.
             lo, hi = min(slots.values()), max(slots.values()) + 1
@@ -170,13 +170,11 @@ class Runtime:
         return proxy
 
     # -- public API ----------------------------------------------------------------
-    def verify(self, layer_idx: int | None = None, experts=None) -> None:
-        """Debug check: every READY slot (or those of `experts` in `layer_idx`) holds exactly
-        the bytes of the expert the cache says it holds."""
+    def verify(self) -> None:
+        """Debug check: every READY slot holds exactly the bytes of the expert the cache says
+        it holds. Raises AssertionError naming the first slot that does not."""
         for slot, key in enumerate(self.cache.key_of):
             if key is None or self.cache.state[slot] is not SlotState.READY:
-                continue
-            if layer_idx is not None and (key[0] != layer_idx or key[1] not in experts):
                 continue
             if not torch.equal(self.pool.slot(slot).cpu(), self.store[key]):
                 raise AssertionError(f"slot {slot} does not hold layer {key[0]} expert {key[1]}")

@@ -112,14 +112,27 @@ class Roofline:
         return max(bytes_read / self.hbm_bandwidth, flops / self.peak_flops)
 
     def dense(self, tokens: int) -> float:
-        return max(self.dense_bytes_per_layer / self.hbm_bandwidth,
-                   2 * tokens * self.dense_bytes_per_layer / 2 / self.peak_flops)
+        return max(
+            self.dense_bytes_per_layer / self.hbm_bandwidth,
+            2 * tokens * self.dense_bytes_per_layer / 2 / self.peak_flops,
+        )
 
 
-def simulate(trace: list[dict], *, cache_slots: int, expert_bytes: int, bandwidth: float,
-             moe_layer_ids: list[int], num_layers: int, predictions: list[dict] | None = None,
-             step_starts: list[float] | None = None, roofline: Roofline | None = None,
-             top_k: int = 2, predictor: str = "recorded", lookahead: int = 1) -> dict:
+def simulate(
+    trace: list[dict],
+    *,
+    cache_slots: int,
+    expert_bytes: int,
+    bandwidth: float,
+    moe_layer_ids: list[int],
+    num_layers: int,
+    predictions: list[dict] | None = None,
+    step_starts: list[float] | None = None,
+    roofline: Roofline | None = None,
+    top_k: int = 2,
+    predictor: str = "recorded",
+    lookahead: int = 1,
+) -> dict:
     """Replay `trace` (runtime.trace records) and return per-token times and totals.
 
     `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
@@ -191,8 +204,9 @@ def simulate(trace: list[dict], *, cache_slots: int, expert_bytes: int, bandwidt
     }
 
 
-def _predictions(predictor: str, trace: list[dict], recorded: list[dict], moe_layer_ids: list[int],
-                 lookahead: int) -> dict[tuple[int, int], list]:
+def _predictions(
+    predictor: str, trace: list[dict], recorded: list[dict], moe_layer_ids: list[int], lookahead: int
+) -> dict[tuple[int, int], list]:
     """(step, layer_idx) -> predictions issued at the start of that decoder layer."""
     if predictor == "none":
         return {}

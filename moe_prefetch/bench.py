@@ -1,0 +1,309 @@
+"""Policy benchmark: every predictor at every cache size, measured side by side in one run.
+
+For each (predictor, cache fraction) the model generates the same greedy continuation of
+one prompt with its experts offloaded; we measure hit rate, prefetch precision and recall,
+share of time stalled and decode tokens/s on this device, keep the routing trace and the
+predictions, and add simulated tokens/s on each named hardware profile (same scheduler,
+virtual link at the profile's bandwidth, roofline compute). Rows also include an
+all-experts-resident bound and the bandwidth bound of on-demand loading per profile.
+
+Outputs are exact whatever the predictor (checked here too: every run's tokens must equal
+the first run's).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .integration import attach
+from .layout import find_moe_layers, spec_of
+from .sim import Roofline, simulate
+
+logger = logging.getLogger(__name__)
+
+# Public configs of the five reference shapes, with fewer layers so a CPU can run them. Their
+# weights are random, so their routing is random: say so next to every number they give.
+SHAPES = {
+    "mixtral-8x7b": dict(
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        real_layers=32,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        real_layers=48,
+    ),
+    "olmoe-1b-7b": dict(
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        real_layers=16,
+    ),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2",
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        topk_method="greedy",
+        real_layers=27,
+    ),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss",
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        real_layers=24,
+    ),
+}
+
+
+def shape_model(name: str, layers: int = 2, dtype=torch.bfloat16, seed: int = 0):
+    """A random-weight model with the named shape's real expert size and `layers` layers."""
+    spec = dict(SHAPES[name])
+    model_type = spec.pop("model_type")
+    spec.pop("real_layers")
+    extra = {"layer_types": ["full_attention"] * layers} if model_type == "gpt_oss" else {}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=4096, num_hidden_layers=layers, max_position_embeddings=512, **spec, **extra
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return model
+
+
+def _decode_tokens_per_s(step_starts: list[float]) -> float:
+    """Decode throughput from the times each forward entered layer 0 (step 0 is prefill)."""
+    if len(step_starts) < 3:
+        return 0.0
+    return (len(step_starts) - 2) / (step_starts[-1] - step_starts[1])
+
+
+def dense_bytes(model, layers) -> tuple[int, int]:
+    """(bytes per decoder layer outside the experts, embedding + head bytes)."""
+    expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
+    head = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if id(p) not in expert_ids and ("embed" in n or "lm_head" in n)
+    )
+    rest = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if id(p) not in expert_ids and not ("embed" in n or "lm_head" in n)
+    )
+    return rest // model.config.num_hidden_layers, head
+
+
+def run_bench(
+    model,
+    prompt_ids: torch.Tensor,
+    predictors: list[str],
+    fractions: list[float],
+    tokens: int,
+    device: str = "auto",
+    profiles: list | None = None,
+    predictor_path: str | None = None,
+    lookahead: int = 2,
+    progress=None,
+) -> dict:
+    """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}."""
+    layers = find_moe_layers(model)
+    spec = spec_of(layers)
+    total = sum(layer.num_experts for layer in layers)
+    top_k = max(layer.top_k for layer in layers)
+    per_layer_dense, head_bytes = dense_bytes(model, layers)
+    expert_params = spec.numel  # padded numel, within 64 elements per matrix
+    rows, reference, oracle_trace = [], None, None
+    mask = torch.ones_like(prompt_ids)
+    order = ["none"] + [p for p in predictors if p != "none"]  # the oracle replays none's trace
+    for fraction in fractions:
+        slots = max(top_k, round(fraction * total))
+        for predictor in order:
+            if predictor not in predictors and predictor != "none":
+                continue
+            kwargs = dict(predictor_path=predictor_path) if predictor == "m2r2" else {}
+            runtime = attach(
+                model, device=device, cache_slots=slots, predictor=predictor, lookahead=lookahead, **kwargs
+            )
+            try:
+                if predictor == "oracle":
+                    runtime.predictor.load_trace(oracle_trace)
+                start = time.perf_counter()
+                out = model.generate(
+                    prompt_ids.to(runtime.device),
+                    attention_mask=mask.to(runtime.device),
+                    max_new_tokens=tokens,
+                    do_sample=False,
+                    min_new_tokens=tokens,
+                )
+                wall = time.perf_counter() - start
+                sequence = out.cpu()
+                if reference is None:
+                    reference = sequence
+                if not torch.equal(sequence, reference):
+                    raise AssertionError(f"predictor {predictor} at {fraction} changed the output: a bug")
+                stats = runtime.stats()
+                trace, predictions, starts = list(runtime.trace), list(runtime.predictions), list(runtime.step_starts)
+                if predictor == "none":
+                    oracle_trace = trace
+            finally:
+                runtime.detach()
+            if predictor not in predictors:
+                continue
+            row = _row(predictor, fraction, slots, stats, starts, wall, trace)
+            row["simulated"] = {}
+            for profile in profiles or []:
+                roofline = Roofline(
+                    profile.hbm_bandwidth_bytes_per_s,
+                    profile.peak_bf16_flops,
+                    per_layer_dense,
+                    spec.nbytes,
+                    expert_params,
+                    head_bytes,
+                )
+                sim = simulate(
+                    trace,
+                    cache_slots=slots,
+                    expert_bytes=spec.nbytes,
+                    bandwidth=profile.h2d_bandwidth_bytes_per_s,
+                    moe_layer_ids=[layer.layer_idx for layer in layers],
+                    num_layers=model.config.num_hidden_layers,
+                    predictions=predictions,
+                    roofline=roofline,
+                    top_k=top_k,
+                    predictor="recorded",
+                    lookahead=lookahead,
+                )
+                row["simulated"][profile.name] = sim["tokens_per_s"]
+                row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    rows += _bounds(
+        profiles or [],
+        oracle_trace or [],
+        layers,
+        spec,
+        per_layer_dense,
+        head_bytes,
+        top_k,
+        model.config.num_hidden_layers,
+    )
+    meta = {
+        "experts_total": total,
+        "top_k": top_k,
+        "expert_bytes": spec.nbytes,
+        "tokens": tokens,
+        "moe_layers": len(layers),
+        "layers": model.config.num_hidden_layers,
+        "measured_on": str(runtime.device),
+        "loader": stats["loader"],
+        "stall_timing": stats["stall_timing"],
+    }
+    return {"rows": rows, "meta": meta}
+
+
+def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
+    demand = stats["hits"] + stats["misses"]
+    decode_wall = starts[-1] - starts[1] if len(starts) > 2 else wall
+    decode_wait = sum(r["wait_s"] for r in trace if r["step"] >= 1 and r["step"] < len(starts) - 1)
+    return {
+        "predictor": predictor,
+        "cache_fraction": fraction,
+        "cache_slots": slots,
+        "hit_rate": stats["hit_rate"],
+        "prefetch_precision": stats["prefetch_precision"],
+        # share of would-be misses that a prefetch covered
+        "prefetch_recall": stats["prefetch_used"] / (stats["prefetch_used"] + stats["misses"]) if demand else 0.0,
+        "stall_share": decode_wait / decode_wall if decode_wall else 0.0,
+        "tokens_per_s": _decode_tokens_per_s(starts),
+        "median_token_s": statistics.median(b - a for a, b in zip(starts[1:], starts[2:])) if len(starts) > 2 else 0,
+        "bytes_loaded": stats["bytes_loaded"],
+        "misses": stats["misses"],
+        "prefetch_issued": stats["prefetch_issued"],
+        "prefetch_used": stats["prefetch_used"],
+    }
+
+
+def _bounds(profiles, trace, layers, spec, per_layer_dense, head_bytes, top_k, num_layers) -> list[dict]:
+    """All-experts-resident tokens/s (compute only) and the on-demand bandwidth bound per profile:
+    1 / max(compute, distinct experts per token x expert bytes / H2D bandwidth)."""
+    decode = [r for r in trace if r["step"] >= 1]
+    steps = {r["step"] for r in decode} or {1}
+    distinct = sum(len(r["experts"]) for r in decode) / len(steps)
+    resident, bound = {}, {}
+    for profile in profiles:
+        roofline = Roofline(
+            profile.hbm_bandwidth_bytes_per_s,
+            profile.peak_bf16_flops,
+            per_layer_dense,
+            spec.nbytes,
+            spec.numel,
+            head_bytes,
+        )
+        compute = (
+            num_layers * roofline.dense(1)
+            + head_bytes / profile.hbm_bandwidth_bytes_per_s
+            + sum(roofline.moe(1, top_k, top_k) for _ in layers)
+        )
+        transfer = distinct * spec.nbytes / profile.h2d_bandwidth_bytes_per_s
+        resident[profile.name] = 1 / compute
+        bound[profile.name] = 1 / max(compute, transfer)
+    return [
+        {
+            "predictor": "all-resident",
+            "cache_fraction": 1.0,
+            "hit_rate": 1.0,
+            "prefetch_precision": None,
+            "prefetch_recall": None,
+            "tokens_per_s": None,
+            "simulated": resident,
+        },
+        {
+            "predictor": "bandwidth-bound-on-demand",
+            "cache_fraction": 0.0,
+            "hit_rate": 0.0,
+            "prefetch_precision": None,
+            "prefetch_recall": None,
+            "tokens_per_s": None,
+            "simulated": bound,
+        },
+    ]
