@@ -113,7 +113,13 @@ class Adapters(nn.Module):
 
 
 def train_adapters(
-    model, layers: list[MoELayer], data: Residuals, settings: TrainSettings, progress=None
+    model,
+    layers: list[MoELayer],
+    data: Residuals,
+    settings: TrainSettings,
+    progress=None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
 ) -> tuple[Adapters, dict]:
     """Train one adapter per (l, t) pair on collected residuals; returns adapters and metrics.
 
@@ -129,7 +135,6 @@ def train_adapters(
     cut = int(seq.max().item() * 0.9)
     train_rows = (seq <= cut).nonzero().squeeze(-1) if cut > 0 else torch.arange(seq.numel())
     val_rows = (seq > cut).nonzero().squeeze(-1)
-    device = torch.device("cpu")
     norms = {t: by_idx[t].norm for _, t, _ in todo}
     opt = torch.optim.AdamW(adapters.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -139,30 +144,25 @@ def train_adapters(
     start = time.perf_counter()
     # Norms and routers live where the model lives; training runs on CPU copies of their weights.
     frozen = {t: (_cpu_copy(norms[t]), _cpu_router(by_idx[t])) for _, t, _ in todo}
-    last = 0.0
-    for step in range(settings.steps):
-        rows = train_rows[torch.randint(0, train_rows.numel(), (settings.batch_tokens,), generator=gen)]
-        loss = torch.zeros((), device=device)
-        for source, target, _ in todo:
-            h = data.get("hidden", source)[rows]
-            x = data.get("router_in", target)[rows]
-            norm, router = frozen[target]
-            a = adapters.get(source, target)(h)
-            pred_in = norm(a)
-            logits_pred = router(pred_in)
-            with torch.no_grad():
-                target_logp = F.log_softmax(router(x), dim=-1)
-            kl = F.kl_div(F.log_softmax(logits_pred, dim=-1), target_logp, log_target=True, reduction="batchmean")
-            align = (pred_in - x).pow(2).sum(-1).div(x.pow(2).sum(-1).clamp_min(1e-6)).mean()
-            loss = loss + kl + settings.align * align
-        loss = loss / len(todo)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        last = loss.item()
-        if progress is not None:
-            progress(step, last)
+    last, first_step = 0.0, 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first_step = _resume(checkpoint, settings, adapters, opt, sched, gen)
+        logger.info("resuming M2R2 training from step %d (%s)", first_step, checkpoint)
+    done = first_step  # steps whose update is complete
+    try:
+        for step in range(first_step, settings.steps):
+            last = _train_step(todo, adapters, frozen, data, train_rows, gen, settings, opt, sched)
+            done = step + 1
+            if progress is not None:
+                progress(step, last)
+            if checkpoint is not None and done % checkpoint_every == 0:
+                _save_checkpoint(checkpoint, settings, adapters, opt, sched, gen, done)
+    except KeyboardInterrupt:
+        if checkpoint is not None:  # resume later from exactly here
+            _save_checkpoint(checkpoint, settings, adapters, opt, sched, gen, done)
+        raise
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     metrics = {
         "final_loss": last,
         "train_seconds": time.perf_counter() - start,
@@ -172,6 +172,54 @@ def train_adapters(
     if val_rows.numel():
         metrics["val_recall"] = _val_recall(adapters, todo, data, val_rows, frozen, by_idx)
     return adapters, metrics
+
+
+def _train_step(todo, adapters, frozen, data, train_rows, gen, settings, opt, sched) -> float:
+    rows = train_rows[torch.randint(0, train_rows.numel(), (settings.batch_tokens,), generator=gen)]
+    loss = torch.zeros(())
+    for source, target, _ in todo:
+        h = data.get("hidden", source)[rows]
+        x = data.get("router_in", target)[rows]
+        norm, router = frozen[target]
+        pred_in = norm(adapters.get(source, target)(h))
+        with torch.no_grad():
+            target_logp = F.log_softmax(router(x), dim=-1)
+        kl = F.kl_div(F.log_softmax(router(pred_in), dim=-1), target_logp, log_target=True, reduction="batchmean")
+        align = (pred_in - x).pow(2).sum(-1).div(x.pow(2).sum(-1).clamp_min(1e-6)).mean()
+        loss = loss + kl + settings.align * align
+    loss = loss / len(todo)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _save_checkpoint(path, settings, adapters, opt, sched, gen, step) -> None:
+    """Atomic: a temp file, then rename, so an interrupt never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {
+        "settings": asdict(settings),
+        "step": step,
+        "adapters": adapters.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "rng": gen.get_state(),
+    }
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _resume(path, settings, adapters, opt, sched, gen) -> int:
+    state = torch.load(path, weights_only=False)
+    if state["settings"] != asdict(settings):
+        raise PredictorError(f"checkpoint {path} was made with other settings; delete it or rerun with the same ones")
+    adapters.load_state_dict(state["adapters"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["rng"])
+    return int(state["step"])
 
 
 def _cpu_copy(module: nn.Module) -> nn.Module:

@@ -88,3 +88,22 @@ def test_evaluation_table(trained):
     row = result["predictors"]["next-gate"]["by_distance"][1]
     assert 0.0 <= row["recall"] <= 1.0 and row["recall_at_k_plus_margin"] >= row["recall"]
     assert "m2r2" in format_table(result)
+
+
+def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path):
+    model, layers, data, _, _ = trained
+    settings = TrainSettings(lookahead=1, rank=4, steps=40, batch_tokens=64)
+    straight, _ = train_adapters(model, layers, data, settings)
+    ckpt = tmp_path / "train.ckpt"
+
+    def interrupt(step, loss):
+        if step == 24:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapters(model, layers, data, settings, progress=interrupt, checkpoint=ckpt, checkpoint_every=10)
+    assert ckpt.is_file() and not (tmp_path / "train.ckpt.tmp").exists()
+    resumed, _ = train_adapters(model, layers, data, settings, checkpoint=ckpt, checkpoint_every=10)
+    assert not ckpt.exists(), "a finished run removes its checkpoint"
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
