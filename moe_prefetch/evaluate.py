@@ -109,3 +109,41 @@ def format_table(result: dict) -> str:
             )
         lines.append(f"{name:<16}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
+
+
+def eval_predictor(
+    model_path,
+    data_files,
+    predictor_path=None,
+    lookahead: int = 3,
+    margin: int = 2,
+    max_tokens: int = 20_000,
+    seq_len: int = 256,
+    device: str = "auto",
+    progress=None,
+) -> dict:
+    """Score previous-token, next-gate and (with adapters) m2r2 on held-out text files."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .loading import load, resolve_path
+    from .m2r2 import FILENAME, load_adapters
+    from .residuals import collect_text, read_texts
+
+    text = read_texts(data_files)
+    folder = resolve_path(model_path)
+    model, runtime = load(folder, device=device, predictor="none")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        path = Path(predictor_path) if predictor_path else folder / FILENAME
+        adapters = None
+        if predictor_path or path.is_file():
+            adapters, _ = load_adapters(path, model, runtime.layers)
+        data = collect_text(model, tokenizer, text, seq_len, max_tokens, progress=progress)
+        result = evaluate_predictors(model, data, lookahead=lookahead, adapters=adapters, margin=margin)
+    finally:
+        runtime.detach()
+    result["model"] = str(folder)
+    result["data"] = [str(f) for f in data_files]
+    return result

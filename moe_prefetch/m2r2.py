@@ -349,3 +349,43 @@ class M2R2Predictor(NextGatePredictor):
     def residual_for(self, layer_idx, target, d, hidden):
         adapter = self.adapters.get(layer_idx, target.layer_idx)
         return hidden if adapter is None else adapter(hidden)
+
+
+def train_predictor(
+    model_path,
+    data_files,
+    out,
+    lookahead: int = 3,
+    rank: int = 16,
+    seed: int = 0,
+    steps: int = 1500,
+    max_tokens: int = 60_000,
+    seq_len: int = 256,
+    device: str = "auto",
+    progress=None,
+    collect_progress=None,
+) -> dict:
+    """Train M2R2 adapters for the model at `model_path` on text files; write them to `out`.
+
+    The model runs offloaded (it may not fit on the device) with predictor "none"; its
+    residuals and routing on the text become the training set. Resumes from `out`.ckpt
+    if an earlier run was interrupted. Returns the training metrics."""
+    from transformers import AutoTokenizer
+
+    from .loading import load, resolve_path
+    from .residuals import collect_text, read_texts
+
+    settings = TrainSettings(lookahead=lookahead, rank=rank, steps=steps, seed=seed)
+    text = read_texts(data_files)
+    folder = resolve_path(model_path)
+    model, runtime = load(folder, device=device, predictor="none")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        data = collect_text(model, tokenizer, text, seq_len, max_tokens, progress=collect_progress)
+        adapters, metrics = train_adapters(
+            model, runtime.layers, data, settings, progress=progress, checkpoint=f"{out}.ckpt"
+        )
+        save_adapters(out, adapters, model, runtime.layers, settings, metrics, [str(f) for f in data_files])
+    finally:
+        runtime.detach()
+    return metrics

@@ -16,10 +16,10 @@ import math
 import os
 import re
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 import torch
 
 from .errors import CacheCapacityError, ConfigError, DeviceError
@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMBERS = (
-    "device_memory_bytes", "usable_fraction", "h2d_bandwidth_bytes_per_s", "hbm_bandwidth_bytes_per_s",
+    "device_memory_bytes",
+    "usable_fraction",
+    "h2d_bandwidth_bytes_per_s",
+    "hbm_bandwidth_bytes_per_s",
     "peak_bf16_flops",
 )
 KEYS = ("name", "description", *NUMBERS, "interconnect")
@@ -64,7 +67,9 @@ class Profile:
         if not isinstance(self.device_memory_bytes, int):
             raise ConfigError(f"profile {self.name!r}{where}: device_memory_bytes must be an integer byte count")
         if not 0 < self.usable_fraction <= 1:
-            raise ConfigError(f"profile {self.name!r}{where}: usable_fraction = {self.usable_fraction} must be in (0, 1]")
+            raise ConfigError(
+                f"profile {self.name!r}{where}: usable_fraction = {self.usable_fraction} must be in (0, 1]"
+            )
         missing = [k for k in NUMBERS if not str(self.sources.get(k, "")).strip()]
         if missing:
             raise ConfigError(f"profile {self.name!r}{where}: [sources] lacks {', '.join(missing)}; cite each number")
@@ -74,16 +79,15 @@ class Profile:
         return int(self.device_memory_bytes * self.usable_fraction)
 
 
+def user_dir() -> Path:
+    """The user's profile folder, where `calibrate` writes by default."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "moe-prefetch" / "profiles"
+
+
 def profile_dirs() -> list[Path]:
     """Folders searched for profiles, highest precedence first."""
     env = [Path(p).expanduser() for p in os.environ.get("MOE_PREFETCH_PROFILES", "").split(os.pathsep) if p]
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [*env, config_home / "moe-prefetch" / "profiles", SHIPPED_DIR]
-
-
-def user_dir() -> Path:
-    """Where `calibrate` writes by default."""
-    return profile_dirs()[-2]
+    return [*env, user_dir(), SHIPPED_DIR]
 
 
 def read_profile(path: str | Path) -> Profile:
@@ -216,11 +220,16 @@ def model_size(path: str | Path) -> ModelSize:
     expert_params = {id(p) for layer in layers for p in layer.experts.parameters(recurse=False)}
     non_expert = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     return ModelSize(
-        path=str(folder), model_type=str(getattr(config, "model_type", "?")),
+        path=str(folder),
+        model_type=str(getattr(config, "model_type", "?")),
         architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
-        dtype=str(dtype).removeprefix("torch."), num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
-        moe_layers=len(layers), experts_per_layer=max(layer.num_experts for layer in layers),
-        top_k=max(layer.top_k for layer in layers), expert_bytes=spec.nbytes, non_expert_bytes=int(non_expert),
+        dtype=str(dtype).removeprefix("torch."),
+        num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
+        moe_layers=len(layers),
+        experts_per_layer=max(layer.num_experts for layer in layers),
+        top_k=max(layer.top_k for layer in layers),
+        expert_bytes=spec.nbytes,
+        non_expert_bytes=int(non_expert),
     )
 
 
@@ -273,8 +282,15 @@ def calibrate(device: str = "cuda", name: str | None = None, sizes_mib=CALIBRATI
         h2d = {mib: _h2d_rate(mib << 20, dev) for mib in sizes_mib}
         hbm = _d2d_rate(min(1 << 30, free // 4), dev)
         flops, matmul_dtype = _matmul_rate(dev)
-    measured = {"device": gpu, "free_bytes": int(free), "total_bytes": int(total), "h2d_by_mib": h2d,
-                "hbm_bytes_per_s": hbm, "bf16_flops": flops, "matmul_dtype": matmul_dtype}
+    measured = {
+        "device": gpu,
+        "free_bytes": int(free),
+        "total_bytes": int(total),
+        "h2d_by_mib": h2d,
+        "hbm_bytes_per_s": hbm,
+        "bf16_flops": flops,
+        "matmul_dtype": matmul_dtype,
+    }
     return measured_profile(name or _slug(gpu, total), measured), measured
 
 
@@ -286,9 +302,13 @@ def measured_profile(name: str, m: dict) -> Profile:
     by_size = ", ".join(f"{mib} MiB {rate / 1e9:.2f} GB/s" for mib, rate in sorted(m["h2d_by_mib"].items()))
     usable = round(m["free_bytes"] / m["total_bytes"] * CALIBRATION_HEADROOM, 3)
     return Profile(
-        name=name, description=f"{m['device']} (calibrated {when})", device_memory_bytes=int(m["total_bytes"]),
-        usable_fraction=usable, h2d_bandwidth_bytes_per_s=float(m["h2d_by_mib"][largest]),
-        hbm_bandwidth_bytes_per_s=float(m["hbm_bytes_per_s"]), peak_bf16_flops=float(m["bf16_flops"]),
+        name=name,
+        description=f"{m['device']} (calibrated {when})",
+        device_memory_bytes=int(m["total_bytes"]),
+        usable_fraction=usable,
+        h2d_bandwidth_bytes_per_s=float(m["h2d_by_mib"][largest]),
+        hbm_bandwidth_bytes_per_s=float(m["hbm_bytes_per_s"]),
+        peak_bf16_flops=float(m["bf16_flops"]),
         interconnect="measured (see sources)",
         sources={
             "device_memory_bytes": f"{tag}: total from cudaMemGetInfo.",

@@ -14,6 +14,7 @@ simulated, and the run keeps every record a figure is drawn from.
 
 from __future__ import annotations
 
+import collections
 import html
 import json
 import logging
@@ -24,22 +25,43 @@ from pathlib import Path
 import psutil
 
 from .errors import ReportError
+from .sim import replay_payload
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "moe-prefetch/run"
 VERSION = 1
-REQUIRED = ("measured_on", "stall_timing", "model", "config", "summary", "stats", "tokens", "layers", "loads",
-            "trace", "occupancy")
-COUNTERS = ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_dropped", "evictions",
-            "bytes_loaded", "stall_seconds")
+REQUIRED = (
+    "measured_on",
+    "stall_timing",
+    "model",
+    "config",
+    "summary",
+    "stats",
+    "tokens",
+    "layers",
+    "loads",
+    "trace",
+    "occupancy",
+)
+COUNTERS = (
+    "hits",
+    "misses",
+    "prefetch_issued",
+    "prefetch_used",
+    "prefetch_wasted",
+    "prefetch_dropped",
+    "evictions",
+    "bytes_loaded",
+    "stall_seconds",
+)
 MEASURED_ON = {
     "cuda": "Measured on CUDA. Stalls are timed with CUDA events on the compute stream; single copies are not "
-            "timed, so H2D bandwidth is bytes moved over the generation's wall time (a lower bound).",
+    "timed, so H2D bandwidth is bytes moved over the generation's wall time (a lower bound).",
     "cpu": "Measured on CPU. A worker thread copies experts and the stall is the time the compute thread waited "
-           "for it. This shows the scheduling (hits, prefetches, stalls), not GPU speeds.",
+    "for it. This shows the scheduling (hits, prefetches, stalls), not GPU speeds.",
     "simulated": "Simulated, not measured: a recorded routing trace replayed through the cache and scheduler "
-                 "with a hardware profile's bandwidths.",
+    "with a hardware profile's bandwidths.",
 }
 
 
@@ -71,8 +93,13 @@ class RunRecorder:
             before = self._last.get(layer["layer_idx"], {})
             per_layer.append({"layer_idx": layer["layer_idx"], **{k: layer[k] - before.get(k, 0) for k in COUNTERS}})
         self._last = {layer["layer_idx"]: layer for layer in self.stats["per_layer"]}
-        record = {"step": len(self.tokens), "t": now - self.t_start, "wall_s": now - self._last_t,
-                  **{k: sum(layer[k] for layer in per_layer) for k in COUNTERS}, "per_layer": per_layer}
+        record = {
+            "step": len(self.tokens),
+            "t": now - self.t_start,
+            "wall_s": now - self._last_t,
+            **{k: sum(layer[k] for layer in per_layer) for k in COUNTERS},
+            "per_layer": per_layer,
+        }
         self._last_t = now
         self.tokens.append(record)
         held = {layer.layer_idx: 0 for layer in self.runtime.layers}
@@ -109,10 +136,15 @@ def _loader_clock_offset(runtime) -> float:
 def model_record(runtime, path: str) -> dict:
     layers = runtime.layers
     return {
-        "path": str(path), "model_type": str(getattr(runtime.model.config, "model_type", "?")),
-        "dtype": str(runtime.spec.dtype).removeprefix("torch."), "moe_layers": len(layers),
-        "layer_ids": [layer.layer_idx for layer in layers], "experts_per_layer": max(l.num_experts for l in layers),
-        "top_k": max(layer.top_k for layer in layers), "expert_bytes": runtime.spec.nbytes,
+        "path": str(path),
+        "model_type": str(getattr(runtime.model.config, "model_type", "?")),
+        "dtype": str(runtime.spec.dtype).removeprefix("torch."),
+        "moe_layers": len(layers),
+        "layer_ids": [layer.layer_idx for layer in layers],
+        "experts_per_layer": max(l.num_experts for l in layers),
+        "top_k": max(layer.top_k for layer in layers),
+        "expert_bytes": runtime.spec.nbytes,
+        "num_layers": int(getattr(runtime.model.config, "num_hidden_layers", 0)) or None,
     }
 
 
@@ -126,9 +158,14 @@ def memory_record(runtime) -> dict:
         import torch
 
         peak = int(torch.cuda.max_memory_allocated(runtime.device))
-    return {"device_pool_bytes": pool, "non_expert_bytes": non_expert, "device_bytes": pool + non_expert,
-            "device_peak_bytes": peak, "host_store_bytes": runtime.store.nbytes,
-            "rss_bytes": psutil.Process().memory_info().rss}
+    return {
+        "device_pool_bytes": pool,
+        "non_expert_bytes": non_expert,
+        "device_bytes": pool + non_expert,
+        "device_peak_bytes": peak,
+        "host_store_bytes": runtime.store.nbytes,
+        "rss_bytes": psutil.Process().memory_info().rss,
+    }
 
 
 def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | None = None) -> dict:
@@ -137,20 +174,44 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
     stats = runtime.stats()
     layer_info = {layer.layer_idx: layer for layer in runtime.layers}
     layers = [
-        {"layer_idx": row["layer_idx"], "num_experts": layer_info[row["layer_idx"]].num_experts,
-         "top_k": layer_info[row["layer_idx"]].top_k, **{k: row[k] for k in COUNTERS},
-         "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"])}
+        {
+            "layer_idx": row["layer_idx"],
+            "num_experts": layer_info[row["layer_idx"]].num_experts,
+            "top_k": layer_info[row["layer_idx"]].top_k,
+            **{k: row[k] for k in COUNTERS},
+            "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"]),
+        }
         for row in stats["per_layer"]
     ]
     run = {
-        "schema": SCHEMA, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "measured_on": "cuda" if runtime.device.type == "cuda" else "cpu", "stall_timing": stats["stall_timing"],
-        "interrupted": recorder.interrupted, "model": model, "config": config, "text": text,
-        "memory": memory_record(runtime), "stats": stats, "tokens": recorder.tokens, "layers": layers,
-        "loads": recorder.loads(), "trace": [dict(r) for r in runtime.trace],
-        "occupancy": {"slots": runtime.cache.num_slots, "layer_ids": [l.layer_idx for l in runtime.layers],
-                      "per_token": recorder.occupancy,
-                      "final": [list(k) if k is not None else None for k in runtime.cache.key_of]},
+        "schema": SCHEMA,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "measured_on": "cuda" if runtime.device.type == "cuda" else "cpu",
+        "stall_timing": stats["stall_timing"],
+        "interrupted": recorder.interrupted,
+        "model": model,
+        "config": config,
+        "text": text,
+        "memory": memory_record(runtime),
+        "stats": stats,
+        "tokens": recorder.tokens,
+        "layers": layers,
+        "loads": recorder.loads(),
+        "trace": [dict(r) for r in runtime.trace],
+        # With trace and model, what the simulator needs to replay this run (moe_prefetch.sim).
+        "step_starts": list(getattr(runtime, "step_starts", [])),
+        "predictions": [dict(p) for p in getattr(runtime, "predictions", [])],
+        # Sizes and layout the simulator needs besides the trace (`moe-prefetch simulate`).
+        "replay": {
+            k: v for k, v in replay_payload(runtime).items() if k not in ("trace", "step_starts", "predictions")
+        },
+        "occupancy": {
+            "slots": runtime.cache.num_slots,
+            "layer_ids": [l.layer_idx for l in runtime.layers],
+            "per_token": recorder.occupancy,
+            "final": [list(k) if k is not None else None for k in runtime.cache.key_of],
+        },
     }
     run["summary"] = summarize(run)
     return run
@@ -192,8 +253,17 @@ def summarize(run: dict) -> dict:
         "bytes_loaded": stats["bytes_loaded"],
         "h2d_bytes_per_s": h2d,
         "h2d_basis": h2d_basis,
-        **{k: memory.get(k) for k in ("device_bytes", "device_pool_bytes", "non_expert_bytes", "device_peak_bytes",
-                                      "host_store_bytes", "rss_bytes")},
+        **{
+            k: memory.get(k)
+            for k in (
+                "device_bytes",
+                "device_pool_bytes",
+                "non_expert_bytes",
+                "device_peak_bytes",
+                "host_store_bytes",
+                "rss_bytes",
+            )
+        },
         "interrupted": bool(run.get("interrupted")),
     }
 
@@ -240,10 +310,12 @@ def load_run(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReportError(f"{path} is not a readable JSON file ({err})") from None
     if not isinstance(run, dict) or run.get("schema") != SCHEMA:
-        raise ReportError(f"{path} is not a moe-prefetch run (no \"schema\": \"{SCHEMA}\")")
+        raise ReportError(f'{path} is not a moe-prefetch run (no "schema": "{SCHEMA}")')
     if not isinstance(run.get("version"), int) or run["version"] > VERSION:
-        raise ReportError(f"{path} has run schema version {run.get('version')!r}; this moe-prefetch reads up to "
-                          f"{VERSION}: upgrade moe-prefetch")
+        raise ReportError(
+            f"{path} has run schema version {run.get('version')!r}; this moe-prefetch reads up to "
+            f"{VERSION}: upgrade moe-prefetch"
+        )
     missing = [k for k in REQUIRED if k not in run]
     if missing or run["measured_on"] not in MEASURED_ON:
         raise ReportError(f"{path} is incomplete or corrupt (missing {', '.join(missing) or 'a valid measured_on'})")
@@ -279,11 +351,18 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
         ("prefetch precision", _pct(s["prefetch_precision"])),
         ("prefetch recall", _pct(s["prefetch_recall"])),
         ("time stalled (decode)", f"{_pct(s['stall_share'])} ({_num(s['decode_stall_s'], '.3f', ' s')})"),
-        ("H2D bandwidth", _num(None if s["h2d_bytes_per_s"] is None else s["h2d_bytes_per_s"] / 1e9, ".2f",
-                               f" GB/s ({s['h2d_basis']})")),
+        (
+            "H2D bandwidth",
+            _num(
+                None if s["h2d_bytes_per_s"] is None else s["h2d_bytes_per_s"] / 1e9, ".2f", f" GB/s ({s['h2d_basis']})"
+            ),
+        ),
         ("bytes loaded", fmt_bytes(s["bytes_loaded"])),
-        ("device memory", f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
-                          f"+ non-expert {fmt_bytes(s['non_expert_bytes'])}"),
+        (
+            "device memory",
+            f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
+            f"+ non-expert {fmt_bytes(s['non_expert_bytes'])}",
+        ),
         ("host memory", f"store {fmt_bytes(s['host_store_bytes'])}, process RSS {fmt_bytes(s['rss_bytes'])}"),
     ]
     if s.get("device_peak_bytes") is not None:
@@ -292,14 +371,17 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
 
 
 def setup_rows(run: dict) -> list[tuple[str, str]]:
-    st = run["stats"]
+    st = collections.defaultdict(lambda: "?", run["stats"])  # a simulated run has no host memory
     return [
         ("device", f"{st['device']} ({st['device_reason']})"),
         ("loader", f"{st['loader']} ({st['loader_reason']})"),
         ("host memory", f"{st['host_memory']} ({st['host_memory_reason']})"),
         ("stall timing", run["stall_timing"]),
-        ("cache", f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
-                  f"in {st['moe_layers']} MoE layers"),
+        (
+            "cache",
+            f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
+            f"in {st['moe_layers']} MoE layers",
+        ),
         ("predictor", f"{st['predictor']} (lookahead {st['lookahead']})"),
     ]
 
@@ -314,27 +396,44 @@ def tables(run: dict) -> list:
     setup = Table(title="where it ran", show_header=False)
     for name, value in setup_rows(run):
         setup.add_row(name, value)
-    per_layer = Table(title="per MoE layer")
-    for col in ("layer", "hits", "misses", "hit rate", "prefetched", "used", "wasted", "stall ms", "loaded"):
-        per_layer.add_column(col, justify="right")
+    per_layer = Table(title="per MoE layer (prefetches: issued, used, wasted)")
+    for col in ("layer", "hits", "misses", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
+        per_layer.add_column(col, justify="right", no_wrap=True)
     for row in run["layers"]:
-        per_layer.add_row(str(row["layer_idx"]), str(row["hits"]), str(row["misses"]), _pct(row["hit_rate"]),
-                          str(row["prefetch_issued"]), str(row["prefetch_used"]), str(row["prefetch_wasted"]),
-                          f"{1e3 * row['stall_seconds']:.2f}", fmt_bytes(row["bytes_loaded"]))
+        per_layer.add_row(
+            str(row["layer_idx"]),
+            str(row["hits"]),
+            str(row["misses"]),
+            _pct(row["hit_rate"]),
+            str(row["prefetch_issued"]),
+            str(row["prefetch_used"]),
+            str(row["prefetch_wasted"]),
+            f"{1e3 * row['stall_seconds']:.2f}",
+            fmt_bytes(row["bytes_loaded"]),
+        )
     return [summary, setup, per_layer]
 
 
 # -- HTML ----------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 84, 24, 28, 40  # chart size and margins (px)
 C_HIT, C_PREF, C_MISS, C_STALL, C_BUSY, C_EMPTY = "#4c9f70", "#2f6db5", "#d1495b", "#d1495b", "#9db4c0", "#e6e6e6"
+# Occupancy colours per layer (Tableau 10 without its red, which means "miss" and "stall" here).
+LAYER_COLORS = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#b07aa1",
+    "#76b7b2",
+    "#edc948",
+    "#9c755f",
+    "#ff9da7",
+    "#86bcb6",
+    "#bab0ac",
+)
 
 
 def _esc(x) -> str:
     return html.escape(str(x))
-
-
-def _layer_color(i: int, n: int) -> str:
-    return f"hsl({(190 + int(300 * i / max(n, 1))) % 360}, 55%, 52%)"  # starts at blue, away from the reds
 
 
 def _svg(body: list[str], height: int = _H, legend: list[tuple[str, str]] = ()) -> str:
@@ -343,11 +442,15 @@ def _svg(body: list[str], height: int = _H, legend: list[tuple[str, str]] = ()) 
         if x > _W - 120:  # many layers: the colours repeat the order, the tooltips name them
             items.append(f'<text x="{x}" y="16" class="lg">…</text>')
             break
-        items.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{color}"/>'
-                     f'<text x="{x + 16}" y="16" class="lg">{_esc(name)}</text>')
+        items.append(
+            f'<rect x="{x}" y="6" width="12" height="12" fill="{color}"/>'
+            f'<text x="{x + 16}" y="16" class="lg">{_esc(name)}</text>'
+        )
         x += 28 + 7 * len(name)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" '
-            f'viewBox="0 0 {_W} {height}">{"".join(items)}{"".join(body)}</svg>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" '
+        f'viewBox="0 0 {_W} {height}">{"".join(items)}{"".join(body)}</svg>'
+    )
 
 
 def _y_axis(y_max: float, fmt, title: str, height: int = _H) -> list[str]:
@@ -355,15 +458,20 @@ def _y_axis(y_max: float, fmt, title: str, height: int = _H) -> list[str]:
     for i in range(5):
         v = y_max * i / 4
         y = height - _B - plot_h * i / 4
-        out.append(f'<line x1="{_L}" x2="{_W - _R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                   f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_esc(fmt(v))}</text>')
-    out.append(f'<text x="14" y="{_T + plot_h / 2}" transform="rotate(-90 14 {_T + plot_h / 2})" '
-               f'text-anchor="middle" class="axis">{_esc(title)}</text>')
+        out.append(
+            f'<line x1="{_L}" x2="{_W - _R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_esc(fmt(v))}</text>'
+        )
+    out.append(
+        f'<text x="14" y="{_T + plot_h / 2}" transform="rotate(-90 14 {_T + plot_h / 2})" '
+        f'text-anchor="middle" class="axis">{_esc(title)}</text>'
+    )
     return out
 
 
-def _stacked_bars(x_labels: list, series: list[tuple[str, str, list[float]]], y_max: float, fmt, y_title: str,
-                  x_title: str) -> str:
+def _stacked_bars(
+    x_labels: list, series: list[tuple[str, str, list[float]]], y_max: float, fmt, y_title: str, x_title: str
+) -> str:
     """Columns of stacked rectangles, one per x label; each rectangle has a tooltip."""
     n, plot_w, plot_h = max(len(x_labels), 1), _W - _L - _R, _H - _T - _B
     y_max = y_max or 1.0
@@ -376,46 +484,72 @@ def _stacked_bars(x_labels: list, series: list[tuple[str, str, list[float]]], y_
             h = plot_h * v / y_max
             if h > 0:
                 y = _H - _B - plot_h * base / y_max - h
-                body.append(f'<rect x="{x + step * 0.1:.2f}" y="{y:.2f}" width="{max(step * 0.8, 0.8):.2f}" '
-                            f'height="{h:.2f}" fill="{color}"><title>{_esc(x_title)} {_esc(label)}: {_esc(name)} '
-                            f'{_esc(fmt(v))}</title></rect>')
+                body.append(
+                    f'<rect x="{x + step * 0.1:.2f}" y="{y:.2f}" width="{max(step * 0.8, 0.8):.2f}" '
+                    f'height="{h:.2f}" fill="{color}"><title>{_esc(x_title)} {_esc(label)}: {_esc(name)} '
+                    f"{_esc(fmt(v))}</title></rect>"
+                )
             base += v
         if i % every == 0:
-            body.append(f'<text x="{x + step / 2:.1f}" y="{_H - _B + 14}" text-anchor="middle" class="tick">'
-                        f"{_esc(label)}</text>")
+            body.append(
+                f'<text x="{x + step / 2:.1f}" y="{_H - _B + 14}" text-anchor="middle" class="tick">'
+                f"{_esc(label)}</text>"
+            )
     body.append(f'<text x="{_L + plot_w / 2}" y="{_H - 6}" text-anchor="middle" class="axis">{_esc(x_title)}</text>')
     return _svg(body, legend=[(name, color) for name, color, _ in series])
 
 
+_NOT_RECORDED = '<p class="note">Not recorded in this run.</p>'
+
+
 def _hit_rate_chart(run: dict) -> str:
     rows = run["layers"]
+    if not rows:
+        return _NOT_RECORDED
     demand = [max(r["hits"] + r["misses"], 1) for r in rows]
     return _stacked_bars(
         [r["layer_idx"] for r in rows],
-        [("hit, prefetched", C_PREF, [r["prefetch_used"] / d for r, d in zip(rows, demand)]),
-         ("hit, already cached", C_HIT, [(r["hits"] - r["prefetch_used"]) / d for r, d in zip(rows, demand)]),
-         ("miss", C_MISS, [r["misses"] / d for r, d in zip(rows, demand)])],
-        1.0, lambda v: f"{100 * v:.0f}%", "share of demand accesses", "MoE layer")
+        [
+            ("hit, prefetched", C_PREF, [r["prefetch_used"] / d for r, d in zip(rows, demand)]),
+            ("hit, already cached", C_HIT, [(r["hits"] - r["prefetch_used"]) / d for r, d in zip(rows, demand)]),
+            ("miss", C_MISS, [r["misses"] / d for r, d in zip(rows, demand)]),
+        ],
+        1.0,
+        lambda v: f"{100 * v:.0f}%",
+        "share of demand accesses",
+        "MoE layer",
+    )
 
 
 def _stall_chart(run: dict) -> str:
     tokens = run["tokens"][1:] or run["tokens"]
+    if not tokens:
+        return _NOT_RECORDED
     stall = [1e3 * t["stall_seconds"] for t in tokens]
     other = [max(1e3 * t["wall_s"] - s, 0.0) for t, s in zip(tokens, stall)]
     return _stacked_bars(
-        [t["step"] for t in tokens], [("stalled", C_STALL, stall), ("computing", C_BUSY, other)],
-        max((s + o for s, o in zip(stall, other)), default=1.0) * 1.05, lambda v: f"{v:.1f} ms",
-        "token wall time (ms)", "token step")
+        [t["step"] for t in tokens],
+        [("stalled", C_STALL, stall), ("computing", C_BUSY, other)],
+        max((s + o for s, o in zip(stall, other)), default=1.0) * 1.05,
+        lambda v: f"{v:.1f} ms",
+        "token wall time (ms)",
+        "token step",
+    )
 
 
 def _occupancy_chart(run: dict) -> str:
     occ = run["occupancy"]
-    ids, slots, per_token = occ["layer_ids"], occ["slots"], occ["per_token"]
-    series = [(f"layer {l}", _layer_color(i, len(ids)), [row[i] / slots for row in per_token])
-              for i, l in enumerate(ids)]
+    ids, slots, per_token = occ.get("layer_ids", []), occ.get("slots", 0), occ.get("per_token", [])
+    if not (ids and slots and per_token):
+        return _NOT_RECORDED
+    series = [
+        (f"layer {l}", LAYER_COLORS[i % len(LAYER_COLORS)], [row[i] / slots for row in per_token])
+        for i, l in enumerate(ids)
+    ]
     series.append(("empty", C_EMPTY, [row[-1] / slots for row in per_token]))
-    return _stacked_bars(list(range(len(per_token))), series, 1.0, lambda v: f"{100 * v:.0f}%", "share of slots",
-                         "token step")
+    return _stacked_bars(
+        list(range(len(per_token))), series, 1.0, lambda v: f"{100 * v:.0f}%", "share of slots", "token step"
+    )
 
 
 def timeline_window(run: dict, max_steps: int = 4) -> list[int]:
@@ -432,9 +566,16 @@ def _timeline_chart(run: dict) -> tuple[str, int, int]:
     calls = [r for r in run["trace"] if r["step"] in window]
     if not calls:
         return "<p>No MoE layer calls were recorded.</p>", 0, 0
-    t0, t1 = min(r["start"] for r in calls), max(r["end"] for r in calls)
+    # A step begins when the forward call enters layer 0 (prefetches may be issued there),
+    # before its first MoE call; older runs lack step_starts and begin at that call.
+    starts = run.get("step_starts") or []
+    step_start = {
+        step: starts[step] if step < len(starts) else min(r["start"] for r in calls if r["step"] == step)
+        for step in window
+    }
+    t0, t1 = min(step_start.values()), max(r["end"] for r in calls)
     loads = [e for e in run["loads"] if "start" in e and e.get("tag") and e["end"] >= t0 and e["start"] <= t1]
-    ids = run["occupancy"]["layer_ids"]
+    ids = run["model"].get("layer_ids") or sorted({r["layer_idx"] for r in run["trace"]})
     row_h, plot_w, top = 22, _W - _L - _R, _T + 16
     height = top + row_h * len(ids) + _B
     span = max(t1 - t0, 1e-9)
@@ -445,32 +586,44 @@ def _timeline_chart(run: dict) -> tuple[str, int, int]:
     body = []
     for i, layer_idx in enumerate(ids):
         y = top + i * row_h
-        body.append(f'<text x="{_L - 6}" y="{y + 15}" text-anchor="end" class="tick">L{layer_idx}</text>'
-                    f'<line x1="{_L}" x2="{_W - _R}" y1="{y + row_h}" y2="{y + row_h}" class="grid"/>')
+        body.append(
+            f'<text x="{_L - 6}" y="{y + 15}" text-anchor="end" class="tick">L{layer_idx}</text>'
+            f'<line x1="{_L}" x2="{_W - _R}" y1="{y + row_h}" y2="{y + row_h}" class="grid"/>'
+        )
     row_of = {layer_idx: i for i, layer_idx in enumerate(ids)}
     for r in calls:
         y = top + row_of[r["layer_idx"]] * row_h + 2
-        body.append(f'<rect x="{x(r["start"]):.2f}" y="{y}" width="{max(x(r["end"]) - x(r["start"]), 0.8):.2f}" '
-                    f'height="9" fill="{C_HIT}"><title>step {r["step"]} layer {r["layer_idx"]}: '
-                    f'{1e3 * (r["end"] - r["start"]):.3f} ms, experts {r["experts"]}, {r["hits"]} hits, '
-                    f'{r["misses"]} misses</title></rect>')
+        body.append(
+            f'<rect x="{x(r["start"]):.2f}" y="{y}" width="{max(x(r["end"]) - x(r["start"]), 0.8):.2f}" '
+            f'height="9" fill="{C_HIT}"><title>step {r["step"]} layer {r["layer_idx"]}: '
+            f"{1e3 * (r['end'] - r['start']):.3f} ms, experts {r['experts']}, {r['hits']} hits, "
+            f"{r['misses']} misses</title></rect>"
+        )
     for e in loads:
         if e["tag"][0] not in row_of:
             continue
         y = top + row_of[e["tag"][0]] * row_h + 12
-        body.append(f'<rect x="{x(e["start"]):.2f}" y="{y}" width="{max(x(e["end"]) - x(e["start"]), 0.8):.2f}" '
-                    f'height="7" fill="{C_PREF}"><title>copy of layer {e["tag"][0]} expert {e["tag"][1]} into slot '
-                    f'{e["slot"]}: {1e3 * (e["end"] - e["start"]):.3f} ms</title></rect>')
-    for step in sorted(window):  # a dashed line where each step's first MoE layer starts
-        start = x(min(r["start"] for r in calls if r["step"] == step))
-        body.append(f'<line x1="{start:.2f}" x2="{start:.2f}" y1="{top - 14}" y2="{height - _B}" class="step"/>'
-                    f'<text x="{start + 3:.2f}" y="{top - 4}" class="tick">step {step}</text>')
+        body.append(
+            f'<rect x="{x(e["start"]):.2f}" y="{y}" width="{max(x(e["end"]) - x(e["start"]), 0.8):.2f}" '
+            f'height="7" fill="{C_PREF}"><title>copy of layer {e["tag"][0]} expert {e["tag"][1]} into slot '
+            f"{e['slot']}: {1e3 * (e['end'] - e['start']):.3f} ms</title></rect>"
+        )
+    for step in sorted(window):  # a dashed line where each step begins
+        start = x(step_start[step])
+        body.append(
+            f'<line x1="{start:.2f}" x2="{start:.2f}" y1="{top - 14}" y2="{height - _B}" class="step"/>'
+            f'<text x="{start + 3:.2f}" y="{top - 4}" class="tick">step {step}</text>'
+        )
     for i in range(5):
         anchor = ("start", "middle", "middle", "middle", "end")[i]
-        body.append(f'<text x="{_L + plot_w * i / 4:.1f}" y="{height - _B + 14}" text-anchor="{anchor}" '
-                    f'class="tick">{1e3 * span * i / 4:.1f} ms</text>')
-    body.append(f'<text x="{_L + plot_w / 2}" y="{height - 6}" text-anchor="middle" class="axis">'
-                f"time since step {min(window)} began</text>")
+        body.append(
+            f'<text x="{_L + plot_w * i / 4:.1f}" y="{height - _B + 14}" text-anchor="{anchor}" '
+            f'class="tick">{1e3 * span * i / 4:.1f} ms</text>'
+        )
+    body.append(
+        f'<text x="{_L + plot_w / 2}" y="{height - 6}" text-anchor="middle" class="axis">'
+        f"time since step {min(window)} began</text>"
+    )
     legend = [("MoE layer call (incl. stall)", C_HIT), ("expert copy into a slot", C_PREF)]
     return _svg(body, height=height, legend=legend), len(calls), len(loads)
 
@@ -481,11 +634,14 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}.banner{padding:10px 14px;bo
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}.kv td{text-align:left}.note{color:#555;font-size:13px}
 svg{display:block;margin:8px 0}.tick{font-size:11px;fill:#555}.axis{font-size:12px;fill:#333}
-.lg{font-size:12px;fill:#333}.grid{stroke:#e4e4e4;stroke-width:1}.step{stroke:#888;stroke-dasharray:3 3}pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}"""
+.lg{font-size:12px;fill:#333}.grid{stroke:#e4e4e4;stroke-width:1}.step{stroke:#888;stroke-dasharray:3 3}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}"""
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
-    return '<table class="kv">' + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows) + "</table>"
+    return (
+        '<table class="kv">' + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows) + "</table>"
+    )
 
 
 def render_html(run: dict) -> str:
@@ -493,26 +649,34 @@ def render_html(run: dict) -> str:
     summary, tokens = run["summary"], run["tokens"]
     timeline, n_calls, n_loads = _timeline_chart(run)
     window = timeline_window(run)
-    copies = ("copies drawn as recorded by the CPU loader thread" if run["measured_on"] == "cpu"
-              else "per-copy times are not recorded here, so only layer calls are drawn")
+    copies = (
+        "copies drawn as recorded by the CPU loader thread"
+        if run["measured_on"] == "cpu"
+        else "per-copy times are not recorded here, so only layer calls are drawn"
+    )
     layer_rows = "".join(
         f"<tr><td>{r['layer_idx']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{_pct(r['hit_rate'])}</td>"
         f"<td>{r['prefetch_issued']}</td><td>{r['prefetch_used']}</td><td>{r['prefetch_wasted']}</td>"
         f"<td>{1e3 * r['stall_seconds']:.2f}</td><td>{_esc(fmt_bytes(r['bytes_loaded']))}</td></tr>"
-        for r in run["layers"])
+        for r in run["layers"]
+    )
     prefill = tokens[0] if tokens else None
-    prefill_note = (f"Step 0 (prefill, {run['config'].get('prompt_tokens', '?')} prompt tokens) took "
-                    f"{1e3 * prefill['wall_s']:.1f} ms with {1e3 * prefill['stall_seconds']:.1f} ms stalled; "
-                    "it is left out so decode steps stay readable." if prefill and len(tokens) > 1 else "")
+    prefill_note = (
+        f"Step 0 (prefill, {run['config'].get('prompt_tokens', '?')} prompt tokens) took "
+        f"{1e3 * prefill['wall_s']:.1f} ms with {1e3 * prefill['stall_seconds']:.1f} ms stalled; "
+        "it is left out so decode steps stay readable."
+        if prefill and len(tokens) > 1
+        else ""
+    )
     text = run.get("text")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>moe-prefetch run report</title><style>{_CSS}</style></head>
 <body>
 <h1>moe-prefetch run report</h1>
-<p class="banner {_esc(run['measured_on'])}">{_esc(MEASURED_ON[run['measured_on']])}</p>
-<p class="note">Model {_esc(run['model'].get('path', '?'))} ({_esc(run['model'].get('model_type', '?'))}),
-{_esc(run.get('created', ''))}{' &mdash; <b>interrupted</b>: partial run' if summary.get('interrupted') else ''}.
-Schema {_esc(run['schema'])} v{run['version']}; every figure below is drawn from the records in run.json.</p>
+<p class="banner {_esc(run["measured_on"])}">{_esc(MEASURED_ON[run["measured_on"]])}</p>
+<p class="note">Model {_esc(run["model"].get("path", "?"))} ({_esc(run["model"].get("model_type", "?"))}),
+{_esc(run.get("created", ""))}{" &mdash; <b>interrupted</b>: partial run" if summary.get("interrupted") else ""}.
+Schema {_esc(run["schema"])} v{run["version"]}; every figure below is drawn from the records in run.json.</p>
 <h2>Summary</h2>{_kv_table(summary_rows(run))}
 <h2>Where it ran</h2>{_kv_table(setup_rows(run))}
 <h2>Hit rate per MoE layer</h2>{_hit_rate_chart(run)}
@@ -520,19 +684,19 @@ Schema {_esc(run['schema'])} v{run['version']}; every figure below is drawn from
 parts together; "prefetched" hits found an expert a predictor had loaded.</p>
 <h2>Stall per token</h2>{_stall_chart(run)}
 <p class="note">Each column is one token's wall time (run.json "tokens"); red is the time the compute side
-waited for an expert ({_esc(run['stall_timing'])}). {_esc(prefill_note)}</p>
+waited for an expert ({_esc(run["stall_timing"])}). {_esc(prefill_note)}</p>
 <h2>Loads against compute</h2>{timeline}
-<p class="note">Steps {min(window) if window else '-'}&ndash;{max(window) if window else '-'}: {n_calls} layer calls
+<p class="note">Steps {min(window) if window else "-"}&ndash;{max(window) if window else "-"}: {n_calls} layer calls
 from run.json "trace" and {n_loads} copies from "loads"; {_esc(copies)}.</p>
 <h2>Cache occupancy</h2>{_occupancy_chart(run)}
-<p class="note">Share of the {run['occupancy']['slots']} slots holding (or loading) each layer's experts after
+<p class="note">Share of the {run["occupancy"].get("slots", "?")} slots holding (or loading) each layer's experts after
 each token (run.json "occupancy").</p>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th><th>prefetched</th>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
-{f'<h2>Generated text</h2><pre>{_esc(text)}</pre>' if text else ''}
+{f"<h2>Generated text</h2><pre>{_esc(text)}</pre>" if text else ""}
 <h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses). Prefetch precision = prefetched experts
 that were used / prefetches issued. Prefetch recall = demand accesses served by a prefetched expert / all demand
 accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).
-H2D bandwidth = {_esc(summary['h2d_basis'])}.</p>
+H2D bandwidth = {_esc(summary["h2d_basis"])}.</p>
 </body></html>
 """

@@ -86,3 +86,23 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress=None) 
         for handle in handles:
             handle.remove()
     return out.cat()
+
+
+def read_texts(files) -> str:
+    """Concatenate text files; a missing or unreadable one is a clear error."""
+    from .errors import ConfigError
+
+    parts = []
+    for file in files:
+        try:
+            parts.append(open(file, encoding="utf-8", errors="replace").read())
+        except OSError as err:
+            raise ConfigError(f"cannot read data file {file} ({err.strerror}); pass existing text files") from None
+    return "\n".join(parts)
+
+
+def collect_text(
+    model, tokenizer, text: str, seq_len: int = 256, max_tokens: int | None = None, progress=None
+) -> Residuals:
+    """Tokenize `text` into sequences of `seq_len` and collect residuals and routing."""
+    return collect(model, chunk_ids(tokenizer, text, seq_len, max_tokens), progress=progress)

@@ -221,3 +221,58 @@ def _predictions(
         if said:
             out[(step, layer_idx)] = said
     return out
+
+
+def replay_payload(runtime) -> dict:
+    """Everything `simulate` needs from a run, JSON-ready: goes into run.json as "replay"."""
+    from .bench import dense_bytes
+
+    per_layer, head = dense_bytes(runtime.model, runtime.layers)
+    return {
+        "trace": list(runtime.trace),
+        "predictions": [{**p, "predictions": [list(x) for x in p["predictions"]]} for p in runtime.predictions],
+        "step_starts": list(runtime.step_starts),
+        "expert_bytes": runtime.spec.nbytes,
+        "expert_params": runtime.spec.numel,
+        "moe_layer_ids": list(runtime.moe_layer_ids),
+        "num_layers": int(runtime.model.config.num_hidden_layers),
+        "top_k": max(layer.top_k for layer in runtime.layers),
+        "cache_slots": runtime.cache.num_slots,
+        "dense_bytes_per_layer": per_layer,
+        "head_bytes": head,
+        "lookahead": runtime.config.lookahead,
+        "predictor": getattr(runtime.predictor, "name", "none"),
+    }
+
+
+def simulate_replay(replay: dict, profile, cache_slots: int | None = None, predictor: str = "recorded") -> dict:
+    """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute."""
+    roofline = Roofline(
+        profile.hbm_bandwidth_bytes_per_s,
+        profile.peak_bf16_flops,
+        replay["dense_bytes_per_layer"],
+        replay["expert_bytes"],
+        replay["expert_params"],
+        replay["head_bytes"],
+    )
+    result = simulate(
+        replay["trace"],
+        cache_slots=cache_slots or replay["cache_slots"],
+        expert_bytes=replay["expert_bytes"],
+        bandwidth=profile.h2d_bandwidth_bytes_per_s,
+        moe_layer_ids=replay["moe_layer_ids"],
+        num_layers=replay["num_layers"],
+        predictions=replay["predictions"],
+        roofline=roofline,
+        top_k=replay["top_k"],
+        predictor=predictor,
+        lookahead=replay["lookahead"],
+    )
+    result.pop("tokens")
+    return {
+        "profile": profile.name,
+        "cache_slots": cache_slots or replay["cache_slots"],
+        "predictor": replay["predictor"] if predictor == "recorded" else predictor,
+        "measured_on": "simulated",
+        **result,
+    }

@@ -1,0 +1,273 @@
+"""Commands for predictors and performance: train-predictor, eval-predictor, bench, simulate.
+
+Wiring only: options in, library call, table or JSON out. Registered on `cli.main.app`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moe_prefetch.errors import ConfigError, ReportError
+
+from .main import EXIT_INTERRUPTED, _stderr, _stdout, app
+
+
+def _write_json(path: Path, payload) -> None:
+    """Atomic: temp file then rename, so an interrupted write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _csv(value: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot parse {value!r}; give a comma-separated list such as 0.125,0.25,0.5") from None
+
+
+@app.command("train-predictor")
+def train_predictor(
+    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    data: Annotated[list[Path], typer.Option(help="Training text file; repeat for several.")] = ...,
+    out: Annotated[Path, typer.Option(help="Adapters file to write (safetensors).")] = ...,
+    lookahead: Annotated[int, typer.Option(help="Layers ahead to predict (d = 1..D).")] = 3,
+    rank: Annotated[int, typer.Option(help="Rank of each low-rank adapter.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of text to collect residuals from.")] = 60_000,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+):
+    """Train M2R2 adapters for a model on text; resumes if a previous run was interrupted."""
+    from moe_prefetch.m2r2 import train_predictor as train
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_stderr(),
+        transient=False,
+    )
+    with progress:
+        collect_task = progress.add_task("collect", total=max_tokens, info="")
+        train_task = progress.add_task("train", total=steps, info="")
+        try:
+            metrics = train(
+                model,
+                data,
+                out,
+                lookahead=lookahead,
+                rank=rank,
+                seed=seed,
+                steps=steps,
+                max_tokens=max_tokens,
+                device=device,
+                collect_progress=lambda n: progress.advance(collect_task, n),
+                progress=lambda step, loss: progress.update(train_task, completed=step + 1, info=f"loss {loss:.4f}"),
+            )
+        except KeyboardInterrupt:
+            _stderr().print(f"interrupted: progress saved to {out}.ckpt; run the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    table = Table(title=f"M2R2 adapters -> {out}")
+    table.add_column("d")
+    table.add_column("next-gate recall (val)")
+    table.add_column("m2r2 recall (val)")
+    val = metrics.get("val_recall", {})
+    for d in sorted(val.get("m2r2", {})):
+        table.add_row(str(d), f"{val['next-gate'][d]:.3f}", f"{val['m2r2'][d]:.3f}")
+    _stdout().print(table)
+    _stdout().print(
+        f"final loss {metrics['final_loss']:.4f}, {metrics['train_seconds']:.0f} s, "
+        f"{metrics['train_tokens']} train tokens"
+    )
+
+
+@app.command("eval-predictor")
+def eval_predictor(
+    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    data: Annotated[list[Path], typer.Option(help="Held-out text file; repeat for several.")] = ...,
+    predictor_path: Annotated[Path | None, typer.Option(help="M2R2 adapters (default: the model folder's).")] = None,
+    lookahead: Annotated[int, typer.Option(help="Distances d = 1..D to score.")] = 3,
+    margin: Annotated[int, typer.Option(help="Extra experts for the k+margin precision/recall.")] = 2,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 20_000,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON here.")] = None,
+):
+    """Recall of the router's actual top-k per predictor, per distance and per layer."""
+    from moe_prefetch.evaluate import eval_predictor as evaluate
+    from moe_prefetch.evaluate import format_table
+
+    result = evaluate(
+        model,
+        data,
+        predictor_path=predictor_path,
+        lookahead=lookahead,
+        margin=margin,
+        max_tokens=max_tokens,
+        device=device,
+    )
+    _stdout().print(format_table(result), markup=False, highlight=False)
+    if json_out is not None:
+        _write_json(json_out, result)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Checkpoint folder, 'demo', or shape:NAME for a random-weight "
+            "model with a real model's expert size (see --help of shapes)."
+        ),
+    ] = "demo",
+    predictors: Annotated[
+        str, typer.Option(help="Comma-separated predictors.")
+    ] = "none,previous-token,next-gate,m2r2,oracle",
+    cache_fractions: Annotated[
+        str, typer.Option(help="Comma-separated shares of all experts held on the device.")
+    ] = "0.125,0.25,0.5",
+    profiles: Annotated[
+        str, typer.Option(help="Comma-separated hardware profiles to simulate.")
+    ] = "rtx3060-12gb,rtx4090-24gb",
+    tokens: Annotated[int, typer.Option(help="Tokens to generate per configuration.")] = 32,
+    prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
+    lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
+    shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME model.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
+):
+    """Every predictor at every cache size, measured side by side, plus simulated profiles."""
+    import torch
+
+    from moe_prefetch import profiles as hw
+    from moe_prefetch.bench import SHAPES, run_bench, shape_model
+    from moe_prefetch.loading import load, resolve_path
+
+    profs = [hw.load_profile(name) for name in _csv(profiles)]
+    preds = _csv(predictors)
+    fractions = _csv(cache_fractions, float)
+    predictor_path = None
+    if model.startswith("shape:"):
+        name = model.split(":", 1)[1]
+        if name not in SHAPES:
+            raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+        if "m2r2" in preds:
+            preds.remove("m2r2")  # random weights: no adapters to train
+        stock = shape_model(name, layers=shape_layers)
+        ids = torch.randint(0, stock.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        note = "random weights: routing is random, numbers show expert-size effects only"
+    else:
+        from transformers import AutoTokenizer
+
+        folder = resolve_path(model)
+        stock, runtime = load(folder, device="cpu", cache_slots=None)  # materialise, then bench attaches
+        stock = runtime.detach()
+        ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
+        predictor_path = str(folder / "m2r2_adapters.safetensors")
+        note = "trained weights"
+    out = _stdout()
+    result = run_bench(
+        stock,
+        ids,
+        preds,
+        fractions,
+        tokens,
+        device=device,
+        profiles=profs,
+        predictor_path=predictor_path,
+        lookahead=lookahead,
+        progress=lambda row: out.print(
+            f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+            f"hit {row['hit_rate']:.3f}  {row['tokens_per_s']:.1f} tok/s"
+        ),
+    )
+    result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs])
+    table = Table(title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})")
+    for column in (
+        "predictor",
+        "cache",
+        "hit rate",
+        "prefetch P",
+        "prefetch R",
+        "stall",
+        "tok/s",
+        *[f"sim {p.name}" for p in profs],
+    ):
+        table.add_column(column, justify="right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for row in result["rows"]:
+        table.add_row(
+            row["predictor"],
+            f"{row['cache_fraction']:g}",
+            fmt(row["hit_rate"], ".3f"),
+            fmt(row["prefetch_precision"], ".3f"),
+            fmt(row["prefetch_recall"], ".3f"),
+            fmt(row.get("stall_share"), ".1%"),
+            fmt(row["tokens_per_s"], ".1f"),
+            *[fmt(row["simulated"].get(p.name), ".1f") for p in profs],
+        )
+    out.print(table)
+    if json_out is not None:
+        _write_json(json_out, result)
+
+
+@app.command()
+def simulate(
+    trace: Annotated[Path, typer.Option(help="run.json written by `run --report`.")] = ...,
+    profile: Annotated[str, typer.Option(help="Hardware profile to simulate.")] = ...,
+    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run).")] = None,
+    predictor: Annotated[
+        str, typer.Option(help="recorded (the run's own), none, previous-token or oracle.")
+    ] = "recorded",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Replay a recorded run through the same scheduler on a profile's link and compute."""
+    from moe_prefetch import profiles as hw
+    from moe_prefetch.sim import simulate_replay
+
+    if predictor not in ("recorded", "none", "previous-token", "oracle"):
+        raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
+    try:
+        payload = json.loads(trace.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"no such run file {trace}; write one with `moe-prefetch run --report DIR`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ReportError(f"{trace} is not JSON; pass the run.json written by `moe-prefetch run --report`") from None
+    replay = payload.get("replay") if isinstance(payload, dict) else None
+    if not replay or "trace" not in payload:
+        raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
+    replay = {
+        **replay,
+        "trace": payload["trace"],
+        "predictions": payload.get("predictions", []),
+        "step_starts": payload.get("step_starts", []),
+    }
+    result = simulate_replay(replay, hw.load_profile(profile), cache_slots=cache_slots, predictor=predictor)
+    if json_out:
+        _stdout().print_json(json.dumps(result))
+        return
+    out = _stdout()
+    tok = result["median_token_s"]
+    out.print(
+        f"simulated on {profile}: {result['tokens_per_s']:.1f} tokens/s over {result['decode_tokens']} decode "
+        f"tokens (median {tok * 1e3:.2f} ms/token), {result['cache_slots']} slots, predictor {result['predictor']}"
+    )
+    out.print(
+        f"  per token: compute {result['compute_s_per_token'] * 1e3:.3f} ms, exposed transfer "
+        f"{result['exposed_transfer_s_per_token'] * 1e3:.3f} ms ({result['stall_share']:.1%} of the time)"
+    )
+    out.print(
+        f"  hit rate {result['hit_rate']:.3f}, prefetches issued {result['prefetch_issued']}, "
+        f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
+    )
