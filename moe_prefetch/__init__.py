@@ -18,11 +18,25 @@ from .errors import (
     ReportError,
     UnsupportedModelError,
 )
-from .integration import attach
-from .loading import load
-from .runtime import Runtime
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # torch and transformers load only when the runtime is used, so `moe-prefetch --help` is quick.
+    if name == "attach":
+        from .integration import attach
+
+        return attach
+    if name == "load":
+        from .loading import load
+
+        return load
+    if name == "Runtime":
+        from .runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module 'moe_prefetch' has no attribute {name!r}")
 
 __all__ = [
     "CacheCapacityError",

@@ -11,6 +11,7 @@ to the predictor. `Runtime.detach` undoes all of it, restoring the original para
 from __future__ import annotations
 
 import logging
+import time
 
 import psutil
 import torch
@@ -169,7 +170,8 @@ def wire(
         model.to(original_device)
         raise
     cache = ExpertCache(slots, spec.nbytes, [layer.layer_idx for layer in layers])
-    loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth)
+    t0 = time.perf_counter()  # one clock for the runtime's trace and the loader's copies
+    loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth, t0=t0)
     original_impl = model.config._experts_implementation
     stock = type(layers[0].experts).forward.__wrapped__
     kernel = ALL_EXPERTS_FUNCTIONS.get_interface(original_impl, stock)
@@ -198,6 +200,7 @@ def wire(
         device_reason=device_reason,
         kernel=kernel,
         restore=restore,
+        t0=t0,
     )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)

@@ -89,7 +89,7 @@ class ThreadLoader(Loader):
 
     kind = "cpu-thread"
 
-    def __init__(self, num_slots: int, link_bandwidth: float | None = None):
+    def __init__(self, num_slots: int, link_bandwidth: float | None = None, t0: float | None = None):
         super().__init__(num_slots)
         self.link_bandwidth = link_bandwidth
         self.reason = "worker thread: CPU device (torch copies release the GIL)"
@@ -103,7 +103,7 @@ class ThreadLoader(Loader):
         self._active: int | None = None
         self._cv = threading.Condition()
         self._closed = False
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if t0 is None else t0  # events share the runtime's clock
         self._thread = threading.Thread(target=self._run, name="moe-prefetch-loader", daemon=True)
         self._thread.start()
 
@@ -307,8 +307,11 @@ class CudaStreamLoader(Loader):
         self._queued.clear()
 
 
-def make_loader(device: torch.device, num_slots: int, link_bandwidth: float | None = None) -> Loader:
-    """The stream loader on CUDA, the thread loader elsewhere; `.reason` says why."""
+def make_loader(
+    device: torch.device, num_slots: int, link_bandwidth: float | None = None, t0: float | None = None
+) -> Loader:
+    """The stream loader on CUDA, the thread loader elsewhere; `.reason` says why. Event
+    times count from `t0` (a `time.perf_counter()` value), the runtime's clock."""
     if device.type == "cuda":
         return CudaStreamLoader(num_slots, device)
-    return ThreadLoader(num_slots, link_bandwidth=link_bandwidth)
+    return ThreadLoader(num_slots, link_bandwidth=link_bandwidth, t0=t0)

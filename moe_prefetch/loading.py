@@ -33,6 +33,10 @@ DEMO_DIR = Path(__file__).parent / "demo"
 def resolve_path(path: str | Path) -> Path:
     """'demo' is the shipped demo model; anything else must be a checkpoint folder."""
     if str(path) == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise ModelNotFoundError(
+                "the demo model is not built in this checkout; build it with `python scripts/train_demo_model.py`"
+            )
         path = DEMO_DIR
     path = Path(path).expanduser()
     if not path.exists():

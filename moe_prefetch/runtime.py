@@ -47,6 +47,7 @@ class Runtime:
         device_reason: str,
         kernel,
         restore,
+        t0: float | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -72,7 +73,7 @@ class Runtime:
         self._luts: dict[int, torch.Tensor] = {}
         self._call_wait = 0.0
         self._attached = True
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if t0 is None else t0
 
     # -- hooks called from the model -------------------------------------------
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from moe_prefetch import profiling
+from moe_prefetch import profiling, report_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
@@ -143,12 +143,12 @@ def test_cpu_report_draws_every_chart(run, tmp_path):
     assert len(np.unique(image.reshape(-1, 3)[::7], axis=0)) > 50, "the page is (nearly) one colour"
     assert pixels_of(image, BANNERS["cpu"]) > 5_000  # "Measured on CPU" banner
     charts = {
-        "hit rate: prefetched hits": profiling.C_PREF,
-        "hit rate: misses": profiling.C_MISS,
-        "hit rate: other hits / timeline calls": profiling.C_HIT,
-        "stall per token: computing": profiling.C_BUSY,
-        "occupancy: layer 0": profiling.LAYER_COLORS[0],
-        "occupancy: layer 1": profiling.LAYER_COLORS[1],
+        "hit rate: prefetched hits": report_html.C_PREF,
+        "hit rate: misses": report_html.C_MISS,
+        "hit rate: other hits / timeline calls": report_html.C_HIT,
+        "stall per token: computing": report_html.C_BUSY,
+        "occupancy: layer 0": report_html.LAYER_COLORS[0],
+        "occupancy: layer 1": report_html.LAYER_COLORS[1],
     }
     for chart, color in charts.items():
         assert pixels_of(image, color) > 500, f"{chart} ({color}) is not on the page"
