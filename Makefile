@@ -6,12 +6,14 @@ BIN = $(VENV)/bin
 install:
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, from the CPU wheel, so the project's range never pulls a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	# torch first, pinned, so the project's range is already met and never pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: install
-	$(BIN)/moe-prefetch run --model demo --prompt "def fibonacci(n):" --max-new-tokens 48 --cache-slots 24
+	$(BIN)/moe-prefetch run --model demo --prompt "def fibonacci(n):" --max-new-tokens 64 \
+		--cache-slots 24 --predictor m2r2 --lookahead 2 --device auto --report runs/demo
+	$(BIN)/moe-prefetch report runs/demo/run.json
 
 test: install
 	$(BIN)/python -m pytest
@@ -22,6 +24,7 @@ quality:
 
 bench:
 	$(BIN)/python scripts/bench_resident.py
+	$(BIN)/moe-prefetch bench --model demo --device cpu --json runs/bench-demo.json
 
 gpu-check:
 	bash scripts/gpu_check.sh
