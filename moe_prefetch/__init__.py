@@ -38,6 +38,7 @@ def __getattr__(name: str):
         return Runtime
     raise AttributeError(f"module 'moe_prefetch' has no attribute {name!r}")
 
+
 __all__ = [
     "CacheCapacityError",
     "CheckpointError",

@@ -96,6 +96,7 @@ class ExpertCache:
         self.unused_prefetch: set[Key] = set()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self.counters: dict[int, Counters] = {layer: Counters() for layer in layer_ids}
+        self.version = 0  # bumped whenever a key gains or loses its slot
 
     # -- queries -------------------------------------------------------------
     def lookup(self, key: Key) -> int | None:
@@ -164,6 +165,7 @@ class ExpertCache:
 
     def drop(self, key: Key) -> None:
         """Forget a prefetch whose copy was cancelled before it started."""
+        self.version += 1
         slot = self.slot_of.pop(key)
         assert self.pins[slot] == 0, "a pinned slot cannot be dropped"
         self.policy.remove(key)
@@ -199,9 +201,11 @@ class ExpertCache:
         self.key_of[slot] = key
         self.state[slot] = SlotState.LOADING
         self.policy.insert(key)
+        self.version += 1
         return slot
 
     def _evict(self, key: Key) -> int:
+        self.version += 1
         slot = self.slot_of.pop(key)
         self.policy.remove(key)
         self.key_of[slot] = None

@@ -16,10 +16,10 @@ import math
 import os
 import re
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
 import torch
 
 from .errors import CacheCapacityError, ConfigError, DeviceError

@@ -70,7 +70,7 @@ class Runtime:
         self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
         self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
         self._proxies: dict[int, object] = {}
-        self._luts: dict[int, torch.Tensor] = {}
+        self._luts: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (cache version, expert->slot)
         self._call_wait = 0.0
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
@@ -134,15 +134,15 @@ class Runtime:
             # The kernel sees only the span of slots this layer uses: kernels such as grouped_mm
             # cost per group, and the span is usually far smaller than the whole pool.
             lo, hi = min(slots.values()), max(slots.values()) + 1
-            # expert id -> slot id - lo; the extra last row maps expert-parallel sentinels to -1
-            lut = self._luts.setdefault(layer.num_experts, torch.full((layer.num_experts + 1,), -1, dtype=torch.long))
-            lut.fill_(-1)
-            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=torch.long) - lo
-            index = top_k_index.clamp(0, layer.num_experts)
-            slot_index = lut.to(top_k_index.device, non_blocking=True)[index]
             proxy = self._proxy(layer, lo, hi)
             if single:
-                return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
+                slot_index = self._lut(layer, top_k_index.device)[top_k_index.clamp(0, layer.num_experts)]
+                return self.kernel(proxy, hidden_states, slot_index - lo if lo else slot_index, top_k_weights)
+            # expert id -> slot id - lo for this wave only; every other expert (and the
+            # expert-parallel sentinel row) maps to -1
+            lut = torch.full((layer.num_experts + 1,), -1, dtype=torch.long)
+            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=torch.long) - lo
+            slot_index = lut.to(top_k_index.device)[top_k_index.clamp(0, layer.num_experts)]
             # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
             # and only tokens with at least one pair in this wave are computed.
             in_wave = slot_index >= 0
@@ -155,6 +155,19 @@ class Runtime:
             return out.index_add_(0, rows, part.to(out.dtype))
         finally:
             self.scheduler.release(slots.values())
+
+    def _lut(self, layer: MoELayer, device: torch.device) -> torch.Tensor:
+        """Expert id -> slot id for every resident expert of `layer` (-1 otherwise, and for the
+        expert-parallel sentinel row). Rebuilt only when the cache's contents changed, so a
+        decode step whose experts are all resident builds nothing."""
+        cached = self._luts.get(layer.layer_idx)
+        if cached is not None and cached[0] == self.cache.version:
+            return cached[1]
+        slot_of = self.cache.slot_of
+        table = [slot_of.get((layer.layer_idx, e), -1) for e in range(layer.num_experts)] + [-1]
+        lut = torch.tensor(table, dtype=torch.long).to(device)
+        self._luts[layer.layer_idx] = (self.cache.version, lut)
+        return lut
 
     def _proxy(self, layer: MoELayer, lo: int, hi: int):
         """A stand-in for the experts module whose weights are slots lo..hi-1 of the pool."""
