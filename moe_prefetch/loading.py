@@ -77,7 +77,10 @@ def checkpoint_files(path: Path) -> dict[str, str]:
         raise ModelNotFoundError(f"{str(path)!r} has no .safetensors files; convert the checkpoint to safetensors")
     keys = {}
     for file in files:
-        keys.update({name: str(file) for name in _open(str(file)).keys()})
+        handle = _open(str(file))
+        if (handle.metadata() or {}).get("format", "").startswith("moe-prefetch/"):
+            continue  # our own files beside the weights (M2R2 adapters), not part of the model
+        keys.update({name: str(file) for name in handle.keys()})
     return keys
 
 
