@@ -32,8 +32,11 @@ class Scheduler:
         self.moe_layer_ids = list(moe_layer_ids)
         self.loading: dict[Key, int] = {}  # keys whose copies are queued or in flight
         self.expected: dict[int, set[int]] = {}  # latest prediction per target layer
+        self.step = -1
+        self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
 
     def new_step(self) -> None:
+        self.step += 1
         self.expected.clear()
 
     def prefetch(self, layer_idx: int, predictions: list[Prediction]) -> None:
@@ -44,8 +47,12 @@ class Scheduler:
         for target, _, experts in predictions:
             self.expected[target] = set(experts)
         upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
-        protected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
+        expected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
+            # Layers from here up to the target run before the target needs its expert: evicting
+            # any of their residents would trade a likely hit for a guess. Victims come from
+            # layers that already ran this token (next needed a whole token later) or lie beyond.
+            protected = expected | self._resident_between(layer_idx, target) | self._recent(layer_idx)
             for expert_id in experts:
                 key = (target, expert_id)
                 reserved = self.cache.prefetch(key, protected=protected)
@@ -54,6 +61,17 @@ class Scheduler:
                 slot, needs_load = reserved
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
+
+    def _resident_between(self, first: int, last: int) -> set[Key]:
+        return {key for key in self.cache.slot_of if first <= key[0] <= last}
+
+    def _recent(self, layer_idx: int) -> set[Key]:
+        """Experts that served their layer in the latest pass over it (this token for layers
+        already run, the previous token for the rest). Routing is sticky from token to token,
+        so these are the likeliest hits: a speculative prefetch may not evict them, or the
+        pool churns and a transfer-bound link moves the same experts again and again."""
+        step, last_used = self.step, self.last_used
+        return {k for k in self.cache.slot_of if last_used.get(k, -2) >= (step if k[0] < layer_idx else step - 1)}
 
     def plan(self, layer_idx: int, needed: list[int]) -> list[list[int]]:
         """Called once the running layer's routing is known: drop what turned out stale and
@@ -71,6 +89,8 @@ class Scheduler:
     def acquire(self, layer_idx: int, wave: list[int]) -> dict[int, int]:
         """Pin every expert of `wave` in a slot and wait until its copy has landed (the stall)."""
         slots = {e: self._access((layer_idx, e)) for e in wave}
+        for expert_id in wave:
+            self.last_used[(layer_idx, expert_id)] = self.step
         try:
             for expert_id, slot in slots.items():
                 self.loader.wait(slot, layer_idx)
