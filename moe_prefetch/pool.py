@@ -20,10 +20,13 @@ class SlotPool:
         self.device = device
         try:
             self.buffer = torch.zeros(num_slots, spec.numel, dtype=spec.dtype, device=device)
-        except torch.OutOfMemoryError as err:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
+                raise
             raise CacheCapacityError(
                 f"out of device memory allocating {num_slots} slots x {spec.nbytes / 2**20:.1f} MiB "
-                f"= {num_slots * spec.nbytes / 2**30:.2f} GiB; lower cache_slots or cache_budget ({err})"
+                f"= {num_slots * spec.nbytes / 2**30:.2f} GiB; lower cache_slots or cache_budget "
+                f"({str(err).splitlines()[0]})"
             ) from None
         self.params = spec.views(self.buffer)
 

@@ -178,3 +178,46 @@ def test_simulate_a_recorded_run(setup, tmp_path):
 def test_simulate_missing_file_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "--trace", str(tmp_path / "none.json"), "--profile", "h200"])
     assert_one_line_error(result, "no such run file")
+
+
+def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):
+    import moe_prefetch.m2r2 as m2r2
+
+    ckpt, data, _ = setup
+    out = tmp_path / "adapters.safetensors"
+    args = [
+        "train-predictor",
+        "--model",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--lookahead",
+        "1",
+        "--rank",
+        "4",
+        "--steps",
+        "120",
+        "--max-tokens",
+        "2000",
+        "--device",
+        "cpu",
+    ]
+    real_step, calls = m2r2._train_step, []
+
+    def step_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 105:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(m2r2, "_train_step", step_then_interrupt)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "run the same command to resume" in result.stderr
+    assert (tmp_path / "adapters.safetensors.ckpt").is_file() and not out.exists()
+    monkeypatch.setattr(m2r2, "_train_step", real_step)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not (tmp_path / "adapters.safetensors.ckpt").exists()

@@ -121,3 +121,37 @@ def test_bad_dtype(tmp_path):
     save_model("mixtral", tmp_path)
     with pytest.raises(moe_prefetch.DeviceError, match="floating-point"):
         moe_prefetch.load(tmp_path, device="cpu", dtype="int8")
+
+
+def test_out_of_memory_allocating_slots(monkeypatch):
+    model = make_model("mixtral")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real_zeros = torch.zeros
+
+    def zeros(*args, **kwargs):
+        if kwargs.get("device") is not None:  # the slot pool
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    with pytest.raises(
+        CacheCapacityError, match=r"out of device memory allocating 4 slots .* lower cache_slots"
+    ) as err:
+        moe_prefetch.attach(model, device="cpu", cache_slots=4)
+    _one_line(err)
+    monkeypatch.undo()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a failed attach must not lose weights"
+
+
+def test_host_too_small_for_the_store(tmp_path, monkeypatch):
+    import psutil
+
+    save_model("mixtral", tmp_path)
+
+    class Tiny:
+        available = 1000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
+    with pytest.raises(moe_prefetch.HostMemoryError, match="needs .* GiB but only") as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
+    _one_line(err)
