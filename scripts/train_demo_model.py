@@ -26,7 +26,6 @@ import os
 import pathlib
 import shlex
 import sys
-import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -70,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="warmup steps (also timing calibration)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux-coef", type=float, default=0.02, help="router load-balancing loss coefficient")
+    p.add_argument("--hard-stop", type=float, default=1.3, help="stop at this multiple of --minutes")
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows for the final eval")
     p.add_argument("--save-dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--max-mb", type=float, default=24.0, help="fail if the out folder exceeds this (MiB)")
@@ -153,6 +153,23 @@ def lr_at(step: int, args, total: int) -> float:
         return args.lr * (step + 1) / args.warmup
     frac = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss, computed per layer and averaged (1.0 = balanced).
+
+    ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k slots routed to expert e
+    and ``P_e`` its mean router probability. (The built-in Mixtral aux loss pools all
+    layers together, which lets one layer's imbalance hide behind another's.)
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        n_exp = probs.shape[-1]
+        top = probs.topk(top_k, dim=-1).indices
+        frac = torch.nn.functional.one_hot(top, n_exp).float().sum(dim=1).mean(dim=0) / top_k
+        losses.append(n_exp * (frac * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -254,6 +271,7 @@ def main(argv=None) -> int:
     evals: list[tuple[int, float]] = []
     window_loss = window_aux = 0.0
     window_n = 0
+    stopped_early = False
     model.train()
     t_train = time.time()
     step = 0
@@ -268,18 +286,19 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         # Inputs/targets are pre-shifted, so compute the CE here rather than via `labels`
-        # (which would shift again); the router aux loss comes from output_router_logits.
+        # (which would shift again); the balance loss uses the returned router logits.
         out_ = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         logits = out_.logits
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss = ce + args.aux_coef * out_.aux_loss
+        aux = balance_loss(out_.router_logits, cfg.num_experts_per_tok)
+        loss = ce + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         window_loss += ce.item()
-        window_aux += out_.aux_loss.item()
+        window_aux += aux.item()
         window_n += 1
         if args.steps is None and step == args.warmup:
             per_step = (time.time() - t_train) / step
@@ -298,8 +317,18 @@ def main(argv=None) -> int:
             window_n = 0
         if step % 500 == 0 and step < total_steps:
             ev = evaluate(model, probe_data, args.batch_size)
+            use = expert_usage(model, probe_data, args.batch_size)
+            model.train()
             evals.append((step, ev))
-            print(f"  probe held-out loss {ev:.4f}", flush=True)
+            shares = [f for layer in use for f in layer]
+            print(
+                f"  probe held-out loss {ev:.4f}; expert share min {min(shares):.3f} max {max(shares):.3f}",
+                flush=True,
+            )
+        if args.steps is None and time.time() - t_train > args.hard_stop * budget_s:
+            print(f"WARNING: stopping at step {step}: {args.hard_stop}x the time budget used", flush=True)
+            stopped_early = True
+            break
     train_seconds = time.time() - t_train
     tokens_seen = step * tokens_per_step
     print(f"trained {step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min", flush=True)
@@ -343,6 +372,8 @@ def main(argv=None) -> int:
         "train_tokens_available": len(train_stream),
         "heldout_tokens_available": len(heldout_stream),
         "steps": step,
+        "planned_steps": total_steps,
+        "stopped_early": stopped_early,
         "epochs_approx": round(tokens_seen / len(train_stream), 2),
         "tokens_seen": tokens_seen,
         "train_minutes": round(train_seconds / 60, 1),
@@ -374,6 +405,7 @@ def write_card(out, args, cfg, card, command, sample_text) -> None:
         f"| {i} | " + " | ".join(f"{100 * f:.1f}" for f in fr) + " |" for i, fr in enumerate(card["expert_usage"])
     )
     fence = "`" * 3
+    early = f" (stopped early by the time limit; {card['planned_steps']} planned)" if card["stopped_early"] else ""
     text = f"""# moe-prefetch demo model
 
 A small Mixture-of-Experts causal LM in the Hugging Face **Mixtral** architecture
@@ -393,7 +425,8 @@ not a useful code model.
 | vocab (byte-level BPE) | {cfg.vocab_size} |
 | max positions | {cfg.max_position_embeddings} |
 | tied embeddings | {cfg.tie_word_embeddings} |
-| parameters | {card["params"]:,} ({card["expert_params"]:,} in experts, ~{card["active_params_per_token"]:,} active per token) |
+| parameters | {card["params"]:,} ({card["expert_params"]:,} in experts) |
+| active parameters per token | ~{card["active_params_per_token"]:,} |
 | stored dtype | {args.save_dtype} |
 
 ## Data
@@ -408,8 +441,10 @@ Files are joined with `<|endoftext|>`.
 
 AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), peak LR {args.lr}, {args.warmup} warmup steps,
 cosine decay to {args.min_lr_ratio}x, grad clip 1.0, batch {args.batch_size} x {args.seq_len} tokens, fp32 on
-{args.threads} CPU threads, router load-balancing loss coefficient {args.aux_coef}, seed {args.seed}.
-{card["steps"]} steps, {card["tokens_seen"]:,} tokens seen (~{card["epochs_approx"]} epochs),
+{args.threads} CPU threads, seed {args.seed}. Router load balancing: Switch-style loss
+`E * sum_e f_e * P_e` computed per layer and averaged over layers (1.0 = perfectly balanced),
+weighted {args.aux_coef}, no router noise.
+{card["steps"]} steps{early}, {card["tokens_seen"]:,} tokens seen (~{card["epochs_approx"]} epochs),
 {card["train_minutes"]} min training ({card["total_minutes"]} min including tokenizer, eval and saving).
 
 | step | train loss | aux loss |
@@ -440,7 +475,10 @@ Greedy sample from the prompt `def `:
 {command}
 {fence}
 
-Exact repeat with the same step count (independent of machine speed):
+With only `--minutes`, the step count is chosen from the speed of the first
+{args.warmup} (warmup) steps, so it depends on the machine. The LR schedule depends only on
+the step count, so this repeats the run with the same step count and seed, independent of
+machine speed:
 
 {fence}
 {command} --steps {card["steps"]}
