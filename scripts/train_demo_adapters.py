@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/demo-adapters"))
+    parser.add_argument("--out", type=Path, default=DEMO_DIR / FILENAME, help="adapters file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.manual_seed(args.seed)
@@ -37,7 +38,7 @@ def main() -> None:
     train_txt, heldout_txt = args.out_dir / "train.txt", args.out_dir / "heldout.txt"
     train_txt.write_text(read_corpus("train", max_chars=args.train_tokens * 8))
     heldout_txt.write_text(read_corpus("heldout", max_chars=args.eval_tokens * 8))
-    out = DEMO_DIR / FILENAME
+    out = args.out
     metrics = train_predictor(
         "demo",
         [train_txt],
@@ -51,7 +52,9 @@ def main() -> None:
         progress=lambda s, loss: s % 100 == 0 and print(f"step {s} loss {loss:.4f}", flush=True),
     )
     print(json.dumps(metrics, indent=1))
-    result = eval_predictor("demo", [heldout_txt], lookahead=args.lookahead, max_tokens=args.eval_tokens, device="cpu")
+    result = eval_predictor(
+        "demo", [heldout_txt], predictor_path=out, lookahead=args.lookahead, max_tokens=args.eval_tokens, device="cpu"
+    )
     print(format_table(result))
     (args.out_dir / "eval.json").write_text(json.dumps(result, indent=1))
 
