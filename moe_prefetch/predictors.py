@@ -103,9 +103,24 @@ class NextGatePredictor(Predictor):
         out = []
         tokens = hidden.reshape(-1, hidden.shape[-1])
         for layer, d in self.targets(layer_idx):
-            indices = route(layer, self.residual_for(layer_idx, layer, d, tokens))
-            out.append((layer.layer_idx, d, rank(indices, self.limit(layer, tokens.shape[0]))))
+            residual = self.residual_for(layer_idx, layer, d, tokens)
+            indices = route(layer, residual)
+            experts = rank(indices, self.limit(layer, tokens.shape[0]))
+            if self.margin and tokens.shape[0] == 1:
+                experts += self._runners_up(layer, residual, experts)
+            out.append((layer.layer_idx, d, experts))
         return out
+
+    def _runners_up(self, layer: MoELayer, residual: torch.Tensor, chosen: list[int]) -> list[int]:
+        """The next `margin` experts by router score after the router's own choice: prefetching
+        k + margin trades link bytes for recall, worth it when compute hides the copies."""
+        x = layer.norm(residual) if layer.norm is not None else residual
+        bias = getattr(layer.router, "bias", None)
+        scores = torch.nn.functional.linear(
+            x.float(), layer.router.weight.float(), bias.float() if isinstance(bias, torch.Tensor) else None
+        )[0]
+        scores[chosen] = float("-inf")
+        return torch.topk(scores, min(self.margin, layer.num_experts - len(chosen))).indices.tolist()
 
 
 class OraclePredictor(Predictor):
