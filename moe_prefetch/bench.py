@@ -143,14 +143,20 @@ def run_bench(
     predictor_path: str | None = None,
     lookahead: int = 2,
     progress=None,
+    sim_itemsize: int = 2,
 ) -> dict:
-    """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}."""
+    """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}.
+
+    Simulated profiles see the model's weights at `sim_itemsize` bytes per parameter (2: bf16,
+    as on a GPU) whatever dtype ran here (often fp32 on CPU)."""
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     total = sum(layer.num_experts for layer in layers)
     top_k = max(layer.top_k for layer in layers)
-    per_layer_dense, head_bytes = dense_bytes(model, layers)
+    scale = sim_itemsize / spec.dtype.itemsize
+    per_layer_dense, head_bytes = (int(b * scale) for b in dense_bytes(model, layers))
     expert_params = spec.numel  # padded numel, within 64 elements per matrix
+    sim_expert_bytes = expert_params * sim_itemsize
     rows, reference, oracle_trace = [], None, None
     mask = torch.ones_like(prompt_ids)
     order = ["none"] + [p for p in predictors if p != "none"]  # the oracle replays none's trace
@@ -195,14 +201,14 @@ def run_bench(
                     profile.hbm_bandwidth_bytes_per_s,
                     profile.peak_bf16_flops,
                     per_layer_dense,
-                    spec.nbytes,
+                    sim_expert_bytes,
                     expert_params,
                     head_bytes,
                 )
                 sim = simulate(
                     trace,
                     cache_slots=slots,
-                    expert_bytes=spec.nbytes,
+                    expert_bytes=sim_expert_bytes,
                     bandwidth=profile.h2d_bandwidth_bytes_per_s,
                     moe_layer_ids=[layer.layer_idx for layer in layers],
                     num_layers=model.config.num_hidden_layers,
@@ -221,7 +227,8 @@ def run_bench(
         profiles or [],
         oracle_trace or [],
         layers,
-        spec,
+        sim_expert_bytes,
+        expert_params,
         per_layer_dense,
         head_bytes,
         top_k,
@@ -231,6 +238,7 @@ def run_bench(
         "experts_total": total,
         "top_k": top_k,
         "expert_bytes": spec.nbytes,
+        "simulated_expert_bytes": sim_expert_bytes,
         "tokens": tokens,
         "moe_layers": len(layers),
         "layers": model.config.num_hidden_layers,
@@ -250,6 +258,7 @@ def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
         "cache_fraction": fraction,
         "cache_slots": slots,
         "hit_rate": stats["hit_rate"],
+        "decode_hit_rate": _decode_hit_rate(trace),
         "prefetch_precision": stats["prefetch_precision"],
         # share of would-be misses that a prefetch covered
         "prefetch_recall": stats["prefetch_used"] / (stats["prefetch_used"] + stats["misses"]) if demand else 0.0,
@@ -263,7 +272,16 @@ def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
     }
 
 
-def _bounds(profiles, trace, layers, spec, per_layer_dense, head_bytes, top_k, num_layers) -> list[dict]:
+def _decode_hit_rate(trace: list[dict]) -> float:
+    """Hit rate over decode steps only (step 0, the prefill, touches nearly every expert)."""
+    hits = sum(r["hits"] for r in trace if r["step"] >= 1)
+    misses = sum(r["misses"] for r in trace if r["step"] >= 1)
+    return hits / (hits + misses) if hits + misses else 0.0
+
+
+def _bounds(
+    profiles, trace, layers, expert_bytes, expert_params, per_layer_dense, head_bytes, top_k, num_layers
+) -> list[dict]:
     """All-experts-resident tokens/s (compute only) and the on-demand bandwidth bound per profile:
     1 / max(compute, distinct experts per token x expert bytes / H2D bandwidth)."""
     decode = [r for r in trace if r["step"] >= 1]
@@ -275,8 +293,8 @@ def _bounds(profiles, trace, layers, spec, per_layer_dense, head_bytes, top_k, n
             profile.hbm_bandwidth_bytes_per_s,
             profile.peak_bf16_flops,
             per_layer_dense,
-            spec.nbytes,
-            spec.numel,
+            expert_bytes,
+            expert_params,
             head_bytes,
         )
         compute = (
@@ -284,7 +302,7 @@ def _bounds(profiles, trace, layers, spec, per_layer_dense, head_bytes, top_k, n
             + head_bytes / profile.hbm_bandwidth_bytes_per_s
             + sum(roofline.moe(1, top_k, top_k) for _ in layers)
         )
-        transfer = distinct * spec.nbytes / profile.h2d_bandwidth_bytes_per_s
+        transfer = distinct * expert_bytes / profile.h2d_bandwidth_bytes_per_s
         resident[profile.name] = 1 / compute
         bound[profile.name] = 1 / max(compute, transfer)
     return [

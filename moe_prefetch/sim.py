@@ -234,6 +234,7 @@ def replay_payload(runtime) -> dict:
         "step_starts": list(runtime.step_starts),
         "expert_bytes": runtime.spec.nbytes,
         "expert_params": runtime.spec.numel,
+        "itemsize": runtime.spec.dtype.itemsize,
         "moe_layer_ids": list(runtime.moe_layer_ids),
         "num_layers": int(runtime.model.config.num_hidden_layers),
         "top_k": max(layer.top_k for layer in runtime.layers),
@@ -245,20 +246,25 @@ def replay_payload(runtime) -> dict:
     }
 
 
-def simulate_replay(replay: dict, profile, cache_slots: int | None = None, predictor: str = "recorded") -> dict:
-    """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute."""
+def simulate_replay(
+    replay: dict, profile, cache_slots: int | None = None, predictor: str = "recorded", itemsize: int = 2
+) -> dict:
+    """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute,
+    with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here."""
+    scale = itemsize / replay.get("itemsize", itemsize)
+    expert_bytes = replay["expert_params"] * itemsize
     roofline = Roofline(
         profile.hbm_bandwidth_bytes_per_s,
         profile.peak_bf16_flops,
-        replay["dense_bytes_per_layer"],
-        replay["expert_bytes"],
+        replay["dense_bytes_per_layer"] * scale,
+        expert_bytes,
         replay["expert_params"],
-        replay["head_bytes"],
+        replay["head_bytes"] * scale,
     )
     result = simulate(
         replay["trace"],
         cache_slots=cache_slots or replay["cache_slots"],
-        expert_bytes=replay["expert_bytes"],
+        expert_bytes=expert_bytes,
         bandwidth=profile.h2d_bandwidth_bytes_per_s,
         moe_layer_ids=replay["moe_layer_ids"],
         num_layers=replay["num_layers"],
