@@ -119,7 +119,7 @@ def run(tmp_path_factory):
             "--max-new-tokens",
             "24",
             "--cache-slots",
-            "5",
+            "10",  # 16 experts, 4 per token: room to prefetch into, so every colour shows
             "--predictor",
             "next-gate",
             "--report",
