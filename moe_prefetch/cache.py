@@ -102,16 +102,8 @@ class ExpertCache:
     def lookup(self, key: Key) -> int | None:
         return self.slot_of.get(key)
 
-    def resident(self, layer_idx: int | None = None) -> list[Key]:
-        return [k for k in self.slot_of if layer_idx is None or k[0] == layer_idx]
-
     def evictable(self, slot: int) -> bool:
         return self.pins[slot] == 0 and self.state[slot] is SlotState.READY
-
-    def free_or_evictable(self, protected: set[Key] = frozenset()) -> int:
-        return len(self._free) + sum(
-            1 for key, slot in self.slot_of.items() if key not in protected and self.evictable(slot)
-        )
 
     # -- transitions ---------------------------------------------------------
     def access(self, key: Key) -> tuple[int, bool]:

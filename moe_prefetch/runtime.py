@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter as Tally
 from dataclasses import asdict
 
 import torch
@@ -227,12 +226,6 @@ class Runtime:
         self.predictions.clear()
         self.step_starts.clear()
         self.step = -1
-
-    def routing_counts(self) -> dict[int, Tally]:
-        counts: dict[int, Tally] = {}
-        for record in self.trace:
-            counts.setdefault(record["layer_idx"], Tally()).update(record["experts"])
-        return counts
 
     def detach(self):
         """Put the model back exactly as it was: experts in place, stock implementation.
