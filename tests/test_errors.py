@@ -155,3 +155,21 @@ def test_host_too_small_for_the_store(tmp_path, monkeypatch):
     with pytest.raises(moe_prefetch.HostMemoryError, match="needs .* GiB but only") as err:
         moe_prefetch.load(tmp_path, device="cpu", cache_slots=2)
     _one_line(err)
+
+
+def test_moe_outside_the_experts_interface_is_unsupported():
+    from torch import nn
+
+    class OldStyleMoE(nn.Module):  # experts as a ModuleList of MLPs, as older MoE code wrote them
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"model_type": "my_old_moe"})()
+            self.layers = nn.ModuleList(
+                [nn.ModuleDict({"experts": nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])})]
+            )
+
+    with pytest.raises(
+        UnsupportedModelError, match="not through transformers' experts interface; supported: mixtral"
+    ) as err:
+        moe_prefetch.attach(OldStyleMoE(), device="cpu", cache_slots=2)
+    _one_line(err)
