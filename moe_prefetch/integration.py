@@ -204,8 +204,6 @@ def wire(
     )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)
-    for idx, decoder_layer in enumerate(decoder_layers(model)):
-        hooks.append(decoder_layer.register_forward_pre_hook(_residual_hook(runtime, idx), with_kwargs=True))
     from .predictors import make_predictor  # predictors need the runtime's layers
 
     try:
@@ -213,6 +211,12 @@ def wire(
     except BaseException:
         runtime.detach()  # a refused predictor must not leave the model without its experts
         raise
+    # Layer 0's hook marks each forward (a token step); the others feed the predictor, and a
+    # module with hooks takes torch's slower call path, so "none" hooks layer 0 only.
+    every = runtime.predictor.name != "none"
+    for idx, decoder_layer in enumerate(decoder_layers(model)):
+        if every or idx == 0:
+            hooks.append(decoder_layer.register_forward_pre_hook(_residual_hook(runtime, idx), with_kwargs=True))
     model.set_experts_implementation(IMPLEMENTATION)
     model.__dict__["_moe_prefetch_runtime"] = runtime
     logger.info(

@@ -68,8 +68,7 @@ class Runtime:
         self.scheduler = Scheduler(cache, loader, lambda key, slot: (store[key], pool.slot(slot)), self.moe_layer_ids)
         self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
         self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
-        self._proxies: dict[int, object] = {}
-        self._luts: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (cache version, expert->slot)
+        self._luts: dict[int, tuple] = {}  # layer -> (cache version, proxy, expert -> slot - lo)
         self._call_wait = 0.0
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
@@ -130,13 +129,11 @@ class Runtime:
         try:
             if self.config.verify_slots:
                 self.verify()  # debug: every ready slot, not only this wave's
-            # The kernel sees only the span of slots this layer uses: kernels such as grouped_mm
-            # cost per group, and the span is usually far smaller than the whole pool.
+            if single:
+                proxy, lut = self._resident_view(layer, top_k_index.device)
+                return self.kernel(proxy, hidden_states, lut[top_k_index], top_k_weights)
             lo, hi = min(slots.values()), max(slots.values()) + 1
             proxy = self._proxy(layer, lo, hi)
-            if single:
-                slot_index = self._lut(layer, top_k_index.device)[top_k_index.clamp(0, layer.num_experts)]
-                return self.kernel(proxy, hidden_states, slot_index - lo if lo else slot_index, top_k_weights)
             # expert id -> slot id - lo for this wave only; every other expert (and the
             # expert-parallel sentinel row) maps to -1
             lut = torch.full((layer.num_experts + 1,), -1, dtype=torch.long)
@@ -155,28 +152,30 @@ class Runtime:
         finally:
             self.scheduler.release(slots.values())
 
-    def _lut(self, layer: MoELayer, device: torch.device) -> torch.Tensor:
-        """Expert id -> slot id for every resident expert of `layer` (-1 otherwise, and for the
-        expert-parallel sentinel row). Rebuilt only when the cache's contents changed, so a
-        decode step whose experts are all resident builds nothing."""
+    def _resident_view(self, layer: MoELayer, device: torch.device):
+        """(proxy, lut) for the span of slots holding `layer`'s resident experts: the proxy's
+        weights are slots lo..hi-1 and lut maps expert id -> slot id - lo (-1 if absent; the
+        extra last row is transformers' expert-parallel sentinel). The kernel sees only that
+        span because kernels such as grouped_mm cost per group. Rebuilt only when the cache's
+        contents change, so a decode step whose experts are all resident builds nothing."""
         cached = self._luts.get(layer.layer_idx)
         if cached is not None and cached[0] == self.cache.version:
-            return cached[1]
+            return cached[1], cached[2]
         slot_of = self.cache.slot_of
-        table = [slot_of.get((layer.layer_idx, e), -1) for e in range(layer.num_experts)] + [-1]
-        lut = torch.tensor(table, dtype=torch.long).to(device)
-        self._luts[layer.layer_idx] = (self.cache.version, lut)
-        return lut
+        table = [slot_of.get((layer.layer_idx, e), -1) for e in range(layer.num_experts)]
+        held = [s for s in table if s >= 0]
+        lo, hi = min(held), max(held) + 1
+        lut = torch.tensor([s - lo if s >= 0 else -1 for s in table] + [-1], dtype=torch.long).to(device)
+        proxy = self._proxy(layer, lo, hi)
+        self._luts[layer.layer_idx] = (self.cache.version, proxy, lut)
+        return proxy, lut
 
     def _proxy(self, layer: MoELayer, lo: int, hi: int):
         """A stand-in for the experts module whose weights are slots lo..hi-1 of the pool."""
-        proxy = self._proxies.get(layer.layer_idx)
-        if proxy is None:
-            module = layer.experts
-            proxy = object.__new__(type(module))
-            proxy.__dict__.update(module.__dict__)
-            proxy.__dict__["_parameters"] = {}
-            self._proxies[layer.layer_idx] = proxy
+        module = layer.experts
+        proxy = object.__new__(type(module))
+        proxy.__dict__.update(module.__dict__)
+        proxy.__dict__["_parameters"] = {}
         for name, param in self.pool.params.items():
             proxy.__dict__[name] = param[lo:hi]
         proxy.__dict__["num_experts"] = hi - lo
@@ -234,7 +233,7 @@ class Runtime:
             return self.model
         self.loader.close()
         self._restore()
-        self._proxies.clear()
+        self._luts.clear()
         self.pool = None
         self.store.close()
         self._attached = False
