@@ -88,7 +88,7 @@ class ExpertCache:
             raise CacheCapacityError(f"cache needs at least 1 slot, got {num_slots}; raise cache_slots")
         self.num_slots = num_slots
         self.expert_bytes = expert_bytes
-        self.policy = policy or LRUPolicy()
+        self.policy = policy if policy is not None else LRUPolicy()  # an empty policy is falsy (__len__)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * num_slots
         self.state: list[SlotState] = [SlotState.EMPTY] * num_slots

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Reproduces docs/bench/*.json: the demo model (trained) and the five reference shapes
+# (random weights, fewer layers). CPU by default; pass DEVICE=cuda on a GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+DEVICE=${DEVICE:-cpu}
+PROFILES=rtx3060-12gb,rtx4090-24gb,a100-40gb,h100-80gb
+"$BIN/moe-prefetch" bench --model demo --device "$DEVICE" --tokens 32 --lookahead 2 \
+  --predictors none,previous-token,next-gate,m2r2,oracle --cache-fractions 0.125,0.25,0.5 \
+  --profiles "$PROFILES" --json docs/bench/demo.json
+for shape in mixtral-8x7b:2 qwen3-30b-a3b:4 olmoe-1b-7b:4 deepseek-v2-lite:4 gpt-oss-20b:2; do
+  name=${shape%%:*}; layers=${shape##*:}
+  "$BIN/moe-prefetch" bench --model "shape:$name" --shape-layers "$layers" --device "$DEVICE" --tokens 8 \
+    --lookahead 1 --predictors none,previous-token,next-gate,oracle --cache-fractions 0.125,0.25,0.5 \
+    --profiles "$PROFILES" --json "docs/bench/$name.json"
+done
