@@ -70,6 +70,7 @@ class Runtime:
         self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
         self._luts: dict[int, tuple] = {}  # layer -> (cache version, proxy, expert -> slot - lo)
         self._call_wait = 0.0
+        self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
 
@@ -103,6 +104,7 @@ class Runtime:
             out = part if out is None else out + part
         if out is None:  # no token routed to a local expert
             out = torch.zeros_like(hidden_states)
+        out = out.to(hidden_states.dtype)
         self.trace.append(
             {
                 "step": self.step,
@@ -146,9 +148,15 @@ class Runtime:
             filler = next(iter(slots.values())) - lo
             sub_index = torch.where(in_wave[rows], slot_index[rows], filler)
             sub_weights = torch.where(in_wave[rows], top_k_weights[rows], torch.zeros_like(top_k_weights[rows]))
-            part = self.kernel(proxy, hidden_states[rows], sub_index, sub_weights)
-            out = torch.zeros_like(hidden_states)
-            return out.index_add_(0, rows, part.to(out.dtype))
+            sub_hidden = hidden_states[rows]
+            if self._wide_waves:
+                # grouped_mm casts its input to the weights' dtype for the matmuls and returns the
+                # input's dtype: fp32 in means the per-token sum over top_k comes back unrounded,
+                # so summing waves and rounding once matches the stock single pass in bf16 too.
+                sub_hidden = sub_hidden.float()
+            part = self.kernel(proxy, sub_hidden, sub_index, sub_weights)
+            out = torch.zeros((hidden_states.shape[0], part.shape[-1]), dtype=part.dtype, device=part.device)
+            return out.index_add_(0, rows, part)
         finally:
             self.scheduler.release(slots.values())
 

@@ -6,6 +6,7 @@ import torch
 from tiny_models import ARCHS, prompt
 
 import moe_prefetch
+from moe_prefetch.layout import find_moe_layers
 
 ATOL = 1e-4
 
@@ -41,7 +42,7 @@ def _check(stock, model, runtime, batch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_load_matches_stock(checkpoints, arch, batch):
     folder, stock = checkpoints[arch]
-    top_k = max(layer.top_k for layer in moe_prefetch.layout.find_moe_layers(stock))
+    top_k = max(layer.top_k for layer in find_moe_layers(stock))
     model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1)
     try:
         _check(stock, model, runtime, batch)
@@ -52,7 +53,7 @@ def test_load_matches_stock(checkpoints, arch, batch):
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_cache_slots_equal_top_k(checkpoints, arch):
     folder, stock = checkpoints[arch]
-    top_k = max(layer.top_k for layer in moe_prefetch.layout.find_moe_layers(stock))
+    top_k = max(layer.top_k for layer in find_moe_layers(stock))
     model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k)
     try:
         _check(stock, model, runtime, batch=2)
@@ -72,5 +73,25 @@ def test_predictors_keep_outputs(checkpoints, arch, predictor):
         _check(stock, model, runtime, batch=2)
         if predictor == "next-gate":  # previous-token's picks are still resident in so small a model
             assert runtime.stats()["prefetch_issued"] > 0
+    finally:
+        runtime.detach()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_bf16_waves_round_once(arch):
+    """Prefill through waves in bf16: partial sums stay fp32 and round once, like the stock pass."""
+    from tiny_models import make_model
+
+    stock = make_model(arch).to(torch.bfloat16)
+    ids = prompt(batch=2, length=12)
+    with torch.no_grad():
+        expected = stock(ids).logits
+    top_k = max(layer.top_k for layer in find_moe_layers(stock))
+    runtime = moe_prefetch.attach(stock, device="cpu", cache_slots=top_k)
+    try:
+        with torch.no_grad():
+            got = stock(ids).logits
+        assert max(r["waves"] for r in runtime.trace) > 1
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
     finally:
         runtime.detach()
