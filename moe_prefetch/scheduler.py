@@ -48,11 +48,16 @@ class Scheduler:
             self.expected[target] = set(experts)
         upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
         expected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
+        recent = self._recent(layer_idx)
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
-            # Layers from here up to the target run before the target needs its expert: evicting
-            # any of their residents would trade a likely hit for a guess. Victims come from
-            # layers that already ran this token (next needed a whole token later) or lie beyond.
-            protected = expected | self._resident_between(layer_idx, target) | self._recent(layer_idx)
+            # What a prefetch may evict, least recently used first: the target layer's experts
+            # that the prediction says this token will not use, and experts that served nobody
+            # in the latest pass over their layer. Never what layers up to the target will run
+            # with, nor another layer's recent experts: routing is sticky from token to token,
+            # and on a link-bound device that churn moves more bytes than the prediction saves.
+            predicted = set(experts)
+            keep = expected | self._resident_between(layer_idx, target) | recent
+            protected = {k for k in keep if k[0] != target or k[1] in predicted}
             for expert_id in experts:
                 key = (target, expert_id)
                 reserved = self.cache.prefetch(key, protected=protected)
