@@ -172,9 +172,13 @@ class ExpertCache:
             counters.prefetch_wasted += 1
 
     def demote(self, key: Key) -> None:
-        """A prediction that turned out wrong: make it the first candidate for eviction."""
+        """A prediction that turned out wrong: make it the first candidate for eviction, and
+        count it wasted now (its layer ran without it); a later use is a plain hit."""
         if key in self.policy:
             self.policy.demote(key)
+        if key in self.unused_prefetch:
+            self.unused_prefetch.discard(key)
+            self.counters[key[0]].prefetch_wasted += 1
 
     def add_stall(self, layer_idx: int, seconds: float) -> None:
         self.counters[layer_idx].stall_seconds += seconds

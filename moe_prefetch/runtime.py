@@ -65,7 +65,13 @@ class Runtime:
         self.predictor = None  # set by integration once the runtime exists
         self.step = -1
         self.trace: list[dict] = []  # one record per MoE layer call: the routing trace and its timings
-        self.scheduler = Scheduler(cache, loader, lambda key, slot: (store[key], pool.slot(slot)), self.moe_layer_ids)
+        self.scheduler = Scheduler(
+            cache,
+            loader,
+            lambda key, slot: (store[key], pool.slot(slot)),
+            self.moe_layer_ids,
+            top_k=max(layer.top_k for layer in layers),
+        )
         self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
         self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
         self._luts: dict[int, tuple] = {}  # layer -> (cache version, proxy, expert -> slot - lo)

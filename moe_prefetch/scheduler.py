@@ -25,8 +25,14 @@ Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert
 
 
 class Scheduler:
-    def __init__(self, cache: ExpertCache, loader: Loader, source: Callable[[Key, int], tuple], moe_layer_ids):
+    def __init__(
+        self, cache: ExpertCache, loader: Loader, source: Callable[[Key, int], tuple], moe_layer_ids, top_k: int = 1
+    ):
         self.cache = cache
+        # Outstanding speculation (prefetched for layers still to run) may hold at most
+        # num_slots - top_k slots, so the running layer's demand loads always find room
+        # without evicting what was just prefetched.
+        self.max_speculative = cache.num_slots - top_k
         self.loader = loader
         self.source = source
         self.moe_layer_ids = list(moe_layer_ids)
@@ -49,6 +55,7 @@ class Scheduler:
         upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
         expected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
         recent = self._recent(layer_idx)
+        outstanding = sum(1 for key in self.cache.unused_prefetch if key[0] > layer_idx)
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             # What a prefetch may evict, least recently used first: the target layer's experts
             # that the prediction says this token will not use, and experts that served nobody
@@ -60,10 +67,13 @@ class Scheduler:
             protected = {k for k in keep if k[0] != target or k[1] in predicted}
             for expert_id in experts:
                 key = (target, expert_id)
+                if key not in self.cache.slot_of and outstanding >= self.max_speculative:
+                    return
                 reserved = self.cache.prefetch(key, protected=protected)
                 if reserved is None:
                     break  # nothing left to evict without hurting nearer layers
                 slot, needs_load = reserved
+                outstanding += needs_load
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
 

@@ -142,7 +142,7 @@ def simulate(
     clock = Clock()
     cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids)
     loader = SimLoader(cache_slots, clock, bandwidth, expert_bytes)
-    scheduler = Scheduler(cache, loader, lambda key, slot: (None, None), moe_layer_ids)
+    scheduler = Scheduler(cache, loader, lambda key, slot: (None, None), moe_layer_ids, top_k=top_k)
     by_step: dict[int, list[dict]] = {}
     for record in trace:
         by_step.setdefault(record["step"], []).append(record)

@@ -7,7 +7,7 @@ BIN=${BIN:-.venv/bin}
 DEVICE=${DEVICE:-cpu}
 PROFILES=rtx3060-12gb,rtx4090-24gb,a100-40gb,h100-80gb
 "$BIN/moe-prefetch" bench --model demo --device "$DEVICE" --tokens 32 --lookahead 2 \
-  --predictors none,previous-token,next-gate,m2r2,oracle --cache-fractions 0.125,0.25,0.5 \
+  --predictors none,previous-token,next-gate,m2r2,oracle --cache-fractions 0.125,0.25,0.5,0.75 \
   --profiles "$PROFILES" --json docs/bench/demo.json
 # smallest first; mixtral-8x7b (352 MiB experts) needs ~15 GB of RAM on its own
 for shape in olmoe-1b-7b:4 qwen3-30b-a3b:4 deepseek-v2-lite:4 gpt-oss-20b:2 mixtral-8x7b:2; do
