@@ -100,7 +100,7 @@ class Runtime:
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
         self._call_wait = 0.0
         needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < layer.num_experts]
-        waves = self.scheduler.plan(layer_idx, needed)
+        waves = self.scheduler.plan(layer_idx, needed) if needed else []
         if self.predictor is not None:
             self.predictor.observe(layer_idx, top_k_index, self.step)
         single = len(waves) == 1
