@@ -35,7 +35,8 @@ class Residuals:
 
 def chunk_ids(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize `text` into rows of `seq_len` tokens, [rows, seq_len]."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    # verbose=False: the whole text is longer than the model context on purpose; it is chunked next
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     rows = ids.numel() // seq_len
