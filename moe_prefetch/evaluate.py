@@ -108,6 +108,16 @@ def format_table(result: dict) -> str:
                 f"{row['recall_at_k_plus_margin']:.2f})"
             )
         lines.append(f"{name:<16}" + "".join(f"{c:>24}" for c in cells))
+    lines += ["", "recall per target MoE layer (predicted d layers ahead)"]
+    targets = sorted({p["target"] for r in preds.values() for p in r["by_pair"]})
+    lines.append(f"{'predictor':<16}{'d':>3}" + "".join(f"{'L' + str(t):>8}" for t in targets))
+    for name, r in preds.items():
+        for d in ds:
+            by_target = {p["target"]: p["recall"] for p in r["by_pair"] if p["d"] == d}
+            lines.append(
+                f"{name:<16}{d:>3}"
+                + "".join(f"{by_target[t]:>8.3f}" if t in by_target else f"{'-':>8}" for t in targets)
+            )
     return "\n".join(lines)
 
 
