@@ -84,10 +84,7 @@ class PreviousTokenPredictor(Predictor):
         ]
 
     def observe(self, layer_idx, top_k_index, step):
-        self.last[layer_idx] = rank(
-            top_k_index,
-            self.limit(self.runtime.by_layer[layer_idx], 1 if top_k_index.shape[0] == 1 else top_k_index.shape[0]),
-        )
+        self.last[layer_idx] = rank(top_k_index, self.limit(self.runtime.by_layer[layer_idx], top_k_index.shape[0]))
 
 
 class NextGatePredictor(Predictor):
