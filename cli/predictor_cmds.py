@@ -45,6 +45,9 @@ def train_predictor(
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
     max_tokens: Annotated[int, typer.Option(help="Tokens of text to collect residuals from.")] = 60_000,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    source: Annotated[
+        str, typer.Option(help="Prediction point: router-input (post-attention, better) or residual (layer input).")
+    ] = "router-input",
 ):
     """Train M2R2 adapters for a model on text; resumes if a previous run was interrupted."""
     from moe_prefetch.m2r2 import train_predictor as train
@@ -73,6 +76,7 @@ def train_predictor(
                 steps=steps,
                 max_tokens=max_tokens,
                 device=device,
+                source=source,
                 collect_progress=lambda n: progress.advance(collect_task, n),
                 progress=lambda step, loss: progress.update(train_task, completed=step + 1, info=f"loss {loss:.4f}"),
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .layout import find_moe_layers
-from .m2r2 import Adapters, pairs, router_logits
+from .m2r2 import DATA_KEY, Adapters, pairs, router_logits
 from .predictors import route
 from .residuals import Residuals
 
@@ -43,12 +43,15 @@ def evaluate_predictors(
     seq = data.seq_ids[0]
     has_prev = torch.cat([torch.tensor([False]), seq[1:] == seq[:-1]])
     results = {}
-    for name in predictors:
-        if name == "m2r2" and adapters is None:
-            continue
+    variants = [(name, "residual") for name in predictors if name != "m2r2"]
+    if "m2r2" in predictors and adapters is not None:
+        if adapters.source != "residual":  # next-gate from the same point, for a like-for-like row
+            variants.append((f"next-gate@{adapters.source}", adapters.source))
+        variants.append(("m2r2", adapters.source))
+    for name, point in variants:
         sums: dict[int, list[float]] = {}
         per_pair = []
-        for source, target, d in pairs(max(data.hidden) + 1, layers, lookahead):
+        for source, target, d in pairs(max(data.hidden) + 1, layers, lookahead, point):
             layer = by_idx[target]
             k = layer.top_k
             actual = data.get("chosen", target)
@@ -59,7 +62,7 @@ def evaluate_predictors(
                 prev2 = torch.roll(data.get("chosen", target), 2, 0)[rows]
                 pred_k, pred_m = prev, torch.cat([prev, prev2], 1)[:, : k + margin]
             else:
-                h = data.get("hidden", source)[rows].to(device=device, dtype=dtype)
+                h = data.get(DATA_KEY[point], source)[rows].to(device=device, dtype=dtype)
                 if name == "m2r2":
                     adapter = adapters.get(source, target)
                     h = adapter.to(device=device, dtype=dtype)(h) if adapter is not None else h

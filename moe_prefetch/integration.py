@@ -213,10 +213,13 @@ def wire(
         raise
     # Layer 0's hook marks each forward (a token step); the others feed the predictor, and a
     # module with hooks takes torch's slower call path, so "none" hooks layer 0 only.
-    every = runtime.predictor.name != "none"
+    every = runtime.predictor.name != "none" and runtime.predictor.source == "residual"
     for idx, decoder_layer in enumerate(decoder_layers(model)):
         if every or idx == 0:
             hooks.append(decoder_layer.register_forward_pre_hook(_residual_hook(runtime, idx), with_kwargs=True))
+    if runtime.predictor.source == "router-input":
+        for layer in layers:
+            hooks.append(layer.router.register_forward_pre_hook(_router_hook(runtime, layer.layer_idx)))
     model.set_experts_implementation(IMPLEMENTATION)
     model.__dict__["_moe_prefetch_runtime"] = runtime
     logger.info(
@@ -238,6 +241,14 @@ def _refill(saved, store: HostStore, layers: list[MoELayer]) -> None:
     for layer_idx, name, param, shape, param_device in saved:
         rows = [store.views((layer_idx, e))[name] for e in range(by_idx[layer_idx].num_experts)]
         param.data = torch.stack(rows).to(param_device).reshape(shape)
+
+
+def _router_hook(runtime: Runtime, layer_idx: int):
+    def hook(module, args):
+        if args:
+            runtime.on_router_input(layer_idx, args[0])
+
+    return hook
 
 
 def _residual_hook(runtime: Runtime, layer_idx: int):

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "moe-prefetch/m2r2"
 VERSION = "1"
 FILENAME = "m2r2_adapters.safetensors"
+SOURCES = ("router-input", "residual")
+DATA_KEY = {"router-input": "router_in", "residual": "hidden"}  # Residuals field per source
 
 
 class Adapter(nn.Module):
@@ -66,16 +68,26 @@ class TrainSettings:
     lr: float = 3e-3
     align: float = 0.1
     seed: int = 0
+    # Where the accelerated residual starts: "router-input", the normed post-attention residual
+    # of MoE layer l (what its own router sees), or "residual", the input of decoder layer l.
+    # router-input sees layer l's attention, so it predicts better at the same lead time.
+    source: str = "router-input"
 
     def __post_init__(self):
         if not 1 <= self.lookahead <= 8 or self.rank < 1 or self.steps < 1 or self.batch_tokens < 1 or self.lr <= 0:
             raise ValueError(f"bad training settings {self}; lookahead 1..8, rank/steps/batch >= 1, lr > 0")
+        if self.source not in SOURCES:
+            raise ValueError(f"source {self.source!r} must be one of {', '.join(SOURCES)}")
 
 
-def pairs(num_layers: int, layers: list[MoELayer], lookahead: int) -> list[tuple[int, int, int]]:
-    """(source decoder layer l, target MoE layer t, distance d) for d = 1..lookahead."""
+def pairs(
+    num_layers: int, layers: list[MoELayer], lookahead: int, source: str = "residual"
+) -> list[tuple[int, int, int]]:
+    """(source layer l, target MoE layer t, distance d) for d = 1..lookahead. Router-input
+    sources exist only at MoE layers; residual sources at every decoder layer."""
     out = []
-    for source in range(num_layers):
+    sources = [layer.layer_idx for layer in layers] if source == "router-input" else range(num_layers)
+    for source in sources:
         after = [layer.layer_idx for layer in layers if layer.layer_idx > source]
         out += [(source, target, d) for d, target in enumerate(after[:lookahead], start=1)]
     return out
@@ -102,10 +114,11 @@ def fingerprint(model, layers: list[MoELayer]) -> str:
 
 
 class Adapters(nn.Module):
-    def __init__(self, hidden_size: int, rank: int, keys: list[tuple[int, int]]):
+    def __init__(self, hidden_size: int, rank: int, keys: list[tuple[int, int]], source: str = "residual"):
         super().__init__()
         self.rank = rank
         self.keys = keys
+        self.source = source
         self.blocks = nn.ModuleDict({f"{l}_{t}": Adapter(hidden_size, rank) for l, t in keys})
 
     def get(self, source: int, target: int) -> Adapter | None:
@@ -127,9 +140,9 @@ def train_adapters(
     held out and reported (recall of the router's top-k, adapters vs next-gate)."""
     torch.manual_seed(settings.seed)
     num_layers = max(data.hidden) + 1
-    todo = pairs(num_layers, layers, settings.lookahead)
+    todo = pairs(num_layers, layers, settings.lookahead, settings.source)
     hidden_size = data.get("hidden", 0).shape[-1]
-    adapters = Adapters(hidden_size, settings.rank, [(l, t) for l, t, _ in todo])
+    adapters = Adapters(hidden_size, settings.rank, [(l, t) for l, t, _ in todo], settings.source)
     by_idx = {layer.layer_idx: layer for layer in layers}
     seq = data.seq_ids[0]
     cut = int(seq.max().item() * 0.9)
@@ -178,7 +191,7 @@ def _train_step(todo, adapters, frozen, data, train_rows, gen, settings, opt, sc
     rows = train_rows[torch.randint(0, train_rows.numel(), (settings.batch_tokens,), generator=gen)]
     loss = torch.zeros(())
     for source, target, _ in todo:
-        h = data.get("hidden", source)[rows]
+        h = data.get(DATA_KEY[settings.source], source)[rows]
         x = data.get("router_in", target)[rows]
         norm, router = frozen[target]
         pred_in = norm(adapters.get(source, target)(h))
@@ -246,7 +259,7 @@ def _val_recall(adapters, todo, data, rows, frozen, by_idx) -> dict:
         norm, router = frozen[target]
         k = by_idx[target].top_k
         actual = torch.topk(router(data.get("router_in", target)[rows]), k, dim=-1).indices
-        h = data.get("hidden", source)[rows]
+        h = data.get(DATA_KEY[adapters.source], source)[rows]  # next-gate from the same point
         for name, x in (("m2r2", adapters.get(source, target)(h)), ("next-gate", h)):
             pred = torch.topk(router(norm(x)), k, dim=-1).indices
             hit = (pred.unsqueeze(-1) == actual.unsqueeze(-2)).any(-1).float().mean().item()
@@ -308,9 +321,9 @@ def load_adapters(path: str | Path, model, layers: list[MoELayer]) -> tuple[Adap
         raise PredictorError(
             f"{path} was trained for another model (fingerprint {meta.get('fingerprint')}, this model {mine}); {hint}"
         )
-    settings = TrainSettings(**json.loads(meta["settings"]))
+    settings = TrainSettings(**{"source": "residual", **json.loads(meta["settings"])})  # v1 files predate source
     keys = [tuple(k) for k in json.loads(meta["pairs"])]
-    adapters = Adapters(int(meta["hidden_size"]), settings.rank, keys)
+    adapters = Adapters(int(meta["hidden_size"]), settings.rank, keys, settings.source)
     state = {}
     for name, tensor in tensors.items():
         key, rest = name.split(".", 1)
@@ -335,6 +348,7 @@ class M2R2Predictor(NextGatePredictor):
         device = runtime.device if runtime is not None else torch.device("cpu")
         dtype = runtime.layers[0].router.weight.dtype if runtime is not None else torch.float32
         self.adapters = adapters.to(device=device, dtype=dtype)
+        self.source = adapters.source
 
     @classmethod
     def from_config(cls, config, runtime, **kwargs):
@@ -362,6 +376,7 @@ def train_predictor(
     max_tokens: int = 60_000,
     seq_len: int = 256,
     device: str = "auto",
+    source: str = "router-input",
     progress=None,
     collect_progress=None,
 ) -> dict:
@@ -375,7 +390,7 @@ def train_predictor(
     from .loading import load, resolve_path
     from .residuals import collect_text, read_texts
 
-    settings = TrainSettings(lookahead=lookahead, rank=rank, steps=steps, seed=seed)
+    settings = TrainSettings(lookahead=lookahead, rank=rank, steps=steps, seed=seed, source=source)
     text = read_texts(data_files)
     folder = resolve_path(model_path)
     model, runtime = load(folder, device=device, predictor="none")

@@ -45,6 +45,9 @@ class Predictor:
     `observe` after each MoE layer routes."""
 
     name = "none"
+    # Where `predict` is called: "residual" = the input of each decoder layer; "router-input" =
+    # the normed post-attention residual each MoE layer's router is about to see.
+    source = "residual"
 
     def __init__(self, runtime, lookahead: int = 1, margin: int = 0):
         self.runtime = runtime

@@ -76,6 +76,7 @@ class Runtime:
         self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
         self._luts: dict[int, tuple] = {}  # layer -> (cache version, proxy, expert -> slot - lo)
         self._call_wait = 0.0
+        self._predicting = False
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
@@ -86,9 +87,21 @@ class Runtime:
             self.step += 1
             self.step_starts.append(time.perf_counter() - self._t0)
             self.scheduler.new_step()
-        if self.predictor is None or self.predictor.name == "none":
+        if self.predictor is None or self.predictor.name == "none" or self.predictor.source != "residual":
             return
-        predictions = self.predictor.predict(layer_idx, hidden, self.step)
+        self._predict(layer_idx, hidden)
+
+    def on_router_input(self, layer_idx: int, normed: torch.Tensor) -> None:
+        """Prediction point of "router-input" predictors: MoE layer `layer_idx`'s router input."""
+        if not self._predicting:  # predictors call routers themselves: ignore those calls
+            self._predict(layer_idx, normed)
+
+    def _predict(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        self._predicting = True
+        try:
+            predictions = self.predictor.predict(layer_idx, hidden, self.step)
+        finally:
+            self._predicting = False
         if predictions:
             self.predictions.append({"step": self.step, "layer_idx": layer_idx, "predictions": predictions})
         self.scheduler.prefetch(layer_idx, predictions)

@@ -63,7 +63,9 @@ def test_cache_slots_equal_top_k(checkpoints, arch):
 
 
 @pytest.mark.parametrize("predictor", ["previous-token", "next-gate", "oracle"])
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss", "granitemoe", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "arch", ["mixtral", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss", "granitemoe", "qwen2_moe"]
+)
 def test_predictors_keep_outputs(checkpoints, arch, predictor):
     folder, stock = checkpoints[arch]
     model, runtime = moe_prefetch.load(

@@ -84,7 +84,7 @@ def test_evaluation_table(trained):
     model, layers, data, path, _ = trained
     adapters, _ = load_adapters(path, model, layers)
     result = evaluate_predictors(model, data, lookahead=1, adapters=adapters, margin=2)
-    assert set(result["predictors"]) == {"previous-token", "next-gate", "m2r2"}
+    assert set(result["predictors"]) == {"previous-token", "next-gate", "next-gate@router-input", "m2r2"}
     row = result["predictors"]["next-gate"]["by_distance"][1]
     assert 0.0 <= row["recall"] <= 1.0 and row["recall_at_k_plus_margin"] >= row["recall"]
     assert "m2r2" in format_table(result)
@@ -107,3 +107,24 @@ def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path):
     assert not ckpt.exists(), "a finished run removes its checkpoint"
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("source", ["router-input", "residual"])
+def test_both_prediction_points_prefetch_and_stay_exact(trained, tmp_path, source):
+    model, layers, data, _, _ = trained
+    settings = TrainSettings(lookahead=1, rank=4, steps=20, batch_tokens=64, source=source)
+    adapters, metrics = train_adapters(model, layers, data, settings)
+    path = save_adapters(tmp_path / "a.safetensors", adapters, model, layers, settings, metrics, ["random"])
+    assert load_adapters(path, model, layers)[0].source == source
+    ids = prompt(1, 6, seed=4)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, predictor="m2r2", predictor_path=str(path))
+    try:
+        assert runtime.predictor.source == source
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, expected)
+        # predictions are made at layer 0: its router input, or its decoder input
+        assert runtime.predictions and all(p["layer_idx"] == 0 for p in runtime.predictions)
+    finally:
+        runtime.detach()
+    assert not any(m._forward_pre_hooks for m in model.modules()), "detach must remove every hook"
