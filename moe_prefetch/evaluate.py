@@ -99,7 +99,8 @@ def format_table(result: dict) -> str:
     ds = sorted({d for r in preds.values() for d in r["by_distance"]})
     m = result["margin"]
     lines = [f"held-out tokens: {result['tokens']}   recall of the router's top-k (k+{m}: precision / recall)"]
-    lines.append(f"{'predictor':<16}" + "".join(f"{'d=' + str(d):>24}" for d in ds))
+    w = max(len(name) for name in [*preds, "predictor"]) + 2
+    lines.append(f"{'predictor':<{w}}" + "".join(f"{'d=' + str(d):>24}" for d in ds))
     for name, r in preds.items():
         cells = []
         for d in ds:
@@ -110,15 +111,15 @@ def format_table(result: dict) -> str:
                 else f"{row['recall']:.3f} ({row['precision_at_k_plus_margin']:.2f}/"
                 f"{row['recall_at_k_plus_margin']:.2f})"
             )
-        lines.append(f"{name:<16}" + "".join(f"{c:>24}" for c in cells))
+        lines.append(f"{name:<{w}}" + "".join(f"{c:>24}" for c in cells))
     lines += ["", "recall per target MoE layer (predicted d layers ahead)"]
     targets = sorted({p["target"] for r in preds.values() for p in r["by_pair"]})
-    lines.append(f"{'predictor':<16}{'d':>3}" + "".join(f"{'L' + str(t):>8}" for t in targets))
+    lines.append(f"{'predictor':<{w}}{'d':>3}" + "".join(f"{'L' + str(t):>8}" for t in targets))
     for name, r in preds.items():
         for d in ds:
             by_target = {p["target"]: p["recall"] for p in r["by_pair"] if p["d"] == d}
             lines.append(
-                f"{name:<16}{d:>3}"
+                f"{name:<{w}}{d:>3}"
                 + "".join(f"{by_target[t]:>8.3f}" if t in by_target else f"{'-':>8}" for t in targets)
             )
     return "\n".join(lines)
