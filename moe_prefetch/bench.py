@@ -21,8 +21,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .integration import attach
-from .layout import find_moe_layers, spec_of
-from .sim import Roofline, simulate
+from .layout import dense_bytes, find_moe_layers, spec_of
+from .sim import Roofline, replay_payload, simulate_replay
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,6 @@ def _decode_tokens_per_s(step_starts: list[float]) -> float:
     return (len(step_starts) - 2) / (step_starts[-1] - step_starts[1])
 
 
-def dense_bytes(model, layers) -> tuple[int, int]:
-    """(bytes per decoder layer outside the experts, embedding + head bytes)."""
-    expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
-    head = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if id(p) not in expert_ids and ("embed" in n or "lm_head" in n)
-    )
-    rest = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if id(p) not in expert_ids and not ("embed" in n or "lm_head" in n)
-    )
-    return rest // model.config.num_hidden_layers, head
-
-
 def run_bench(
     model,
     prompt_ids: torch.Tensor,
@@ -192,7 +176,8 @@ def run_bench(
                         "%s at %s: tokens differ from the first run (%s rounding)", predictor, fraction, spec.dtype
                     )
                 stats = runtime.stats()
-                trace, predictions, starts = list(runtime.trace), list(runtime.predictions), list(runtime.step_starts)
+                replay = replay_payload(runtime)  # what the simulator replays on each profile
+                trace, starts = replay["trace"], replay["step_starts"]
                 if predictor == "none":
                     oracle_trace = trace
             finally:
@@ -203,27 +188,7 @@ def run_bench(
             row["same_tokens"] = same_tokens
             row["simulated"] = {}
             for profile in profiles or []:
-                roofline = Roofline(
-                    profile.hbm_bandwidth_bytes_per_s,
-                    profile.peak_bf16_flops,
-                    per_layer_dense,
-                    sim_expert_bytes,
-                    expert_params,
-                    head_bytes,
-                )
-                sim = simulate(
-                    trace,
-                    cache_slots=slots,
-                    expert_bytes=sim_expert_bytes,
-                    bandwidth=profile.h2d_bandwidth_bytes_per_s,
-                    moe_layer_ids=[layer.layer_idx for layer in layers],
-                    num_layers=model.config.num_hidden_layers,
-                    predictions=predictions,
-                    roofline=roofline,
-                    top_k=top_k,
-                    predictor="recorded",
-                    lookahead=lookahead,
-                )
+                sim = simulate_replay(replay, profile, itemsize=sim_itemsize)
                 row["simulated"][profile.name] = sim["tokens_per_s"]
                 row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
             rows.append(row)

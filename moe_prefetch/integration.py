@@ -19,12 +19,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .cache import ExpertCache
 from .config import RuntimeConfig, parse_size
-from .errors import CacheCapacityError, ConfigError, DeviceError, HostMemoryError
+from .errors import CacheCapacityError, ConfigError, DeviceError
 from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
 from .loader import make_loader
 from .pool import SlotPool
 from .runtime import Runtime
-from .store import HostStore
+from .store import HostStore, check_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +119,8 @@ def attach(
     if target.type == "cpu" and spec.dtype == torch.float16:
         logger.info("float16 experts on CPU run slowly; consider dtype=torch.float32 or bfloat16")
     keys = [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)]
-    needed = len(keys) * spec.nbytes
-    on_host = all(p.device.type == "cpu" for layer in layers for p in layer.experts.parameters())
-    available = psutil.virtual_memory().available
-    if not on_host and needed > available:
-        raise HostMemoryError(
-            f"the host store needs {needed / 2**30:.2f} GiB but {available / 2**30:.2f} GiB of RAM is free; "
-            "free memory or use a machine with more RAM"
-        )
+    if not all(p.device.type == "cpu" for layer in layers for p in layer.experts.parameters()):
+        check_host_memory(len(keys) * spec.nbytes)  # experts on the host already are moved, not copied
     store = HostStore(spec, keys, pin=target.type == "cuda")
     # Move each expert into the store and free the model's copy (its Parameter objects stay,
     # emptied, so references users hold remain valid and detach can refill them).

@@ -177,6 +177,22 @@ def spec_of(layers: list[MoELayer]) -> ExpertSpec:
     return specs.pop()
 
 
+def dense_bytes(model, layers) -> tuple[int, int]:
+    """(bytes per decoder layer outside the experts, embedding + head bytes)."""
+    expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
+    head = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if id(p) not in expert_ids and ("embed" in n or "lm_head" in n)
+    )
+    rest = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if id(p) not in expert_ids and not ("embed" in n or "lm_head" in n)
+    )
+    return rest // model.config.num_hidden_layers, head
+
+
 # -- checkpoints ---------------------------------------------------------------
 # Per-expert files name (gate, up, down) one of these ways; they fuse to gate_up_proj = [gate; up].
 _PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))

@@ -13,18 +13,17 @@ import logging
 from functools import cache
 from pathlib import Path
 
-import psutil
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import RuntimeConfig
-from .errors import CheckpointError, DeviceError, HostMemoryError, ModelNotFoundError, UnsupportedModelError
+from .errors import CheckpointError, DeviceError, ModelNotFoundError, UnsupportedModelError
 from .integration import resolve_device, wire
 from .layout import CheckpointExperts, find_moe_layers, rename_key, spec_of
 from .runtime import Runtime
-from .store import HostStore
+from .store import HostStore, check_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +94,6 @@ def _open(file: str):
         return _open_cached(file)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); download it again") from None
-
-
-def check_host_memory(needed: int) -> None:
-    """Refuse up front when the host store cannot fit in available RAM."""
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise HostMemoryError(
-            f"the host expert store needs {needed / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of RAM "
-            "is available; free memory, use a machine with more RAM, or a smaller dtype"
-        )
 
 
 def default_dtype(config, device: torch.device, dtype) -> torch.dtype:

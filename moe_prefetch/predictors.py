@@ -15,10 +15,9 @@ import torch
 from .config import RuntimeConfig
 from .errors import PredictorError
 from .layout import MoELayer
+from .scheduler import Prediction
 
 logger = logging.getLogger(__name__)
-
-Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
 
 
 def route(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ gives the (src, dst) a copy of `key` into `slot` needs (None, None in the simula
 Rules:
 - demand loads (the running layer's misses) go ahead of every prefetch;
 - prefetches are ordered by distance, i.e. by when they will be needed;
-- a prefetch never evicts what the running layer or the next one is expected to need;
+- a prefetch evicts only the target layer's experts the prediction rules out, or experts
+  that served nobody in the latest pass over their layer; never what the running or next
+  layers are expected to use; outstanding speculation stays below num_slots - top_k;
 - queued prefetches that turn out stale are dropped, and a resident prediction that
-  turned out wrong is demoted to be the first evicted.
+  turned out wrong is counted wasted and demoted to be the first evicted.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 
 from .cache import ExpertCache
+from .layout import dense_bytes
 from .loader import DEMAND, Loader
 from .scheduler import Scheduler
 
@@ -225,8 +226,6 @@ def _predictions(
 
 def replay_payload(runtime) -> dict:
     """Everything `simulate` needs from a run, JSON-ready: goes into run.json as "replay"."""
-    from .bench import dense_bytes
-
     per_layer, head = dense_bytes(runtime.model, runtime.layers)
     return {
         "trace": list(runtime.trace),

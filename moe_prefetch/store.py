@@ -11,14 +11,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 
+import psutil
 import torch
 
 from .cache import Key
+from .errors import HostMemoryError
 from .layout import ExpertSpec
 
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 30  # 1 GiB
+
+
+def check_host_memory(needed: int) -> None:
+    """Refuse up front when a store of `needed` bytes cannot fit in available RAM."""
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise HostMemoryError(
+            f"the host expert store needs {needed / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of RAM "
+            "is available; free memory, use a machine with more RAM, or a smaller dtype"
+        )
 
 
 class HostStore(Mapping[Key, torch.Tensor]):
