@@ -19,8 +19,8 @@ test: install
 	$(BIN)/python -m pytest
 
 quality:
-	$(BIN)/ruff check moe_prefetch cli tests scripts
-	$(BIN)/ruff format --check moe_prefetch cli tests scripts
+	$(BIN)/ruff check moe_prefetch tests scripts
+	$(BIN)/ruff format --check moe_prefetch tests scripts
 
 bench:
 	$(BIN)/python scripts/bench_resident.py

@@ -1,9 +1,9 @@
 """Hardware profiles: what a device can hold and how fast experts reach it.
 
-A profile is one TOML file (schema in profiles/README.md). They are found, first match by
+A profile is one TOML file (schema in moe_prefetch/hardware_profiles/README.md). They are found, first match by
 name wins, in: the folders named in $MOE_PREFETCH_PROFILES (os.pathsep-separated), the
-user folder ($XDG_CONFIG_HOME or ~/.config)/moe-prefetch/profiles, then the repository's
-profiles/ folder beside the package. This module also sizes a model without loading its
+user folder ($XDG_CONFIG_HOME or ~/.config)/moe-prefetch/profiles, then the
+hardware_profiles/ folder shipped inside the package. This module also sizes a model without loading its
 weights (`model_size`), says what fits on a profile (`fit`), and measures a CUDA device
 into a new profile (`calibrate`).
 """
@@ -26,7 +26,7 @@ from .errors import CacheCapacityError, ConfigError, DeviceError
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parent / "hardware_profiles"
 NUMBERS = (
     "device_memory_bytes",
     "usable_fraction",
@@ -101,7 +101,7 @@ def read_profile(path: str | Path) -> Profile:
         raise ConfigError(f"profile {path} is not valid TOML ({err}); fix the file") from None
     missing = [k for k in (*KEYS, "sources") if k not in data]
     if missing:
-        raise ConfigError(f"profile {path} lacks {', '.join(missing)}; see profiles/README.md for the schema")
+        raise ConfigError(f"profile {path} lacks {', '.join(missing)}; see hardware_profiles/README.md for the schema")
     if not isinstance(data["sources"], dict):
         raise ConfigError(f"profile {path}: sources must be a table ([sources])")
     if data["name"] != path.stem:
@@ -137,7 +137,7 @@ def load_profile(name: str) -> Profile:
 
 
 def to_toml(profile: Profile) -> str:
-    """The profile in the schema of profiles/README.md (TOML basic strings are JSON strings)."""
+    """The profile in the schema of hardware_profiles/README.md (TOML basic strings are JSON strings)."""
     lines = [f"{k} = {json.dumps(getattr(profile, k))}" for k in ("name", "description")]
     lines += [f"device_memory_bytes = {profile.device_memory_bytes}", f"usable_fraction = {profile.usable_fraction!r}"]
     lines += [f"{k} = {float(getattr(profile, k)):.6g}".replace("e+", "e") for k in NUMBERS[2:]]

@@ -13,9 +13,9 @@ import torch
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from cli.main import app
 from moe_prefetch import MoePrefetchError, profiling
 from moe_prefetch import profiles as hw
+from moe_prefetch.cli.main import app
 
 MAX_NEW = 8
 

@@ -8,7 +8,7 @@ import pytest
 from test_cli import assert_one_line_error, make_checkpoint, run_args
 from typer.testing import CliRunner
 
-from cli.main import app
+from moe_prefetch.cli.main import app
 
 TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\nhello world\n" * 60
 

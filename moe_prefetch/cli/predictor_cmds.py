@@ -1,6 +1,6 @@
 """Commands for predictors and performance: train-predictor, eval-predictor, bench, simulate.
 
-Wiring only: options in, library call, table or JSON out. Registered on `cli.main.app`.
+Wiring only: options in, library call, table or JSON out. Registered on `moe_prefetch.cli.main.app`.
 """
 
 from __future__ import annotations

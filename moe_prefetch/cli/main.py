@@ -4,7 +4,7 @@ Each command parses options, builds the library's configs (never restating their
 defaults), calls the library and prints. User mistakes, typed `MoePrefetchError`s and
 click usage errors alike, become one line `error: ...` on stderr and exit code 2, in one
 place: `_Group`. Tracebacks only with MOE_PREFETCH_DEBUG=1. Rich honours NO_COLOR.
-More commands register on the same `app` (e.g. from cli/predictor_cmds.py).
+More commands register on the same `app` (e.g. from moe_prefetch/cli/predictor_cmds.py).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""The moe-prefetch command line (typer). The app lives in cli.main."""
