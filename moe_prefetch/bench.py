@@ -151,7 +151,7 @@ def run_bench(
                 continue
             kwargs = dict(predictor_path=predictor_path) if predictor == "m2r2" else {}
             runtime = attach(
-                model, device=device, cache_slots=slots, predictor=predictor, lookahead=lookahead, **kwargs
+                model, device=device, cache_slots=slots, predictor=predictor, lookahead=lookahead, record=True, **kwargs
             )
             try:
                 if predictor == "oracle":
@@ -175,7 +175,7 @@ def run_bench(
                     logger.warning(
                         "%s at %s: tokens differ from the first run (%s rounding)", predictor, fraction, spec.dtype
                     )
-                stats = runtime.stats()
+                stats = runtime.stats(flush=True)
                 replay = replay_payload(runtime)  # what the simulator replays on each profile
                 trace, starts = replay["trace"], replay["step_starts"]
                 if predictor == "none":
@@ -223,7 +223,10 @@ def run_bench(
 def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
     demand = stats["hits"] + stats["misses"]
     decode_wall = starts[-1] - starts[1] if len(starts) > 2 else wall
-    decode_wait = sum(r["wait_s"] for r in trace if r["step"] >= 1 and r["step"] < len(starts) - 1)
+    # The stall as measured per step: CUDA events on CUDA (host time in acquire never blocks
+    # there), host wait on CPU.
+    stalls = stats["stall_by_step"]
+    decode_wait = sum(stalls.get(step, 0.0) for step in range(1, len(starts) - 1))
     return {
         "predictor": predictor,
         "cache_fraction": fraction,

@@ -82,6 +82,9 @@ class RuntimeConfig:
     link_bandwidth: float | None = None
     # Debug mode: after every layer check that each used slot holds the bytes it claims.
     verify_slots: bool = False
+    # Keep every trace record, prediction and copy (reports, bench, simulate). Off, the runtime
+    # keeps the latest few thousand of each, so a long-lived process holds steady memory.
+    record: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):

@@ -2,14 +2,19 @@
 
 `attach` moves every expert out of the model into the host store, registers the
 "moe_prefetch" experts function with `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`
-and switches the model to it with `set_experts_implementation`. That function remaps
-expert ids to slot ids and runs the model's own (stock) expert kernel on the slot tensors,
-so the arithmetic is unchanged. Pre-hooks on the decoder layers hand the residual stream
-to the predictor. `Runtime.detach` undoes all of it, restoring the original parameters.
+and switches each of the model's experts modules to it. That function remaps expert ids to
+slot ids and runs the model's own (stock) expert kernel on the slot tensors, so the
+arithmetic is unchanged. Pre-hooks on the decoder layers hand the residual stream to the
+predictor. `Runtime.detach` undoes all of it, restoring the original parameters.
+
+The switch is made on a private copy of the config each experts module dispatches on, never
+on the model's config: models often share one config object (a reference copy, a draft
+model), and attaching or detaching one of them must not change what the others run.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -32,11 +37,28 @@ IMPLEMENTATION = "moe_prefetch"
 
 
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    runtime, layer = self.__dict__["_moe_prefetch"]
+    attached = self.__dict__.get("_moe_prefetch")
+    if attached is None:
+        # A module that dispatches here without being attached (its config was set to
+        # "moe_prefetch" by hand, or saved that way): its own weights are intact, so the stock
+        # kernel is exact.
+        stock = ALL_EXPERTS_FUNCTIONS.get_interface(DEFAULT_KERNEL, type(self).forward.__wrapped__)
+        return stock(self, hidden_states, top_k_index, top_k_weights)
+    runtime, layer = attached
     return runtime.experts_forward(layer, hidden_states, top_k_index, top_k_weights)
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _experts_forward)
+DEFAULT_KERNEL = "grouped_mm"  # transformers' default experts implementation
+
+
+def stock_kernel(model, experts) -> tuple[str, object]:
+    """The experts implementation the module runs without the runtime, and its function.
+    Never the runtime's own: a config left at "moe_prefetch" falls back to the default."""
+    name = getattr(experts.config, "_experts_implementation", None)
+    if name in (None, IMPLEMENTATION):
+        name = DEFAULT_KERNEL
+    return name, ALL_EXPERTS_FUNCTIONS.get_interface(name, type(experts).forward.__wrapped__)
 
 
 def resolve_device(device: str) -> tuple[torch.device, str]:
@@ -51,16 +73,20 @@ def resolve_device(device: str) -> tuple[torch.device, str]:
 
 
 def free_device_memory(device: torch.device) -> int:
+    """Bytes a new pool can take: free device memory plus the blocks PyTorch's caching
+    allocator holds but no tensor uses (a detached runtime's pool, for one)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached))
     return int(psutil.virtual_memory().available)
 
 
 def resolve_slots(
     config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer], device: torch.device, free_bytes: int | None = None
 ) -> int:
-    """Number of slots from cache_slots, cache_budget, or free device memory."""
+    """Number of slots from cache_slots, cache_budget, or free device memory. A budget
+    includes the pool's working buffer (top_k slots' worth, see pool.py)."""
     top_k = max(layer.top_k for layer in layers)
     total = sum(layer.num_experts for layer in layers)
     if config.cache_slots is not None:
@@ -76,7 +102,7 @@ def resolve_slots(
                 )
         else:
             budget = int(free * (1 - config.safety_margin))
-        slots = min(total, budget // spec.nbytes)
+        slots = min(total, budget // spec.nbytes - top_k)
     if slots < top_k:
         raise CacheCapacityError(
             f"{slots} cache slots but top_k is {top_k}: one layer needs at least {top_k}; "
@@ -146,8 +172,9 @@ def wire(
     original_device = next(p.device for p in model.parameters() if p.device.type != "meta")
     for layer in layers:
         for name, param in layer.experts.named_parameters(recurse=False):
-            # A loaded model's experts were never materialised: detach puts them beside the rest.
-            home = original_device if param.device.type == "meta" else param.device
+            # A loaded model's experts were never materialised: detach gives them back in host
+            # memory, never on the device (they would not fit there: that is why it was loaded).
+            home = torch.device("cpu") if param.device.type == "meta" else param.device
             shape = param.shape
             if param.device.type == "meta":
                 param = torch.nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=False)
@@ -158,7 +185,7 @@ def wire(
     try:
         model.to(target)
         slots = resolve_slots(config, spec, layers, target)  # after the move: free memory is what is left
-        pool = SlotPool(spec, slots, target)
+        pool = SlotPool(spec, slots, target, work_slots=max(layer.top_k for layer in layers))
     except BaseException:
         _refill(saved, store, layers)  # refused: give the model its experts back, untouched
         model.to(original_device)
@@ -166,18 +193,21 @@ def wire(
     cache = ExpertCache(slots, spec.nbytes, [layer.layer_idx for layer in layers])
     t0 = time.perf_counter()  # one clock for the runtime's trace and the loader's copies
     loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth, t0=t0)
-    original_impl = model.config._experts_implementation
-    stock = type(layers[0].experts).forward.__wrapped__
-    kernel = ALL_EXPERTS_FUNCTIONS.get_interface(original_impl, stock)
+    kernel_name, kernel = stock_kernel(model, layers[0].experts)
+    configs = [layer.experts.__dict__.get("config") for layer in layers]
+    generation = getattr(model, "generation_config", None)
+    compile_was = getattr(generation, "disable_compile", None)
     hooks = []
 
     def restore() -> None:
         for hook in hooks:
             hook.remove()
-        model.set_experts_implementation(original_impl)
-        _refill(saved, store, layers)
-        for layer in layers:
+        for layer, original in zip(layers, configs):
+            layer.experts.__dict__["config"] = original
             layer.experts.__dict__.pop("_moe_prefetch", None)
+        if generation is not None:
+            generation.disable_compile = compile_was
+        _refill(saved, store, layers)
         model.to(original_device)
         model.__dict__.pop("_moe_prefetch_runtime", None)
 
@@ -214,10 +244,18 @@ def wire(
     if runtime.predictor.source == "router-input":
         for layer in layers:
             hooks.append(layer.router.register_forward_pre_hook(_router_hook(runtime, layer.layer_idx)))
-    model.set_experts_implementation(IMPLEMENTATION)
+    for layer, original in zip(layers, configs):
+        view = copy.copy(original)  # private: the model's config, shared or not, stays untouched
+        view._experts_implementation_internal = IMPLEMENTATION
+        layer.experts.__dict__["config"] = view
+    if generation is not None and not compile_was:
+        # transformers compiles the forward on its own with a static cache on CUDA; the
+        # runtime's routing-dependent host work cannot be captured in a graph.
+        generation.disable_compile = True
+        logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
     model.__dict__["_moe_prefetch_runtime"] = runtime
     logger.info(
-        "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
+        "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s; stock kernel %s",
         len(layers),
         slots,
         spec.nbytes / 2**20,
@@ -225,6 +263,7 @@ def wire(
         device_reason,
         loader.kind,
         store.pin_reason,
+        kernel_name,
     )
     return runtime
 

@@ -2,7 +2,9 @@
 
 One `[num_slots, spec.numel]` buffer, so one copy fills one slot; per-parameter views
 shaped like the model's fused expert parameters with the slot as the leading dimension,
-so the stock expert kernels run on them unchanged.
+so the stock expert kernels run on them unchanged. Beside it, a working buffer of
+`work_slots` rows (top_k by default) into which the runtime gathers a layer's routed experts
+when their slots are scattered over the pool (see runtime.py).
 """
 
 from __future__ import annotations
@@ -14,25 +16,33 @@ from .layout import ExpertSpec
 
 
 class SlotPool:
-    def __init__(self, spec: ExpertSpec, num_slots: int, device: torch.device):
+    def __init__(self, spec: ExpertSpec, num_slots: int, device: torch.device, work_slots: int = 1):
         self.spec = spec
         self.num_slots = num_slots
+        self.work_slots = work_slots
         self.device = device
         try:
             self.buffer = torch.zeros(num_slots, spec.numel, dtype=spec.dtype, device=device)
+            self.work = torch.zeros(work_slots, spec.numel, dtype=spec.dtype, device=device)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
                 raise
             raise CacheCapacityError(
-                f"out of device memory allocating {num_slots} slots x {spec.nbytes / 2**20:.1f} MiB "
-                f"= {num_slots * spec.nbytes / 2**30:.2f} GiB; lower cache_slots or cache_budget "
+                f"out of device memory allocating {num_slots} slots (+ {work_slots} working) x {spec.nbytes / 2**20:.1f} MiB "
+                f"= {(num_slots + work_slots) * spec.nbytes / 2**30:.2f} GiB; lower cache_slots or cache_budget "
                 f"({str(err).splitlines()[0]})"
             ) from None
         self.params = spec.views(self.buffer)
+        self.work_params = spec.views(self.work)
 
     def slot(self, slot: int) -> torch.Tensor:
         return self.buffer[slot]
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return (self.buffer.numel() + self.work.numel()) * self.buffer.element_size()
+
+    def close(self) -> None:
+        """Drop the device tensors; the allocator can hand the memory to the next attach."""
+        self.params = self.work_params = {}
+        self.buffer = self.work = None

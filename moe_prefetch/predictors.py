@@ -3,13 +3,19 @@
 Every predictor calls the model's own router modules (with the norm that precedes them),
 so each architecture's routing rule is honoured without special cases. Prediction changes
 only what is resident, never what is computed.
+
+A predictor runs on the device and returns `Guess`es whose expert ids may still be device
+tensors; the runtime reads them together with the next layer's routing (one transfer per
+MoE layer) and `settle` turns each into a ranked list of expert ids.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import RuntimeConfig
@@ -33,10 +39,44 @@ def route(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
     raise PredictorError(f"the router of layer {layer.layer_idx} returned no expert indices; cannot predict")
 
 
-def rank(indices: torch.Tensor, limit: int) -> list[int]:
-    """Experts named in `indices`, most votes first, at most `limit`."""
-    votes = Counter(indices.reshape(-1).tolist())
-    return [e for e, _ in votes.most_common(limit)]
+def rank(indices, limit: int) -> list[int]:
+    """Experts named in `indices` (a host array or tensor), most votes first, at most `limit`."""
+    votes = Counter(np.asarray(indices).reshape(-1).tolist())
+    return [int(e) for e, _ in votes.most_common(limit)]
+
+
+@dataclass
+class Guess:
+    """What a predictor says about one target layer before the runtime has read it.
+
+    `indices` are the router's top-k choices [T, k] (a device tensor) or expert ids already
+    ranked (a list); `limit` caps how many are kept; `extra` (a device tensor) lists experts by
+    router score, best first, of which the first `margin` not already chosen are added."""
+
+    target: int
+    distance: int
+    indices: torch.Tensor | list[int]
+    limit: int
+    extra: torch.Tensor | None = None
+    margin: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device tensors the runtime must read for this guess, in order."""
+        out = [self.indices] if isinstance(self.indices, torch.Tensor) else []
+        return out + ([self.extra] if self.extra is not None else [])
+
+
+def settle(guess: Guess, values: list[np.ndarray]) -> Prediction:
+    """A `Guess` and the host copies of its `tensors()`, as (target, distance, expert ids)."""
+    values = list(values)
+    if isinstance(guess.indices, torch.Tensor):
+        experts = rank(values.pop(0), guess.limit)
+    else:
+        experts = list(guess.indices)
+    if guess.extra is not None:
+        chosen = set(experts)
+        experts += [int(e) for e in values.pop(0).reshape(-1) if int(e) not in chosen][: guess.margin]
+    return (guess.target, guess.distance, experts)
 
 
 class Predictor:
@@ -62,11 +102,11 @@ class Predictor:
     def limit(self, layer: MoELayer, tokens: int) -> int:
         return min(layer.num_experts, layer.top_k * tokens + self.margin)
 
-    def predict(self, layer_idx: int, hidden: torch.Tensor, step: int) -> list[Prediction]:
+    def predict(self, layer_idx: int, hidden: torch.Tensor, step: int) -> list[Guess]:
         return []
 
-    def observe(self, layer_idx: int, top_k_index: torch.Tensor, step: int) -> None:
-        pass
+    def observe(self, layer_idx: int, routing: np.ndarray, step: int) -> None:
+        """`routing`: the layer's top_k_index as read to the host, [T, k]."""
 
 
 class PreviousTokenPredictor(Predictor):
@@ -80,13 +120,13 @@ class PreviousTokenPredictor(Predictor):
 
     def predict(self, layer_idx, hidden, step):
         return [
-            (layer.layer_idx, d, self.last[layer.layer_idx])
+            Guess(layer.layer_idx, d, self.last[layer.layer_idx], limit=layer.num_experts)
             for layer, d in self.targets(layer_idx)
             if layer.layer_idx in self.last
         ]
 
-    def observe(self, layer_idx, top_k_index, step):
-        self.last[layer_idx] = rank(top_k_index, self.limit(self.runtime.by_layer[layer_idx], top_k_index.shape[0]))
+    def observe(self, layer_idx, routing, step):
+        self.last[layer_idx] = rank(routing, self.limit(self.runtime.by_layer[layer_idx], routing.shape[0]))
 
 
 class NextGatePredictor(Predictor):
@@ -103,23 +143,22 @@ class NextGatePredictor(Predictor):
         tokens = hidden.reshape(-1, hidden.shape[-1])
         for layer, d in self.targets(layer_idx):
             residual = self.residual_for(layer_idx, layer, d, tokens)
-            indices = route(layer, residual)
-            experts = rank(indices, self.limit(layer, tokens.shape[0]))
+            guess = Guess(layer.layer_idx, d, route(layer, residual), self.limit(layer, tokens.shape[0]))
             if self.margin and tokens.shape[0] == 1:
-                experts += self._runners_up(layer, residual, experts)
-            out.append((layer.layer_idx, d, experts))
+                guess.extra, guess.margin = self._by_score(layer, residual), self.margin
+            out.append(guess)
         return out
 
-    def _runners_up(self, layer: MoELayer, residual: torch.Tensor, chosen: list[int]) -> list[int]:
-        """The next `margin` experts by router score after the router's own choice: prefetching
-        k + margin trades link bytes for recall, worth it when compute hides the copies."""
+    def _by_score(self, layer: MoELayer, residual: torch.Tensor) -> torch.Tensor:
+        """Experts by router score, best first, enough to find `margin` runners-up after the
+        router's own choice: prefetching k + margin trades link bytes for recall, worth it when
+        compute hides the copies."""
         x = layer.norm(residual) if layer.norm is not None else residual
         bias = getattr(layer.router, "bias", None)
         scores = torch.nn.functional.linear(
             x.float(), layer.router.weight.float(), bias.float() if isinstance(bias, torch.Tensor) else None
         )[0]
-        scores[chosen] = float("-inf")
-        return torch.topk(scores, min(self.margin, layer.num_experts - len(chosen))).indices.tolist()
+        return torch.topk(scores, min(layer.top_k + self.margin, layer.num_experts)).indices
 
 
 class OraclePredictor(Predictor):
@@ -138,7 +177,7 @@ class OraclePredictor(Predictor):
 
     def predict(self, layer_idx, hidden, step):
         return [
-            (layer.layer_idx, d, self.by_step[(step, layer.layer_idx)])
+            Guess(layer.layer_idx, d, self.by_step[(step, layer.layer_idx)], limit=layer.num_experts)
             for layer, d in self.targets(layer_idx)
             if (step, layer.layer_idx) in self.by_step
         ]

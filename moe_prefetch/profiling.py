@@ -80,13 +80,14 @@ class RunRecorder:
         self._last_t = 0.0
 
     def start(self) -> None:
+        self.runtime.record(True)  # a report needs every copy and trace record, not a window
         self.runtime.reset_stats()
         self._first_load = len(self.runtime.loader.events)  # copies before this belong to earlier work
         self.t_start = self._last_t = time.perf_counter()
 
     def token(self) -> dict:
         now = time.perf_counter()
-        self.stats = self.runtime.stats()
+        self.stats = self.runtime.stats(flush=True)  # per-token stall: wait for its CUDA events
         per_layer = []
         for layer in self.stats["per_layer"]:
             before = self._last.get(layer["layer_idx"], {})

@@ -1,20 +1,29 @@
 """The runtime: one object per attached model, tying store, pool, cache, loader and predictor.
 
 Per MoE layer call (`experts_forward`):
-  router's top_k_index -> distinct experts -> cache.access (hit, or demand load ahead of
-  every prefetch) -> wait on each slot's copy (the stall) -> expert ids remapped to slot ids
-  -> the model's stock expert kernel on the slot tensors -> release the slots.
+  one device->host read: the router's top_k_index, together with the expert ids the predictor
+  named since the last read -> those predictions become prefetches -> distinct experts ->
+  cache.access (hit, or demand load ahead of every prefetch) -> wait on each slot's copy (the
+  stall) -> expert ids remapped to slot ids -> the model's stock expert kernel on the slot
+  tensors -> release the slots.
+The kernel sees at most the layer's own number of experts: the span of pool slots holding the
+routed experts when it is that tight (no copy), otherwise the routed experts gathered into a
+small working buffer (`SlotPool.work`). Kernels such as grouped_mm cost per group, so a span
+over thousands of scattered slots would cost more than the gather.
 When a layer needs more distinct experts than there are slots (prefill), it runs in waves.
-Per decoder layer start (`on_layer_start`): the predictor sees the residual stream and
-names experts of layers l+1..l+D; those become prefetches ordered by when they are needed.
+Predictors run at each layer's router input (or decoder input) and return their guesses as
+device tensors; the runtime reads them with the next routing, so prediction adds no
+synchronisation of its own.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from .cache import ExpertCache, SlotState
@@ -22,10 +31,17 @@ from .config import RuntimeConfig
 from .layout import ExpertSpec, MoELayer
 from .loader import Loader
 from .pool import SlotPool
+from .predictors import Guess, settle
 from .scheduler import Scheduler
 from .store import HostStore
 
 logger = logging.getLogger(__name__)
+
+HISTORY = 4096  # trace records, predictions and step starts kept unless recording is on
+
+
+def _history(record: bool):
+    return [] if record else collections.deque(maxlen=HISTORY)
 
 
 class Runtime:
@@ -64,29 +80,47 @@ class Runtime:
         self._restore = restore  # undoes attach; set by integration
         self.predictor = None  # set by integration once the runtime exists
         self.step = -1
-        self.trace: list[dict] = []  # one record per MoE layer call: the routing trace and its timings
+        self.recording = bool(config.record)
+        # Bounded unless recording: a long-lived process must not grow with every token.
+        self.trace = _history(self.recording)  # one record per MoE layer call: routing and timings
+        self.predictions = _history(self.recording)  # what the predictor said, for the simulator
+        self.step_starts = _history(self.recording)  # when each forward entered layer 0 (s since attach)
+        self.step_stalls: dict[int, float] = {}  # stall seconds per step (latest HISTORY steps)
+        loader.record(self.recording)
         self.scheduler = Scheduler(
-            cache,
-            loader,
-            lambda key, slot: (store[key], pool.slot(slot)),
-            self.moe_layer_ids,
-            top_k=max(layer.top_k for layer in layers),
+            cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
-        self.predictions: list[dict] = []  # what the predictor said, for replay by the simulator
-        self.step_starts: list[float] = []  # when each forward call entered layer 0 (seconds since attach)
-        self._luts: dict[int, tuple] = {}  # layer -> (cache version, proxy, expert -> slot - lo)
+        self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
+        self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
+        self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
+        self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
         self._call_wait = 0.0
         self._predicting = False
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
 
+    def _source(self, key, slot):
+        return self.store[key], self.pool.slot(slot)
+
+    def record(self, on: bool = True) -> None:
+        """Keep every trace record, prediction and copy (for reports, bench and simulate), or
+        (off) only the latest HISTORY of each, the default for long-lived processes."""
+        self.recording = on
+        for name in ("trace", "predictions", "step_starts"):
+            old = getattr(self, name)
+            setattr(self, name, list(old) if on else collections.deque(old, maxlen=HISTORY))
+        self.loader.record(on)
+
     # -- hooks called from the model -------------------------------------------
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:
         if layer_idx == 0:
             self.step += 1
+            self.loader.step = self.step
             self.step_starts.append(time.perf_counter() - self._t0)
             self.scheduler.new_step()
+            self._pending.clear()
+            self._drain_stalls()
         if self.predictor is None or self.predictor.name == "none" or self.predictor.source != "residual":
             return
         self._predict(layer_idx, hidden)
@@ -99,12 +133,11 @@ class Runtime:
     def _predict(self, layer_idx: int, hidden: torch.Tensor) -> None:
         self._predicting = True
         try:
-            predictions = self.predictor.predict(layer_idx, hidden, self.step)
+            guesses = self.predictor.predict(layer_idx, hidden, self.step)
         finally:
             self._predicting = False
-        if predictions:
-            self.predictions.append({"step": self.step, "layer_idx": layer_idx, "predictions": predictions})
-        self.scheduler.prefetch(layer_idx, predictions)
+        if guesses:
+            self._pending.append((layer_idx, guesses))
 
     def experts_forward(self, layer: MoELayer, hidden_states, top_k_index, top_k_weights):
         start = time.perf_counter()
@@ -112,14 +145,15 @@ class Runtime:
         counters = self.cache.counters[layer_idx]
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
         self._call_wait = 0.0
-        needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < layer.num_experts]
-        waves = self.scheduler.plan(layer_idx, needed) if needed else []
+        routing = self._read(top_k_index)
+        needed = [int(e) for e in np.unique(routing) if 0 <= e < layer.num_experts]
+        waves = self.scheduler.plan(layer_idx, needed)
         if self.predictor is not None:
-            self.predictor.observe(layer_idx, top_k_index, self.step)
-        single = len(waves) == 1
+            self.predictor.observe(layer_idx, routing, self.step)
+        alone = len(waves) == 1
         out = None
         for wave in waves:
-            part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, single=single)
+            part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, alone=alone)
             out = part if out is None else out + part
         if out is None:  # no token routed to a local expert
             out = torch.zeros_like(hidden_states)
@@ -143,70 +177,151 @@ class Runtime:
         return out
 
     # -- internals ---------------------------------------------------------------
-    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, single):
+    def _read(self, top_k_index: torch.Tensor) -> np.ndarray:
+        """The one device->host read of a MoE layer: its routing, plus every guess the
+        predictor made since the last read (one transfer, one synchronisation). The guesses
+        become prefetches here, before the layer's own demand loads are planned."""
+        pending, self._pending = self._pending, []
+        tensors = [top_k_index.reshape(-1)]
+        for _, guesses in pending:
+            for guess in guesses:
+                tensors.extend(t.reshape(-1) for t in guess.tensors())
+        flat = tensors[0] if len(tensors) == 1 else torch.cat([t.to(torch.long) for t in tensors])
+        host = flat.cpu().numpy()
+        routing = host[: top_k_index.numel()].reshape(top_k_index.shape)
+        offset = top_k_index.numel()
+        for origin, guesses in pending:
+            said = []
+            for guess in guesses:
+                values = []
+                for t in guess.tensors():
+                    values.append(host[offset : offset + t.numel()].reshape(t.shape))
+                    offset += t.numel()
+                said.append(settle(guess, values))
+            if said:
+                self.predictions.append({"step": self.step, "layer_idx": origin, "predictions": said})
+            self.scheduler.prefetch(origin, said)
+        return routing
+
+    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, alone):
         waited = time.perf_counter()
         slots = self.scheduler.acquire(layer.layer_idx, wave)
         self._call_wait += time.perf_counter() - waited
         try:
             if self.config.verify_slots:
                 self.verify()  # debug: every ready slot, not only this wave's
-            if single:
-                proxy, lut = self._resident_view(layer, top_k_index.device)
-                return self.kernel(proxy, hidden_states, lut[top_k_index], top_k_weights)
-            lo, hi = min(slots.values()), max(slots.values()) + 1
-            proxy = self._proxy(layer, lo, hi)
-            # expert id -> slot id - lo for this wave only; every other expert (and the
-            # expert-parallel sentinel row) maps to -1
-            lut = torch.full((layer.num_experts + 1,), -1, dtype=torch.long)
-            lut[list(slots)] = torch.tensor(list(slots.values()), dtype=torch.long) - lo
-            slot_index = lut.to(top_k_index.device)[top_k_index.clamp(0, layer.num_experts)]
-            # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
-            # and only tokens with at least one pair in this wave are computed.
-            in_wave = slot_index >= 0
-            rows = in_wave.any(dim=-1).nonzero().squeeze(-1)
-            filler = next(iter(slots.values())) - lo
-            sub_index = torch.where(in_wave[rows], slot_index[rows], filler)
-            sub_weights = torch.where(in_wave[rows], top_k_weights[rows], torch.zeros_like(top_k_weights[rows]))
-            sub_hidden = hidden_states[rows]
-            if self._wide_waves:
-                # grouped_mm casts its input to the weights' dtype for the matmuls and returns the
-                # input's dtype: fp32 in means the per-token sum over top_k comes back unrounded,
-                # so summing waves and rounding once matches the stock single pass in bf16 too.
-                sub_hidden = sub_hidden.float()
-            part = self.kernel(proxy, sub_hidden, sub_index, sub_weights)
-            out = torch.zeros((hidden_states.shape[0], part.shape[-1]), dtype=part.dtype, device=part.device)
-            return out.index_add_(0, rows, part)
+            slot_list = [slots[e] for e in wave]
+            lo, hi = min(slot_list), max(slot_list) + 1
+            if hi - lo <= layer.num_experts:
+                self.kernel_calls["span"] += 1
+                return self._compute(layer, wave, slot_list, hidden_states, top_k_index, top_k_weights, alone, lo, hi)
+            # Slots scattered over the pool: gather the routed experts, a few at a time.
+            self.kernel_calls["gathered"] += 1
+            width = self.pool.work_slots
+            out = None
+            for i in range(0, len(wave), width):
+                part = self._compute(
+                    layer,
+                    wave[i : i + width],
+                    slot_list[i : i + width],
+                    hidden_states,
+                    top_k_index,
+                    top_k_weights,
+                    alone and len(wave) <= width,
+                )
+                out = part if out is None else out + part
+            return out
         finally:
             self.scheduler.release(slots.values())
 
-    def _resident_view(self, layer: MoELayer, device: torch.device):
-        """(proxy, lut) for the span of slots holding `layer`'s resident experts: the proxy's
-        weights are slots lo..hi-1 and lut maps expert id -> slot id - lo (-1 if absent; the
-        extra last row is transformers' expert-parallel sentinel). The kernel sees only that
-        span because kernels such as grouped_mm cost per group. Rebuilt only when the cache's
-        contents change, so a decode step whose experts are all resident builds nothing."""
-        cached = self._luts.get(layer.layer_idx)
-        if cached is not None and cached[0] == self.cache.version:
-            return cached[1], cached[2]
-        slot_of = self.cache.slot_of
-        table = [slot_of.get((layer.layer_idx, e), -1) for e in range(layer.num_experts)]
-        held = [s for s in table if s >= 0]
-        lo, hi = min(held), max(held) + 1
-        lut = torch.tensor([s - lo if s >= 0 else -1 for s in table] + [-1], dtype=torch.long).to(device)
-        proxy = self._proxy(layer, lo, hi)
-        self._luts[layer.layer_idx] = (self.cache.version, proxy, lut)
-        return proxy, lut
+    def _compute(self, layer, experts, slots, hidden_states, top_k_index, top_k_weights, alone, lo=None, hi=None):
+        """The stock kernel on `experts` (held in `slots`): on the pool span lo..hi, or (lo None)
+        on copies gathered into the working buffer. `alone`: every routed pair is in `experts`."""
+        num = layer.num_experts
+        if lo is None:
+            index = self._to_device(slots)
+            work = self.pool.work[: len(slots)]
+            torch.index_select(self.pool.buffer, 0, index, out=work)
+            proxy = self._proxy(layer, self.pool.work_params, 0, len(slots))
+            local = list(range(len(slots)))
+        else:
+            proxy = self._span_proxy(layer, lo, hi)
+            if alone:
+                # Every routed expert is resident and in this span: the device table maps them.
+                slot_index = (self._slot_table(layer) - lo)[top_k_index]
+                return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
+            local = [s - lo for s in slots]
+        # expert id -> index in the proxy for these experts only; every other expert (and the
+        # expert-parallel sentinel row) maps to -1
+        lut = [-1] * (num + 1)
+        for expert_id, idx in zip(experts, local):
+            lut[expert_id] = idx
+        slot_index = self._to_device(lut)[top_k_index.clamp(0, num)]
+        if alone:
+            return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
+        # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
+        # and only tokens with at least one pair in this wave are computed.
+        in_wave = slot_index >= 0
+        rows = in_wave.any(dim=-1).nonzero().squeeze(-1)
+        sub_index = torch.where(in_wave[rows], slot_index[rows], local[0])
+        sub_weights = torch.where(in_wave[rows], top_k_weights[rows], torch.zeros_like(top_k_weights[rows]))
+        sub_hidden = hidden_states[rows]
+        if self._wide_waves:
+            # grouped_mm casts its input to the weights' dtype for the matmuls and returns the
+            # input's dtype: fp32 in means the per-token sum over top_k comes back unrounded,
+            # so summing waves and rounding once matches the stock single pass in bf16 too.
+            sub_hidden = sub_hidden.float()
+        part = self.kernel(proxy, sub_hidden, sub_index, sub_weights)
+        out = torch.zeros((hidden_states.shape[0], part.shape[-1]), dtype=part.dtype, device=part.device)
+        return out.index_add_(0, rows, part)
 
-    def _proxy(self, layer: MoELayer, lo: int, hi: int):
-        """A stand-in for the experts module whose weights are slots lo..hi-1 of the pool."""
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """A small index tensor on the device, without synchronising: staged through pinned
+        memory (the caching host allocator keeps the block until the copy has run)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _slot_table(self, layer: MoELayer) -> torch.Tensor:
+        """Expert id -> slot of `layer` on the device (-1 if absent; the extra last row is
+        transformers' expert-parallel sentinel). Rewritten only when the layer's residents
+        change: O(num_experts of the layer), never O(pool)."""
+        version = self.cache.layer_version[layer.layer_idx]
+        cached = self._tables.get(layer.layer_idx)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        resident = self.cache.resident[layer.layer_idx]
+        table = self._to_device([resident.get(e, -1) for e in range(layer.num_experts)] + [-1])
+        self._tables[layer.layer_idx] = (version, table)
+        return table
+
+    def _span_proxy(self, layer: MoELayer, lo: int, hi: int):
+        cached = self._spans.get(layer.layer_idx)
+        if cached is not None and cached[0] == lo and cached[1] == hi:
+            return cached[2]
+        proxy = self._proxy(layer, self.pool.params, lo, hi)
+        self._spans[layer.layer_idx] = (lo, hi, proxy)
+        return proxy
+
+    def _proxy(self, layer: MoELayer, params: dict, lo: int, hi: int):
+        """A stand-in for the experts module whose weights are rows lo..hi-1 of `params`."""
         module = layer.experts
         proxy = object.__new__(type(module))
         proxy.__dict__.update(module.__dict__)
         proxy.__dict__["_parameters"] = {}
-        for name, param in self.pool.params.items():
+        for name, param in params.items():
             proxy.__dict__[name] = param[lo:hi]
         proxy.__dict__["num_experts"] = hi - lo
         return proxy
+
+    def _drain_stalls(self, flush: bool = False) -> None:
+        for layer_idx, seconds in self.loader.take_stalls(flush=flush).items():
+            self.cache.add_stall(layer_idx, seconds)
+        for step, seconds in self.loader.take_step_stalls().items():
+            self.step_stalls[step] = self.step_stalls.get(step, 0.0) + seconds
+        while len(self.step_stalls) > HISTORY:
+            del self.step_stalls[next(iter(self.step_stalls))]
 
     # -- public API ----------------------------------------------------------------
     def verify(self) -> None:
@@ -218,10 +333,12 @@ class Runtime:
             if not torch.equal(self.pool.slot(slot).cpu(), self.store[key]):
                 raise AssertionError(f"slot {slot} does not hold layer {key[0]} expert {key[1]}")
 
-    def stats(self) -> dict:
-        """Counters since attach (or the last `reset_stats`): totals and `per_layer`."""
-        for layer_idx, seconds in self.loader.take_stalls().items():
-            self.cache.add_stall(layer_idx, seconds)
+    def stats(self, flush: bool = False) -> dict:
+        """Counters since attach (or the last `reset_stats`): totals and `per_layer`.
+
+        On CUDA, stalls are timed with events and counted once those have completed; `flush`
+        waits for the pending ones (one synchronisation), as a report at the end of a run does."""
+        self._drain_stalls(flush=flush)
         totals = asdict(self.cache.totals())
         demand = totals["hits"] + totals["misses"]
         issued = totals["prefetch_issued"]
@@ -230,6 +347,7 @@ class Runtime:
             "hit_rate": totals["hits"] / demand if demand else 0.0,
             "prefetch_precision": totals["prefetch_used"] / issued if issued else 0.0,
             "per_layer": [{"layer_idx": l, **asdict(c)} for l, c in sorted(self.cache.counters.items())],
+            "stall_by_step": dict(self.step_stalls),
             "cache_slots": self.cache.num_slots,
             "expert_bytes": self.spec.nbytes,
             "num_experts": sum(layer.num_experts for layer in self.layers),
@@ -243,24 +361,33 @@ class Runtime:
             "predictor": getattr(self.predictor, "name", "none"),
             "lookahead": self.config.lookahead,
             "stall_timing": "cuda-events" if self.loader.kind == "cuda-stream" else "cpu-wait",
+            "kernel_calls": dict(self.kernel_calls),
         }
 
     def reset_stats(self) -> None:
-        self.loader.take_stalls()
+        self._drain_stalls(flush=True)
         self.cache.reset_counters()
         self.trace.clear()
         self.predictions.clear()
         self.step_starts.clear()
+        self.step_stalls.clear()
+        self.kernel_calls = dict.fromkeys(self.kernel_calls, 0)
         self.step = -1
 
     def detach(self):
         """Put the model back exactly as it was: experts in place, stock implementation.
-        Releases the slots, the loader thread or stream, and the host store."""
+        Releases the slots, the loader thread or stream, and the host store, so the next
+        attach in this process can reuse the device memory."""
         if not self._attached:
             return self.model
         self.loader.close()
         self._restore()
-        self._luts.clear()
+        self.scheduler.close()  # its references to the pool and the loader go with it
+        self._tables.clear()
+        self._spans.clear()
+        self._pending.clear()
+        self.predictor = None
+        self.pool.close()
         self.pool = None
         self.store.close()
         self._attached = False

@@ -13,10 +13,15 @@ Rules:
   layers are expected to use; outstanding speculation stays below num_slots - top_k;
 - queued prefetches that turn out stale are dropped, and a resident prediction that
   turned out wrong is counted wasted and demoted to be the first evicted.
+
+Host cost per layer grows with the experts routed and predicted, never with the pool: what
+a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
+actually looks at, and in-flight copies and unused prefetches are indexed per layer.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 from .cache import ExpertCache, Key
@@ -37,8 +42,8 @@ class Scheduler:
         self.max_speculative = cache.num_slots - top_k
         self.loader = loader
         self.source = source
-        self.moe_layer_ids = list(moe_layer_ids)
-        self.loading: dict[Key, int] = {}  # keys whose copies are queued or in flight
+        self.moe_layer_ids = sorted(moe_layer_ids)
+        self.loading: dict[int, dict[int, int]] = {l: {} for l in self.moe_layer_ids}  # queued or in flight
         self.expected: dict[int, set[int]] = {}  # latest prediction per target layer
         self.step = -1
         self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
@@ -47,26 +52,24 @@ class Scheduler:
         self.step += 1
         self.expected.clear()
 
+    def close(self) -> None:
+        """Drop the references to the loader and the tensors `source` hands out."""
+        self.source = None
+        self.loader = None
+
+    # -- predictions -----------------------------------------------------------
     def prefetch(self, layer_idx: int, predictions: list[Prediction]) -> None:
-        """Turn predictions made at the start of `layer_idx` into prefetch requests."""
+        """Turn predictions made at `layer_idx` into prefetch requests."""
         if not predictions:
             return
         self.reap()
         for target, _, experts in predictions:
             self.expected[target] = set(experts)
-        upcoming = [t for t in self.moe_layer_ids if t >= layer_idx][:2]
-        expected = {(t, e) for t in upcoming for e in self.expected.get(t, ())}
-        recent = self._recent(layer_idx)
-        outstanding = sum(1 for key in self.cache.unused_prefetch if key[0] > layer_idx)
+        first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
+        upcoming = self.moe_layer_ids[first : first + 2]
+        outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
-            # What a prefetch may evict, least recently used first: the target layer's experts
-            # that the prediction says this token will not use, and experts that served nobody
-            # in the latest pass over their layer. Never what layers up to the target will run
-            # with, nor another layer's recent experts: routing is sticky from token to token,
-            # and on a link-bound device that churn moves more bytes than the prediction saves.
-            predicted = set(experts)
-            keep = expected | self._resident_between(layer_idx, target) | recent
-            protected = {k for k in keep if k[0] != target or k[1] in predicted}
+            protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
                 key = (target, expert_id)
                 if key not in self.cache.slot_of and outstanding >= self.max_speculative:
@@ -79,39 +82,53 @@ class Scheduler:
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
 
-    def _resident_between(self, first: int, last: int) -> set[Key]:
-        return {key for key in self.cache.slot_of if first <= key[0] <= last}
+    def _protection(self, layer_idx: int, target: int, predicted: set[int], upcoming: list[int]):
+        """What a prefetch for `target` may not evict, as a predicate on resident keys.
 
-    def _recent(self, layer_idx: int) -> set[Key]:
-        """Experts that served their layer in the latest pass over it (this token for layers
-        already run, the previous token for the rest). Routing is sticky from token to token,
-        so these are the likeliest hits: a speculative prefetch may not evict them, or the
-        pool churns and a transfer-bound link moves the same experts again and again."""
-        step, last_used = self.step, self.last_used
-        return {k for k in self.cache.slot_of if last_used.get(k, -2) >= (step if k[0] < layer_idx else step - 1)}
+        The target layer's experts that the prediction rules out are fair game. Everything else
+        is kept when layers up to the target will run with it (resident between the running
+        layer and the target, or expected in the next two layers), or when it served its layer
+        in the latest pass over it (this token for layers already run, the previous token for
+        the rest): routing is sticky from token to token, and on a link-bound device evicting
+        those churns the pool and moves more bytes than the prediction saves."""
+        step, last_used, expected = self.step, self.last_used, self.expected
 
+        def protected(key: Key) -> bool:
+            layer, expert_id = key
+            if layer == target:
+                return expert_id in predicted
+            if layer_idx <= layer <= target:
+                return True
+            if layer in upcoming and expert_id in expected.get(layer, ()):
+                return True
+            return last_used.get(key, -2) >= (step if layer < layer_idx else step - 1)
+
+        return protected
+
+    # -- the running layer -------------------------------------------------------
     def plan(self, layer_idx: int, needed: list[int]) -> list[list[int]]:
         """Called once the running layer's routing is known: drop what turned out stale and
         split `needed` into waves that fit the pool (resident experts first)."""
-        if self.loading:
-            self.reap()
-        if self.loading or self.cache.unused_prefetch:
+        self.reap()
+        if self.loading[layer_idx] or self.cache.unused[layer_idx]:
             self._forget_stale(layer_idx, set(needed))
         n = self.cache.num_slots
         if len(needed) <= n:
-            return [needed]
-        ordered = sorted(needed, key=lambda e: self.cache.lookup((layer_idx, e)) is None)
+            return [needed] if needed else []
+        resident = self.cache.resident[layer_idx]
+        ordered = sorted(needed, key=lambda e: e not in resident)
         return [ordered[i : i + n] for i in range(0, len(ordered), n)]
 
     def acquire(self, layer_idx: int, wave: list[int]) -> dict[int, int]:
         """Pin every expert of `wave` in a slot and wait until its copy has landed (the stall)."""
         slots = {e: self._access((layer_idx, e)) for e in wave}
+        loading = self.loading[layer_idx]
         for expert_id in wave:
             self.last_used[(layer_idx, expert_id)] = self.step
         try:
             for expert_id, slot in slots.items():
-                self.loader.wait(slot, layer_idx)
-                self.loading.pop((layer_idx, expert_id), None)
+                if loading.pop(expert_id, None) is not None:
+                    self.loader.wait(slot, layer_idx)
                 self.cache.mark_ready(slot)
         except BaseException:
             self.release(slots.values())
@@ -124,38 +141,43 @@ class Scheduler:
             self.cache.unpin(slot)
 
     def reap(self) -> None:
-        for key, slot in list(self.loading.items()):
-            if self.loader.done(slot):
-                self.cache.mark_ready(slot)
-                del self.loading[key]
+        """Mark copies that have landed; costs the number of copies in flight."""
+        for loading in self.loading.values():
+            if loading:
+                for expert_id, slot in list(loading.items()):
+                    if self.loader.done(slot):
+                        self.cache.mark_ready(slot)
+                        del loading[expert_id]
 
     def _access(self, key: Key) -> int:
         try:
             slot, needs_load = self.cache.access(key)
         except CacheCapacityError:
-            if not self.loading:
+            if not any(self.loading.values()):
                 raise
             # Every unpinned slot is in flight: let those copies land, then they can be evicted.
-            for loading_key, slot in list(self.loading.items()):
-                self.loader.wait(slot, key[0])
-                self.cache.mark_ready(slot)
-                del self.loading[loading_key]
+            for layer, loading in self.loading.items():
+                for expert_id, slot in list(loading.items()):
+                    self.loader.wait(slot, key[0])
+                    self.cache.mark_ready(slot)
+                    del loading[expert_id]
             slot, needs_load = self.cache.access(key)
         if needs_load:
             self._load(key, slot, priority=DEMAND)
         return slot
 
     def _load(self, key: Key, slot: int, priority: float) -> None:
-        self.loading[key] = slot
+        self.loading[key[0]][key[1]] = slot
         src, dst = self.source(key, slot)
         self.loader.submit(slot, src, dst, priority, tag=key)
 
     def _forget_stale(self, layer_idx: int, needed: set[int]) -> None:
-        for key, slot in list(self.loading.items()):
-            stale = key[0] < layer_idx or (key[0] == layer_idx and key[1] not in needed)
-            if stale and key in self.cache.unused_prefetch and self.loader.cancel(slot):
-                del self.loading[key]
-                self.cache.drop(key)
-        for key in list(self.cache.unused_prefetch):
-            if key[0] == layer_idx and key[1] not in needed:
-                self.cache.demote(key)
+        """The running layer's prefetches it turned out not to need: cancel queued copies,
+        demote (and count wasted) those already resident."""
+        loading, unused = self.loading[layer_idx], self.cache.unused[layer_idx]
+        for expert_id, slot in list(loading.items()):
+            if expert_id not in needed and expert_id in unused and self.loader.cancel(slot):
+                del loading[expert_id]
+                self.cache.drop((layer_idx, expert_id))
+        for expert_id in [e for e in unused if e not in needed]:
+            self.cache.demote((layer_idx, expert_id))

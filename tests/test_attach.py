@@ -25,11 +25,12 @@ def test_attach_detach_restores_parameters(arch):
     runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3)
     experts = find_moe_layers(model)[0].experts
     assert all(p.numel() == 0 for p in experts.parameters()), "experts must leave the model"
-    assert model.config._experts_implementation == "moe_prefetch"
+    assert experts.config._experts_implementation == "moe_prefetch"
+    assert model.config._experts_implementation == "grouped_mm", "the model's own config stays untouched"
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
     runtime.detach()
-    assert model.config._experts_implementation == "grouped_mm"
+    assert experts.config is model.config and model.config._experts_implementation == "grouped_mm"
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     for name, (param, value) in before.items():
@@ -99,3 +100,51 @@ def test_repeated_attach_detach_does_not_grow_memory():
     gc.collect()
     assert process.memory_info().rss - baseline < 20 * 2**20
     assert len(__import__("threading").enumerate()) == threads
+
+
+def _twin(model):
+    """A second model built from the same config object, with the same weights."""
+    twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def test_models_sharing_a_config_do_not_affect_each_other():
+    model = make_model("mixtral")
+    twin, third = _twin(model), _twin(model)
+    assert twin.config is model.config
+    ids = prompt(1, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3)
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, expected), "an unattached twin runs its own weights"
+        third_runtime = moe_prefetch.attach(third, device="cpu", cache_slots=2)
+        assert third_runtime.kernel.__name__ == "grouped_mm_experts_forward", "never the runtime's own function"
+        torch.testing.assert_close(third(ids).logits, expected, atol=1e-5, rtol=0)
+        runtime.detach()  # detaching one model leaves the other attached, and running offloaded
+        torch.testing.assert_close(third(ids).logits, expected, atol=1e-5, rtol=0)
+        assert third_runtime.stats()["hits"] + third_runtime.stats()["misses"] > 0
+        assert torch.equal(model(ids).logits, expected)
+    third_runtime.detach()
+
+
+def test_a_module_left_dispatching_to_the_runtime_runs_stock():
+    model = make_model("olmoe")
+    ids = prompt(1, 4)
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.set_experts_implementation("moe_prefetch")  # by hand, never attached
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_detach_after_load_gives_experts_back_in_host_memory(tmp_path):
+    from tiny_models import save_model
+
+    save_model("qwen3_moe", tmp_path)
+    model, runtime = moe_prefetch.load(tmp_path, device="cpu", cache_slots=4)
+    layer = find_moe_layers(model)[0]
+    runtime.detach()
+    params = list(layer.experts.parameters())
+    assert params and all(p.device.type == "cpu" and p.numel() > 0 for p in params)
+    assert model.generation_config.disable_compile in (None, False), "restored"
