@@ -85,6 +85,8 @@ class RuntimeConfig:
     # Keep every trace record, prediction and copy (reports, bench, simulate). Off, the runtime
     # keeps the latest few thousand of each, so a long-lived process holds steady memory.
     record: bool = False
+    # How many trace records, predictions, copies and per-step stalls are kept when not recording.
+    history: int = 4096
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -101,6 +103,8 @@ class RuntimeConfig:
             raise ConfigError(f"safety_margin={self.safety_margin!r} must be in [0, 1)")
         if self.prefetch_margin < 0:
             raise ConfigError(f"prefetch_margin={self.prefetch_margin!r} must be >= 0")
+        if not isinstance(self.history, int) or self.history < 1:
+            raise ConfigError(f"history={self.history!r} must be a positive integer (records kept per history)")
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:
             raise ConfigError(f"link_bandwidth={self.link_bandwidth!r} must be positive bytes/s")
         if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):

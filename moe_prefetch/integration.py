@@ -24,10 +24,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .cache import ExpertCache
 from .config import RuntimeConfig, parse_size
-from .errors import CacheCapacityError, ConfigError, DeviceError
+from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
 from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
 from .loader import make_loader
+from .m2r2 import M2R2Predictor
 from .pool import SlotPool
+from .predictors import NextGatePredictor, OraclePredictor, Predictor, PreviousTokenPredictor
 from .runtime import Runtime
 from .store import HostStore, check_host_memory
 
@@ -228,8 +230,6 @@ def wire(
     )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)
-    from .predictors import make_predictor  # predictors need the runtime's layers
-
     try:
         runtime.predictor = make_predictor(config, runtime)
     except BaseException:
@@ -291,3 +291,23 @@ def _residual_hook(runtime: Runtime, layer_idx: int):
             runtime.on_layer_start(layer_idx, hidden)
 
     return hook
+
+
+def make_predictor(config: RuntimeConfig, runtime, trace: list[dict] | None = None) -> Predictor:
+    """Build the predictor named in `config` for `runtime`."""
+    kwargs = {"lookahead": config.lookahead, "margin": config.prefetch_margin}
+    if config.predictor in ("next-gate", "m2r2"):
+        missing = [layer.layer_idx for layer in runtime.layers if layer.router is None]
+        if missing:
+            raise PredictorError(f"no router module found in layers {missing}; use --predictor none or previous-token")
+    if config.predictor == "none":
+        return Predictor(runtime, **kwargs)
+    if config.predictor == "previous-token":
+        return PreviousTokenPredictor(runtime, **kwargs)
+    if config.predictor == "next-gate":
+        return NextGatePredictor(runtime, **kwargs)
+    if config.predictor == "oracle":
+        return OraclePredictor(runtime, trace=trace, **kwargs)
+    if config.predictor == "m2r2":
+        return M2R2Predictor.from_config(config, runtime, **kwargs)
+    raise PredictorError(f"unknown predictor {config.predictor!r}")

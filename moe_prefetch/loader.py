@@ -92,9 +92,9 @@ class Loader:
     def release(self, slot: int) -> None:
         """The compute side has finished issuing reads of `slot`."""
 
-    def record(self, on: bool) -> None:
-        """Keep every copy in `events` (on) or only the latest HISTORY (off)."""
-        self.events = list(self.events) if on else collections.deque(self.events, maxlen=HISTORY)
+    def record(self, on: bool, keep: int = HISTORY) -> None:
+        """Keep every copy in `events` (on) or only the latest `keep` (off)."""
+        self.events = list(self.events) if on else collections.deque(self.events, maxlen=keep)
 
     def take_stalls(self, flush: bool = False) -> dict[int, float]:
         """Stall seconds per layer since the last call (`flush`: wait for pending timings)."""

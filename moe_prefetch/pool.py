@@ -28,7 +28,8 @@ class SlotPool:
             if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
                 raise
             raise CacheCapacityError(
-                f"out of device memory allocating {num_slots} slots (+ {work_slots} working) x {spec.nbytes / 2**20:.1f} MiB "
+                f"out of device memory allocating {num_slots} slots (+ {work_slots} working) "
+                f"x {spec.nbytes / 2**20:.1f} MiB "
                 f"= {(num_slots + work_slots) * spec.nbytes / 2**30:.2f} GiB; lower cache_slots or cache_budget "
                 f"({str(err).splitlines()[0]})"
             ) from None

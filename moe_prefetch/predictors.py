@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import RuntimeConfig
 from .errors import PredictorError
 from .layout import MoELayer
 from .scheduler import Prediction
@@ -181,25 +180,3 @@ class OraclePredictor(Predictor):
             for layer, d in self.targets(layer_idx)
             if (step, layer.layer_idx) in self.by_step
         ]
-
-
-def make_predictor(config: RuntimeConfig, runtime, trace: list[dict] | None = None) -> Predictor:
-    """Build the predictor named in `config` for `runtime`."""
-    kwargs = {"lookahead": config.lookahead, "margin": config.prefetch_margin}
-    if config.predictor in ("next-gate", "m2r2"):
-        missing = [layer.layer_idx for layer in runtime.layers if layer.router is None]
-        if missing:
-            raise PredictorError(f"no router module found in layers {missing}; use --predictor none or previous-token")
-    if config.predictor == "none":
-        return Predictor(runtime, **kwargs)
-    if config.predictor == "previous-token":
-        return PreviousTokenPredictor(runtime, **kwargs)
-    if config.predictor == "next-gate":
-        return NextGatePredictor(runtime, **kwargs)
-    if config.predictor == "oracle":
-        return OraclePredictor(runtime, trace=trace, **kwargs)
-    if config.predictor == "m2r2":
-        from .m2r2 import M2R2Predictor
-
-        return M2R2Predictor.from_config(config, runtime, **kwargs)
-    raise PredictorError(f"unknown predictor {config.predictor!r}")

@@ -37,11 +37,9 @@ from .store import HostStore
 
 logger = logging.getLogger(__name__)
 
-HISTORY = 4096  # trace records, predictions and step starts kept unless recording is on
 
-
-def _history(record: bool):
-    return [] if record else collections.deque(maxlen=HISTORY)
+def _history(record: bool, keep: int):
+    return [] if record else collections.deque(maxlen=keep)
 
 
 class Runtime:
@@ -81,12 +79,13 @@ class Runtime:
         self.predictor = None  # set by integration once the runtime exists
         self.step = -1
         self.recording = bool(config.record)
+        self.history = config.history
         # Bounded unless recording: a long-lived process must not grow with every token.
-        self.trace = _history(self.recording)  # one record per MoE layer call: routing and timings
-        self.predictions = _history(self.recording)  # what the predictor said, for the simulator
-        self.step_starts = _history(self.recording)  # when each forward entered layer 0 (s since attach)
-        self.step_stalls: dict[int, float] = {}  # stall seconds per step (latest HISTORY steps)
-        loader.record(self.recording)
+        self.trace = _history(self.recording, self.history)  # one record per MoE layer call
+        self.predictions = _history(self.recording, self.history)  # what the predictor said
+        self.step_starts = _history(self.recording, self.history)  # when each forward entered layer 0
+        self.step_stalls: dict[int, float] = {}  # stall seconds per step (the latest `history` steps)
+        loader.record(self.recording, self.history)
         self.scheduler = Scheduler(
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
@@ -105,12 +104,12 @@ class Runtime:
 
     def record(self, on: bool = True) -> None:
         """Keep every trace record, prediction and copy (for reports, bench and simulate), or
-        (off) only the latest HISTORY of each, the default for long-lived processes."""
+        (off) only the latest `config.history` of each, the default for long-lived processes."""
         self.recording = on
         for name in ("trace", "predictions", "step_starts"):
             old = getattr(self, name)
-            setattr(self, name, list(old) if on else collections.deque(old, maxlen=HISTORY))
-        self.loader.record(on)
+            setattr(self, name, list(old) if on else collections.deque(old, maxlen=self.history))
+        self.loader.record(on, self.history)
 
     # -- hooks called from the model -------------------------------------------
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:
@@ -320,7 +319,7 @@ class Runtime:
             self.cache.add_stall(layer_idx, seconds)
         for step, seconds in self.loader.take_step_stalls().items():
             self.step_stalls[step] = self.step_stalls.get(step, 0.0) + seconds
-        while len(self.step_stalls) > HISTORY:
+        while len(self.step_stalls) > self.history:
             del self.step_stalls[next(iter(self.step_stalls))]
 
     # -- public API ----------------------------------------------------------------

@@ -156,7 +156,7 @@ class Scheduler:
             if not any(self.loading.values()):
                 raise
             # Every unpinned slot is in flight: let those copies land, then they can be evicted.
-            for layer, loading in self.loading.items():
+            for loading in self.loading.values():
                 for expert_id, slot in list(loading.items()):
                     self.loader.wait(slot, key[0])
                     self.cache.mark_ready(slot)

@@ -18,7 +18,8 @@ import torch
 from moe_prefetch.corpus import read_corpus
 from moe_prefetch.evaluate import eval_predictor, format_table
 from moe_prefetch.loading import DEMO_DIR
-from moe_prefetch.m2r2 import FILENAME, train_predictor
+from moe_prefetch.m2r2 import FILENAME
+from moe_prefetch.training import train_predictor
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def train_predictor(
     ] = "router-input",
 ):
     """Train M2R2 adapters for a model on text; resumes if a previous run was interrupted."""
-    from moe_prefetch.m2r2 import train_predictor as train
+    from moe_prefetch.training import train_predictor as train
 
     progress = Progress(
         TextColumn("{task.description}"),
