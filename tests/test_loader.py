@@ -87,3 +87,33 @@ def test_close_stops_the_thread():
     assert loader.kind == "cpu-thread" and "CPU" in loader.reason
     loader.close()
     assert not loader._thread.is_alive()
+
+
+def test_a_demand_copy_waits_for_one_chunk_not_a_whole_prefetch():
+    # 1 MB/s with 10 kB chunks: the 400 kB prefetch alone would hold the link for 0.4 s.
+    loader = ThreadLoader(2, link_bandwidth=1e6, chunk_bytes=10_000)
+    big = torch.ones(100_000)
+    loader.submit(0, big, torch.zeros(100_000), priority=2.0, tag="prefetch")
+    deadline = time.time() + 5
+    while loader._active != 0 and time.time() < deadline:  # the prefetch is on the link
+        time.sleep(0.001)
+    loader.submit(1, torch.full((2_500,), 2.0), torch.zeros(2_500), DEMAND, tag="demand")
+    loader.wait(1, layer_idx=0)
+    assert [e["tag"] for e in loader.events] == ["demand"], "the demand copy overtook the prefetch in progress"
+    loader.wait(0, layer_idx=0)
+    assert [e["tag"] for e in loader.events] == ["demand", "prefetch"]
+    loader.close()
+
+
+def test_a_preempted_copy_resumes_where_it_stopped_and_lands_whole():
+    loader = ThreadLoader(3, link_bandwidth=4e6, chunk_bytes=4_000)
+    src, dst = torch.arange(50_000.0), torch.zeros(50_000)
+    loader.submit(0, src, dst, priority=3.0)
+    while loader._active != 0:
+        time.sleep(0.001)
+    for slot in (1, 2):
+        loader.submit(slot, torch.ones(1_000), torch.zeros(1_000), DEMAND)
+    assert not loader.cancel(0), "a copy that has started cannot be cancelled"
+    loader.wait(0, layer_idx=0)
+    assert torch.equal(dst, src)
+    loader.close()
