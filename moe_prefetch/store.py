@@ -58,6 +58,7 @@ def check_host_memory(needed: int) -> None:
 @dataclass
 class _Chunk:
     layer_idx: int
+    expert_ids: list[int]  # row i holds expert expert_ids[i]
     rows: torch.Tensor  # [experts, spec.numel], a view of the whole mapping
     nbytes: int  # the mapping's size, whole pages
     registered: bool = False
@@ -80,7 +81,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
         for layer_idx, expert_ids in by_layer.items():
             for start in range(0, len(expert_ids), per_chunk):
                 group = expert_ids[start : start + per_chunk]
-                chunk = self._map(layer_idx, len(group))
+                chunk = self._map(layer_idx, group)
                 self._chunks.append(chunk)
                 for row, expert_id in enumerate(group):
                     self._index[(layer_idx, expert_id)] = chunk.rows[row]
@@ -90,16 +91,20 @@ class HostStore(Mapping[Key, torch.Tensor]):
         self._finalizer = weakref.finalize(self, _unregister_all, self._registered)
         self._finalizer.atexit = False  # at exit the OS reclaims everything; CUDA may be torn down
 
-    def _map(self, layer_idx: int, rows: int) -> _Chunk:
+    def _map(self, layer_idx: int, expert_ids: list[int]) -> _Chunk:
+        rows = len(expert_ids)
         wanted = rows * self.spec.nbytes
         size = -(-wanted // PAGE) * PAGE
         try:
             if hasattr(mmap, "MAP_ANONYMOUS"):
-                # Private anonymous pages: zero until written, never swapped to a file, page aligned, so
-                # two registered chunks never share a page (CUDA refuses a second registration of a page).
-                raw = torch.frombuffer(
-                    mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8
-                )
+                # Private anonymous pages: zero until written, page aligned, so two registered chunks
+                # never share a page (CUDA refuses to register a page twice).
+                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                if hasattr(mmap, "MADV_HUGEPAGE"):
+                    # 2 MiB pages: 512x fewer page faults while filling (about 4x faster) and fewer TLB misses
+                    # when the host reads experts; the kernel falls back to 4 KiB pages if it has none.
+                    buffer.madvise(mmap.MADV_HUGEPAGE)
+                raw = torch.frombuffer(buffer, dtype=torch.uint8)
             else:  # no anonymous mmap (Windows): plain host memory, never pinned there anyway
                 raw = torch.empty(size, dtype=torch.uint8)
         except (OSError, MemoryError, RuntimeError) as err:
@@ -107,7 +112,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
                 f"cannot reserve {size / 2**30:.2f} GiB of host memory for the expert store ({err}); "
                 "free memory or use a machine with more RAM"
             ) from None
-        return _Chunk(layer_idx, raw[:wanted].view(self.spec.dtype).view(rows, self.spec.numel), size)
+        return _Chunk(layer_idx, expert_ids, raw[:wanted].view(self.spec.dtype).view(rows, self.spec.numel), size)
 
     # -- filling ---------------------------------------------------------------------
     def write(self, key: Key, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -135,8 +140,10 @@ class HostStore(Mapping[Key, torch.Tensor]):
         try:
             for layer in layers:
                 params = dict(layer.experts.named_parameters(recurse=False))
-                rows = ((e, {n: p.detach()[e] for n, p in params.items()}) for e in range(layer.num_experts))
-                self.fill(layer.layer_idx, rows)
+                for chunk in self._chunks:
+                    if chunk.layer_idx == layer.layer_idx:
+                        self._copy_rows(chunk, params)
+                self._pin_layer(layer.layer_idx)
                 for name, param in params.items():
                     param.data = param.detach().new_empty(()).expand(param.shape)
                     moved.append((layer, name, param))
@@ -146,6 +153,17 @@ class HostStore(Mapping[Key, torch.Tensor]):
                     self.stacked(layer.layer_idx, name, layer.num_experts).to(param.device).reshape(param.shape)
                 )
             raise
+
+    def _copy_rows(self, chunk: _Chunk, params: Mapping[str, torch.Tensor]) -> None:
+        """One copy per parameter for a chunk of consecutive experts, not one per expert: each
+        copy call has a fixed cost (threads woken, page faults taken), paid 128x at 128 experts."""
+        first, count = chunk.expert_ids[0], len(chunk.expert_ids)
+        if chunk.expert_ids != list(range(first, first + count)):
+            for expert_id in chunk.expert_ids:
+                self.write((chunk.layer_idx, expert_id), {n: p.detach()[expert_id] for n, p in params.items()})
+            return
+        for name, view in self.spec.views(chunk.rows).items():
+            view.copy_(params[name].detach()[first : first + count].reshape(view.shape))
 
     def absorb_peak_bytes(self, layers: list[MoELayer]) -> int:
         """Host bytes `absorb` adds at its peak: the store so far, less the model's host copies

@@ -155,31 +155,39 @@ def _big_mixtral(layers: int, intermediate: int, hidden: int = 256):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def _watch_writes(monkeypatch, probe):
-    original = store_mod.HostStore.write
+def _watch_copies_out_of(model, monkeypatch, probe):
+    """Call `probe(layer position)` after every copy whose source is a model expert parameter,
+    however the store makes it (per expert, per chunk)."""
+    layers = find_moe_layers(model)
+    where = {p.untyped_storage().data_ptr(): i for i, la in enumerate(layers) for p in la.experts.parameters()}
+    original = torch.Tensor.copy_
 
-    def write(self, key, tensors):
-        original(self, key, tensors)
-        probe(key)
+    def copy_(self, src, *args, **kwargs):
+        out = original(self, src, *args, **kwargs)
+        pos = where.get(src.untyped_storage().data_ptr()) if isinstance(src, torch.Tensor) else None
+        if pos is not None:
+            probe(pos)
+        return out
 
-    monkeypatch.setattr(store_mod.HostStore, "write", write)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    return layers
 
 
 def test_attach_moves_experts_layer_by_layer(monkeypatch):
     model = make_model("qwen3_moe")
-    layers = find_moe_layers(model)
-    held = []  # per write: bytes each layer's expert parameters still hold in the model
+    seen = []  # per copy out of layer `pos`: bytes each layer's expert parameters still hold
 
-    def probe(key):
-        held.append((key[0], [sum(p.untyped_storage().nbytes() for p in la.experts.parameters()) for la in layers]))
+    def probe(pos):
+        seen.append((pos, [sum(p.untyped_storage().nbytes() for p in la.experts.parameters()) for la in layers]))
 
-    _watch_writes(monkeypatch, probe)
+    layers = _watch_copies_out_of(model, monkeypatch, probe)
     full = [sum(p.nbytes for p in la.experts.parameters()) for la in layers]
     runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3)
-    for layer_idx, sizes in held:
-        pos = [la.layer_idx for la in layers].index(layer_idx)
-        assert all(s <= 16 for s in sizes[:pos]), f"writing layer {layer_idx}: earlier layers not freed {sizes}"
-        assert sizes[pos:] == full[pos:]
+    monkeypatch.undo()
+    assert {pos for pos, _ in seen} == set(range(len(layers)))
+    for pos, held in seen:
+        assert all(h <= 16 for h in held[:pos]), f"copying layer {pos}: earlier layers not freed {held}"
+        assert held[pos:] == full[pos:]
     runtime.detach()
 
 
@@ -192,8 +200,9 @@ def test_attach_peak_host_memory_is_the_store_plus_one_layer(monkeypatch):
         expected = model(prompt(1, 4)).logits
     base = _rss()
     peak = []
-    _watch_writes(monkeypatch, lambda key: peak.append(psutil.Process().memory_info().rss))
+    _watch_copies_out_of(model, monkeypatch, lambda pos: peak.append(psutil.Process().memory_info().rss))
     runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4)
+    monkeypatch.undo()
     extra = max(peak) - base
     print(
         f"experts {3 * layer_bytes / MiB:.0f} MiB, one layer {layer_bytes / MiB:.0f} MiB, peak +{extra / MiB:.0f} MiB"
@@ -229,16 +238,15 @@ def test_a_failed_move_gives_every_layer_its_experts_back(monkeypatch):
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     with torch.no_grad():
         expected = model(prompt(1, 5)).logits
-    original = store_mod.HostStore.write
 
-    def write(self, key, tensors):
-        if key == (1, 3):
+    def probe(pos):
+        if pos == 1:  # halfway through the move: layer 0 is in the store, its model copy freed
             raise KeyboardInterrupt
-        original(self, key, tensors)
 
-    monkeypatch.setattr(store_mod.HostStore, "write", write)
+    _watch_copies_out_of(model, monkeypatch, probe)
     with pytest.raises(KeyboardInterrupt):
         moe_prefetch.attach(model, device="cpu", cache_slots=4)
+    monkeypatch.undo()
     for name, param in model.named_parameters():
         assert param is before[name][0] and torch.equal(param, before[name][1]), name
     with torch.no_grad():
