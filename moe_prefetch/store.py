@@ -176,8 +176,20 @@ class HostStore(Mapping[Key, torch.Tensor]):
         return peak
 
     def stacked(self, layer_idx: int, name: str, num_experts: int) -> torch.Tensor:
-        """One parameter of one layer as the model holds it: `[num_experts, *shape]`, a new tensor."""
-        return torch.stack([self.views((layer_idx, e))[name] for e in range(num_experts)])
+        """One parameter of one layer as the model holds it: `[num_experts, *shape]`, a new tensor
+        filled with one copy per chunk (not a stack of one copy per expert)."""
+        out = torch.empty((num_experts, *self.spec.shapes[self.spec.names.index(name)]), dtype=self.spec.dtype)
+        for chunk in self._chunks:
+            if chunk.layer_idx != layer_idx:
+                continue
+            view = self.spec.views(chunk.rows)[name]
+            first, count = chunk.expert_ids[0], len(chunk.expert_ids)
+            if chunk.expert_ids == list(range(first, first + count)):
+                out[first : first + count].copy_(view)
+            else:
+                for row, expert_id in enumerate(chunk.expert_ids):
+                    out[expert_id].copy_(view[row])
+        return out
 
     def _pin_layer(self, layer_idx: int) -> None:
         if not self._pin or self._pin_failed:

@@ -29,7 +29,7 @@ def _model():
 def _generate(model, device):
     ids = prompt(1, 4).to(device)
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
 
 
 def _measure(cycle, device) -> tuple[list[int], list[int]]:
