@@ -134,7 +134,7 @@ def main() -> int:
     for row in rows:
         # decode bytes over decode time: the same forwards tokens_per_s counts
         seconds = row["decode_forwards"] / row["tokens_per_s"] if row["tokens_per_s"] else 0.0
-        h2d = row["decode_bytes_loaded"] / seconds / 1e9 if seconds else 0.0
+        h2d_cell = f"{row['decode_bytes_loaded'] / seconds / 1e9:.2f}" if seconds else "-"  # "-": no decode window
         sim = row["simulated"].get(calibrated.name) if calibrated is not None else None
         tps = row["tokens_per_s"]
         sim_cell = f"{sim:.2f}" if sim else "-"
@@ -142,7 +142,7 @@ def main() -> int:
         print(
             f"{row['predictor']:<15}{row['cache_fraction']:>7.3g}{tps:>9.2f}"
             f"{tps / on_demand['tokens_per_s']:>13.2f}x{tps / resident['tokens_per_s']:>12.2f}x"
-            f"{row['hit_rate']:>7.3f}{row['stall_share']:>8.1%}{h2d:>10.2f}{sim_cell:>11}{ratio_cell:>10}"
+            f"{row['hit_rate']:>7.3f}{row['stall_share']:>8.1%}{h2d_cell:>10}{sim_cell:>11}{ratio_cell:>10}"
         )
     for line in lines:
         print(line)
