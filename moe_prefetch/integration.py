@@ -31,7 +31,7 @@ from .m2r2 import M2R2Predictor
 from .pool import SlotPool
 from .predictors import NextGatePredictor, OraclePredictor, Predictor, PreviousTokenPredictor
 from .runtime import Runtime
-from .store import HostStore, check_host_memory
+from .store import HostStore
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +147,10 @@ def attach(
     if target.type == "cpu" and spec.dtype == torch.float16:
         logger.info("float16 experts on CPU run slowly; consider dtype=torch.float32 or bfloat16")
     keys = [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)]
-    if not all(p.device.type == "cpu" for layer in layers for p in layer.experts.parameters()):
-        check_host_memory(len(keys) * spec.nbytes)  # experts on the host already are moved, not copied
     store = HostStore(spec, keys, pin=target.type == "cuda")
-    # Move each expert into the store and free the model's copy (its Parameter objects stay,
-    # emptied, so references users hold remain valid and detach can refill them).
-    for layer in layers:
-        params = dict(layer.experts.named_parameters(recurse=False))
-        for e in range(layer.num_experts):
-            store.write((layer.layer_idx, e), {n: p.detach()[e] for n, p in params.items()})
+    # Layer by layer, the experts move into the store and the model's copy is freed (its Parameter
+    # objects stay, so references users hold remain valid and detach can refill them).
+    store.absorb(layers)
     return wire(model, layers, spec, store, config, target, device_reason)
 
 

@@ -152,16 +152,15 @@ def load(
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     reader = CheckpointExperts(keys, _open)
-    check_host_memory(sum(layer.num_experts for layer in layers) * spec.nbytes)
     store = HostStore(
         spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
     )
+    check_host_memory(store.nbytes)  # the store is address space so far: nothing is resident yet
     expert_keys: set[str] = set()
     for layer in layers:
         kind, prefix = reader.resolve(layer.path, spec)
         expert_keys |= reader.expert_keys(kind, prefix, layer.num_experts, spec)
-        for e in range(layer.num_experts):
-            store.write((layer.layer_idx, e), reader.read(kind, prefix, e, spec))
+        store.fill(layer.layer_idx, ((e, reader.read(kind, prefix, e, spec)) for e in range(layer.num_experts)))
     _load_dense(model, keys, expert_keys, layers, target, dtype)
     runtime = wire(model, layers, spec, store, config, target, device_reason)
     return model, runtime
