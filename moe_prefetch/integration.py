@@ -267,8 +267,7 @@ def _refill(saved, store: HostStore, layers: list[MoELayer]) -> None:
     """Put every expert back into its original Parameter object, on its original device."""
     by_idx = {layer.layer_idx: layer for layer in layers}
     for layer_idx, name, param, shape, param_device in saved:
-        rows = [store.views((layer_idx, e))[name] for e in range(by_idx[layer_idx].num_experts)]
-        param.data = torch.stack(rows).to(param_device).reshape(shape)
+        param.data = store.stacked(layer_idx, name, by_idx[layer_idx].num_experts).to(param_device).reshape(shape)
 
 
 def _router_hook(runtime: Runtime, layer_idx: int):
