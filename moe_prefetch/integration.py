@@ -17,6 +17,7 @@ import psutil
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from . import guards
 from .cache import ExpertCache
 from .config import RuntimeConfig, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError
@@ -170,8 +171,10 @@ def wire(
     stock = type(layers[0].experts).forward.__wrapped__
     kernel = ALL_EXPERTS_FUNCTIONS.get_interface(original_impl, stock)
     hooks = []
+    unguard = lambda: None  # noqa: E731 (replaced once the guards are installed)
 
     def restore() -> None:
+        unguard()  # first: the guards refuse the experts switch and model.to below
         for hook in hooks:
             hook.remove()
         model.set_experts_implementation(original_impl)
@@ -216,6 +219,7 @@ def wire(
             hooks.append(layer.router.register_forward_pre_hook(_router_hook(runtime, layer.layer_idx)))
     model.set_experts_implementation(IMPLEMENTATION)
     model.__dict__["_moe_prefetch_runtime"] = runtime
+    unguard = guards.install(model, runtime)
     logger.info(
         "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s",
         len(layers),
