@@ -6,6 +6,7 @@ asynchronous loader; predictors stage the experts later layers will need ahead o
 
 from .config import RuntimeConfig, parse_size
 from .errors import (
+    AttachedModelError,
     CacheCapacityError,
     CheckpointError,
     ConfigError,
@@ -40,6 +41,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AttachedModelError",
     "CacheCapacityError",
     "CheckpointError",
     "ConfigError",

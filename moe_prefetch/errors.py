@@ -37,6 +37,10 @@ class PredictorError(MoePrefetchError):
     """Unknown predictor, or adapters that are missing or made for another model."""
 
 
+class AttachedModelError(MoePrefetchError, RuntimeError):
+    """The operation would reach an attached model's experts in a way the runtime cannot serve."""
+
+
 class LoaderError(MoePrefetchError):
     """A copy into a slot failed; raised in the caller at the next layer that needs it."""
 

@@ -22,6 +22,7 @@ import psutil
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from . import guards
 from .cache import ExpertCache
 from .config import RuntimeConfig, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
@@ -195,8 +196,10 @@ def wire(
     generation = getattr(model, "generation_config", None)
     compile_was = getattr(generation, "disable_compile", None)
     hooks = []
+    unguard = lambda: None  # noqa: E731 (replaced once the guards are installed)
 
     def restore() -> None:
+        unguard()  # first: the guards refuse the experts switch and model.to below
         for hook in hooks:
             hook.remove()
         for layer, original in zip(layers, configs):
@@ -249,6 +252,7 @@ def wire(
         generation.disable_compile = True
         logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
     model.__dict__["_moe_prefetch_runtime"] = runtime
+    unguard = guards.install(model, runtime)
     logger.info(
         "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s; stock kernel %s",
         len(layers),

@@ -25,12 +25,19 @@ from .scheduler import Prediction
 logger = logging.getLogger(__name__)
 
 
+def silent(module: torch.nn.Module, x: torch.Tensor):
+    """`module`'s arithmetic on `x` without its module hooks. transformers records router
+    outputs (router_logits, hence aux_loss) with forward hooks, and the runtime's router-input
+    prediction point is a pre-hook: a prediction must trigger neither."""
+    return module.forward(x)
+
+
 def route(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
     """Run `layer`'s own norm and router on `hidden` [..., H]; returns top-k indices [T, k]."""
     x = hidden.reshape(-1, hidden.shape[-1])
     if layer.norm is not None:
-        x = layer.norm(x)
-    out = layer.router(x)
+        x = silent(layer.norm, x)
+    out = silent(layer.router, x)
     outputs = out if isinstance(out, tuple) else (out,)
     for tensor in outputs:
         if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
@@ -152,7 +159,7 @@ class NextGatePredictor(Predictor):
         """Experts by router score, best first, enough to find `margin` runners-up after the
         router's own choice: prefetching k + margin trades link bytes for recall, worth it when
         compute hides the copies."""
-        x = layer.norm(residual) if layer.norm is not None else residual
+        x = silent(layer.norm, residual) if layer.norm is not None else residual
         bias = getattr(layer.router, "bias", None)
         scores = torch.nn.functional.linear(
             x.float(), layer.router.weight.float(), bias.float() if isinstance(bias, torch.Tensor) else None
