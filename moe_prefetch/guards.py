@@ -97,9 +97,10 @@ def _refuse_experts_switch(model) -> Callable[[], None]:
 
     def refuse(owner):
         def set_experts_implementation(experts_implementation):
-            current = owner.config._experts_implementation
-            if experts_implementation in (current, {"": current}):
-                return  # nothing changes
+            # The experts modules dispatch on private config copies set to the runtime (the
+            # model's own config is left untouched); asking for the runtime changes nothing.
+            if experts_implementation in ("moe_prefetch", {"": "moe_prefetch"}):
+                return
             raise AttachedModelError(
                 f"this model's experts are run by the moe-prefetch runtime; {DETACH}, "
                 f"then set_experts_implementation({experts_implementation!r})"
