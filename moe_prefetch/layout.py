@@ -20,17 +20,19 @@ from .errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "gpt_oss",
-    "granitemoe",
-    "phimoe",
+# Every model type tests/test_exactness.py::test_load_matches_stock runs exact with eviction, most used first.
+SUPPORTED = tuple(
+    """
+    mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 gpt_oss granitemoe phimoe afmoe aria_text
+    axk1 axk2 bailing_hybrid beam cohere2_moe deepseek_v32 deepseek_v4 dots1 dots3_note_text
+    ernie4_5_moe exaone_moe flex_olmo flint gemma4_text glm4_moe glm4_moe_lite glm_moe_dsa
+    granitemoe_swa granitemoehybrid granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling2_loop_text
+    inkling2_text inkling_text jamba kimi_linear kolibri1 laguna lara_mini lfm2_moe mellum mimo_v2_flash
+    minimax minimax_m2 minimax_m3_vl_text nemotron_h qwen3_5_moe_text qwen3_next qwen4_exp_text
+    solar_open zaya
+    """.split()
 )
+
 _ALIGN = 64  # elements; keeps every parameter view 256-byte aligned in fp32, 128 in bf16
 
 
@@ -123,11 +125,14 @@ def _find_router(block: nn.Module, experts: nn.Module) -> nn.Module | None:
 
 def _top_k(model: nn.Module, router: nn.Module | None) -> int:
     for source in (router, getattr(model, "config", None)):
-        for attr in ("top_k", "num_experts_per_tok"):
+        # the names transformers' MoE configs and routers give the number of experts per token
+        for attr in ("top_k", "num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k"):
             value = getattr(source, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
-    raise UnsupportedModelError("cannot tell top_k: neither the router nor the config names num_experts_per_tok")
+    raise UnsupportedModelError(
+        "cannot tell top_k: neither the router nor the config names num_experts_per_tok (or top_k, top_k_experts)"
+    )
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
