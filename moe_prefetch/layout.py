@@ -1,10 +1,10 @@
-"""Where the experts are: in a transformers model, and in a safetensors checkpoint.
+"""Where the experts are in a transformers model.
 
 `ExpertSpec` is the per-expert layout shared by the host store and the device pool: the
 model's fused expert parameters without their leading expert dimension, packed into one
 flat buffer per expert (each piece aligned to 64 elements so device views stay aligned).
 `find_moe_layers` locates the experts modules through transformers' experts-implementation
-interface; `CheckpointExperts` reads one expert at a time from any of the on-disk layouts.
+interface (`checkpoint.Checkpoint` reads them from disk).
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "gpt_oss",
-    "granitemoe",
-    "phimoe",
+# Every model type tests/test_exactness.py::test_load_matches_stock runs exact with eviction, most used first.
+SUPPORTED = tuple(
+    """
+    mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 gpt_oss granitemoe phimoe afmoe aria_text
+    axk1 axk2 bailing_hybrid beam cohere2_moe deepseek_v32 deepseek_v4 dots1 dots3_note_text
+    ernie4_5_moe exaone_moe flex_olmo flint gemma4_text glm4_moe glm4_moe_lite glm_moe_dsa
+    granitemoe_swa granitemoehybrid granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling2_loop_text
+    inkling2_text inkling_text jamba kimi_linear kolibri1 laguna lara_mini lfm2_moe mellum mimo_v2_flash
+    minimax minimax_m2 minimax_m3_vl_text nemotron_h qwen3_5_moe_text qwen3_next qwen4_exp_text
+    solar_open zaya
+    """.split()
 )
+
 _ALIGN = 64  # elements; keeps every parameter view 256-byte aligned in fp32, 128 in bf16
 
 
@@ -123,11 +125,14 @@ def _find_router(block: nn.Module, experts: nn.Module) -> nn.Module | None:
 
 def _top_k(model: nn.Module, router: nn.Module | None) -> int:
     for source in (router, getattr(model, "config", None)):
-        for attr in ("top_k", "num_experts_per_tok"):
+        # the names transformers' MoE configs and routers give the number of experts per token
+        for attr in ("top_k", "num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k"):
             value = getattr(source, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
-    raise UnsupportedModelError("cannot tell top_k: neither the router nor the config names num_experts_per_tok")
+    raise UnsupportedModelError(
+        "cannot tell top_k: neither the router nor the config names num_experts_per_tok (or top_k, top_k_experts)"
+    )
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -191,95 +196,3 @@ def dense_bytes(model, layers) -> tuple[int, int]:
         if id(p) not in expert_ids and not ("embed" in n or "lm_head" in n)
     )
     return rest // model.config.num_hidden_layers, head
-
-
-# -- checkpoints ---------------------------------------------------------------
-# Per-expert files name (gate, up, down) one of these ways; they fuse to gate_up_proj = [gate; up].
-_PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
-# Older checkpoints call the sparse block `block_sparse_moe` where the model says `mlp`.
-_BLOCK_ALIASES = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
-# Non-expert keys renamed between checkpoint and model; a key may need several of them.
-_KEY_RENAMES = (
-    (".block_sparse_moe.", ".mlp."),
-    (".gate.weight", ".router.weight"),
-    ("router.layer.weight", "router.weight"),
-)
-
-
-class CheckpointExperts:
-    """Reads experts one at a time from safetensors, whatever the on-disk layout.
-
-    Layouts: fused as in the model (`experts.gate_up_proj[e]`, GPT-OSS with biases),
-    per-expert (`experts.{e}.w1/w3/w2` or `gate_proj/up_proj/down_proj`), and Granite's
-    `input_linear/output_linear`. `resolve(path)` picks one per experts module.
-    """
-
-    def __init__(self, keys: dict[str, str], open_file):
-        self.keys = keys  # tensor name -> file
-        self._open = open_file  # file -> safe_open handle
-
-    def _get(self, key: str) -> torch.Tensor:
-        return self._open(self.keys[key]).get_tensor(key)
-
-    def _slice(self, key: str, e: int) -> torch.Tensor:
-        return self._open(self.keys[key]).get_slice(key)[e]
-
-    def resolve(self, path: str, spec: ExpertSpec) -> tuple[str, str]:
-        """Return (kind, checkpoint prefix) for the experts module at `path`."""
-        candidates = [path] + [path.replace(a, b) for a, b in _BLOCK_ALIASES if a in path]
-        for prefix in candidates:
-            if all(f"{prefix}.{n}" in self.keys for n in spec.names):
-                return "fused", prefix
-            for names in _PER_EXPERT_NAMES:
-                if f"{prefix}.0.{names[0]}.weight" in self.keys and spec.names == ("gate_up_proj", "down_proj"):
-                    return "per_expert:" + ",".join(names), prefix
-            block = prefix.rsplit(".", 1)[0]
-            if f"{block}.input_linear.weight" in self.keys and spec.names == ("gate_up_proj", "down_proj"):
-                return "granite", block
-        raise CheckpointError(f"no expert weights for {path} in the checkpoint (tried {', '.join(candidates)})")
-
-    def expert_keys(self, kind: str, prefix: str, num_experts: int, spec: ExpertSpec) -> set[str]:
-        if kind == "fused":
-            return {f"{prefix}.{n}" for n in spec.names}
-        if kind == "granite":
-            return {f"{prefix}.input_linear.weight", f"{prefix}.output_linear.weight"}
-        names = kind.split(":", 1)[1].split(",")
-        return {f"{prefix}.{e}.{n}.weight" for e in range(num_experts) for n in names}
-
-    def read(self, kind: str, prefix: str, e: int, spec: ExpertSpec) -> dict[str, torch.Tensor]:
-        """Expert `e`'s tensors, shaped like the model's parameters without the expert dim."""
-        try:
-            if kind == "fused":
-                out = {n: self._slice(f"{prefix}.{n}", e) for n in spec.names}
-            elif kind == "granite":
-                out = {
-                    "gate_up_proj": self._slice(f"{prefix}.input_linear.weight", e),
-                    "down_proj": self._slice(f"{prefix}.output_linear.weight", e),
-                }
-            else:
-                gate, up, down = kind.split(":", 1)[1].split(",")
-                out = {
-                    "gate_up_proj": torch.cat(
-                        [self._get(f"{prefix}.{e}.{gate}.weight"), self._get(f"{prefix}.{e}.{up}.weight")], dim=0
-                    ),
-                    "down_proj": self._get(f"{prefix}.{e}.{down}.weight"),
-                }
-        except KeyError as err:
-            raise CheckpointError(
-                f"expert {e} of {prefix} is missing tensor {err}; the checkpoint is incomplete"
-            ) from None
-        for name, shape in zip(spec.names, spec.shapes):
-            if tuple(out[name].shape) != shape:
-                raise CheckpointError(
-                    f"{prefix} expert {e} {name} has shape {tuple(out[name].shape)}, config says {shape}; "
-                    "config.json and the weights disagree"
-                )
-        return out
-
-
-def rename_key(key: str, model_keys: set[str]) -> str | None:
-    """Map a non-expert checkpoint key to the model's name for it, or None."""
-    candidates = [key]
-    for old, new in _KEY_RENAMES:
-        candidates += [c.replace(old, new) for c in candidates if old in c]
-    return next((c for c in candidates if c in model_keys), None)

@@ -18,10 +18,11 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .checkpoint import Checkpoint
 from .config import RuntimeConfig
 from .errors import CheckpointError, DeviceError, ModelNotFoundError, UnsupportedModelError
 from .integration import resolve_device, wire
-from .layout import CheckpointExperts, find_moe_layers, rename_key, spec_of
+from .layout import find_moe_layers, spec_of
 from .runtime import Runtime
 from .store import HostStore, check_host_memory
 
@@ -151,40 +152,37 @@ def load(
     model.eval()
     layers = find_moe_layers(model)
     spec = spec_of(layers)
-    reader = CheckpointExperts(keys, _open)
+    checkpoint = Checkpoint(model, keys, _open)
     store = HostStore(
         spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
     )
     check_host_memory(store.nbytes)  # the store is address space so far: nothing is resident yet
-    expert_keys: set[str] = set()
-    for layer in layers:
-        kind, prefix = reader.resolve(layer.path, spec)
-        expert_keys |= reader.expert_keys(kind, prefix, layer.num_experts, spec)
-        store.fill(layer.layer_idx, ((e, reader.read(kind, prefix, e, spec)) for e in range(layer.num_experts)))
-    _load_dense(model, keys, expert_keys, layers, target, dtype)
+    expert_names = {f"{layer.path}.{n}" for layer in layers for n in spec.names}
+    try:
+        for layer in layers:
+            store.fill(
+                layer.layer_idx,
+                ((e, checkpoint.expert(layer.path, e, layer.num_experts, spec)) for e in range(layer.num_experts)),
+            )
+        _load_dense(model, checkpoint, expert_names, target, dtype)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read the checkpoint ({err}); a file is corrupt or truncated") from None
     runtime = wire(model, layers, spec, store, config, target, device_reason)
     return model, runtime
 
 
-def _load_dense(model, keys: dict[str, str], expert_keys: set[str], layers, target, dtype) -> None:
+def _load_dense(model, checkpoint: Checkpoint, expert_names: set[str], target, dtype) -> None:
     """Read every non-expert tensor onto `target`; fail on anything the model still lacks."""
-    expert_params = {f"{layer.path}.{n}" for layer in layers for n, _ in layer.experts.named_parameters(recurse=False)}
-    model_keys = set(model.state_dict().keys())
+    for key in checkpoint.unexpected:
+        logger.warning("ignoring checkpoint tensor %s: the model has no such weight", key)
     state = {}
-    for key, file in keys.items():
-        if key in expert_keys:
+    for name in checkpoint.targets:
+        if name in expert_names:
             continue
-        name = rename_key(key, model_keys)
-        if name is None:
-            logger.warning("ignoring checkpoint tensor %s: the model has no such weight", key)
-            continue
-        try:
-            tensor = _open(file).get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {key} from {file} ({err}); the file is corrupt or truncated") from None
-        state[name] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        for model_name, tensor in checkpoint.dense(name).items():
+            state[model_name] = tensor.to(device=target, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in expert_params]
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in expert_names]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} weight(s), e.g. {missing[0]}; it is incomplete")

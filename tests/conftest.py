@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-from tiny_models import ARCHS, save_model  # noqa: E402
+from tiny_models import save_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,12 +20,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class _Checkpoints(dict):
+    """model type -> (folder, stock model), saved with `save_pretrained` on first use."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, model_type):
+        folder = self.root / model_type
+        self[model_type] = (folder, save_model(model_type, folder))
+        return self[model_type]
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """arch -> (folder, stock model) for every supported architecture, saved once."""
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for arch in ARCHS:
-        folder = root / arch
-        out[arch] = (folder, save_model(arch, folder))
-    return out
+    """model type -> (folder, stock model) for any architecture in tiny_models, each saved once."""
+    return _Checkpoints(tmp_path_factory.mktemp("ckpt"))

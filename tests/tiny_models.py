@@ -1,80 +1,184 @@
-"""Tiny random MoE models of every supported architecture, built from configs (no download)."""
+"""Tiny random MoE models of every architecture transformers builds with its experts interface.
+
+The list comes from transformers itself: the causal-LM auto mapping, narrowed to the model
+types whose modeling file decorates an experts class with `use_experts_implementation`
+(`interface_model_types`). Each gets a tiny config: the generic sizes below wherever its
+config has the field, then the few per-architecture settings that a 2-layer, 8-expert model
+needs (attention kinds, MLA head counts, which layers are sparse). No downloads.
+"""
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import functools
+from pathlib import Path
 
-COMMON = dict(
-    vocab_size=96,
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import model_type_to_module_name
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+VOCAB = 96
+# Applied to every config that has the field (ignored by those that do not).
+TINY = dict(
+    vocab_size=VOCAB,
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-DEEPSEEK = dict(
+    head_dim=8,
     intermediate_size=64,
     moe_intermediate_size=48,
+    shared_expert_intermediate_size=48,
+    shared_intermediate_size=48,
+    num_experts=8,
+    num_local_experts=8,
     n_routed_experts=8,
     num_experts_per_tok=2,
+    num_experts_per_token=2,
+    moe_num_experts=8,
+    moe_k=2,
+    moe_num_shared_experts=1,
+    moe_layer_start_index=0,
     n_shared_experts=1,
-    first_k_dense_replace=1,
-    num_hidden_layers=3,
+    num_shared_experts=1,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    mlp_only_layers=[],
+    decoder_sparse_step=1,
     kv_lora_rank=16,
+    q_lora_rank=24,
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=8,
     n_group=2,
     topk_group=1,
-    num_key_value_heads=4,
+    num_expert_group=2,
+    max_position_embeddings=128,
+    sliding_window=4,  # shorter than the test prompts, so sliding layers really slide
+    # linear attention, mamba, sparse-attention indexers and router MLPs of the hybrid models
+    linear_num_heads=4,
+    linear_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    ssm_state_size=8,
+    n_groups=1,
+    moe_shared_expert_intermediate_size=48,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=2,
+    swa_head_dim=8,
+    router_hidden_size=16,
+    o_lora_rank=16,
+    unpadded_vocab_size=VOCAB,
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=8,
+    global_head_dim=16,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
-ARCHS = {
-    "mixtral": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        intermediate_size=64,
-        moe_intermediate_size=48,
-        shared_expert_intermediate_size=48,
-        num_experts=8,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
+# What a config needs beyond TINY (or instead of it) for a small, working, sparse model.
+MLA = dict(num_key_value_heads=4)  # multi-head latent attention: one kv head per query head
+OVERRIDES = {
+    "mixtral": dict(num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts_per_tok=3),  # an odd top-k somewhere
+    "deepseek_v2": dict(MLA, q_lora_rank=None, topk_method="group_limited_greedy"),
+    "deepseek_v3": dict(MLA),
+    "deepseek_v32": dict(MLA),
+    "glm4_moe_lite": dict(MLA),
+    "glm_moe_dsa": dict(MLA),
+    "axk1": dict(MLA),
+    "axk2": dict(MLA),
+    "kimi_linear": dict(MLA),
+    "bailing_hybrid": dict(MLA),
+    "zaya": dict(num_experts_per_tok=1),  # its config allows top-1 only
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, layer_types=["linear_attention", "full_attention"]),
+    "nemotron_h": dict(layer_types=["linear_attention", "moe", "full_attention", "moe"]),
+    "dots3_note_text": dict(
+        MLA,
+        index_head_dim=8,
+        index_n_heads=2,
+        index_topk=4,
+        per_layer_config={  # its second layer's attention, shrunk like the rest
+            1: dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, head_dim=16)
+            | dict(qk_nope_head_dim=8, v_head_dim=8, qk_rope_head_dim=8)
+        },
     ),
-    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=3, head_dim=8),
-    "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v2": dict(DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
-    "deepseek_v3": dict(DEEPSEEK, q_lora_rank=24),
-    "gpt_oss": dict(
-        intermediate_size=48,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        head_dim=8,
-        layer_types=["sliding_attention", "full_attention"],
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=48),
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2
     ),
-    "granitemoe": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
-    "phimoe": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
 }
+# Config fields that list one kind per layer: the tiny model takes each kind the default has once.
+PER_LAYER_KINDS = ("layer_types",)
 
 
-def make_model(arch: str, seed: int = 0):
-    config = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch]})
+def interface_model_types() -> list[str]:
+    """Causal-LM model types whose modeling code uses transformers' experts interface."""
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        source = root / module / f"modeling_{module}.py"
+        if source.is_file() and "@use_experts_implementation" in source.read_text():
+            found.append(model_type)
+    return sorted(found)
+
+
+def _has(config, name: str) -> bool:
+    try:
+        getattr(config, name)
+    except AttributeError:
+        return False
+    except Exception:  # a per-layer attribute: present, but read per layer
+        return True
+    return True
+
+
+@functools.cache
+def tiny_config(model_type: str):
+    default = AutoConfig.for_model(model_type)
+    kwargs = {k: v for k, v in TINY.items() if _has(default, k)}
+    if not _has(default, "sliding_window") or not getattr(default, "sliding_window", None):
+        kwargs.pop("sliding_window", None)  # a model without a sliding window stays without one
+    for name in PER_LAYER_KINDS:
+        kinds = getattr(default, name, None)
+        if isinstance(kinds, list) and kinds and not isinstance(getattr(type(default), name, None), property):
+            distinct = list(dict.fromkeys(kinds))
+            kwargs[name] = distinct if len(distinct) > 1 else distinct * 2
+            kwargs["num_hidden_layers"] = len(kwargs[name])
+    mlp_kinds = getattr(default, "mlp_layer_types", None)
+    if isinstance(mlp_kinds, list):  # every layer sparse, cycling through the sparse kinds
+        sparse = [k for k in dict.fromkeys(mlp_kinds) if k != "dense"]
+        kwargs["mlp_layer_types"] = [sparse[i % len(sparse)] for i in range(kwargs["num_hidden_layers"])]
+    kwargs.update(OVERRIDES.get(model_type, {}))
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    if arch == "deepseek_v3":  # give the sigmoid router's correction bias something to do
-        for layer in model.model.layers:
-            gate = getattr(layer.mlp, "gate", None)
-            if gate is not None and hasattr(gate, "e_score_correction_bias"):
-                gate.e_score_correction_bias.copy_(torch.randn_like(gate.e_score_correction_bias) * 0.1)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+    # Zero-initialised router biases would leave bias-corrected routing untested: give them values.
+    with torch.no_grad():
+        for name, buffer in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
     return model
 
 
-def save_model(arch: str, path, seed: int = 0):
-    model = make_model(arch, seed)
+def save_model(model_type: str, path, seed: int = 0):
+    model = make_model(model_type, seed)
     model.save_pretrained(path)
     return model
 
 
 def prompt(batch: int = 1, length: int = 6, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
