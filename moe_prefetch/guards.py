@@ -153,7 +153,7 @@ def _refuse_conversions(model, runtime) -> Callable[[], None]:
     guarded = [
         module
         for name, module in model.named_modules()
-        if any(n == name or not name or n.startswith(name + ".") for n in names)
+        if not name or any(n == name or n.startswith(name + ".") for n in names)
     ]
     dtype, device = runtime.spec.dtype, runtime.device
 

@@ -83,6 +83,8 @@ def test_prediction_leaves_outputs_alone(stock, arch, predictor, tmp_path):
         if predictor not in ("none", "previous-token"):  # previous-token has no history in one forward
             # the prediction point still fires for the model's own calls (router-input: the router's pre-hook)
             assert runtime.predictions, "the predictor never ran"
+        if predictor == "m2r2-router-input":  # once per MoE layer with a later one, at the model's own router call
+            assert len(runtime.predictions) == len(runtime.layers) - 1
     finally:
         runtime.detach()
     for name in ("router_logits", "aux_loss", "hidden_states", "attentions", "logits"):
