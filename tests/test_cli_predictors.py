@@ -177,7 +177,7 @@ def test_simulate_a_recorded_run(setup, tmp_path):
 
 def test_simulate_missing_file_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "--trace", str(tmp_path / "none.json"), "--profile", "h200"])
-    assert_one_line_error(result, "no such run file")
+    assert_one_line_error(result, "does not exist")
 
 
 def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):
