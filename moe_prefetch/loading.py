@@ -152,6 +152,7 @@ def load(
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     reader = CheckpointExperts(keys, _open)
+    check_expert_shapes(reader, layers, spec)
     check_host_memory(sum(layer.num_experts for layer in layers) * spec.nbytes)
     store = HostStore(
         spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
@@ -165,6 +166,41 @@ def load(
     _load_dense(model, keys, expert_keys, layers, target, dtype)
     runtime = wire(model, layers, spec, store, config, target, device_reason)
     return model, runtime
+
+
+def check_expert_shapes(reader: CheckpointExperts, layers, spec) -> None:
+    """Every expert tensor's shape, from the safetensors headers, against what config.json
+    builds; runs before anything is allocated, so a mismatch costs no copy and names its tensor."""
+    for layer in layers:
+        kind, prefix = reader.resolve(layer.path, spec)
+        shapes = dict(zip(spec.names, spec.shapes))
+        if kind == "fused":
+            expected = {f"{prefix}.{n}": (layer.num_experts, *shape) for n, shape in shapes.items()}
+        elif kind == "granite":
+            expected = {
+                f"{prefix}.input_linear.weight": (layer.num_experts, *shapes["gate_up_proj"]),
+                f"{prefix}.output_linear.weight": (layer.num_experts, *shapes["down_proj"]),
+            }
+        else:  # per expert: gate and up are the two halves of the model's fused gate_up_proj
+            gate, up, down = kind.split(":", 1)[1].split(",")
+            rows, *rest = shapes["gate_up_proj"]
+            half = (rows // 2, *rest)
+            expected = {}
+            for e in range(layer.num_experts):
+                expected |= {
+                    f"{prefix}.{e}.{gate}.weight": half,
+                    f"{prefix}.{e}.{up}.weight": half,
+                    f"{prefix}.{e}.{down}.weight": tuple(shapes["down_proj"]),
+                }
+        for key, shape in expected.items():
+            if key not in reader.keys:
+                continue  # reported as missing when the expert is read
+            actual = tuple(_open(reader.keys[key]).get_slice(key).get_shape())
+            if actual != tuple(shape):
+                raise CheckpointError(
+                    f"expert tensor {key} in {reader.keys[key]} has shape {actual} but config.json implies "
+                    f"{tuple(shape)}; the weights and config.json belong to different models"
+                )
 
 
 def _load_dense(model, keys: dict[str, str], expert_keys: set[str], layers, target, dtype) -> None:

@@ -227,7 +227,7 @@ def _timeline_chart(run: dict) -> tuple[str, int, int]:
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1000px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}.banner{padding:10px 14px;border-radius:6px;font-weight:600}
-.cuda{background:#e3f0e6}.cpu{background:#fff4d6}.simulated{background:#fde2e4}.warn{background:#fde2e4}
+.cuda{background:#e3f0e6}.cpu{background:#fff4d6}.simulated{background:#fde2e4}.warn{background:#ffe0b2}
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}.kv td{text-align:left}.note{color:#555;font-size:13px}
 svg{display:block;margin:8px 0}.tick{font-size:11px;fill:#555}.axis{font-size:12px;fill:#333}

@@ -354,7 +354,9 @@ def test_missing_prompts_are_one_line(ckpt, runner, tmp_path):
     base = ["run", "--model", str(ckpt), "--device", "cpu"]
     assert_one_line_error(runner.invoke(app, base, input=""), "prompt is empty")
     assert_one_line_error(runner.invoke(app, [*base, "--prompt-file", str(tmp_path / "nope.txt")]), "--prompt-file")
-    assert_one_line_error(runner.invoke(app, [*base, "--prompt", "a", "--prompt-file", "b"]), "not --prompt and --prompt-file")
+    assert_one_line_error(
+        runner.invoke(app, [*base, "--prompt", "a", "--prompt-file", "b"]), "not --prompt and --prompt-file"
+    )
 
 
 def test_model_without_tokenizer_is_one_line(ckpt, runner, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from typing import Annotated
 
@@ -28,6 +29,17 @@ except ImportError:  # pragma: no cover
 DEBUG_ENV = "MOE_PREFETCH_DEBUG"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Library messages name settings as keywords (`cache_budget='1KB'`, `device='cpu'`), which is
+# right for `attach`/`load` callers; here the same settings are options, so say it that way.
+_KEYWORDS = ("cache_slots", "cache_budget", "predictor_path", "device", "predictor", "lookahead")
+_ASSIGNED = re.compile(rf"\b({'|'.join(_KEYWORDS)})=('[^']*'|\S+?)(?=[\s:;,)]|$)")
+_BARE = re.compile(r"\b(cache_slots|cache_budget|predictor_path)\b")
+
+
+def as_options(message: str) -> str:
+    """`cache_budget='1KB' holds ...; raise cache_budget` -> `--cache-budget 1KB holds ...; raise --cache-budget`."""
+    message = _ASSIGNED.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2].strip(chr(39))}", message)
+    return _BARE.sub(lambda m: f"--{m[1].replace('_', '-')}", message)
 
 
 def _debug() -> bool:
@@ -49,7 +61,7 @@ def _mapped_errors():
             if isinstance(err, UsageError) and err.ctx is not None:
                 message += f" (see {err.ctx.command_path} --help)"
         else:
-            message = str(err)
+            message = as_options(str(err))
         message = " ".join(line.strip() for line in message.splitlines())  # one line, always
         stderr().print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
