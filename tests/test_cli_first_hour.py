@@ -14,8 +14,7 @@ from tiny_models import save_model
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from moe_prefetch import profiling, report_html, report_text
-from moe_prefetch.cli import predictor_cmds
+from moe_prefetch import profiling, report_html
 from moe_prefetch.cli.main import app
 
 BASE = ["run", "--device", "cpu", "--max-new-tokens", "4"]
@@ -146,6 +145,8 @@ def test_small_cache_is_warned_in_run_and_in_reports(small_cache_run, runner):
 
 
 def test_reports_note_a_layer_that_never_hit(small_cache_run):
+    from moe_prefetch import report_text
+
     run = profiling.load_run(small_cache_run[1])
     run["layers"][0].update(hits=5, misses=2)
     run["layers"][1].update(hits=0, misses=7)
@@ -188,6 +189,8 @@ def test_eval_predictor_on_the_demo_heldout_split(runner, tmp_path):
 
 
 def test_train_predictor_names_the_train_split(monkeypatch):
+    from moe_prefetch.cli import predictor_cmds
+
     monkeypatch.setattr("moe_prefetch.corpus.split_file", lambda split: f"<{split} file>")
     assert predictor_cmds._data_files(["demo-train", "mine.txt"]) == ["<train file>", "mine.txt"]
 
@@ -195,6 +198,7 @@ def test_train_predictor_names_the_train_split(monkeypatch):
 # -- 10. help and options -----------------------------------------------------------------------------
 def test_bench_help_lists_the_shapes():
     from moe_prefetch.bench import SHAPES
+    from moe_prefetch.cli import predictor_cmds
 
     assert predictor_cmds.SHAPE_NAMES == tuple(SHAPES)
     result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})

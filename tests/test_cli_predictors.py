@@ -140,6 +140,14 @@ def test_bench_json_rows(setup, adapters, tmp_path):
             assert row[key] is not None
         assert row["simulated"]["rtx3060-12gb"] > 0
     assert {"all-resident", "bandwidth-bound-on-demand"} <= {r["predictor"] for r in rows}
+    # The table: labels whole, simulated columns with units, the terms explained (issue 12).
+    table = " ".join(result.stdout.split())
+    for label in ("bandwidth-bound-on-demand", "next-gate", "rtx3060-12gb", "decode hits:", "prefetch P (precision)"):
+        assert label in table, label
+    header = next(line for line in result.stdout.splitlines() if "rtx3060-12gb" in line)
+    below = result.stdout.splitlines()[result.stdout.splitlines().index(header) + 1]
+    assert below[header.index("rtx3060-12gb") :].lstrip().startswith("tok/s"), "a simulated column without its unit"
+    assert "…" not in result.stdout
 
 
 def test_bench_unknown_shape_is_one_line():

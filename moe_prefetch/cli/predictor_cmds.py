@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -255,12 +256,16 @@ def bench(
         title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})",
         caption=BENCH_LEGEND,
         caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    table.add_column("predictor", no_wrap=True)  # never cut: "previous-token", "bandwidth-bound-on-demand"
+    # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
+    # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
+    table.add_column("predictor", no_wrap=True)
     for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
-        table.add_column(column, justify="right", no_wrap=True)
+        table.add_column(column, justify="right", overflow="fold")
     for p in profs:
-        table.add_column(f"sim {p.name}\ntok/s", justify="right", no_wrap=True)
+        table.add_column(f"sim\n{p.name}\ntok/s", justify="right", overflow="fold")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in result["rows"]:
         table.add_row(
