@@ -333,14 +333,14 @@ def test_calibrate_needs_cuda(runner, tmp_path):
     [
         (["--model", "/no/such/model"], "does not exist"),
         (["--predictor", "crystal-ball"], "unknown predictor"),
-        (["--cache-budget", "6 parsecs"], "cannot parse size"),
+        (["--cache-budget", "6 parsecs"], "cannot parse --cache-budget '6 parsecs'"),
         (["--cache-slots", "2", "--cache-budget", "1GiB"], "not --cache-budget and --cache-slots"),
         (["--lookahead", "99"], "lookahead"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--cache-slots", "many"], "--cache-slots"),
         (["--bogus"], "--bogus"),
         (["--profile", "no-such-gpu"], "unknown profile"),
-        (["--cache-slots", "1"], "top_k is 2"),
+        (["--cache-slots", "1"], "below top_k=2"),
     ],
 )
 def test_user_mistakes_are_one_line(ckpt, runner, args, needle):

@@ -38,7 +38,12 @@ _BARE = re.compile(r"\b(cache_slots|cache_budget|predictor_path)\b")
 
 def as_options(message: str) -> str:
     """`cache_budget='1KB' holds ...; raise cache_budget` -> `--cache-budget 1KB holds ...; raise --cache-budget`."""
-    message = _ASSIGNED.sub(lambda m: f"--{m[1].replace('_', '-')} {m[2].strip(chr(39))}", message)
+
+    def option(m: re.Match) -> str:
+        value = m[2].strip("'") if " " not in m[2] else m[2]  # keep the quotes the shell would need
+        return f"--{m[1].replace('_', '-')} {value}"
+
+    message = _ASSIGNED.sub(option, message)
     return _BARE.sub(lambda m: f"--{m[1].replace('_', '-')}", message)
 
 
