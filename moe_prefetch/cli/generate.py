@@ -41,9 +41,7 @@ class GenerationSettings:
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, ask) -> str:
-    """--prompt, --prompt-file, an interactive question on a terminal, or piped stdin."""
-    if prompt is not None and prompt_file is not None:
-        raise ConfigError("give --prompt or --prompt-file, not both")
+    """--prompt, --prompt-file (the caller refuses both), a question on a terminal, or piped stdin."""
     if prompt_file is not None:
         try:
             text = prompt_file.expanduser().read_text(encoding="utf-8")
