@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
@@ -29,32 +30,34 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value: int | float | str, total: int | None = None) -> int:
-    """Turn 6442450944, "6GiB", "512MB" or "75%" (of `total`) into bytes."""
+def parse_size(value: int | float | str, total: int | None = None, name: str = "size") -> int:
+    """Turn 6442450944, "6GiB", "512MB" or "75%" (of `total`) into bytes. Messages name the
+    value as `name=value` (e.g. name="cache_budget"), so they say which setting is wrong."""
+    what = f"{name}={value!r}"
     if isinstance(value, bool):
-        raise ConfigError(f"size {value!r} is not a size; use bytes or a string such as '6GiB' or '75%'")
+        raise ConfigError(f"{what} is not a size; use bytes or a string such as '6GiB' or '75%'")
     if isinstance(value, (int, float)):
         if value <= 0:
-            raise ConfigError(f"size {value!r} must be positive; use e.g. '6GiB'")
+            raise ConfigError(f"{what} must be positive; use e.g. '6GiB'")
         return int(value)
     text = str(value).strip()
     if text.endswith("%"):
         try:
             pct = float(text[:-1])
         except ValueError:
-            raise ConfigError(f"cannot parse size {value!r}; use e.g. '75%' or '6GiB'") from None
+            raise ConfigError(f"cannot parse {what}; use e.g. '75%' or '6GiB'") from None
         if not 0 < pct <= 100:
-            raise ConfigError(f"percentage {value!r} must be in (0, 100]")
+            raise ConfigError(f"{what}: a percentage must be in (0, 100]")
         if total is None:
-            raise ConfigError(f"size {value!r} is a percentage but the total is unknown; give bytes such as '6GiB'")
+            raise ConfigError(f"{what} is a percentage but the total is unknown; give bytes such as '6GiB'")
         return int(total * pct / 100)
     match = _SIZE_RE.match(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ConfigError(f"cannot parse size {value!r}; use bytes or a number with a unit: '6GiB', '512MB', '75%'")
+        raise ConfigError(f"cannot parse {what}; use bytes or a number with a unit: '6GiB', '512MB', '75%'")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ConfigError(f"size {value!r} must be positive")
+        raise ConfigError(f"{what} must be positive; use e.g. '6GiB'")
     return size
 
 
@@ -89,8 +92,8 @@ class RuntimeConfig:
     history: int = 4096
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cuda, cuda:N (N a GPU index) or cpu")
         if self.cache_slots is not None and self.cache_budget is not None:
             raise ConfigError("give cache_slots or cache_budget, not both")
         if self.cache_slots is not None and (not isinstance(self.cache_slots, int) or self.cache_slots < 1):
@@ -108,4 +111,16 @@ class RuntimeConfig:
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:
             raise ConfigError(f"link_bandwidth={self.link_bandwidth!r} must be positive bytes/s")
         if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):
-            parse_size(self.cache_budget)  # fail early on an unparsable size
+            parse_size(self.cache_budget, name="cache_budget")  # fail early on an unparsable size
+
+
+def config_for(caller: str, **options) -> RuntimeConfig:
+    """`RuntimeConfig(**options)` for the public function `caller`: a misspelt keyword is a
+    ConfigError naming `caller` and the closest setting, not a TypeError about the dataclass."""
+    names = [f.name for f in fields(RuntimeConfig)]
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the settings are {', '.join(names)}"
+            raise ConfigError(f"{caller}() got an unknown keyword {key!r}; {hint}")
+    return RuntimeConfig(**options)

@@ -9,7 +9,9 @@ machines with the same Python version.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import sys
 import sysconfig
 import zlib
 from collections.abc import Sequence
@@ -102,3 +104,24 @@ def read_corpus(split: str, max_chars: int | None = None) -> str:
         corpus = corpus[:max_chars]
     logger.info("read %s corpus: %d files, %d chars", split, len(parts), len(corpus))
     return corpus
+
+
+def cache_dir() -> pathlib.Path:
+    """Where written splits are kept: ($XDG_CACHE_HOME or ~/.cache)/moe-prefetch/corpus."""
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "moe-prefetch" / "corpus"
+
+
+def split_file(split: str, folder: pathlib.Path | None = None) -> pathlib.Path:
+    """The text of ``split`` as one file (written once, then reused), for commands that read files.
+
+    Named after the Python version, since the standard library, and so the split, differs by version."""
+    folder = cache_dir() if folder is None else pathlib.Path(folder)
+    path = folder / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{split}.txt"
+    if not path.is_file():
+        text = read_corpus(split)  # validates `split` before anything is written
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a concurrent or interrupted writer never leaves half a file
+    return path

@@ -24,7 +24,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import guards
 from .cache import ExpertCache
-from .config import RuntimeConfig, parse_size
+from .config import RuntimeConfig, config_for, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
 from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
 from .loader import make_loader
@@ -32,6 +32,7 @@ from .m2r2 import M2R2Predictor
 from .pool import SlotPool
 from .predictors import NextGatePredictor, OraclePredictor, Predictor, PreviousTokenPredictor
 from .runtime import Runtime
+from .sizing import warn_if_small_cache
 from .store import HostStore
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def resolve_device(device: str) -> tuple[torch.device, str]:
             return torch.device("cuda"), "auto: CUDA is available"
         return torch.device("cpu"), "auto: no CUDA device, running on CPU"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} requested but torch sees no CUDA device; use --device cpu or auto")
+        raise DeviceError(f"device={device!r} but torch sees no CUDA device here; use device='cpu' or device='auto'")
     return torch.device(device), f"requested: {device}"
 
 
@@ -97,20 +98,24 @@ def resolve_slots(
     else:
         free = free_device_memory(device) if free_bytes is None else free_bytes
         if config.cache_budget is not None:
-            budget = parse_size(config.cache_budget, total=free)
+            budget = parse_size(config.cache_budget, total=free, name="cache_budget")
             if budget > free:
                 raise CacheCapacityError(
-                    f"cache budget {budget / 2**30:.2f} GiB is larger than the {free / 2**30:.2f} GiB free "
-                    f"on {device}; lower --cache-budget"
+                    f"cache_budget={config.cache_budget!r} is {budget / 2**30:.2f} GiB, larger than the "
+                    f"{free / 2**30:.2f} GiB free on {device}; lower cache_budget"
                 )
         else:
             budget = int(free * (1 - config.safety_margin))
         slots = min(total, budget // spec.nbytes - top_k)
     if slots < top_k:
-        raise CacheCapacityError(
-            f"{slots} cache slots but top_k is {top_k}: one layer needs at least {top_k}; "
-            f"raise cache_slots to >= {top_k} (each slot is {spec.nbytes / 2**20:.2f} MiB)"
-        )
+        need = f"one layer needs {top_k} slots of {spec.nbytes / 2**20:.2f} MiB ({top_k * spec.nbytes} bytes)"
+        if config.cache_slots is not None:
+            fix = f"cache_slots={slots} is below top_k={top_k}: {need}; raise cache_slots to >= {top_k}"
+        elif config.cache_budget is not None:
+            fix = f"cache_budget={config.cache_budget!r} holds {slots} slots but {need}; raise cache_budget"
+        else:
+            fix = f"the free memory on {device} holds {slots} slots but {need}; free device memory or use the CPU"
+        raise CacheCapacityError(fix)
     return min(slots, total)
 
 
@@ -131,7 +136,8 @@ def attach(
     serves every MoE layer. `model(...)` and `model.generate(...)` keep working with the same
     outputs. Returns the `Runtime`; `runtime.detach()` restores the model exactly.
     """
-    config = RuntimeConfig(
+    config = config_for(
+        "attach",
         device=device,
         cache_slots=cache_slots,
         cache_budget=cache_budget,
@@ -253,6 +259,7 @@ def wire(
         logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
     model.__dict__["_moe_prefetch_runtime"] = runtime
     unguard = guards.install(model, runtime)
+    warn_if_small_cache(runtime)  # attach and load both end here
     logger.info(
         "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s; stock kernel %s",
         len(layers),

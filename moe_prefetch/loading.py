@@ -153,6 +153,7 @@ def load(
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     checkpoint = Checkpoint(model, keys, _open)
+    check_expert_shapes(checkpoint, layers, spec)
     store = HostStore(
         spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
     )
@@ -169,6 +170,41 @@ def load(
         raise CheckpointError(f"cannot read the checkpoint ({err}); a file is corrupt or truncated") from None
     runtime = wire(model, layers, spec, store, config, target, device_reason)
     return model, runtime
+
+
+def check_expert_shapes(checkpoint: Checkpoint, layers, spec) -> None:
+    """Every expert tensor's shape, from the safetensors headers, before anything is allocated:
+    a fused tensor must be `[num_experts, *shape]`; per-expert tensors must all have the shape
+    of expert 0's, and expert 0 must convert to what config.json builds. A mismatch names the
+    tensor, both shapes and its file."""
+
+    def header(key: str) -> tuple[int, ...]:
+        return tuple(_open(checkpoint.keys[key]).get_slice(key).get_shape())
+
+    def refuse(key: str, actual, expected) -> None:
+        raise CheckpointError(
+            f"expert tensor {key} in {checkpoint.keys[key]} has shape {actual} but config.json implies "
+            f"{expected}; the weights and config.json belong to different models"
+        )
+
+    for layer in layers:
+        for pname, shape in zip(spec.names, spec.shapes):
+            target = checkpoint.targets.get(f"{layer.path}.{pname}")
+            if target is None:
+                continue  # reported as missing when the expert is read
+            for pattern, keys in target.sources.items():
+                if "*" not in pattern:  # fused: [E, ...] in one tensor
+                    actual = header(keys[0])
+                    if target.converter is None and actual != (layer.num_experts, *shape):
+                        refuse(keys[0], actual, (layer.num_experts, *shape))
+                    if actual[:1] != (layer.num_experts,):
+                        refuse(keys[0], actual, (layer.num_experts, *actual[1:]))
+                    continue
+                first = header(keys[0])
+                for key in keys[1:]:
+                    if header(key) != first:
+                        refuse(key, header(key), first)
+        checkpoint.expert(layer.path, 0, layer.num_experts, spec)  # expert 0 converts to the config's shapes
 
 
 def _load_dense(model, checkpoint: Checkpoint, expert_names: set[str], target, dtype) -> None:

@@ -19,10 +19,16 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CacheCapacityError, ConfigError, DeviceError
+from .sizing import RECOMMENDED_REASON, recommended_slots
+
+if TYPE_CHECKING:
+    import torch
+
+# torch loads inside the functions that measure or size a model: listing and reading profiles
+# (`moe-prefetch profiles`, `--help`) must not pay seconds for it.
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +196,7 @@ class ModelSize:
     @property
     def recommended_slots(self) -> tuple[int, str]:
         """Slots to aim for, and why."""
-        slots = min(self.total_experts, self.top_k * self.moe_layers)
-        return slots, "top_k x MoE layers: every layer keeps the previous token's experts, so LRU can reuse them"
+        return recommended_slots(self.top_k, self.moe_layers, self.total_experts), RECOMMENDED_REASON
 
     @property
     def all_miss_bytes_per_token(self) -> int:
@@ -200,6 +205,7 @@ class ModelSize:
 
 def model_size(path: str | Path) -> ModelSize:
     """Size a checkpoint folder (or "demo") from config.json, building it on the meta device."""
+    import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -271,6 +277,8 @@ def slots_on(profile: Profile, size: ModelSize) -> int:
 def calibrate(device: str = "cuda", name: str | None = None, sizes_mib=CALIBRATION_SIZES_MIB) -> tuple[Profile, dict]:
     """Measure a CUDA device: pinned H2D bandwidth by copy size, device-to-device bandwidth,
     bf16 matmul rate and free memory. Returns the profile and the raw measurements."""
+    import torch
+
     if not str(device).startswith("cuda"):
         raise DeviceError(f"calibrate needs a CUDA device, not {device!r}; pass --device cuda or cuda:N")
     if not torch.cuda.is_available():
@@ -296,6 +304,8 @@ def calibrate(device: str = "cuda", name: str | None = None, sizes_mib=CALIBRATI
 
 def measured_profile(name: str, m: dict) -> Profile:
     """Build a profile from `calibrate`'s measurements, citing each number as measured."""
+    import torch
+
     when = time.strftime("%Y-%m-%d")
     tag = f"MEASURED by `moe-prefetch calibrate` on {when} ({m['device']}, torch {torch.__version__})"
     largest = max(m["h2d_by_mib"])
@@ -331,6 +341,8 @@ def _slug(gpu: str, total: int) -> str:
 
 def _timed(dev: torch.device, fn, repeats: int) -> float:
     """Seconds per call of `fn`, timed with CUDA events after one warm-up call."""
+    import torch
+
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -342,6 +354,8 @@ def _timed(dev: torch.device, fn, repeats: int) -> float:
 
 
 def _h2d_rate(nbytes: int, dev: torch.device) -> float:
+    import torch
+
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # pinned: the copy engine DMAs from it
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     repeats = max(3, min(100, (1 << 30) // nbytes))
@@ -349,12 +363,16 @@ def _h2d_rate(nbytes: int, dev: torch.device) -> float:
 
 
 def _d2d_rate(nbytes: int, dev: torch.device) -> float:
+    import torch
+
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     return 2 * nbytes / _timed(dev, lambda: dst.copy_(src), 10)
 
 
 def _matmul_rate(dev: torch.device, n: int = 4096) -> tuple[float, str]:
+    import torch
+
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # pre-Ampere: no bf16 units
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)

@@ -5,8 +5,8 @@
   build_run()          -- + runtime.trace, loader.events, stats -> one versioned dict (run.json)
         |
   summarize(run)       -- headline numbers, derived only from the records in the run
-  tables(run)          -- rich tables for a terminal (returned, never printed here)
-  render_html(run)     -- one self-contained page of inline SVG, no scripts, no network
+  report_text.tables  -- rich tables for a terminal (returned, never printed here)
+  report_html.render_html -- one self-contained page of inline SVG, no scripts, no network
 
 Every report states whether its numbers were measured on CUDA, measured on CPU, or
 simulated, and the run keeps every record a figure is drawn from.
@@ -14,7 +14,6 @@ simulated, and the run keeps every record a figure is drawn from.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -24,7 +23,8 @@ from pathlib import Path
 import psutil
 
 from .errors import ReportError
-from .sim import replay_payload
+from .report_html import render_html
+from .report_text import MEASURED_ON
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ COUNTERS = (
     "bytes_loaded",
     "stall_seconds",
 )
-MEASURED_ON = {
-    "cuda": "Measured on CUDA. Stalls are timed with CUDA events on the compute stream; single copies are not "
-    "timed, so H2D bandwidth is bytes moved over the generation's wall time (a lower bound).",
-    "cpu": "Measured on CPU. A worker thread copies experts and the stall is the time the compute thread waited "
-    "for it. This shows the scheduling (hits, prefetches, stalls), not GPU speeds.",
-    "simulated": "Simulated, not measured: a recorded routing trace replayed through the cache and scheduler "
-    "with a hardware profile's bandwidths.",
-}
 
 
 class RunRecorder:
@@ -171,6 +163,8 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
         }
         for row in stats["per_layer"]
     ]
+    from .sim import replay_payload  # the simulator needs torch; reading and writing runs does not
+
     run = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -276,16 +270,12 @@ def write_report(folder: str | Path, run: dict) -> tuple[Path, Path]:
         raise ReportError(f"cannot create report folder {folder}: {err.strerror or err}") from None
     json_path, html_path = folder / "run.json", folder / "report.html"
     _write_atomic(json_path, json.dumps(run, indent=1, default=str))
-    from .report_html import render_html
-
     _write_atomic(html_path, render_html(run))
     return json_path, html_path
 
 
 def write_html(path: str | Path, run: dict) -> Path:
     path = Path(path).expanduser()
-    from .report_html import render_html
-
     _write_atomic(path, render_html(run))
     return path
 
@@ -312,95 +302,3 @@ def load_run(path: str | Path) -> dict:
     if missing or run["measured_on"] not in MEASURED_ON:
         raise ReportError(f"{path} is incomplete or corrupt (missing {', '.join(missing) or 'a valid measured_on'})")
     return run
-
-
-# -- terminal ------------------------------------------------------------------------
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, fmt: str, unit: str = "") -> str:
-    return "-" if x is None else f"{x:{fmt}}{unit}"
-
-
-def summary_rows(run: dict) -> list[tuple[str, str]]:
-    s = run["summary"]
-    rows = [
-        ("measured on", run["measured_on"] + (" (interrupted)" if s.get("interrupted") else "")),
-        ("tokens generated", str(s["tokens_generated"])),
-        ("time to first token", _num(s["time_to_first_token_s"], ".3f", " s")),
-        ("decode speed", _num(s["decode_tokens_per_s"], ".2f", " tok/s")),
-        ("hit rate (all / decode)", f"{_pct(s['hit_rate'])} / {_pct(s['decode_hit_rate'])}"),
-        ("prefetch precision", _pct(s["prefetch_precision"])),
-        ("prefetch recall", _pct(s["prefetch_recall"])),
-        ("time stalled (decode)", f"{_pct(s['stall_share'])} ({_num(s['decode_stall_s'], '.3f', ' s')})"),
-        (
-            "H2D bandwidth",
-            _num(
-                None if s["h2d_bytes_per_s"] is None else s["h2d_bytes_per_s"] / 1e9, ".2f", f" GB/s ({s['h2d_basis']})"
-            ),
-        ),
-        ("bytes loaded", fmt_bytes(s["bytes_loaded"])),
-        (
-            "device memory",
-            f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
-            f"+ non-expert {fmt_bytes(s['non_expert_bytes'])}",
-        ),
-        ("host memory", f"store {fmt_bytes(s['host_store_bytes'])}, process RSS {fmt_bytes(s['rss_bytes'])}"),
-    ]
-    if s.get("device_peak_bytes") is not None:
-        rows.append(("device peak allocated", fmt_bytes(s["device_peak_bytes"])))
-    return rows
-
-
-def setup_rows(run: dict) -> list[tuple[str, str]]:
-    st = collections.defaultdict(lambda: "?", run["stats"])  # a simulated run has no host memory
-    return [
-        ("device", f"{st['device']} ({st['device_reason']})"),
-        ("loader", f"{st['loader']} ({st['loader_reason']})"),
-        ("host memory", f"{st['host_memory']} ({st['host_memory_reason']})"),
-        ("stall timing", run["stall_timing"]),
-        (
-            "cache",
-            f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
-            f"in {st['moe_layers']} MoE layers",
-        ),
-        ("predictor", f"{st['predictor']} (lookahead {st['lookahead']})"),
-    ]
-
-
-def tables(run: dict) -> list:
-    """Rich tables: summary, setup (with the reason for each automatic choice), per layer."""
-    from rich.table import Table
-
-    summary = Table(title=f"run: {run['model'].get('path', '?')}", show_header=False)
-    for name, value in summary_rows(run):
-        summary.add_row(name, value)
-    setup = Table(title="where it ran", show_header=False)
-    for name, value in setup_rows(run):
-        setup.add_row(name, value)
-    per_layer = Table(title="per MoE layer (prefetches: issued, used, wasted)")
-    for col in ("layer", "hits", "misses", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
-        per_layer.add_column(col, justify="right", no_wrap=True)
-    for row in run["layers"]:
-        per_layer.add_row(
-            str(row["layer_idx"]),
-            str(row["hits"]),
-            str(row["misses"]),
-            _pct(row["hit_rate"]),
-            str(row["prefetch_issued"]),
-            str(row["prefetch_used"]),
-            str(row["prefetch_wasted"]),
-            f"{1e3 * row['stall_seconds']:.2f}",
-            fmt_bytes(row["bytes_loaded"]),
-        )
-    return [summary, setup, per_layer]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 
-from .profiling import MEASURED_ON, _pct, fmt_bytes, setup_rows, summary_rows
+from .report_text import MEASURED_ON, fmt_bytes, notes, pct, setup_rows, summary_rows
 
 # -- HTML ----------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 84, 24, 28, 40  # chart size and margins (px)
@@ -227,12 +227,12 @@ def _timeline_chart(run: dict) -> tuple[str, int, int]:
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1000px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}.banner{padding:10px 14px;border-radius:6px;font-weight:600}
-.cuda{background:#e3f0e6}.cpu{background:#fff4d6}.simulated{background:#fde2e4}
+.cuda{background:#e3f0e6}.cpu{background:#fff4d6}.simulated{background:#fde2e4}.warn{background:#ffe0b2}
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}.kv td{text-align:left}.note{color:#555;font-size:13px}
 svg{display:block;margin:8px 0}.tick{font-size:11px;fill:#555}.axis{font-size:12px;fill:#333}
 .lg{font-size:12px;fill:#333}.grid{stroke:#e4e4e4;stroke-width:1}.step{stroke:#888;stroke-dasharray:3 3}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}"""
+pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}.prompt{background:#dde6f0}"""
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
@@ -252,7 +252,7 @@ def render_html(run: dict) -> str:
         else "per-copy times are not recorded here, so only layer calls are drawn"
     )
     layer_rows = "".join(
-        f"<tr><td>{r['layer_idx']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{_pct(r['hit_rate'])}</td>"
+        f"<tr><td>{r['layer_idx']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{pct(r['hit_rate'])}</td>"
         f"<td>{r['prefetch_issued']}</td><td>{r['prefetch_used']}</td><td>{r['prefetch_wasted']}</td>"
         f"<td>{1e3 * r['stall_seconds']:.2f}</td><td>{_esc(fmt_bytes(r['bytes_loaded']))}</td></tr>"
         for r in run["layers"]
@@ -265,7 +265,15 @@ def render_html(run: dict) -> str:
         if prefill and len(tokens) > 1
         else ""
     )
-    text = run.get("text")
+    text, prompt = run.get("text"), run["config"].get("prompt")
+    warnings = "".join(f'<p class="banner warn">{_esc(line)}</p>' for line in notes(run))
+    about = f'<p class="note">{_esc(run["config"]["model_note"])}</p>' if run["config"].get("model_note") else ""
+    generated = (
+        f'<h2>Prompt and generated text</h2><pre><span class="prompt">{_esc(prompt or "")}</span>{_esc(text)}</pre>'
+        '<p class="note">The prompt is shaded; the rest was generated.</p>'
+        if text or prompt
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>moe-prefetch run report</title><style>{_CSS}</style></head>
 <body>
@@ -274,6 +282,7 @@ def render_html(run: dict) -> str:
 <p class="note">Model {_esc(run["model"].get("path", "?"))} ({_esc(run["model"].get("model_type", "?"))}),
 {_esc(run.get("created", ""))}{" &mdash; <b>interrupted</b>: partial run" if summary.get("interrupted") else ""}.
 Schema {_esc(run["schema"])} v{run["version"]}; every figure below is drawn from the records in run.json.</p>
+{about}{warnings}
 <h2>Summary</h2>{_kv_table(summary_rows(run))}
 <h2>Where it ran</h2>{_kv_table(setup_rows(run))}
 <h2>Hit rate per MoE layer</h2>{_hit_rate_chart(run)}
@@ -290,7 +299,7 @@ from run.json "trace" and {n_loads} copies from "loads"; {_esc(copies)}.</p>
 each token (run.json "occupancy").</p>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th><th>prefetched</th>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
-{f"<h2>Generated text</h2><pre>{_esc(text)}</pre>" if text else ""}
+{generated}
 <h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses). Prefetch precision = prefetched experts
 that were used / prefetches issued. Prefetch recall = demand accesses served by a prefetched expert / all demand
 accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).

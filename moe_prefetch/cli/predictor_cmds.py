@@ -1,6 +1,6 @@
 """Commands for predictors and performance: train-predictor, eval-predictor, bench, simulate.
 
-Wiring only: options in, library call, table or JSON out. Registered on `moe_prefetch.cli.main.app`.
+Wiring only: options in, library call, table or JSON out. Registered on `app` (app.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from moe_prefetch.config import PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError, ReportError
 
-from .main import EXIT_INTERRUPTED, _stderr, _stdout, app
+from .app import EXIT_INTERRUPTED, Command, app, stderr, stdout
+
+# `--data` names for the demo model's own text: the Python standard library split as the demo
+# was trained (moe_prefetch.corpus), written once to a cache file, so a fresh clone needs no files.
+DATA_SPLITS = {"demo-train": "train", "demo-heldout": "heldout"}
+# moe_prefetch.bench.SHAPES' names, restated so `bench --help` does not load torch (a test keeps them equal).
+SHAPE_NAMES = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "gpt-oss-20b")
 
 
 def _write_json(path: Path, payload) -> None:
@@ -34,10 +42,19 @@ def _csv(value: str, cast=str) -> list:
         raise ConfigError(f"cannot parse {value!r}; give a comma-separated list such as 0.125,0.25,0.5") from None
 
 
-@app.command("train-predictor")
+def _data_files(data: list[Path]) -> list[Path]:
+    """--data values: text files, or demo-train / demo-heldout (the demo's corpus splits)."""
+    from moe_prefetch.corpus import split_file
+
+    return [split_file(DATA_SPLITS[str(d)]) if str(d) in DATA_SPLITS else d for d in data]
+
+
+@app.command("train-predictor", cls=Command)
 def train_predictor(
     model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
-    data: Annotated[list[Path], typer.Option(help="Training text file; repeat for several.")] = ...,
+    data: Annotated[
+        list[Path], typer.Option(help="Training text file, or demo-train (the demo's training text); repeatable.")
+    ] = ...,
     out: Annotated[Path, typer.Option(help="Adapters file to write (safetensors).")] = ...,
     lookahead: Annotated[int, typer.Option(help="Layers ahead to predict (d = 1..D).")] = 3,
     rank: Annotated[int, typer.Option(help="Rank of each low-rank adapter.")] = 16,
@@ -59,7 +76,7 @@ def train_predictor(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=_stderr(),
+        console=stderr(),
         transient=False,
     )
     with progress:
@@ -68,7 +85,7 @@ def train_predictor(
         try:
             metrics = train(
                 model,
-                data,
+                _data_files(data),
                 out,
                 lookahead=lookahead,
                 rank=rank,
@@ -81,7 +98,7 @@ def train_predictor(
                 progress=lambda step, loss: progress.update(train_task, completed=step + 1, info=f"loss {loss:.4f}"),
             )
         except KeyboardInterrupt:
-            _stderr().print(f"interrupted: progress saved to {out}.ckpt; run the same command to resume")
+            stderr().print(f"interrupted: progress saved to {out}.ckpt; run the same command to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
     table = Table(title=f"M2R2 adapters -> {out}")
     table.add_column("d")
@@ -90,17 +107,19 @@ def train_predictor(
     val = metrics.get("val_recall", {})
     for d in sorted(val.get("m2r2", {})):
         table.add_row(str(d), f"{val['next-gate'][d]:.3f}", f"{val['m2r2'][d]:.3f}")
-    _stdout().print(table)
-    _stdout().print(
+    stdout().print(table)
+    stdout().print(
         f"final loss {metrics['final_loss']:.4f}, {metrics['train_seconds']:.0f} s, "
         f"{metrics['train_tokens']} train tokens"
     )
 
 
-@app.command("eval-predictor")
+@app.command("eval-predictor", cls=Command)
 def eval_predictor(
     model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
-    data: Annotated[list[Path], typer.Option(help="Held-out text file; repeat for several.")] = ...,
+    data: Annotated[
+        list[Path], typer.Option(help="Held-out text file, or demo-heldout (the demo's held-out text); repeatable.")
+    ] = ...,
     predictor_path: Annotated[Path | None, typer.Option(help="M2R2 adapters (default: the model folder's).")] = None,
     lookahead: Annotated[int, typer.Option(help="Distances d = 1..D to score.")] = 3,
     margin: Annotated[int, typer.Option(help="Extra experts for the k+margin precision/recall.")] = 2,
@@ -114,29 +133,66 @@ def eval_predictor(
 
     result = evaluate(
         model,
-        data,
+        _data_files(data),
         predictor_path=predictor_path,
         lookahead=lookahead,
         margin=margin,
         max_tokens=max_tokens,
         device=device,
     )
-    _stdout().print(format_table(result), markup=False, highlight=False)
+    stdout().print(format_table(result), markup=False, highlight=False)
     if json_out is not None:
         _write_json(json_out, result)
 
 
-@app.command()
+BENCH_LEGEND = (
+    "hit rate: hits / (hits + misses), every token; decode hits: the same without the first token (prefill); "
+    "prefetch P (precision): prefetches used / issued; prefetch R (recall): demand accesses served by a prefetched "
+    "expert / all demand accesses; stall: share of decode time spent waiting for copies; "
+    "sim NAME tok/s: tokens/s simulated on that hardware profile"
+)
+
+
+def _check_bench_options(model: str, preds: list[str], fractions: list[float], tokens: int, lookahead: int, device):
+    """Every option, before the first configuration runs: a typo must not cost a run."""
+    from moe_prefetch.loading import resolve_path
+
+    unknown = [p for p in preds if p not in PREDICTORS]
+    if unknown or not preds:
+        raise ConfigError(
+            f"unknown predictor(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PREDICTORS)}"
+        )
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad or not fractions:
+        raise ConfigError(f"--cache-fractions {bad or '(none given)'} must be shares in (0, 1], such as 0.125,0.25,0.5")
+    if tokens < 1:
+        raise ConfigError(f"--tokens {tokens} must be at least 1")
+    RuntimeConfig(device=device, lookahead=lookahead)  # the runtime's own checks, with its messages
+    if model.startswith("shape:"):
+        if model.split(":", 1)[1] not in SHAPE_NAMES:
+            raise ConfigError(f"unknown shape {model.split(':', 1)[1]!r}; choose one of {', '.join(SHAPE_NAMES)}")
+        return None
+    folder = resolve_path(model)
+    adapters = folder / "m2r2_adapters.safetensors"
+    if "m2r2" in preds and not adapters.is_file():
+        raise ConfigError(
+            f"m2r2 needs trained adapters at {adapters}; train them with `moe-prefetch train-predictor "
+            f"--model {model} --out {adapters}` or leave m2r2 out of --predictors"
+        )
+    return folder
+
+
+@app.command(cls=Command)
 def bench(
     model: Annotated[
         str,
         typer.Option(
-            help="Checkpoint folder, 'demo', or shape:NAME for a random-weight "
-            "model with a real model's expert size (see --help of shapes)."
+            help="Checkpoint folder, 'demo', or shape:NAME for a random-weight model with a real model's expert "
+            f"size; NAME is one of {', '.join(SHAPE_NAMES)}."
         ),
     ] = "demo",
     predictors: Annotated[
-        str, typer.Option(help="Comma-separated predictors.")
+        str, typer.Option(help=f"Comma-separated predictors, from {', '.join(PREDICTORS)}.")
     ] = "none,previous-token,next-gate,m2r2,oracle",
     cache_fractions: Annotated[
         str, typer.Option(help="Comma-separated shares of all experts held on the device.")
@@ -148,39 +204,38 @@ def bench(
     prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
     lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
     shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME model.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
     """Every predictor at every cache size, measured side by side, plus simulated profiles."""
-    import torch
-
     from moe_prefetch import profiles as hw
-    from moe_prefetch.bench import SHAPES, run_bench, shape_model
-    from moe_prefetch.loading import load, resolve_path
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
     preds = _csv(predictors)
     fractions = _csv(cache_fractions, float)
+    folder = _check_bench_options(model, preds, fractions, tokens, lookahead, device)
+
+    import torch
+
+    from moe_prefetch.bench import run_bench, shape_model
+    from moe_prefetch.loading import load
+
     predictor_path = None
-    if model.startswith("shape:"):
-        name = model.split(":", 1)[1]
-        if name not in SHAPES:
-            raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    if folder is None:
         if "m2r2" in preds:
             preds.remove("m2r2")  # random weights: no adapters to train
-        stock = shape_model(name, layers=shape_layers)
+        stock = shape_model(model.split(":", 1)[1], layers=shape_layers)
         ids = torch.randint(0, stock.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         note = "random weights: routing is random, numbers show expert-size effects only"
     else:
         from transformers import AutoTokenizer
 
-        folder = resolve_path(model)
         stock, runtime = load(folder, device="cpu", cache_slots=None)  # materialise, then bench attaches
         stock = runtime.detach()
         ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
         predictor_path = str(folder / "m2r2_adapters.safetensors")
         note = "trained weights"
-    out = _stdout()
+    out = stdout()
     result = run_bench(
         stock,
         ids,
@@ -193,32 +248,33 @@ def bench(
         lookahead=lookahead,
         progress=lambda row: out.print(
             f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} "
-            f"hit {row['hit_rate']:.3f}  {row['tokens_per_s']:.1f} tok/s"
+            f"hit {row['hit_rate']:.1%}  {row['tokens_per_s']:.1f} tok/s"
         ),
     )
     result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs])
-    table = Table(title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})")
-    for column in (
-        "predictor",
-        "cache",
-        "hit rate",
-        "decode hits",
-        "prefetch P",
-        "prefetch R",
-        "stall",
-        "tok/s",
-        *[f"sim {p.name}" for p in profs],
-    ):
-        table.add_column(column, justify="right")
+    table = Table(
+        title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})",
+        caption=BENCH_LEGEND,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
+    # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
+    table.add_column("predictor", no_wrap=True)
+    for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
+        table.add_column(column, justify="right", overflow="fold")
+    for p in profs:
+        table.add_column(f"sim\n{p.name}\ntok/s", justify="right", overflow="fold")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in result["rows"]:
         table.add_row(
             row["predictor"],
             f"{row['cache_fraction']:g}",
-            fmt(row["hit_rate"], ".3f"),
-            fmt(row.get("decode_hit_rate"), ".3f"),
-            fmt(row["prefetch_precision"], ".3f"),
-            fmt(row["prefetch_recall"], ".3f"),
+            fmt(row["hit_rate"], ".1%"),
+            fmt(row.get("decode_hit_rate"), ".1%"),
+            fmt(row["prefetch_precision"], ".1%"),
+            fmt(row["prefetch_recall"], ".1%"),
             fmt(row.get("stall_share"), ".1%"),
             fmt(row["tokens_per_s"], ".1f"),
             *[fmt(row["simulated"].get(p.name), ".1f") for p in profs],
@@ -228,10 +284,10 @@ def bench(
         _write_json(json_out, result)
 
 
-@app.command()
+@app.command(cls=Command)
 def simulate(
-    trace: Annotated[Path, typer.Option(help="run.json written by `run --report`.")] = ...,
-    profile: Annotated[str, typer.Option(help="Hardware profile to simulate.")] = ...,
+    trace: Annotated[Path, typer.Option(help="run.json written by `run --report`, or its folder.")] = ...,
+    profile: Annotated[str, typer.Option(help="Hardware profile to simulate (`profiles` lists them).")] = ...,
     cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run).")] = None,
     predictor: Annotated[
         str, typer.Option(help="recorded (the run's own), none, previous-token or oracle.")
@@ -240,30 +296,27 @@ def simulate(
 ):
     """Replay a recorded run through the same scheduler on a profile's link and compute."""
     from moe_prefetch import profiles as hw
-    from moe_prefetch.sim import simulate_replay
+    from moe_prefetch.profiling import load_run
 
     if predictor not in ("recorded", "none", "previous-token", "oracle"):
         raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
-    try:
-        payload = json.loads(trace.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"no such run file {trace}; write one with `moe-prefetch run --report DIR`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ReportError(f"{trace} is not JSON; pass the run.json written by `moe-prefetch run --report`") from None
-    replay = payload.get("replay") if isinstance(payload, dict) else None
-    if not replay or "trace" not in payload:
+    hardware = hw.load_profile(profile)
+    payload = load_run(trace)  # a file or the report folder, as `report` takes
+    if not payload.get("replay"):
         raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
     replay = {
-        **replay,
+        **payload["replay"],
         "trace": payload["trace"],
         "predictions": payload.get("predictions", []),
         "step_starts": payload.get("step_starts", []),
     }
-    result = simulate_replay(replay, hw.load_profile(profile), cache_slots=cache_slots, predictor=predictor)
+    from moe_prefetch.sim import simulate_replay
+
+    result = simulate_replay(replay, hardware, cache_slots=cache_slots, predictor=predictor)
     if json_out:
-        _stdout().print_json(json.dumps(result))
+        stdout().print_json(json.dumps(result))
         return
-    out = _stdout()
+    out = stdout()
     tok = result["median_token_s"]
     out.print(
         f"simulated on {profile}: {result['tokens_per_s']:.1f} tokens/s over {result['decode_tokens']} decode "
@@ -274,6 +327,6 @@ def simulate(
         f"{result['exposed_transfer_s_per_token'] * 1e3:.3f} ms ({result['stall_share']:.1%} of the time)"
     )
     out.print(
-        f"  hit rate {result['hit_rate']:.3f}, prefetches issued {result['prefetch_issued']}, "
+        f"  hit rate {result['hit_rate']:.1%}, prefetches issued {result['prefetch_issued']}, "
         f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
     )

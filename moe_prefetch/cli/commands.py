@@ -1,0 +1,300 @@
+"""The commands around one model: run, report, profiles, calibrate, inspect.
+
+Each parses options, builds the library's configs (never restating their defaults), calls
+the library and prints. Registered on `app` (app.py); torch loads only inside a command
+that needs it, so `--help`, `profiles` and `report` stay quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from moe_prefetch import profiles as hw
+from moe_prefetch import profiling, report_text
+from moe_prefetch.config import PREDICTORS, RuntimeConfig
+from moe_prefetch.errors import ConfigError
+
+from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
+from .generate import GenerationSettings
+
+# Shown before the demo's text, so odd output reads as a small model's, not as a bug.
+DEMO_NOTE = (
+    "demo model: a 12M-parameter Mixtral (6 layers, 8 experts, top-2) trained for 30 minutes on the Python "
+    "standard library; it writes stdlib-like code that often repeats itself or makes no sense"
+)
+
+
+# -- run -------------------------------------------------------------------------------
+def _default(name: str, owner=RuntimeConfig) -> str:
+    """The library's default, for help texts (the CLI never restates it)."""
+    return f"(default {getattr(owner, name)})"
+
+
+@app.command(cls=Command)
+def run(
+    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo' for the shipped demo model.")] = "demo",
+    prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this file.")] = None,
+    prompt_ids: Annotated[
+        str | None, typer.Option(help="Prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="Tokenizer folder or tokenizer.json, when the model folder has none (default: the model's)."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help=f"Tokens to generate {_default('max_new_tokens', GenerationSettings)}.")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help=f"Sampling temperature; 0 is greedy {_default('temperature', GenerationSettings)}."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Random seed for sampling {_default('seed', GenerationSettings)}.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto, cuda, cuda:N or cpu {_default('device')}.")] = None,
+    cache_budget: Annotated[
+        str | None, typer.Option(help="Cache size: '6GiB', '512MB' or '75%' of free memory.")
+    ] = None,
+    cache_slots: Annotated[
+        int | None,
+        typer.Option(
+            help="Expert slots in the device cache, at least top_k (default: as many as free device memory allows)."
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Size the cache as on this hardware profile (`profiles`).")
+    ] = None,
+    predictor: Annotated[str | None, typer.Option(help=f"{', '.join(PREDICTORS)} {_default('predictor')}.")] = None,
+    lookahead: Annotated[
+        int | None, typer.Option(help=f"Layers ahead to prefetch, 1..8 {_default('lookahead')}.")
+    ] = None,
+    predictor_path: Annotated[Path | None, typer.Option(help="Trained predictor file (m2r2 adapters).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write run.json and report.html into this folder.")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only the generated text, no prompt, status or summary.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print {text, summary, report} as JSON; no streaming.")
+    ] = False,
+):
+    """Generate text with experts offloaded, streaming it after the prompt, then summarise what the cache did."""
+    from moe_prefetch.loading import read_config, resolve_path
+
+    from .generate import IdsAsText, check_ids, load_tokenizer, parse_ids, read_prompt, record_run
+
+    chosen = [
+        n
+        for n, v in (("--cache-budget", cache_budget), ("--cache-slots", cache_slots), ("--profile", profile))
+        if v is not None
+    ]
+    if len(chosen) > 1:
+        raise ConfigError(f"give one of --cache-budget, --cache-slots or --profile, not {' and '.join(chosen)}")
+    texts = [n for n, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompt-ids", prompt_ids)) if v]
+    if len(texts) > 1:
+        raise ConfigError(f"give one of --prompt, --prompt-file or --prompt-ids, not {' and '.join(texts)}")
+    options = given(
+        device=device,
+        cache_budget=cache_budget,
+        cache_slots=cache_slots,
+        predictor=predictor,
+        lookahead=lookahead,
+        predictor_path=None if predictor_path is None else str(predictor_path),
+    )
+    RuntimeConfig(**options)  # validate every option before anything slow
+    settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    folder = resolve_path(model)
+    hf_config = read_config(folder)
+    vocab_size = getattr(hf_config.get_text_config(), "vocab_size", None)
+    if prompt_ids is not None:
+        ids = parse_ids(prompt_ids)
+        check_ids(ids, vocab_size, "--prompt-ids")
+        tok = load_tokenizer(tokenizer or folder, required=tokenizer is not None) or IdsAsText()
+        text = tok.decode(ids)
+    else:
+        tok = load_tokenizer(tokenizer or folder)
+        text = read_prompt(prompt, prompt_file, ask=lambda: typer.prompt("prompt"))
+        ids = tok(text)["input_ids"]
+        if not ids:
+            raise ConfigError(f"the prompt {text[:40]!r} became 0 tokens; give a longer prompt or --prompt-ids 1,2,3")
+        check_ids(ids, vocab_size, f"the tokenizer of {tokenizer or folder}")
+    if profile is not None:
+        options["cache_slots"] = hw.slots_on(hw.load_profile(profile), hw.model_size(folder))
+    note = DEMO_NOTE if model == "demo" else None
+    if note and not (quiet or json_out):
+        stderr().print(note, style="dim", markup=False, highlight=False)
+    show_status = not (quiet or json_out) and sys.stderr.isatty()
+    record = record_run(
+        folder,
+        options,
+        tok,
+        text,
+        ids,
+        settings,
+        echo_prompt=not quiet,
+        show_text=not json_out,
+        show_status=show_status,
+        config={"model": model, "profile": profile, "model_note": note},
+    )
+    paths = profiling.write_report(report, record) if report is not None else None
+    if json_out:
+        summary = {"text": record["text"], "summary": record["summary"], "report": str(paths[0]) if paths else None}
+        typer.echo(json.dumps(summary, indent=1))
+    elif not quiet:
+        err = stderr()
+        if record["interrupted"]:
+            err.print(f"interrupted after {len(record['tokens'])} tokens", style="yellow")
+        err.print(report_text.tables(record)[0])
+        if paths:
+            err.print(f"report: {paths[1]} (data: {paths[0]})", markup=False, highlight=False)
+    if record["interrupted"]:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+# -- report ----------------------------------------------------------------------------
+@app.command(cls=Command)
+def report(
+    run_json: Annotated[Path, typer.Argument(help="run.json written by `run --report` (or its folder).")],
+    html: Annotated[Path | None, typer.Option(help="Also render the HTML report to this file.")] = None,
+):
+    """Show a recorded run as tables, and optionally re-render its HTML report."""
+    record = profiling.load_run(run_json)
+    out = stdout()
+    for table in report_text.tables(record):
+        out.print(table)
+    for line in report_text.notes(record):
+        out.print(f"note: {line}", style="yellow", markup=False, highlight=False)
+    if html is not None:
+        out.print(f"wrote {profiling.write_html(html, record)}", markup=False, highlight=False)
+
+
+# -- profiles --------------------------------------------------------------------------
+@app.command("profiles", cls=Command)
+def profiles_cmd(name: Annotated[str | None, typer.Argument(help="Show this profile in full.")] = None):
+    """List hardware profiles, or show one with its sources."""
+    out = stdout()
+    if name is not None:
+        p = hw.load_profile(name)
+        table = Table(title=f"{p.name}: {p.description}", show_header=False)
+        for key, value in (
+            ("device memory", report_text.fmt_bytes(p.device_memory_bytes)),
+            ("usable", f"{p.usable_fraction:.0%} = {report_text.fmt_bytes(p.usable_bytes)}"),
+            ("H2D bandwidth", f"{p.h2d_bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
+            ("memory bandwidth", f"{p.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s"),
+            ("BF16 compute", f"{p.peak_bf16_flops / 1e12:.1f} TFLOP/s"),
+            ("interconnect", p.interconnect),
+            ("file", str(p.path)),
+        ):
+            table.add_row(key, value)
+        out.print(table)
+        for key, source in p.sources.items():
+            out.print(f"[bold]{key}[/bold]: {source}", highlight=False)
+        return
+    table = Table(title="hardware profiles", box=box.SIMPLE_HEAD)
+    for col in ("name", "memory\nGiB", "usable", "H2D\nGB/s", "HBM\nTB/s", "BF16\nTFLOP/s", "link"):
+        table.add_column(col, no_wrap=col != "link", justify="left" if col in ("name", "link") else "right")
+    for p in hw.list_profiles():
+        table.add_row(
+            p.name,
+            f"{p.device_memory_bytes / 2**30:.0f}",
+            f"{p.usable_fraction:.0%}",
+            f"{p.h2d_bandwidth_bytes_per_s / 1e9:.0f}",
+            f"{p.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
+            f"{p.peak_bf16_flops / 1e12:.0f}",
+            p.interconnect.split(" (")[0],
+        )
+    out.print(table)
+    out.print(f"searched: {', '.join(str(d) for d in hw.profile_dirs())}", markup=False, highlight=False)
+
+
+# -- calibrate ---------------------------------------------------------------------------
+@app.command(cls=Command)
+def calibrate(
+    out: Annotated[
+        Path | None, typer.Option(help="Profile file to write (default ~/.config/moe-prefetch/profiles/NAME.toml).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="CUDA device to measure: cuda or cuda:N.")] = "cuda",
+    name: Annotated[str | None, typer.Option(help="Profile name (default: the GPU's, or --out's file name).")] = None,
+):
+    """Measure this GPU (pinned H2D bandwidth by copy size, free memory, ...) into a profile."""
+    if out is not None and name is not None and out.stem != name:
+        raise ConfigError(f"--name {name!r} must match the file name of --out ({out.stem!r}); drop one of them")
+    if out is not None:
+        name = out.stem
+    profile, measured = hw.calibrate(device=device, name=name)
+    path = hw.write_profile(profile, out if out is not None else hw.user_dir() / f"{profile.name}.toml")
+    table = Table(title=f"pinned host->device copies on {measured['device']}")
+    table.add_column("copy size", justify="right")
+    table.add_column("GB/s", justify="right")
+    for mib, rate in sorted(measured["h2d_by_mib"].items()):
+        table.add_row(f"{mib} MiB", f"{rate / 1e9:.2f}")
+    console = stdout()
+    console.print(table)
+    console.print(
+        f"free {report_text.fmt_bytes(measured['free_bytes'])} of "
+        f"{report_text.fmt_bytes(measured['total_bytes'])}; wrote {path}",
+        markup=False,
+        highlight=False,
+    )
+
+
+# -- inspect -----------------------------------------------------------------------------
+@app.command(cls=Command)
+def inspect(
+    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Describe a model's experts and the cache it needs, without loading its weights."""
+    size = hw.model_size(model)
+    slots, why = size.recommended_slots
+    fits = [hw.fit(p, size) for p in hw.list_profiles()]
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": {
+                        **dataclasses.asdict(size),
+                        "total_experts": size.total_experts,
+                        "expert_total_bytes": size.expert_total_bytes,
+                        "min_slots": size.min_slots,
+                        "recommended_slots": slots,
+                        "recommended_reason": why,
+                        "all_miss_bytes_per_token": size.all_miss_bytes_per_token,
+                    },
+                    "profiles": [dataclasses.asdict(f) for f in fits],
+                },
+                indent=1,
+            )
+        )
+        return
+    b = report_text.fmt_bytes
+    table = Table(title=f"{size.architecture} ({size.model_type}) at {size.path}", show_header=False)
+    for key, value in (
+        ("layers / MoE layers", f"{size.num_layers} / {size.moe_layers}"),
+        ("experts per layer, top-k", f"{size.experts_per_layer}, top-{size.top_k}"),
+        ("bytes per expert", f"{b(size.expert_bytes)} ({size.dtype})"),
+        ("all experts", f"{size.total_experts} = {b(size.expert_total_bytes)}"),
+        ("non-expert weights", b(size.non_expert_bytes)),
+        ("smallest cache", f"{size.min_slots} slots = {b(size.min_slots * size.expert_bytes)} (top_k)"),
+        ("recommended cache", f"{slots} slots = {b(slots * size.expert_bytes)} ({why})"),
+        ("all-miss bytes per token", b(size.all_miss_bytes_per_token)),
+    ):
+        table.add_row(key, value)
+    per_profile = Table(title="on each hardware profile")
+    for col in ("profile", "room for experts", "slots", "fit", "all-miss ms/token"):
+        per_profile.add_column(col)
+    for f in fits:
+        per_profile.add_row(
+            f.profile, b(max(f.room_bytes, 0)), str(f.slots), f.verdict, f"{1e3 * f.all_miss_s_per_token:.3g}"
+        )
+    out = stdout()
+    out.print(table)
+    out.print(per_profile)

@@ -1,0 +1,127 @@
+"""A run as text: headline rows shared by the terminal and the HTML page, notes, rich tables.
+
+Reads only the run dict (`profiling.build_run` / run.json); imports neither torch nor the
+runtime, so `moe-prefetch report` is quick.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from .sizing import small_cache_warning
+
+MEASURED_ON = {
+    "cuda": "Measured on CUDA. Stalls are timed with CUDA events on the compute stream; single copies are not "
+    "timed, so H2D bandwidth is bytes moved over the generation's wall time (a lower bound).",
+    "cpu": "Measured on CPU. A worker thread copies experts and the stall is the time the compute thread waited "
+    "for it. This shows the scheduling (hits, prefetches, stalls), not GPU speeds.",
+    "simulated": "Simulated, not measured: a recorded routing trace replayed through the cache and scheduler "
+    "with a hardware profile's bandwidths.",
+}
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{unit}"
+
+
+def summary_rows(run: dict) -> list[tuple[str, str]]:
+    s = run["summary"]
+    rows = [
+        ("measured on", run["measured_on"] + (" (interrupted)" if s.get("interrupted") else "")),
+        ("tokens generated", str(s["tokens_generated"])),
+        ("time to first token", num(s["time_to_first_token_s"], ".3f", " s")),
+        ("decode speed", num(s["decode_tokens_per_s"], ".2f", " tok/s")),
+        ("hit rate (all / decode)", f"{pct(s['hit_rate'])} / {pct(s['decode_hit_rate'])}"),
+        ("prefetch precision", pct(s["prefetch_precision"])),
+        ("prefetch recall", pct(s["prefetch_recall"])),
+        ("time stalled (decode)", f"{pct(s['stall_share'])} ({num(s['decode_stall_s'], '.3f', ' s')})"),
+        (
+            "H2D bandwidth",
+            num(
+                None if s["h2d_bytes_per_s"] is None else s["h2d_bytes_per_s"] / 1e9, ".2f", f" GB/s ({s['h2d_basis']})"
+            ),
+        ),
+        ("bytes loaded", fmt_bytes(s["bytes_loaded"])),
+        (
+            "device memory",
+            f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
+            f"+ non-expert {fmt_bytes(s['non_expert_bytes'])}",
+        ),
+        ("host memory", f"store {fmt_bytes(s['host_store_bytes'])}, process RSS {fmt_bytes(s['rss_bytes'])}"),
+    ]
+    if s.get("device_peak_bytes") is not None:
+        rows.append(("device peak allocated", fmt_bytes(s["device_peak_bytes"])))
+    return rows
+
+
+def setup_rows(run: dict) -> list[tuple[str, str]]:
+    st = collections.defaultdict(lambda: "?", run["stats"])  # a simulated run has no host memory
+    return [
+        ("device", f"{st['device']} ({st['device_reason']})"),
+        ("loader", f"{st['loader']} ({st['loader_reason']})"),
+        ("host memory", f"{st['host_memory']} ({st['host_memory_reason']})"),
+        ("stall timing", run["stall_timing"]),
+        (
+            "cache",
+            f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
+            f"in {st['moe_layers']} MoE layers",
+        ),
+        ("predictor", f"{st['predictor']} (lookahead {st['lookahead']})"),
+    ]
+
+
+def notes(run: dict) -> list[str]:
+    """What a reader should know before trusting the numbers: a cache too small to reuse
+    anything, layers that never hit. One line each."""
+    model, slots = run.get("model", {}), run.get("stats", {}).get("cache_slots")
+    out = []
+    if slots is not None and model.get("top_k") and model.get("moe_layers"):
+        total = model.get("experts_per_layer", 0) * model["moe_layers"] or slots
+        warning = small_cache_warning(slots, model["top_k"], model["moe_layers"], total)
+        if warning is not None:
+            out.append(warning)
+    cold = [str(r["layer_idx"]) for r in run.get("layers", []) if r["hits"] == 0 and r["misses"] > 0]
+    if cold:
+        out.append(f"MoE layer(s) {', '.join(cold)} had a 0% hit rate: every expert they used was copied in on demand")
+    return out
+
+
+def tables(run: dict) -> list:
+    """Rich tables: summary, setup (with the reason for each automatic choice), per layer."""
+    from rich.table import Table
+
+    summary = Table(title=f"run: {run['model'].get('path', '?')}", show_header=False)
+    for name, value in summary_rows(run):
+        summary.add_row(name, value)
+    setup = Table(title="where it ran", show_header=False)
+    for name, value in setup_rows(run):
+        setup.add_row(name, value)
+    per_layer = Table(title="per MoE layer (prefetches: issued, used, wasted)")
+    for col in ("layer", "hits", "misses", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
+        per_layer.add_column(col, justify="right", no_wrap=True)
+    for row in run["layers"]:
+        per_layer.add_row(
+            str(row["layer_idx"]),
+            str(row["hits"]),
+            str(row["misses"]),
+            pct(row["hit_rate"]),
+            str(row["prefetch_issued"]),
+            str(row["prefetch_used"]),
+            str(row["prefetch_wasted"]),
+            f"{1e3 * row['stall_seconds']:.2f}",
+            fmt_bytes(row["bytes_loaded"]),
+        )
+    return [summary, setup, per_layer]
