@@ -6,8 +6,8 @@ import gc
 import psutil
 import pytest
 import torch
-from tiny_models import ARCHS, COMMON, prompt
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import prompt, sized_config
+from transformers import AutoModelForCausalLM
 
 import moe_prefetch
 
@@ -21,9 +21,9 @@ DEVICES = [
 
 def _model():
     # 3 MoE layers x 8 experts x 3 MiB = 72 MiB of experts: a leaked store or model copy shows.
-    args = {**COMMON, **ARCHS["mixtral"], "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 3}
+    config = sized_config("mixtral", hidden_size=256, intermediate_size=1024, num_hidden_layers=3)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **args), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _generate(model, device):

@@ -7,8 +7,8 @@ import logging
 import psutil
 import pytest
 import torch
-from tiny_models import ARCHS, COMMON, make_model, prompt
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import make_model, prompt, sized_config
+from transformers import AutoModelForCausalLM
 
 import moe_prefetch
 from moe_prefetch import store as store_mod
@@ -149,8 +149,7 @@ def test_close_returns_the_memory_and_views_stay_valid():
 
 
 def _big_mixtral(layers: int, intermediate: int, hidden: int = 256):
-    args = {**COMMON, **ARCHS["mixtral"], "hidden_size": hidden, "intermediate_size": intermediate}
-    config = AutoConfig.for_model("mixtral", **{**args, "num_hidden_layers": layers})
+    config = sized_config("mixtral", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

@@ -9,6 +9,7 @@ needs (attention kinds, MLA head counts, which layers are sparse). No downloads.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -161,6 +162,30 @@ def tiny_config(model_type: str):
         kwargs["mlp_layer_types"] = [sparse[i % len(sparse)] for i in range(kwargs["num_hidden_layers"])]
     kwargs.update(OVERRIDES.get(model_type, {}))
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+# The architectures the runtime was first built on; the slower per-architecture suites
+# (outputs with every predictor) run on these, exactness runs on every interface type.
+CLASSIC = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "phimoe",
+)
+
+
+def sized_config(model_type: str, **fields):
+    """`tiny_config` with some sizes changed (bigger experts for memory tests). Fields that
+    others derive from in __init__ must be given together (head_dim is fixed by TINY)."""
+    config = copy.deepcopy(tiny_config(model_type))
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
 
 
 def make_model(model_type: str, seed: int = 0):
