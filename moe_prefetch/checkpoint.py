@@ -37,6 +37,12 @@ class _Target:
     sources: dict[str, list[str]] = field(default_factory=dict)  # converter source pattern (or key) -> keys
 
 
+def _first(target: _Target) -> str:
+    """The key a plain rename reads: the first that maps to the name, as in transformers, should
+    two spellings of one tensor both be present."""
+    return next(iter(target.sources.values()))[0]
+
+
 class Checkpoint:
     """Checkpoint tensors under the names of `model`'s state dict (see the module docstring).
 
@@ -83,8 +89,7 @@ class Checkpoint:
         build several (e.g. q, k, v from one fused tensor), hence the dict."""
         target = self.targets[name]
         if target.converter is None:
-            ((key,),) = target.sources.values()
-            return {name: self._tensor(key)}
+            return {name: self._tensor(_first(target))}
         converter = deepcopy(target.converter)
         for pattern, keys in target.sources.items():
             for key in keys:
@@ -104,8 +109,7 @@ class Checkpoint:
                     f"no weights for {name} in the checkpoint; it is incomplete or not for this config.json"
                 )
             if target.converter is None:
-                ((key,),) = target.sources.values()
-                tensor = self._row(key, e)
+                tensor = self._row(_first(target), e)
             else:
                 tensor = self._convert_one(target, name, e, num_experts)
             if tuple(tensor.shape) != (1, *shape):
