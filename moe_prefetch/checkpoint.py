@@ -70,7 +70,9 @@ class Checkpoint:
             if name not in model_keys:
                 self.unexpected.append(key)
                 continue
-            target = self.targets.setdefault(name, _Target(deepcopy(by_pattern[pattern]) if pattern else None))
+            target = self.targets.get(name)
+            if target is None:  # each target its own converter copy, as in transformers
+                target = self.targets[name] = _Target(deepcopy(by_pattern[pattern]) if pattern else None)
             target.sources.setdefault(pattern or key, []).append(key)
 
     def _tensor(self, key: str) -> torch.Tensor:
@@ -79,10 +81,6 @@ class Checkpoint:
     def _row(self, key: str, e: int) -> torch.Tensor:
         """Expert `e` of a fused `[E, ...]` tensor, keeping the expert dim (`[1, ...]`)."""
         return self._open(self.keys[key]).get_slice(key)[e : e + 1]
-
-    def source_keys(self, name: str) -> list[str]:
-        target = self.targets.get(name)
-        return [k for keys in target.sources.values() for k in keys] if target else []
 
     def dense(self, name: str) -> dict[str, torch.Tensor]:
         """The model tensor(s) built from the checkpoint keys that map to `name`; a converter may
