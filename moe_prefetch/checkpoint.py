@@ -43,6 +43,13 @@ def _first(target: _Target) -> str:
     return next(iter(target.sources.values()))[0]
 
 
+def _not_converted(name: str, err: Exception) -> CheckpointError:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CheckpointError(
+        f"{name}: the checkpoint's tensors do not convert ({first}); it is incomplete or not for this model"
+    )
+
+
 class Checkpoint:
     """Checkpoint tensors under the names of `model`'s state dict (see the module docstring).
 
@@ -92,7 +99,10 @@ class Checkpoint:
         for pattern, keys in target.sources.items():
             for key in keys:
                 converter.add_tensor(name, key, pattern, self._tensor(key))
-        out = converter.convert(name, model=self.model, config=self.model.config)
+        try:
+            out = converter.convert(name, model=self.model, config=self.model.config)
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            raise _not_converted(name, err) from None
         return {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
 
     def expert(self, path: str, e: int, num_experts: int, spec: ExpertSpec) -> dict[str, torch.Tensor]:
@@ -135,15 +145,18 @@ class Checkpoint:
         # Patterns absent from the checkpoint are left out, as transformers does (optional scales);
         # a missing required one shows as a wrong shape below.
         converter = target.converter
-        for op in converter.operations:
-            inputs = op.convert(
-                inputs,
-                source_patterns=converter.source_patterns,
-                target_patterns=converter.target_patterns,
-                full_layer_name=name,
-                model=self.model,
-                config=self.model.config,
-            )
+        try:
+            for op in converter.operations:
+                inputs = op.convert(
+                    inputs,
+                    source_patterns=converter.source_patterns,
+                    target_patterns=converter.target_patterns,
+                    full_layer_name=name,
+                    model=self.model,
+                    config=self.model.config,
+                )
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            raise _not_converted(name, err) from None
         if len(inputs) != 1:
             raise CheckpointError(f"{name}: the checkpoint's conversion gives {len(inputs)} tensors, expected one")
         (tensor,) = inputs.values()

@@ -178,3 +178,26 @@ def test_fused_checkpoint(tmp_path, arch):
     state = {k: v.contiguous() for k, v in stock.state_dict().items()}
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     _load_exact(tmp_path, stock)
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        (lambda k: ".experts.5.w1." in k, "7 of 8 experts' tensors"),  # one expert's gate
+        (lambda k: ".w3." in k, "do not convert"),  # every up projection
+        (lambda k: ".experts." in k and "layers.1." in k, "no weights for model.layers.1.mlp.experts"),  # a layer
+    ],
+)
+def test_incomplete_experts_refused(checkpoints, tmp_path, drop, message):
+    """Missing expert tensors are a one-line CheckpointError, never a silently wrong expert."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints["mixtral"]
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not drop(k)}, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(moe_prefetch.CheckpointError, match=message) as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=3)
+    assert "\n" not in str(err.value)
