@@ -143,7 +143,7 @@ class Checkpoint:
             else:
                 inputs[pattern] = self._row(keys[0], e)
         # Patterns absent from the checkpoint are left out, as transformers does (optional scales);
-        # a missing required one shows as a wrong shape below.
+        # a missing required one fails to convert or shows as a wrong shape below.
         converter = target.converter
         try:
             for op in converter.operations:
