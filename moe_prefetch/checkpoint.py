@@ -37,6 +37,19 @@ class _Target:
     sources: dict[str, list[str]] = field(default_factory=dict)  # converter source pattern (or key) -> keys
 
 
+def _first(target: _Target) -> str:
+    """The key a plain rename reads: the first that maps to the name, as in transformers, should
+    two spellings of one tensor both be present."""
+    return next(iter(target.sources.values()))[0]
+
+
+def _not_converted(name: str, err: Exception) -> CheckpointError:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CheckpointError(
+        f"{name}: the checkpoint's tensors do not convert ({first}); it is incomplete or not for this model"
+    )
+
+
 class Checkpoint:
     """Checkpoint tensors under the names of `model`'s state dict (see the module docstring).
 
@@ -64,7 +77,9 @@ class Checkpoint:
             if name not in model_keys:
                 self.unexpected.append(key)
                 continue
-            target = self.targets.setdefault(name, _Target(deepcopy(by_pattern[pattern]) if pattern else None))
+            target = self.targets.get(name)
+            if target is None:  # each target its own converter copy, as in transformers
+                target = self.targets[name] = _Target(deepcopy(by_pattern[pattern]) if pattern else None)
             target.sources.setdefault(pattern or key, []).append(key)
 
     def _tensor(self, key: str) -> torch.Tensor:
@@ -74,22 +89,20 @@ class Checkpoint:
         """Expert `e` of a fused `[E, ...]` tensor, keeping the expert dim (`[1, ...]`)."""
         return self._open(self.keys[key]).get_slice(key)[e : e + 1]
 
-    def source_keys(self, name: str) -> list[str]:
-        target = self.targets.get(name)
-        return [k for keys in target.sources.values() for k in keys] if target else []
-
     def dense(self, name: str) -> dict[str, torch.Tensor]:
         """The model tensor(s) built from the checkpoint keys that map to `name`; a converter may
         build several (e.g. q, k, v from one fused tensor), hence the dict."""
         target = self.targets[name]
         if target.converter is None:
-            ((key,),) = target.sources.values()
-            return {name: self._tensor(key)}
+            return {name: self._tensor(_first(target))}
         converter = deepcopy(target.converter)
         for pattern, keys in target.sources.items():
             for key in keys:
                 converter.add_tensor(name, key, pattern, self._tensor(key))
-        out = converter.convert(name, model=self.model, config=self.model.config)
+        try:
+            out = converter.convert(name, model=self.model, config=self.model.config)
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            raise _not_converted(name, err) from None
         return {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
 
     def expert(self, path: str, e: int, num_experts: int, spec: ExpertSpec) -> dict[str, torch.Tensor]:
@@ -104,8 +117,7 @@ class Checkpoint:
                     f"no weights for {name} in the checkpoint; it is incomplete or not for this config.json"
                 )
             if target.converter is None:
-                ((key,),) = target.sources.values()
-                tensor = self._row(key, e)
+                tensor = self._row(_first(target), e)
             else:
                 tensor = self._convert_one(target, name, e, num_experts)
             if tuple(tensor.shape) != (1, *shape):
@@ -131,17 +143,20 @@ class Checkpoint:
             else:
                 inputs[pattern] = self._row(keys[0], e)
         # Patterns absent from the checkpoint are left out, as transformers does (optional scales);
-        # a missing required one shows as a wrong shape below.
+        # a missing required one fails to convert or shows as a wrong shape below.
         converter = target.converter
-        for op in converter.operations:
-            inputs = op.convert(
-                inputs,
-                source_patterns=converter.source_patterns,
-                target_patterns=converter.target_patterns,
-                full_layer_name=name,
-                model=self.model,
-                config=self.model.config,
-            )
+        try:
+            for op in converter.operations:
+                inputs = op.convert(
+                    inputs,
+                    source_patterns=converter.source_patterns,
+                    target_patterns=converter.target_patterns,
+                    full_layer_name=name,
+                    model=self.model,
+                    config=self.model.config,
+                )
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            raise _not_converted(name, err) from None
         if len(inputs) != 1:
             raise CheckpointError(f"{name}: the checkpoint's conversion gives {len(inputs)} tensors, expected one")
         (tensor,) = inputs.values()

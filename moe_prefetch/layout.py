@@ -29,7 +29,7 @@ SUPPORTED = tuple(
     granitemoe_swa granitemoehybrid granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling2_loop_text
     inkling2_text inkling_text jamba kimi_linear kolibri1 laguna lara_mini lfm2_moe mellum mimo_v2_flash
     minimax minimax_m2 minimax_m3_vl_text nemotron_h qwen3_5_moe_text qwen3_next qwen4_exp_text
-    solar_open zaya
+    sarvam_mla sarvam_moe solar_open zaya
     """.split()
 )
 

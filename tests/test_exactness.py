@@ -47,34 +47,20 @@ SKIPPED = {
     "qwen4_exp": _COMPOSITE.format("qwen4_exp_text"),
     "gemma4": "multimodal Gemma4ForConditionalGeneration; its decoder is gemma4_text, tested there",
 }
-# Model types the runtime refuses, with the reason its UnsupportedModelError must give.
-REFUSED = {}
-# Model types that fail through runtime code owned elsewhere: strict, so each flips when fixed.
-RUNTIME_XFAIL = {}
+# None is refused (UnsupportedModelError) and none fails in runtime code today; a model type that
+# does would go in a table here with its reason (refusal message, or strict xfail).
 
 
 def _cases():
     for model_type in interface_model_types():
-        marks = []
-        if model_type in SKIPPED:
-            marks.append(pytest.mark.skip(reason=SKIPPED[model_type]))
-        if model_type in RUNTIME_XFAIL:
-            marks.append(pytest.mark.xfail(reason=RUNTIME_XFAIL[model_type], strict=True))
+        marks = [pytest.mark.skip(reason=SKIPPED[model_type])] if model_type in SKIPPED else []
         yield pytest.param(model_type, marks=marks)
 
 
 @pytest.mark.parametrize("arch", _cases())
 def test_load_matches_stock(checkpoints, arch):
     """save_pretrained's checkpoint, loaded offloaded with a cache far below the experts,
-    gives the stock model's logits and greedy tokens (batch 2), or a clear refusal."""
-    if arch in REFUSED:
-        from tiny_models import save_model
-
-        with pytest.raises(moe_prefetch.UnsupportedModelError, match=REFUSED[arch]):
-            folder = checkpoints.root / arch
-            save_model(arch, folder)
-            moe_prefetch.load(folder, device="cpu", cache_slots=8)
-        return
+    gives the stock model's logits and greedy tokens (batch 2)."""
     folder, stock = checkpoints[arch]
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
     model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1)
@@ -97,8 +83,7 @@ def test_batch_1(checkpoints, arch):
 
 def test_supported_is_what_passes():
     """SUPPORTED (named in errors and the README) is exactly the tested, passing set."""
-    tested = set(interface_model_types()) - set(SKIPPED) - set(REFUSED) - set(RUNTIME_XFAIL)
-    assert set(SUPPORTED) == tested
+    assert set(SUPPORTED) == set(interface_model_types()) - set(SKIPPED)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -193,3 +178,26 @@ def test_fused_checkpoint(tmp_path, arch):
     state = {k: v.contiguous() for k, v in stock.state_dict().items()}
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     _load_exact(tmp_path, stock)
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        (lambda k: ".experts.5.w1." in k, "7 of 8 experts' tensors"),  # one expert's gate
+        (lambda k: ".w3." in k, "do not convert"),  # every up projection
+        (lambda k: ".experts." in k and "layers.1." in k, "no weights for model.layers.1.mlp.experts"),  # a layer
+    ],
+)
+def test_incomplete_experts_refused(checkpoints, tmp_path, drop, message):
+    """Missing expert tensors are a one-line CheckpointError, never a silently wrong expert."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints["mixtral"]
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not drop(k)}, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(moe_prefetch.CheckpointError, match=message) as err:
+        moe_prefetch.load(tmp_path, device="cpu", cache_slots=3)
+    assert "\n" not in str(err.value)

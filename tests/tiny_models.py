@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import model_type_to_module_name
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 VOCAB = 96
@@ -98,6 +98,7 @@ OVERRIDES = {
     "axk2": dict(MLA),
     "kimi_linear": dict(MLA),
     "bailing_hybrid": dict(MLA),
+    "sarvam_mla": dict(MLA),
     "zaya": dict(num_experts_per_tok=1),  # its config allows top-1 only
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, layer_types=["linear_attention", "full_attention"]),
     "nemotron_h": dict(layer_types=["linear_attention", "moe", "full_attention", "moe"]),
@@ -123,15 +124,20 @@ PER_LAYER_KINDS = ("layer_types",)
 
 
 def interface_model_types() -> list[str]:
-    """Causal-LM model types whose modeling code uses transformers' experts interface."""
-    root = Path(transformers.__file__).parent / "models"
-    found = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        module = model_type_to_module_name(model_type)
-        source = root / module / f"modeling_{module}.py"
-        if source.is_file() and "@use_experts_implementation" in source.read_text():
-            found.append(model_type)
-    return sorted(found)
+    """Causal-LM model types whose model class is defined in a modeling file that uses
+    transformers' experts interface (some types reuse another's class: sarvam_moe is Glm4Moe)."""
+    return sorted(t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if _class_uses_interface().get(cls))
+
+
+@functools.cache
+def _class_uses_interface() -> dict[str, bool]:
+    """class name -> whether its modeling file decorates an experts class (read, not imported)."""
+    out = {}
+    for source in (Path(transformers.__file__).parent / "models").glob("*/modeling_*.py"):
+        text = source.read_text()
+        uses = "@use_experts_implementation" in text
+        out.update(dict.fromkeys(re.findall(r"^class (\w+)\(", text, re.M), uses))
+    return out
 
 
 def _has(config, name: str) -> bool:
@@ -191,11 +197,12 @@ def sized_config(model_type: str, **fields):
 def make_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
-    # Zero-initialised router biases would leave bias-corrected routing untested: give them values.
+    # Zero-initialised router biases would leave bias-corrected routing untested: give them values,
+    # small enough (router scores of a tiny random model differ by ~0.01) that routing still varies.
     with torch.no_grad():
         for name, buffer in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
+                buffer.copy_(torch.randn_like(buffer) * 0.01)
     return model
 
 
