@@ -81,6 +81,8 @@ class Counters:
     evictions: int = 0
     bytes_loaded: int = 0
     stall_seconds: float = 0.0
+    host_experts: int = 0  # routed experts computed on the host lane (not counted in hits/misses)
+    host_seconds: float = 0.0
 
     def add(self, other: Counters) -> None:
         for name, value in asdict(other).items():

@@ -88,6 +88,9 @@ class RuntimeConfig:
     # Keep every trace record, prediction and copy (reports, bench, simulate). Off, the runtime
     # keeps the latest few thousand of each, so a long-lived process holds steady memory.
     record: bool = False
+    # Where a routed expert that is not resident runs: "wait" for its upload, on the "host"
+    # CPU from the host store, or "auto": whichever the cost model says finishes first.
+    on_miss: str = "auto"
     # How many trace records, predictions, copies and per-step stalls are kept when not recording.
     history: int = 4096
 
@@ -106,6 +109,8 @@ class RuntimeConfig:
             raise ConfigError(f"safety_margin={self.safety_margin!r} must be in [0, 1)")
         if self.prefetch_margin < 0:
             raise ConfigError(f"prefetch_margin={self.prefetch_margin!r} must be >= 0")
+        if self.on_miss not in ("wait", "host", "auto"):
+            raise ConfigError(f"on_miss={self.on_miss!r} is not one of wait, host, auto")
         if not isinstance(self.history, int) or self.history < 1:
             raise ConfigError(f"history={self.history!r} must be a positive integer (records kept per history)")
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:

@@ -53,6 +53,8 @@ COUNTERS = (
     "evictions",
     "bytes_loaded",
     "stall_seconds",
+    "host_experts",
+    "host_seconds",
 )
 
 

@@ -14,6 +14,7 @@ from .report_text import MEASURED_ON, fmt_bytes, notes, pct, setup_rows, summary
 # -- HTML ----------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 84, 24, 28, 40  # chart size and margins (px)
 C_HIT, C_PREF, C_MISS, C_STALL, C_BUSY, C_EMPTY = "#4c9f70", "#2f6db5", "#d1495b", "#d1495b", "#9db4c0", "#e6e6e6"
+C_HOST = "#e8a33d"  # routed experts computed on the host lane
 # Occupancy colours per layer (Tableau 10 without its red, which means "miss" and "stall" here).
 LAYER_COLORS = (
     "#4e79a7",
@@ -103,17 +104,18 @@ def _hit_rate_chart(run: dict) -> str:
     rows = run["layers"]
     if not rows:
         return _NOT_RECORDED
-    demand = [max(r["hits"] + r["misses"], 1) for r in rows]
+    demand = [max(r["hits"] + r["misses"] + r.get("host_experts", 0), 1) for r in rows]
     return _stacked_bars(
         [r["layer_idx"] for r in rows],
         [
             ("hit, prefetched", C_PREF, [r["prefetch_used"] / d for r, d in zip(rows, demand)]),
             ("hit, already cached", C_HIT, [(r["hits"] - r["prefetch_used"]) / d for r, d in zip(rows, demand)]),
-            ("miss", C_MISS, [r["misses"] / d for r, d in zip(rows, demand)]),
+            ("miss, waited for its upload", C_MISS, [r["misses"] / d for r, d in zip(rows, demand)]),
+            ("miss, ran on the host", C_HOST, [r.get("host_experts", 0) / d for r, d in zip(rows, demand)]),
         ],
         1.0,
         lambda v: f"{100 * v:.0f}%",
-        "share of demand accesses",
+        "share of routed experts",
         "MoE layer",
     )
 
@@ -286,8 +288,9 @@ Schema {_esc(run["schema"])} v{run["version"]}; every figure below is drawn from
 <h2>Summary</h2>{_kv_table(summary_rows(run))}
 <h2>Where it ran</h2>{_kv_table(setup_rows(run))}
 <h2>Hit rate per MoE layer</h2>{_hit_rate_chart(run)}
-<p class="note">Demand accesses (hits + misses) per layer, from run.json "layers". Hit rate is the first two
-parts together; "prefetched" hits found an expert a predictor had loaded.</p>
+<p class="note">Routed experts (hits + misses + those run on the host lane) per layer, from run.json "layers".
+Hit rate is the first two parts together; "prefetched" hits found an expert a predictor had loaded; a miss either
+waited for its upload or ran on the host CPU from the host store (on_miss).</p>
 <h2>Stall per token</h2>{_stall_chart(run)}
 <p class="note">Each column is one token's wall time (run.json "tokens"); red is the time the compute side
 waited for an expert ({_esc(run["stall_timing"])}). {_esc(prefill_note)}</p>
@@ -300,8 +303,8 @@ each token (run.json "occupancy").</p>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th><th>prefetched</th>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
 {generated}
-<h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses). Prefetch precision = prefetched experts
-that were used / prefetches issued. Prefetch recall = demand accesses served by a prefetched expert / all demand
+<h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses + host experts).
+Prefetch precision = prefetched experts that were used / prefetches issued. Prefetch recall = demand accesses served by a prefetched expert / all demand
 accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).
 H2D bandwidth = {_esc(summary["h2d_basis"])}.</p>
 </body></html>

@@ -30,12 +30,26 @@ from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
 from .layout import ExpertSpec, MoELayer
 from .loader import Loader
+from .placement import DEFAULT_COSTS, LaneCosts, Placement
 from .pool import SlotPool
 from .predictors import Guess, settle
 from .scheduler import Scheduler
 from .store import HostStore
 
 logger = logging.getLogger(__name__)
+
+HOST_READ_TOKENS = 16  # calls up to this many tokens read their hidden states with the routing
+
+
+def default_costs(device: torch.device) -> LaneCosts:
+    """Lane speeds when no profile says otherwise. On a CPU device the "device" is the host
+    itself and an upload is a memory copy, so a miss is always cheapest on the host lane."""
+    if device.type == "cpu":
+        c = DEFAULT_COSTS
+        return LaneCosts(
+            c.host_bytes_per_s / 2, c.host_bytes_per_s, c.host_flops, 0.0, c.host_bytes_per_s, c.host_flops
+        )
+    return DEFAULT_COSTS
 
 
 def _history(record: bool, keep: int):
@@ -61,6 +75,7 @@ class Runtime:
         kernel,
         restore,
         t0: float | None = None,
+        costs: LaneCosts | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -90,6 +105,7 @@ class Runtime:
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
         self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
+        self.placement = Placement(costs or default_costs(device), spec.nbytes, spec.numel, config.on_miss)
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
@@ -144,16 +160,26 @@ class Runtime:
         counters = self.cache.counters[layer_idx]
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
         self._call_wait = 0.0
-        routing = self._read(top_k_index)
-        needed = [int(e) for e in np.unique(routing) if 0 <= e < layer.num_experts]
-        waves = self.scheduler.plan(layer_idx, needed)
+        # Decode-sized calls bring their hidden states and routing weights along in the one
+        # read, in case an expert runs on the host; prefill calls read them only if one does.
+        small = self.placement.on_miss != "wait" and hidden_states.shape[0] <= HOST_READ_TOKENS
+        routing, host_inputs = self._read(top_k_index, (hidden_states, top_k_weights) if small else ())
+        local = routing[(routing >= 0) & (routing < layer.num_experts)]
+        experts, counts = np.unique(local, return_counts=True)
+        needed = experts.tolist()
+        host = self.scheduler.place(layer_idx, needed, dict(zip(needed, counts.tolist())), self.placement)
+        on_device = [e for e in needed if e not in host] if host else needed
+        waves = self.scheduler.plan(layer_idx, on_device, routed=needed)
         if self.predictor is not None:
             self.predictor.observe(layer_idx, routing, self.step)
-        alone = len(waves) == 1
+        alone = len(waves) == 1 and not host
         out = None
-        for wave in waves:
+        for wave in waves:  # device work first: on CUDA it runs while the host computes below
             part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, alone=alone)
             out = part if out is None else out + part
+        if host:
+            out = self._host_part(layer, host, routing, hidden_states, top_k_weights, host_inputs, out)
+            self.scheduler.upload(layer_idx, host)
         if out is None:  # no token routed to a local expert
             out = torch.zeros_like(hidden_states)
         out = out.to(hidden_states.dtype)
@@ -163,6 +189,7 @@ class Runtime:
                 "layer_idx": layer_idx,
                 "tokens": int(hidden_states.shape[0]),
                 "experts": needed,
+                "host": host,
                 "waves": len(waves),
                 "wait_s": self._call_wait,  # host time blocked on copies (the stall, on CPU)
                 "start": start - self._t0,
@@ -175,18 +202,59 @@ class Runtime:
         )
         return out
 
+    def _host_part(self, layer, host, routing, hidden_states, top_k_weights, host_inputs, device_out):
+        """The host lane: each of `host`'s experts, in expert-id order, with the stock kernel on
+        the host store's own tensors and the routed tokens' hidden states; summed in fp32 in that
+        fixed order and added to the device part (rounded once by the caller), so results do not
+        depend on timing."""
+        start = time.perf_counter()
+        if host_inputs:
+            hidden, weights = host_inputs
+        else:  # a large call: read what the host lane needs now (a second read, prefill only)
+            hidden, weights = hidden_states.cpu(), top_k_weights.cpu()
+        acc = torch.zeros((hidden.shape[0], hidden.shape[-1]), dtype=torch.float32)
+        for expert_id in host:
+            rows, slots = np.nonzero(routing == expert_id)
+            rows_t, slots_t = torch.from_numpy(rows), torch.from_numpy(slots)
+            proxy = self._proxy(layer, self.store.views((layer.layer_idx, expert_id)), None, None)
+            index = torch.zeros((len(rows), 1), dtype=torch.long)
+            x = hidden[rows_t]
+            if self._wide_waves:
+                x = x.float()  # as in waves: the kernel's sum comes back unrounded, rounded once
+            part = self.kernel(proxy, x, index, weights[rows_t, slots_t].unsqueeze(-1))
+            acc.index_add_(0, rows_t, part.float())
+        counters = self.cache.counters[layer.layer_idx]
+        counters.host_experts += len(host)
+        counters.host_seconds += time.perf_counter() - start
+        if hidden_states.device.type != "cpu":
+            acc = acc.pin_memory().to(hidden_states.device, non_blocking=True)
+        return acc if device_out is None else device_out.float() + acc
+
     # -- internals ---------------------------------------------------------------
-    def _read(self, top_k_index: torch.Tensor) -> np.ndarray:
-        """The one device->host read of a MoE layer: its routing, plus every guess the
-        predictor made since the last read (one transfer, one synchronisation). The guesses
-        become prefetches here, before the layer's own demand loads are planned."""
+    def _read(self, top_k_index: torch.Tensor, extra: tuple = ()) -> tuple[np.ndarray, tuple]:
+        """The one device->host read of a MoE layer: its routing, every guess the predictor made
+        since the last read, and the `extra` tensors (hidden states and routing weights for the
+        host lane): one transfer, one synchronisation. The guesses become prefetches here,
+        before the layer's own demand loads are planned. Returns (routing [T, k], extra on host)."""
         pending, self._pending = self._pending, []
         tensors = [top_k_index.reshape(-1)]
         for _, guesses in pending:
             for guess in guesses:
                 tensors.extend(t.reshape(-1) for t in guess.tensors())
         flat = tensors[0] if len(tensors) == 1 else torch.cat([t.to(torch.long) for t in tensors])
-        host = flat.cpu().numpy()
+        if extra and flat.device.type != "cpu":
+            # Different dtypes, one transfer: as bytes, the integers first (8-byte aligned).
+            flat = flat.to(torch.long)
+            parts = [flat.view(torch.uint8)] + [t.contiguous().reshape(-1).view(torch.uint8) for t in extra]
+            raw = torch.cat(parts).cpu()
+            host = raw[: parts[0].numel()].view(torch.long).numpy()
+            offset, extra_host = parts[0].numel(), []
+            for t, part in zip(extra, parts[1:]):
+                extra_host.append(raw[offset : offset + part.numel()].view(t.dtype).reshape(t.shape))
+                offset += part.numel()
+            extra = tuple(extra_host)
+        else:
+            host = flat.cpu().numpy()  # on a CPU device `extra` is on the host already
         routing = host[: top_k_index.numel()].reshape(top_k_index.shape)
         offset = top_k_index.numel()
         for origin, guesses in pending:
@@ -200,7 +268,7 @@ class Runtime:
             if said:
                 self.predictions.append({"step": self.step, "layer_idx": origin, "predictions": said})
             self.scheduler.prefetch(origin, said)
-        return routing
+        return routing, extra
 
     def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, alone):
         waited = time.perf_counter()
@@ -309,6 +377,8 @@ class Runtime:
         proxy = object.__new__(type(module))
         proxy.__dict__.update(module.__dict__)
         proxy.__dict__["_parameters"] = {}
+        if lo is None:  # one expert's own tensors (the host lane): a leading expert dim of 1
+            params, lo, hi = {name: t.unsqueeze(0) for name, t in params.items()}, 0, 1
         for name, param in params.items():
             proxy.__dict__[name] = param[lo:hi]
         proxy.__dict__["num_experts"] = hi - lo
@@ -339,11 +409,17 @@ class Runtime:
         waits for the pending ones (one synchronisation), as a report at the end of a run does."""
         self._drain_stalls(flush=flush)
         totals = asdict(self.cache.totals())
-        demand = totals["hits"] + totals["misses"]
+        routed = totals["hits"] + totals["misses"] + totals["host_experts"]
         issued = totals["prefetch_issued"]
         return {
             **totals,
-            "hit_rate": totals["hits"] / demand if demand else 0.0,
+            # device hits over every routed expert, wherever it ran
+            "hit_rate": totals["hits"] / routed if routed else 0.0,
+            # copies to the device: demand loads (a miss that waited) and prefetches/uploads that
+            # were not cancelled; used: the demand loads and the prefetches a layer then used
+            "uploads": totals["misses"] + issued - totals["prefetch_dropped"],
+            "uploads_used": totals["misses"] + totals["prefetch_used"],
+            "on_miss": self.placement.on_miss,
             "prefetch_precision": totals["prefetch_used"] / issued if issued else 0.0,
             "per_layer": [{"layer_idx": l, **asdict(c)} for l, c in sorted(self.cache.counters.items())],
             "stall_by_step": dict(self.step_stalls),

@@ -12,7 +12,11 @@ Rules:
   that served nobody in the latest pass over their layer; never what the running or next
   layers are expected to use; outstanding speculation stays below num_slots - top_k;
 - queued prefetches that turn out stale are dropped, and a resident prediction that
-  turned out wrong is counted wasted and demoted to be the first evicted.
+  turned out wrong is counted wasted and demoted to be the first evicted;
+- a routed expert that is not resident runs where it finishes first (`placement.Placement`):
+  on the host, or on the device after its upload; one served on the host is then uploaded in
+  the background, behind every prediction and within a budget of copies in flight, because
+  routing is sticky and the next token will likely want it again.
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -24,9 +28,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 
-from .cache import ExpertCache, Key
+from .cache import ExpertCache, Key, SlotState
 from .errors import CacheCapacityError
 from .loader import DEMAND, Loader
+from .placement import Placement
 
 Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
 
@@ -47,6 +52,9 @@ class Scheduler:
         self.expected: dict[int, set[int]] = {}  # latest prediction per target layer
         self.step = -1
         self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
+        self.top_k = top_k
+        # Background uploads of experts served on the host: at most this many copies in flight.
+        self.upload_budget = 2 * top_k
 
     def new_step(self) -> None:
         self.step += 1
@@ -106,12 +114,47 @@ class Scheduler:
         return protected
 
     # -- the running layer -------------------------------------------------------
-    def plan(self, layer_idx: int, needed: list[int]) -> list[list[int]]:
-        """Called once the running layer's routing is known: drop what turned out stale and
-        split `needed` into waves that fit the pool (resident experts first)."""
+    def place(self, layer_idx: int, needed: list[int], tokens_on: dict[int, int], placement: Placement) -> list[int]:
+        """The routed experts of `needed` that run on the host: those not resident for which
+        the host lane finishes first (`placement`). Costs the experts routed, not the pool."""
+        if placement.on_miss == "wait":
+            return []
+        self.reap()
+        resident, state = self.cache.resident[layer_idx], self.cache.state
+        host = []
+        for expert_id in needed:
+            slot = resident.get(expert_id)
+            if slot is not None and state[slot] is SlotState.READY:
+                continue
+            if placement.on_host(tokens_on[expert_id], in_flight=slot is not None):
+                host.append(expert_id)
+        return host
+
+    def upload(self, layer_idx: int, experts: list[int]) -> None:
+        """Upload experts just served on the host, in the background: behind every prediction,
+        within `upload_budget` copies in flight, evicting only what a prefetch may evict."""
+        in_flight = sum(len(loading) for loading in self.loading.values())
+        if in_flight >= self.upload_budget:
+            return
+        first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
+        protected = self._protection(layer_idx, layer_idx, set(experts), self.moe_layer_ids[first : first + 2])
+        for expert_id in experts[: self.upload_budget - in_flight]:
+            key = (layer_idx, expert_id)
+            reserved = self.cache.prefetch(key, protected=protected)
+            if reserved is None:
+                return
+            slot, needs_load = reserved
+            if needs_load:
+                self._load(key, slot, priority=float(len(self.moe_layer_ids) + 1))
+
+    def plan(self, layer_idx: int, needed: list[int], routed: list[int] | None = None) -> list[list[int]]:
+        """Called once the running layer's routing is known: drop what turned out stale (a
+        prediction for an expert not in `routed`, all the layer's routed experts, by default
+        `needed`) and split `needed` (those running on the device) into waves that fit the
+        pool (resident experts first)."""
         self.reap()
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
-            self._forget_stale(layer_idx, set(needed))
+            self._forget_stale(layer_idx, set(needed if routed is None else routed))
         n = self.cache.num_slots
         if len(needed) <= n:
             return [needed] if needed else []

@@ -56,15 +56,22 @@ def test_store_and_slots_hold_the_experts():
     runtime.detach()
 
 
-def test_stats_contract():
+@pytest.mark.parametrize("on_miss", ["wait", "auto"])
+def test_stats_contract(on_miss):
     model = make_model("olmoe")
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2)
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2, on_miss=on_miss)
     model.generate(prompt(1, 4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False)
     stats = runtime.stats()
-    for key in ("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_loaded", "stall_seconds", "per_layer"):
+    for key in (
+        *("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_loaded", "stall_seconds", "per_layer"),
+        *("host_experts", "uploads", "uploads_used", "host_seconds", "on_miss"),
+    ):
         assert key in stats
     assert len(stats["per_layer"]) == 2
-    assert sum(layer["misses"] for layer in stats["per_layer"]) == stats["misses"] > 0
+    lane = "misses" if on_miss == "wait" else "host_experts"  # on a CPU device auto runs misses on the host
+    assert sum(layer[lane] for layer in stats["per_layer"]) == stats[lane] > 0
+    routed = sum(len(r["experts"]) for r in runtime.trace)
+    assert stats["hits"] + stats["misses"] + stats["host_experts"] == routed
     assert stats["loader"] == "cpu-thread" and stats["stall_timing"] == "cpu-wait"
     assert {r["step"] for r in runtime.trace} == {0, 1, 2}
     runtime.detach()
@@ -124,7 +131,8 @@ def test_models_sharing_a_config_do_not_affect_each_other():
         torch.testing.assert_close(third(ids).logits, expected, atol=1e-5, rtol=0)
         runtime.detach()  # detaching one model leaves the other attached, and running offloaded
         torch.testing.assert_close(third(ids).logits, expected, atol=1e-5, rtol=0)
-        assert third_runtime.stats()["hits"] + third_runtime.stats()["misses"] > 0
+        stats = third_runtime.stats()
+        assert stats["hits"] + stats["misses"] + stats["host_experts"] > 0
         assert torch.equal(model(ids).logits, expected)
     third_runtime.detach()
 

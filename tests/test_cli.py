@@ -121,7 +121,7 @@ def test_run_streams_text_and_writes_a_valid_report(recorded):
                 sum(p[key] for t in tokens for p in t["per_layer"] if p["layer_idx"] == layer["layer_idx"])
                 == layer[key]
             )
-    assert stats["hits"] + stats["misses"] == sum(len(r["experts"]) for r in run["trace"])
+    assert stats["hits"] + stats["misses"] + stats["host_experts"] == sum(len(r["experts"]) for r in run["trace"])
     assert stats["cache_slots"] == 5 and stats["predictor"] == "next-gate" and stats["prefetch_issued"] > 0
     assert [layer["layer_idx"] for layer in run["layers"]] == [0, 1]
     # What the simulator needs to replay the run is in it too.

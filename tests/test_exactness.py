@@ -1,6 +1,7 @@
 """Offloading never changes what the model computes: every architecture transformers builds
-with its experts interface, every predictor, caches much smaller than the experts (so eviction
-happens), prefill and decode, batch 1 and 2."""
+with its experts interface, every predictor, every on-miss placement (wait for the upload,
+the host lane, auto), caches much smaller than the experts (so eviction happens), prefill and
+decode, batch 1 and 2."""
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _generate(model, ids, n=5):
     return out.sequences, torch.stack(out.logits)
 
 
-def _check(stock, model, runtime, batch):
+def _check(stock, model, runtime, batch, on_miss="wait"):
     ids = prompt(batch=batch, length=7)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=ATOL, rtol=0)
@@ -33,10 +34,14 @@ def _check(stock, model, runtime, batch):
     assert torch.equal(seq_a, seq_b)
     torch.testing.assert_close(logits_b, logits_a, atol=ATOL, rtol=0)
     stats = runtime.stats()
+    assert stats["on_miss"] == on_miss
     assert stats["evictions"] > 0, "the cache was large enough that nothing was evicted"
-    assert stats["misses"] > 0 and stats["bytes_loaded"] == stats["expert_bytes"] * (
-        stats["misses"] + stats["prefetch_issued"] - stats["prefetch_dropped"]
-    )
+    assert stats["bytes_loaded"] == stats["expert_bytes"] * stats["uploads"]
+    if on_miss == "wait":
+        assert stats["misses"] > 0 and stats["host_experts"] == 0
+    else:  # on a CPU device the host lane is always the cheaper one, so auto behaves like host
+        assert stats["host_experts"] > 0 and stats["misses"] == 0
+        assert any(record["host"] for record in runtime.trace)
 
 
 # Model types in the causal-LM mapping that are not tested here, and why.
@@ -57,15 +62,16 @@ def _cases():
         yield pytest.param(model_type, marks=marks)
 
 
+@pytest.mark.parametrize("on_miss", ["wait", "host", "auto"])
 @pytest.mark.parametrize("arch", _cases())
-def test_load_matches_stock(checkpoints, arch):
+def test_load_matches_stock(checkpoints, arch, on_miss):
     """save_pretrained's checkpoint, loaded offloaded with a cache far below the experts,
-    gives the stock model's logits and greedy tokens (batch 2)."""
+    gives the stock model's logits and greedy tokens (batch 2), wherever misses run."""
     folder, stock = checkpoints[arch]
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1)
+    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1, on_miss=on_miss)
     try:
-        _check(stock, model, runtime, batch=2)
+        _check(stock, model, runtime, batch=2, on_miss=on_miss)
     finally:
         runtime.detach()
 
@@ -74,7 +80,7 @@ def test_load_matches_stock(checkpoints, arch):
 def test_batch_1(checkpoints, arch):
     folder, stock = checkpoints[arch]
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1)
+    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1, on_miss="wait")
     try:
         _check(stock, model, runtime, batch=1)
     finally:
@@ -90,7 +96,7 @@ def test_supported_is_what_passes():
 def test_cache_slots_equal_top_k(checkpoints, arch):
     folder, stock = checkpoints[arch]
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k)
+    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k, on_miss="wait")
     try:
         _check(stock, model, runtime, batch=2)
         assert runtime.stats()["cache_slots"] == top_k
@@ -98,26 +104,29 @@ def test_cache_slots_equal_top_k(checkpoints, arch):
         runtime.detach()
 
 
+@pytest.mark.parametrize("on_miss", ["wait", "auto"])
 @pytest.mark.parametrize("predictor", ["previous-token", "next-gate", "oracle"])
 @pytest.mark.parametrize(
     "arch", ["mixtral", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss", "granitemoe", "qwen2_moe"]
 )
-def test_predictors_keep_outputs(checkpoints, arch, predictor):
+def test_predictors_keep_outputs(checkpoints, arch, predictor, on_miss):
     folder, stock = checkpoints[arch]
     model, runtime = moe_prefetch.load(
-        folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2, verify_slots=True
+        folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2, verify_slots=True, on_miss=on_miss
     )
     try:
-        _check(stock, model, runtime, batch=2)
+        _check(stock, model, runtime, batch=2, on_miss=on_miss)
         if predictor == "next-gate":  # previous-token's picks are still resident in so small a model
             assert runtime.stats()["prefetch_issued"] > 0
     finally:
         runtime.detach()
 
 
+@pytest.mark.parametrize("on_miss", ["wait", "host"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_bf16_waves_round_once(arch):
-    """Prefill through waves in bf16: partial sums stay fp32 and round once, like the stock pass."""
+def test_bf16_waves_round_once(arch, on_miss):
+    """Prefill through waves (or the host lane) in bf16: partial sums stay fp32 and round
+    once, like the stock pass."""
     from tiny_models import make_model
 
     stock = make_model(arch).to(torch.bfloat16)
@@ -125,11 +134,14 @@ def test_bf16_waves_round_once(arch):
     with torch.no_grad():
         expected = stock(ids).logits
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
-    runtime = moe_prefetch.attach(stock, device="cpu", cache_slots=top_k)
+    runtime = moe_prefetch.attach(stock, device="cpu", cache_slots=top_k, on_miss=on_miss)
     try:
         with torch.no_grad():
             got = stock(ids).logits
-        assert max(r["waves"] for r in runtime.trace) > 1
+        if on_miss == "wait":
+            assert max(r["waves"] for r in runtime.trace) > 1
+        else:
+            assert all(r["host"] for r in runtime.trace)
         torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
     finally:
         runtime.detach()
@@ -137,7 +149,7 @@ def test_bf16_waves_round_once(arch):
 
 def _load_exact(folder, stock):
     top_k = max(layer.top_k for layer in find_moe_layers(stock))
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1)
+    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1, on_miss="wait")
     try:
         _check(stock, model, runtime, batch=2)
     finally:

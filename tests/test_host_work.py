@@ -120,14 +120,18 @@ def test_histories_stay_bounded_unless_recording():
     try:
         ids = prompt(1, 4)
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+            )
         assert len(runtime.trace) == 5 and len(runtime.predictions) <= 5 and len(runtime.step_starts) == 5
         assert len(runtime.loader.events) <= 5 and len(runtime.stats()["stall_by_step"]) <= 5
         assert runtime.trace[-1]["step"] == 11, "the window keeps the latest records"
         runtime.record(True)
         runtime.reset_stats()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+            )
         assert len(runtime.step_starts) == 12 and len(runtime.trace) == 12 * len(runtime.layers)
     finally:
         runtime.detach()

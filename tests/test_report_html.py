@@ -144,7 +144,7 @@ def test_cpu_report_draws_every_chart(run, tmp_path):
     assert pixels_of(image, BANNERS["cpu"]) > 5_000  # "Measured on CPU" banner
     charts = {
         "hit rate: prefetched hits": report_html.C_PREF,
-        "hit rate: misses": report_html.C_MISS,
+        "hit rate: misses run on the host lane": report_html.C_HOST,
         "hit rate: other hits / timeline calls": report_html.C_HIT,
         "stall per token: computing": report_html.C_BUSY,
         "occupancy: layer 0": report_html.LAYER_COLORS[0],

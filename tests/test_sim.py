@@ -27,7 +27,14 @@ def paced_run(predictor: str, bandwidth: float, tokens: int = 24):
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).eval()
     runtime = moe_prefetch.attach(
-        model, device="cpu", cache_slots=12, predictor=predictor, lookahead=2, link_bandwidth=bandwidth
+        model,
+        device="cpu",
+        cache_slots=12,
+        predictor=predictor,
+        lookahead=2,
+        link_bandwidth=bandwidth,
+        on_miss="wait",  # the simulator's link lane; its host lane is still to come
+        record=True,
     )
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)

@@ -43,6 +43,7 @@ def test_stress(predictor, slots, bandwidth):
         cache_slots=slots,
         predictor=predictor,
         lookahead=3,
+        on_miss="wait",  # the stress is on the loader and the cache: every miss goes over the link
         link_bandwidth=bandwidth,
         verify_slots=True,
     )
@@ -76,7 +77,9 @@ def test_loader_fault_surfaces_in_forward_and_detach_still_works():
     model, ids = model_and_prompt()
     with torch.no_grad():
         expected = model(ids).logits
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=2, predictor="next-gate", lookahead=2)
+    runtime = moe_prefetch.attach(
+        model, device="cpu", cache_slots=2, predictor="next-gate", lookahead=2, on_miss="wait"
+    )
     source = runtime.scheduler.source
 
     def faulty(key, slot):  # copies of layer 3's experts fail in the loader thread

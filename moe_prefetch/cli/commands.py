@@ -78,6 +78,12 @@ def run(
         int | None, typer.Option(help=f"Layers ahead to prefetch, 1..8 {_default('lookahead')}.")
     ] = None,
     predictor_path: Annotated[Path | None, typer.Option(help="Trained predictor file (m2r2 adapters).")] = None,
+    on_miss: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Where a non-resident expert runs: wait (for its upload), host, auto {_default('on_miss')}."
+        ),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Write run.json and report.html into this folder.")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only the generated text, no prompt, status or summary.")
@@ -108,6 +114,7 @@ def run(
         predictor=predictor,
         lookahead=lookahead,
         predictor_path=None if predictor_path is None else str(predictor_path),
+        on_miss=on_miss,
     )
     RuntimeConfig(**options)  # validate every option before anything slow
     settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))

@@ -1,0 +1,82 @@
+"""Where a routed expert runs: on the device (resident, or after waiting for its upload) or on
+the host CPU from the host store. Tensor-free, shared by the runtime and the simulator.
+
+The choice is per expert and per layer call, by expected finish time (`on_miss="auto"`):
+
+  host lane:    call overhead + max(expert bytes / host DRAM bandwidth, FLOPs / host FLOP/s)
+  wait lane:    remaining upload time over the link + the same work on the device
+
+At batch-1 decode a cold expert is one token of work: reading it once from DRAM on the host
+costs a fraction of copying it over PCIe, so it runs on the host. A prefill chunk with many
+tokens on one expert is FLOP-bound: the device wins even after the copy, so it waits (and
+runs in waves when the pool is small). `on_miss="wait"` is the pre-hybrid behaviour (every
+miss waits for its copy); `"host"` sends every miss to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ON_MISS = ("wait", "host", "auto")
+
+
+@dataclass(frozen=True)
+class LaneCosts:
+    """The speeds the placement compares, from hardware profiles (`profiles.lane_costs`) or
+    `DEFAULT_COSTS`."""
+
+    link_bytes_per_s: float  # host->device copies (pinned)
+    host_bytes_per_s: float  # DRAM bytes/s one expert call achieves on the host lane
+    host_flops: float  # host FLOP/s for the expert matmuls
+    host_call_s: float  # fixed overhead per expert call on the host
+    device_bytes_per_s: float  # device memory bandwidth
+    device_flops: float  # device FLOP/s
+
+
+# No profile given: a PCIe 4.0 x16 link (~25 GB/s pinned), desktop DDR4-3200 dual channel
+# (~35 GB/s achieved of 51 peak) with ~8 cores of AVX2 (~0.3 TFLOP/s fp32), and a mid-range GPU
+# (~900 GB/s, ~80 TFLOP/s bf16). Conservative on the host side: a wrong guess there sends a
+# miss to the link, which is the pre-hybrid behaviour, not worse.
+DEFAULT_COSTS = LaneCosts(
+    link_bytes_per_s=25e9,
+    host_bytes_per_s=35e9,
+    host_flops=3e11,
+    host_call_s=30e-6,
+    device_bytes_per_s=900e9,
+    device_flops=80e12,
+)
+
+
+class Placement:
+    """Per-expert lane times for one expert size, and the on-miss rule."""
+
+    def __init__(self, costs: LaneCosts, expert_bytes: int, expert_params: int, on_miss: str = "auto"):
+        if on_miss not in ON_MISS:
+            raise ValueError(f"on_miss={on_miss!r}; choose one of {', '.join(ON_MISS)}")
+        self.costs = costs
+        self.expert_bytes = expert_bytes
+        self.expert_params = expert_params
+        self.on_miss = on_miss
+
+    def host_s(self, tokens: int) -> float:
+        c = self.costs
+        return c.host_call_s + max(
+            self.expert_bytes / c.host_bytes_per_s, 2 * self.expert_params * tokens / c.host_flops
+        )
+
+    def device_s(self, tokens: int) -> float:
+        c = self.costs
+        return max(self.expert_bytes / c.device_bytes_per_s, 2 * self.expert_params * tokens / c.device_flops)
+
+    def link_s(self, share: float = 1.0) -> float:
+        return share * self.expert_bytes / self.costs.link_bytes_per_s
+
+    def on_host(self, tokens: int, in_flight: bool) -> bool:
+        """Whether a routed expert that is not resident runs on the host. An upload already in
+        flight is taken to be half done (the loader does not report progress)."""
+        if self.on_miss == "wait":
+            return False
+        if self.on_miss == "host":
+            return True
+        wait = self.link_s(0.5 if in_flight else 1.0) + self.device_s(tokens)
+        return self.host_s(tokens) < wait
