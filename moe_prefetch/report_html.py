@@ -304,8 +304,8 @@ each token (run.json "occupancy").</p>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
 {generated}
 <h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses + host experts).
-Prefetch precision = prefetched experts that were used / prefetches issued. Prefetch recall = demand accesses served by a prefetched expert / all demand
-accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).
+Prefetch precision = prefetched experts that were used / prefetches issued.
+Prefetch recall = demand accesses served by a prefetched expert / all demand accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).
 H2D bandwidth = {_esc(summary["h2d_basis"])}.</p>
 </body></html>
 """
