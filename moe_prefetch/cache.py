@@ -7,18 +7,22 @@ being overwritten. The cache owns every hit/miss/prefetch counter, per MoE layer
 
 Every operation costs in proportion to the keys it touches, never to the pool: per-layer
 indexes (`resident`, `unused`) are kept incrementally, and victims are walked lazily from
-the least recently used end. At 48 layers x 128 experts and thousands of slots this is what
-keeps the scheduler's host time per layer in microseconds.
+the least valuable end of the eviction policy (LRU, LFU or LFRU: `make_policy`). At 48
+layers x 128 experts and thousands of slots this is what keeps the scheduler's host time
+per layer in microseconds.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
-from .errors import CacheCapacityError
+from .config import CACHE_POLICIES
+from .errors import CacheCapacityError, ConfigError
 
 Key = tuple[int, int]  # (layer_idx, expert_id)
 Protected = Callable[[Key], bool] | set | frozenset  # keys a prefetch may not evict
@@ -68,6 +72,227 @@ class LRUPolicy:
         return key in self._order
 
 
+class _Frequencies:
+    """Use counts with dynamic aging (LFU-DA), bucketed so every operation is O(1) dict work.
+
+    Modelled on LFU with Dynamic Aging (Arlitt, Cherkasova, Dilley, Friedrich and Jin,
+    "Evaluating content management techniques for Web proxy caches", SIGMETRICS PER 27(4),
+    2000; Squid's `heap LFUDA`). A key's priority is `age + count`, where `age` is set at the
+    key's latest use and `age` is the priority of the latest key evicted. Why this aging rule:
+    halving every count now and then costs in proportion to the pool, whereas here old
+    popularity decays for free: each eviction raises the floor that new uses start from, so a
+    key that was hot long ago is eventually outranked by keys used once since. Keys of equal
+    priority go least recently placed first (ties by recency).
+
+    Buckets are keyed by priority; `_order` keeps the distinct priorities sorted (a bisect into a
+    short list of ints), so no operation walks the keys.
+    """
+
+    def __init__(self) -> None:
+        self.age = 0
+        self.priority: dict[Key, int] = {}
+        self._buckets: dict[int, OrderedDict[Key, None]] = {}
+        self._order: list[int] = []  # the buckets' priorities, ascending
+
+    def add(self, key: Key, count: int) -> None:
+        priority = self.age + count
+        self.priority[key] = priority
+        bucket = self._buckets.get(priority)
+        if bucket is None:
+            bucket = self._buckets[priority] = OrderedDict()
+            bisect.insort(self._order, priority)
+        bucket[key] = None
+
+    def discard(self, key: Key, evicted: bool) -> None:
+        """Take `key` out; `evicted` raises the age to its priority (the LFU-DA clock)."""
+        priority = self.priority.pop(key)
+        bucket = self._buckets[priority]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[priority]
+            del self._order[bisect.bisect_left(self._order, priority)]
+        if evicted:
+            self.age = max(self.age, priority)
+
+    def __iter__(self) -> Iterator[Key]:
+        # Indexing `_order` (not iterating a copy) keeps the start O(1).
+        for i in range(len(self._order)):
+            yield from self._buckets[self._order[i]]
+
+    def __len__(self) -> int:
+        return len(self.priority)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.priority
+
+
+class LFUPolicy:
+    """Eviction order by use count with dynamic aging (see `_Frequencies`), ties by recency.
+
+    `insert` alone (a prefetch) gives a key no use: it ranks below every key that served a
+    layer until a `touch` confirms it. `demote` puts a key before all others, most recently
+    demoted first, as in LRUPolicy; a later `touch` returns it to the counted order.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[Key, int] = {}
+        self._demoted: OrderedDict[Key, None] = OrderedDict()
+        self._ranked = _Frequencies()
+
+    def insert(self, key: Key) -> None:
+        self.counts[key] = 0
+        self._ranked.add(key, 0)
+
+    def touch(self, key: Key) -> None:
+        self.counts[key] += 1
+        if key in self._demoted:
+            del self._demoted[key]
+        else:
+            self._ranked.discard(key, evicted=False)
+        self._ranked.add(key, self.counts[key])
+
+    def demote(self, key: Key) -> None:
+        if key in self._ranked:
+            self._ranked.discard(key, evicted=False)
+        self._demoted[key] = None
+        self._demoted.move_to_end(key, last=False)
+
+    def remove(self, key: Key) -> None:
+        # The cache removes a key when it evicts it or drops a cancelled prefetch (count 0, so at
+        # most the current age): either may advance the aging clock.
+        del self.counts[key]
+        if key in self._demoted:
+            del self._demoted[key]
+        else:
+            self._ranked.discard(key, evicted=True)
+
+    def victims(self) -> Iterator[Key]:
+        """Lazily: demoted keys, then lowest priority first. Stop iterating before changing the policy."""
+        yield from self._demoted
+        yield from self._ranked
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.counts
+
+
+class LFRUPolicy:
+    """Least frequently, recently used: a recency-protected segment beside a frequency-ordered one.
+
+    Modelled on LFRU (Bilal and Kang, "A cache management scheme for efficient content eviction
+    and replication in cache networks", IEEE Access 5, 2017; described under "LFRU" in
+    Wikipedia's "Cache replacement policies"): a privileged partition kept in LRU
+    order, and an unprivileged partition evicted by (approximate) LFU. New keys and used keys
+    enter the privileged segment; its least recent key overflows into the unprivileged one,
+    which is evicted first, lowest count first (LFU-DA, as in LFUPolicy).
+
+    Why two segments rather than one score decayed per access (LRFU): the segments keep every
+    operation O(1) dict work, while a decayed score needs a priority queue (O(log n) per use,
+    with stale entries to skip in the lazy walk). And each segment does one job a MoE cache
+    needs: routing is sticky from token to token, so the experts of the last few tokens are
+    protected whatever their count, including prefetched experts not yet used (the recency
+    segment holds them until newer keys push them out); beyond that window, experts that are
+    hot across many tokens outlive ones used once in a scan.
+
+    The privileged segment holds `window` of the keys (at least one). The policy is not told
+    the pool size, so the share is of the keys it holds; in a full cache that is the pool.
+    """
+
+    def __init__(self, window: float = 0.5) -> None:
+        if not 0.0 < window <= 1.0:
+            raise ValueError(f"window={window!r} must be in (0, 1]")
+        self.window = window
+        self.counts: dict[Key, int] = {}
+        self._demoted: OrderedDict[Key, None] = OrderedDict()
+        self._recent: OrderedDict[Key, None] = OrderedDict()  # privileged, least recent first
+        self._ranked = _Frequencies()  # unprivileged
+
+    def insert(self, key: Key) -> None:
+        self.counts[key] = 0
+        self._recent[key] = None
+        self._rebalance()
+
+    def touch(self, key: Key) -> None:
+        self.counts[key] += 1
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return
+        if key in self._demoted:
+            del self._demoted[key]
+        else:
+            self._ranked.discard(key, evicted=False)
+        self._recent[key] = None
+        self._rebalance()
+
+    def demote(self, key: Key) -> None:
+        if key in self._recent:
+            del self._recent[key]
+        elif key in self._ranked:
+            self._ranked.discard(key, evicted=False)
+        self._demoted[key] = None
+        self._demoted.move_to_end(key, last=False)
+        self._rebalance()
+
+    def remove(self, key: Key) -> None:
+        del self.counts[key]
+        if key in self._demoted:
+            del self._demoted[key]
+        elif key in self._recent:
+            del self._recent[key]
+        else:
+            self._ranked.discard(key, evicted=True)
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        # Each operation changes the number of keys by at most one, so this moves at most two.
+        limit = max(1, int(self.window * len(self.counts)))
+        while len(self._recent) > limit:
+            key, _ = self._recent.popitem(last=False)
+            self._ranked.add(key, self.counts[key])
+
+    def victims(self) -> Iterator[Key]:
+        """Lazily: demoted keys, the frequency segment lowest first, then the recency segment
+        least recent first. Stop iterating before changing the policy."""
+        yield from self._demoted
+        yield from self._ranked
+        yield from self._recent
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.counts
+
+
+class Policy(Protocol):
+    """What ExpertCache needs from an eviction policy (LRUPolicy, LFUPolicy, LFRUPolicy).
+
+    `insert` a key that gained a slot (a prefetch: not yet a use), `touch` it at each use,
+    `demote` a wrong prediction to the front, `remove` it when it loses its slot. `victims()`
+    yields every key, least valuable first, lazily: starting it and each step cost O(1)."""
+
+    def insert(self, key: Key) -> None: ...
+    def touch(self, key: Key) -> None: ...
+    def demote(self, key: Key) -> None: ...
+    def remove(self, key: Key) -> None: ...
+    def victims(self) -> Iterator[Key]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object) -> bool: ...
+
+
+_POLICIES: dict[str, Callable[[], Policy]] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPolicy}
+assert tuple(_POLICIES) == CACHE_POLICIES
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh eviction policy by its `RuntimeConfig.cache_policy` name: "lru", "lfu" or "lfru"."""
+    if name not in _POLICIES:
+        raise ConfigError(f"unknown cache_policy {name!r}; choose one of {', '.join(CACHE_POLICIES)}")
+    return _POLICIES[name]()
+
+
 @dataclass
 class Counters:
     """What happened to one MoE layer's experts. `hits`/`misses` count demand accesses."""
@@ -96,7 +321,7 @@ class ExpertCache:
     through `mark_ready`, which the runtime calls on the compute thread.
     """
 
-    def __init__(self, num_slots: int, expert_bytes: int, layer_ids: Iterable[int], policy: LRUPolicy | None = None):
+    def __init__(self, num_slots: int, expert_bytes: int, layer_ids: Iterable[int], policy: Policy | None = None):
         if num_slots < 1:
             raise CacheCapacityError(f"cache needs at least 1 slot, got {num_slots}; raise cache_slots")
         self.num_slots = num_slots
@@ -144,6 +369,7 @@ class ExpertCache:
                 f"no free slot for layer {key[0]} expert {key[1]}: all {self.num_slots} slots are in use or in flight; "
                 "raise cache_slots"
             )
+        self.policy.touch(key)  # a demand load is a use; `insert` alone (a prefetch) is not
         counters.misses += 1
         counters.bytes_loaded += self.expert_bytes
         self.pins[slot] += 1

@@ -10,6 +10,7 @@ from .errors import ConfigError
 
 PREDICTORS = ("none", "previous-token", "next-gate", "m2r2", "oracle")
 DEVICES = ("auto", "cuda", "cpu")
+CACHE_POLICIES = ("lru", "lfu", "lfru")  # eviction order: moe_prefetch.cache.make_policy
 
 _UNITS = {
     "": 1,
@@ -93,6 +94,9 @@ class RuntimeConfig:
     on_miss: str = "auto"
     # How many trace records, predictions, copies and per-step stalls are kept when not recording.
     history: int = 4096
+    # Which resident expert a miss evicts: least recently used, least frequently used (with
+    # aging), or a recency-protected segment beside a frequency-ordered one (cache.py).
+    cache_policy: str = "lru"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
@@ -115,6 +119,8 @@ class RuntimeConfig:
             raise ConfigError(f"history={self.history!r} must be a positive integer (records kept per history)")
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:
             raise ConfigError(f"link_bandwidth={self.link_bandwidth!r} must be positive bytes/s")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ConfigError(f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}")
         if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):
             parse_size(self.cache_budget, name="cache_budget")  # fail early on an unparsable size
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from moe_prefetch import profiles as hw
 from moe_prefetch import profiling, report_text
-from moe_prefetch.config import PREDICTORS, RuntimeConfig
+from moe_prefetch.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError
 
 from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
@@ -73,6 +73,9 @@ def run(
     profile: Annotated[
         str | None, typer.Option(help="Size the cache as on this hardware profile (`profiles`).")
     ] = None,
+    cache_policy: Annotated[
+        str | None, typer.Option(help=f"Eviction policy: {', '.join(CACHE_POLICIES)} {_default('cache_policy')}.")
+    ] = None,
     predictor: Annotated[str | None, typer.Option(help=f"{', '.join(PREDICTORS)} {_default('predictor')}.")] = None,
     lookahead: Annotated[
         int | None, typer.Option(help=f"Layers ahead to prefetch, 1..8 {_default('lookahead')}.")
@@ -111,6 +114,7 @@ def run(
         device=device,
         cache_budget=cache_budget,
         cache_slots=cache_slots,
+        cache_policy=cache_policy,
         predictor=predictor,
         lookahead=lookahead,
         predictor_path=None if predictor_path is None else str(predictor_path),
