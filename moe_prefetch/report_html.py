@@ -305,7 +305,8 @@ each token (run.json "occupancy").</p>
 {generated}
 <h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses + host experts).
 Prefetch precision = prefetched experts that were used / prefetches issued.
-Prefetch recall = demand accesses served by a prefetched expert / all demand accesses. Time stalled = decode stall / decode wall time (decode = every token after the first).
+Prefetch recall = demand accesses served by a prefetched expert / all demand accesses.
+Time stalled = decode stall / decode wall time (decode = every token after the first).
 H2D bandwidth = {_esc(summary["h2d_basis"])}.</p>
 </body></html>
 """
