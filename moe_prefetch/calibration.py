@@ -27,18 +27,34 @@ HOST_POOL_BYTES = 512 << 20
 HOST_FLOP_TOKENS = 128  # tokens of one prefill chunk on one expert, for the FLOP/s figure
 
 
-def calibrate_host(size: str = "mixtral", dtype: str = "bfloat16", name: str | None = None) -> tuple[HostProfile, dict]:
+def calibrate_host(
+    size: str = "mixtral", dtype: str = "bfloat16", name: str | None = None, threads: int | None = None
+) -> tuple[HostProfile, dict]:
     """Measure this machine's host lane with torch on the CPU: a batch-1 SwiGLU expert call
     (matrix-vector, as in decode) in weight bytes/s, against a plain large copy; FLOP/s with
     HOST_FLOP_TOKENS tokens on one expert; and the fixed cost of a call on a tiny expert.
-    Uses torch's current intra-op thread count. Returns the host profile and the raw measurements."""
+    Runs on `threads` torch intra-op threads, by default what the host lane gets: physical cores
+    minus one, left for the driver thread. Returns the host profile and the raw measurements."""
     import torch
 
     if size not in HOST_SIZES:
         raise ConfigError(f"unknown host size {size!r}; choose one of {', '.join(HOST_SIZES)}")
     if dtype not in HOST_DTYPES:
         raise ConfigError(f"host dtype {dtype!r} must be one of {', '.join(HOST_DTYPES)}")
-    dt = getattr(torch, dtype)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"host threads {threads!r} must be a positive integer")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, _physical_cores() - 1))
+    try:
+        measured = _measure(size, getattr(torch, dtype))
+    finally:
+        torch.set_num_threads(before)
+    return measured_host_profile(name or _host_slug(measured), measured), measured
+
+
+def _measure(size: str, dt) -> dict:
+    import torch
+
     hidden, inter = HOST_SIZES[size]
     gen = torch.Generator().manual_seed(0)
     first = _host_expert(hidden, inter, dt, gen)
@@ -58,12 +74,12 @@ def calibrate_host(size: str = "mixtral", dtype: str = "bfloat16", name: str | N
     tiny_x = torch.randn(1, 64, generator=gen).to(dt)
     overhead_s = _host_timed(lambda: _swiglu(tiny_x, *tiny), budget_s=0.3, repeats=200)
     unified = bool(torch.cuda.is_available() and torch.cuda.get_device_properties(0).is_integrated)
-    measured = {
+    return {
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
         "physical_cores": _physical_cores(),
         "size": size,
-        "dtype": dtype,
+        "dtype": str(dt).removeprefix("torch."),
         "expert_shape": [hidden, inter],
         "expert_bytes": expert_bytes,
         "expert_call_s": call_s,
@@ -75,7 +91,6 @@ def calibrate_host(size: str = "mixtral", dtype: str = "bfloat16", name: str | N
         "call_overhead_s": overhead_s,
         "unified_memory": unified,
     }
-    return measured_host_profile(name or _host_slug(measured), measured), measured
 
 
 def measured_host_profile(name: str, m: dict) -> HostProfile:
