@@ -77,6 +77,9 @@ class RuntimeConfig:
     predictor: str = "none"
     lookahead: int = 1
     predictor_path: str | None = None
+    # Host profile (name or .toml path) for the placement cost model; None = profiles.default_lane_costs.
+    # Checked where it is read (profiles.load_host_profile), which names the known host profiles.
+    host_profile: str | None = None
     # Share of free device memory left untouched when sizing the pool automatically
     # (activations, KV cache, allocator fragmentation).
     safety_margin: float = 0.15

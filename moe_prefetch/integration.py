@@ -15,7 +15,9 @@ model), and attaching or detaching one of them must not change what the others r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import time
 
 import psutil
@@ -23,7 +25,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import guards
-from .cache import ExpertCache
+from .cache import ExpertCache, make_policy
 from .config import RuntimeConfig, config_for, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
 from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
@@ -63,6 +65,26 @@ def stock_kernel(model, experts) -> tuple[str, object]:
     if name in (None, IMPLEMENTATION):
         name = DEFAULT_KERNEL
     return name, ALL_EXPERTS_FUNCTIONS.get_interface(name, type(experts).forward.__wrapped__)
+
+
+def lane_costs_for(config: RuntimeConfig, target: torch.device):
+    """The placement's lane speeds on CUDA: the shipped desktop defaults, with the host lane
+    from `config.host_profile` when one is named. None on a CPU device (see runtime.default_costs)."""
+    if target.type != "cuda" and config.host_profile is None:
+        return None
+    from . import profiles as hw
+
+    costs = hw.default_lane_costs()
+    if config.host_profile is not None:
+        host = hw.load_host_profile(config.host_profile)
+        costs = dataclasses.replace(
+            costs,
+            link_bytes_per_s=math.inf if host.unified_memory else costs.link_bytes_per_s,
+            host_bytes_per_s=float(host.expert_bytes_per_s),
+            host_flops=float(host.host_flops),
+            host_call_s=float(host.expert_call_overhead_s),
+        )
+    return costs
 
 
 def resolve_device(device: str) -> tuple[torch.device, str]:
@@ -194,7 +216,9 @@ def wire(
         _refill(saved, store, layers)  # refused: give the model its experts back, untouched
         model.to(original_device)
         raise
-    cache = ExpertCache(slots, spec.nbytes, [layer.layer_idx for layer in layers])
+    cache = ExpertCache(
+        slots, spec.nbytes, [layer.layer_idx for layer in layers], policy=make_policy(config.cache_policy)
+    )
     t0 = time.perf_counter()  # one clock for the runtime's trace and the loader's copies
     loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth, t0=t0)
     kernel_name, kernel = stock_kernel(model, layers[0].experts)
@@ -231,6 +255,7 @@ def wire(
         kernel=kernel,
         restore=restore,
         t0=t0,
+        costs=lane_costs_for(config, target),
     )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)

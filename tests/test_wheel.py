@@ -72,6 +72,10 @@ def test_wheel_lists_every_shipped_profile(installed):
     assert len(shipped) >= 6
     for name in shipped:
         assert name in out.stdout, f"profile {name} missing from the installed wheel:\n{out.stdout}"
+    hosts = sorted(p.stem for p in (hw.SHIPPED_DIR / "host").glob("*.toml"))
+    assert len(hosts) >= 4
+    for name in hosts:
+        assert name in out.stdout.split("host profiles", 1)[-1], f"host profile {name} missing from the wheel"
 
 
 def test_wheel_runs_the_demo_with_a_profile_and_writes_the_report(installed):

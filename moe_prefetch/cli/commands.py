@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
@@ -76,6 +78,9 @@ def run(
     cache_policy: Annotated[
         str | None, typer.Option(help=f"Eviction policy: {', '.join(CACHE_POLICIES)} {_default('cache_policy')}.")
     ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
+    ] = None,
     predictor: Annotated[str | None, typer.Option(help=f"{', '.join(PREDICTORS)} {_default('predictor')}.")] = None,
     lookahead: Annotated[
         int | None, typer.Option(help=f"Layers ahead to prefetch, 1..8 {_default('lookahead')}.")
@@ -119,8 +124,11 @@ def run(
         lookahead=lookahead,
         predictor_path=None if predictor_path is None else str(predictor_path),
         on_miss=on_miss,
+        host_profile=host,
     )
     RuntimeConfig(**options)  # validate every option before anything slow
+    if host is not None:
+        hw.load_host_profile(host)  # an unknown name fails here, naming the known ones
     settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
     folder = resolve_path(model)
     hf_config = read_config(folder)
@@ -190,8 +198,11 @@ def report(
 # -- profiles --------------------------------------------------------------------------
 @app.command("profiles", cls=Command)
 def profiles_cmd(name: Annotated[str | None, typer.Argument(help="Show this profile in full.")] = None):
-    """List hardware profiles, or show one with its sources."""
+    """List hardware profiles (devices, then hosts), or show one with its sources."""
     out = stdout()
+    if name is not None and _is_host_profile(name):
+        _show_host(hw.load_host_profile(name))
+        return
     if name is not None:
         p = hw.load_profile(name)
         table = Table(title=f"{p.name}: {p.description}", show_header=False)
@@ -223,31 +234,127 @@ def profiles_cmd(name: Annotated[str | None, typer.Argument(help="Show this prof
             p.interconnect.split(" (")[0],
         )
     out.print(table)
-    out.print(f"searched: {', '.join(str(d) for d in hw.profile_dirs())}", markup=False, highlight=False)
+    hosts = Table(title="host profiles (--host)", box=box.SIMPLE_HEAD)
+    for col in ("name", "cores", "DRAM peak\nGB/s", "copy\nGB/s", "expert\nGB/s", "host\nTFLOP/s", "call\nus", "link"):
+        hosts.add_column(col, no_wrap=True, justify="left" if col in ("name", "link") else "right")
+    for h in hw.list_host_profiles():
+        hosts.add_row(
+            h.name,
+            str(h.physical_cores),
+            f"{h.dram_peak_bytes_per_s / 1e9:.0f}",
+            f"{h.dram_bandwidth_bytes_per_s / 1e9:.0f}",
+            f"{h.expert_bytes_per_s / 1e9:.0f}",
+            f"{h.host_flops / 1e12:.2f} {h.compute_dtype}",
+            f"{h.expert_call_overhead_s * 1e6:.0f}",
+            "unified (free)" if h.unified_memory else "device's",
+        )
+    out.print(hosts)
+    out.print(
+        f"searched: {', '.join(str(d) for d in hw.profile_dirs())} (hosts: host/ in each)",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _is_host_profile(name: str) -> bool:
+    """A host profile by that name (and no device profile by it: devices win a clash), or a .toml
+    path with the host schema's keys."""
+    if name.endswith(".toml") or os.sep in name:
+        try:
+            return "physical_cores" in tomllib.loads(Path(name).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return False  # the device loader reports the file
+    in_dirs = lambda dirs: any((d / f"{name}.toml").is_file() for d in dirs)  # noqa: E731
+    return in_dirs(hw.host_profile_dirs()) and not in_dirs(hw.profile_dirs())
+
+
+def _show_host(h: hw.HostProfile) -> None:
+    table = Table(title=f"host {h.name}: {h.description}", show_header=False)
+    for key, value in (
+        ("physical cores", str(h.physical_cores)),
+        ("DRAM peak", f"{h.dram_peak_bytes_per_s / 1e9:.1f} GB/s"),
+        ("DRAM copy (achieved)", f"{h.dram_bandwidth_bytes_per_s / 1e9:.1f} GB/s"),
+        ("one expert call", f"{h.expert_bytes_per_s / 1e9:.1f} GB/s of weights"),
+        (f"expert matmuls ({h.compute_dtype})", f"{h.host_flops / 1e12:.2f} TFLOP/s"),
+        ("per-call overhead", f"{h.expert_call_overhead_s * 1e6:.0f} us"),
+        ("link", "free: unified memory" if h.unified_memory else "the device profile's H2D bandwidth"),
+        ("file", str(h.path)),
+    ):
+        table.add_row(key, value)
+    out = stdout()
+    out.print(table)
+    for key, source in h.sources.items():
+        out.print(f"[bold]{key}[/bold]: {source}", highlight=False)
 
 
 # -- calibrate ---------------------------------------------------------------------------
+HOST_SIZES = ("small", "medium", "mixtral")  # calibration.HOST_SIZES' names, restated so --help skips torch
+
+
 @app.command(cls=Command)
 def calibrate(
     out: Annotated[
         Path | None, typer.Option(help="Profile file to write (default ~/.config/moe-prefetch/profiles/NAME.toml).")
     ] = None,
-    device: Annotated[str, typer.Option(help="CUDA device to measure: cuda or cuda:N.")] = "cuda",
+    device: Annotated[
+        str | None, typer.Option(help="CUDA device to measure: cuda or cuda:N (default: cuda if there is one).")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Profile name (default: the GPU's, or --out's file name).")] = None,
+    host_out: Annotated[
+        Path | None,
+        typer.Option(help="Host profile file to write (default ~/.config/moe-prefetch/profiles/host/NAME.toml)."),
+    ] = None,
+    host_size: Annotated[
+        str, typer.Option(help=f"Expert measured on the host: {', '.join(HOST_SIZES)} (small fits in caches).")
+    ] = "mixtral",
+    host_dtype: Annotated[
+        str, typer.Option(help="Expert dtype on the host: bfloat16, float16 or float32.")
+    ] = "bfloat16",
+    host_threads: Annotated[
+        int | None, typer.Option(help="Threads for the host measurements (default: physical cores minus one).")
+    ] = None,
 ):
-    """Measure this GPU (pinned H2D bandwidth by copy size, free memory, ...) into a profile."""
+    """Measure this machine's host lane (one expert on the CPU against a plain copy) into a host profile,
+    and this GPU (pinned H2D bandwidth by copy size, free memory, ...) into a profile when there is one."""
+    import torch
+
+    from moe_prefetch.calibration import calibrate_host
+
     if out is not None and name is not None and out.stem != name:
         raise ConfigError(f"--name {name!r} must match the file name of --out ({out.stem!r}); drop one of them")
+    if host_size not in HOST_SIZES:
+        raise ConfigError(f"--host-size {host_size!r} must be one of {', '.join(HOST_SIZES)}")
     if out is not None:
         name = out.stem
-    profile, measured = hw.calibrate(device=device, name=name)
+    # The GPU part runs when there is a GPU, or was asked for (then a CPU-only machine is an error).
+    gpu = torch.cuda.is_available() or device is not None or out is not None
+    if gpu and (not torch.cuda.is_available() or not (device or "cuda").startswith("cuda")):
+        hw.calibrate(device=device or "cuda")  # raises the one-line "needs a CUDA device" error, before any work
+    host, host_measured = calibrate_host(
+        size=host_size, dtype=host_dtype, name=None if host_out is None else host_out.stem, threads=host_threads
+    )
+    host_path = hw.write_host_profile(host, host_out or hw.user_dir() / "host" / f"{host.name}.toml")
+    console = stdout()
+    m = host_measured
+    console.print(
+        f"host lane on {m['cpu']} ({m['threads']} threads, {m['physical_cores']} physical cores): "
+        f"{m['size']} expert {m['expert_shape'][0]}x{m['expert_shape'][1]} {m['dtype']} "
+        f"{m['expert_bytes_per_s'] / 1e9:.2f} GB/s ({m['expert_call_s'] * 1e3:.2f} ms/call), "
+        f"copy {m['copy_bytes_per_s'] / 1e9:.2f} GB/s, {m['host_flops'] / 1e9:.1f} GFLOP/s at "
+        f"{m['flop_tokens']} tokens, {m['call_overhead_s'] * 1e6:.0f} us/call; wrote {host_path}",
+        markup=False,
+        highlight=False,
+    )
+    if not gpu:
+        console.print("no CUDA device: measured the host lane only", markup=False, highlight=False)
+        return
+    profile, measured = hw.calibrate(device=device or "cuda", name=name)
     path = hw.write_profile(profile, out if out is not None else hw.user_dir() / f"{profile.name}.toml")
     table = Table(title=f"pinned host->device copies on {measured['device']}")
     table.add_column("copy size", justify="right")
     table.add_column("GB/s", justify="right")
     for mib, rate in sorted(measured["h2d_by_mib"].items()):
         table.add_row(f"{mib} MiB", f"{rate / 1e9:.2f}")
-    console = stdout()
     console.print(table)
     console.print(
         f"free {report_text.fmt_bytes(measured['free_bytes'])} of "

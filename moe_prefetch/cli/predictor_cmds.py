@@ -200,6 +200,9 @@ def bench(
     profiles: Annotated[
         str, typer.Option(help="Comma-separated hardware profiles to simulate.")
     ] = "rtx3060-12gb,rtx4090-24gb",
+    host: Annotated[
+        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
+    ] = None,
     tokens: Annotated[int, typer.Option(help="Tokens to generate per configuration.")] = 32,
     prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
     lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
@@ -211,6 +214,7 @@ def bench(
     from moe_prefetch import profiles as hw
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
+    host_profile = None if host is None else hw.load_host_profile(host)
     preds = _csv(predictors)
     fractions = _csv(cache_fractions, float)
     folder = _check_bench_options(model, preds, fractions, tokens, lookahead, device)
@@ -252,6 +256,9 @@ def bench(
         ),
     )
     result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs])
+    # TODO(issue 10): pass host=host_profile to run_bench once it simulates the host lane; until then
+    # the host is recorded, not used.
+    result["meta"]["host"] = None if host_profile is None else host_profile.name
     table = Table(
         title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})",
         caption=BENCH_LEGEND,
@@ -288,6 +295,9 @@ def bench(
 def simulate(
     trace: Annotated[Path, typer.Option(help="run.json written by `run --report`, or its folder.")] = ...,
     profile: Annotated[str, typer.Option(help="Hardware profile to simulate (`profiles` lists them).")] = ...,
+    host: Annotated[
+        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
+    ] = None,
     cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run).")] = None,
     predictor: Annotated[
         str, typer.Option(help="recorded (the run's own), none, previous-token or oracle.")
@@ -301,6 +311,7 @@ def simulate(
     if predictor not in ("recorded", "none", "previous-token", "oracle"):
         raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
     hardware = hw.load_profile(profile)
+    host_profile = None if host is None else hw.load_host_profile(host)
     payload = load_run(trace)  # a file or the report folder, as `report` takes
     if not payload.get("replay"):
         raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
@@ -313,6 +324,8 @@ def simulate(
     from moe_prefetch.sim import simulate_replay
 
     result = simulate_replay(replay, hardware, cache_slots=cache_slots, predictor=predictor)
+    # TODO(issue 10): pass host=host_profile to simulate_replay once it has the host lane; recorded, not used.
+    result["host"] = None if host_profile is None else host_profile.name
     if json_out:
         stdout().print_json(json.dumps(result))
         return
