@@ -148,6 +148,13 @@ def bench(
     prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
     lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
     shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME model.")] = 2,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            help="shape:NAME only. demo or demo-fine: replay that demo's recorded routing and predictions over "
+            "the shape's real layers (simulated only); random: run the random-weight model (the default)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
@@ -155,17 +162,33 @@ def bench(
     import torch
 
     from moe_prefetch import profiles as hw
-    from moe_prefetch.bench import SHAPES, run_bench, shape_model
+    from moe_prefetch.bench import run_bench, run_routed_bench, shape_model
     from moe_prefetch.loading import load, resolve_path
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
     preds = _csv(predictors)
     fractions = _csv(cache_fractions, float)
     predictor_path = None
-    if model.startswith("shape:"):
-        name = model.split(":", 1)[1]
-        if name not in SHAPES:
-            raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    out = _stdout()
+    routed = _check_routing(model, routing)
+    if routed:
+        routed = run_routed_bench(
+            _shape(model),
+            routing,
+            preds,
+            fractions,
+            tokens,
+            profs,
+            prompt=prompt,
+            lookahead=lookahead,
+            progress=lambda row: out.print(
+                f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} decode hit {row['decode_hit_rate']:.3f}"
+                " (simulated)"
+            ),
+        )
+        note = f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
+    elif model.startswith("shape:"):
+        name = _shape(model)
         if "m2r2" in preds:
             preds.remove("m2r2")  # random weights: no adapters to train
         stock = shape_model(name, layers=shape_layers)
@@ -180,8 +203,7 @@ def bench(
         ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
         predictor_path = str(folder / "m2r2_adapters.safetensors")
         note = "trained weights"
-    out = _stdout()
-    result = run_bench(
+    result = routed or run_bench(
         stock,
         ids,
         preds,
@@ -228,18 +250,91 @@ def bench(
         _write_json(json_out, result)
 
 
+def _shape(model: str) -> str:
+    """'shape:NAME' -> NAME, checked."""
+    from moe_prefetch.bench import SHAPES
+
+    name = model.split(":", 1)[1]
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return name
+
+
+def _check_routing(model: str, routing: str | None) -> bool:
+    """True when `routing` asks for a demo's recorded routing on a shape."""
+    from moe_prefetch.routing import ROUTINGS
+
+    if routing is None:
+        return False
+    if routing not in ROUTINGS:
+        raise ConfigError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if not model.startswith("shape:"):
+        raise ConfigError(f"--routing applies to shape:NAME models; {model!r} routes by itself, drop --routing")
+    return routing != "random"
+
+
 @app.command()
 def simulate(
-    trace: Annotated[Path, typer.Option(help="run.json written by `run --report`.")] = ...,
+    trace: Annotated[Path | None, typer.Option(help="run.json written by `run --report`.")] = None,
     profile: Annotated[str, typer.Option(help="Hardware profile to simulate.")] = ...,
-    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run).")] = None,
+    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run; shapes: 1/4).")] = None,
     predictor: Annotated[
-        str, typer.Option(help="recorded (the run's own), none, previous-token or oracle.")
+        str,
+        typer.Option(help="recorded (the run's own), none, previous-token or oracle; shapes: also next-gate, m2r2."),
     ] = "recorded",
+    shape: Annotated[str | None, typer.Option(help="Simulate this reference shape instead of --trace.")] = None,
+    routing: Annotated[str, typer.Option(help="With --shape: demo, demo-fine or random.")] = "random",
+    tokens: Annotated[int, typer.Option(help="With --shape: decode tokens to replay.")] = 32,
+    lookahead: Annotated[int, typer.Option(help="With --shape: layers ahead to prefetch.")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Replay a recorded run through the same scheduler on a profile's link and compute."""
+    """Replay a recorded run (or a shape with demo or random routing) through the scheduler on a profile."""
     from moe_prefetch import profiles as hw
+
+    if (trace is None) == (shape is None):
+        raise ConfigError("give --trace RUN_JSON or --shape NAME (with --routing), one of the two")
+    if shape is not None:
+        result = _simulate_shape(shape, routing, hw.load_profile(profile), cache_slots, predictor, tokens, lookahead)
+    else:
+        result = _simulate_trace(trace, hw.load_profile(profile), cache_slots, predictor)
+    if json_out:
+        _stdout().print_json(json.dumps(result))
+        return
+    out = _stdout()
+    tok = result["median_token_s"]
+    out.print(
+        f"simulated on {profile}: {result['tokens_per_s']:.1f} tokens/s over {result['decode_tokens']} decode "
+        f"tokens (median {tok * 1e3:.2f} ms/token), {result['cache_slots']} slots, predictor {result['predictor']}"
+    )
+    out.print(
+        f"  per token: compute {result['compute_s_per_token'] * 1e3:.3f} ms, exposed transfer "
+        f"{result['exposed_transfer_s_per_token'] * 1e3:.3f} ms ({result['stall_share']:.1%} of the time)"
+    )
+    out.print(
+        f"  hit rate {result['hit_rate']:.3f}, prefetches issued {result['prefetch_issued']}, "
+        f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
+    )
+
+
+def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead) -> dict:
+    from moe_prefetch.bench import shape_replay, shape_routing
+    from moe_prefetch.routing import PREDICTORS, RECORDED
+    from moe_prefetch.sim import simulate_replay
+
+    _check_routing(f"shape:{_shape(f'shape:{name}')}", routing)  # both checked: a known shape, a known routing
+    if predictor not in PREDICTORS:
+        raise ConfigError(f"with --shape, --predictor is one of {', '.join(PREDICTORS)}; got {predictor!r}")
+    if routing == "random" and predictor in RECORDED:
+        raise ConfigError(f"random routing has no {predictor} predictions; use --routing demo-fine (or demo)")
+    sizes, mapped, _ = shape_routing(name, routing, [predictor], tokens, lookahead=lookahead)
+    total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
+    slots = cache_slots or max(sizes["top_k"], round(0.25 * total))
+    replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
+    mode = "recorded" if predictor in RECORDED else predictor
+    return {**simulate_replay(replay, profile, predictor=mode), "predictor": predictor, "routing": routing}
+
+
+def _simulate_trace(trace, profile, cache_slots, predictor) -> dict:
     from moe_prefetch.sim import simulate_replay
 
     if predictor not in ("recorded", "none", "previous-token", "oracle"):
@@ -259,21 +354,4 @@ def simulate(
         "predictions": payload.get("predictions", []),
         "step_starts": payload.get("step_starts", []),
     }
-    result = simulate_replay(replay, hw.load_profile(profile), cache_slots=cache_slots, predictor=predictor)
-    if json_out:
-        _stdout().print_json(json.dumps(result))
-        return
-    out = _stdout()
-    tok = result["median_token_s"]
-    out.print(
-        f"simulated on {profile}: {result['tokens_per_s']:.1f} tokens/s over {result['decode_tokens']} decode "
-        f"tokens (median {tok * 1e3:.2f} ms/token), {result['cache_slots']} slots, predictor {result['predictor']}"
-    )
-    out.print(
-        f"  per token: compute {result['compute_s_per_token'] * 1e3:.3f} ms, exposed transfer "
-        f"{result['exposed_transfer_s_per_token'] * 1e3:.3f} ms ({result['stall_share']:.1%} of the time)"
-    )
-    out.print(
-        f"  hit rate {result['hit_rate']:.3f}, prefetches issued {result['prefetch_issued']}, "
-        f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
-    )
+    return simulate_replay(replay, profile, cache_slots=cache_slots, predictor=predictor)
