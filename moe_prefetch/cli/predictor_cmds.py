@@ -321,7 +321,8 @@ def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, look
     from moe_prefetch.routing import PREDICTORS, RECORDED
     from moe_prefetch.sim import simulate_replay
 
-    _check_routing(f"shape:{_shape(f'shape:{name}')}", routing)  # both checked: a known shape, a known routing
+    name = _shape(f"shape:{name}")
+    _check_routing(f"shape:{name}", routing)
     if predictor not in PREDICTORS:
         raise ConfigError(f"with --shape, --predictor is one of {', '.join(PREDICTORS)}; got {predictor!r}")
     if routing == "random" and predictor in RECORDED:
