@@ -64,16 +64,18 @@ def test_cli_run_with_a_small_cache_writes_the_report(name, tmp_path):
 def test_cli_eval_predictor_and_bench_on_demo_fine(tmp_path):
     runner = CliRunner()
     data = tmp_path / "heldout.txt"
-    data.write_text("import os\n\ndef main(argv):\n    for name in argv:\n        print(os.path.join(name, 'x'))\n" * 8)
+    text = "import os\n\ndef main(argv):\n    for name in argv:\n        print(os.path.join(name, 'x'))\n"
+    data.write_text(text * 24)
     out = tmp_path / "eval.json"
-    args = ["eval-predictor", "--model", "demo-fine", "--data", str(data), "--max-tokens", "256", "--device", "cpu"]
+    args = ["eval-predictor", "--model", "demo-fine", "--data", str(data), "--max-tokens", "512", "--device", "cpu"]
     result = runner.invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
     recall = json.loads(out.read_text())["predictors"]
     assert {"next-gate", "m2r2"} <= set(recall) and set(recall["m2r2"]["by_distance"]) == {"1", "2", "3"}
     bench = tmp_path / "bench.json"
     args = ["bench", "--model", "demo-fine", "--tokens", "3", "--predictors", "none,m2r2", "--device", "cpu"]
-    result = runner.invoke(app, [*args, "--cache-fractions", "0.25", "--profiles", "rtx3060-12gb", "--json", str(bench)])
+    args += ["--cache-fractions", "0.25", "--profiles", "rtx3060-12gb"]
+    result = runner.invoke(app, [*args, "--json", str(bench)])
     assert result.exit_code == 0, result.output
     meta = json.loads(bench.read_text())["meta"]
     assert meta["experts_total"] == 6 * 64 and meta["top_k"] == 8

@@ -36,7 +36,7 @@ def _csv(value: str, cast=str) -> list:
 
 @app.command("train-predictor")
 def train_predictor(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    model: Annotated[str, typer.Option(help="Checkpoint folder, 'demo' or 'demo-fine'.")] = "demo",
     data: Annotated[list[Path], typer.Option(help="Training text file; repeat for several.")] = ...,
     out: Annotated[Path, typer.Option(help="Adapters file to write (safetensors).")] = ...,
     lookahead: Annotated[int, typer.Option(help="Layers ahead to predict (d = 1..D).")] = 3,
@@ -99,7 +99,7 @@ def train_predictor(
 
 @app.command("eval-predictor")
 def eval_predictor(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    model: Annotated[str, typer.Option(help="Checkpoint folder, 'demo' or 'demo-fine'.")] = "demo",
     data: Annotated[list[Path], typer.Option(help="Held-out text file; repeat for several.")] = ...,
     predictor_path: Annotated[Path | None, typer.Option(help="M2R2 adapters (default: the model folder's).")] = None,
     lookahead: Annotated[int, typer.Option(help="Distances d = 1..D to score.")] = 3,
@@ -131,7 +131,7 @@ def bench(
     model: Annotated[
         str,
         typer.Option(
-            help="Checkpoint folder, 'demo', or shape:NAME for a random-weight "
+            help="Checkpoint folder, 'demo', 'demo-fine', or shape:NAME for a random-weight "
             "model with a real model's expert size (see --help of shapes)."
         ),
     ] = "demo",
