@@ -127,6 +127,10 @@ def test_simulate_shape_with_random_and_demo_routing():
     assert json.loads(random.stdout)["decode_tokens"] == 4
     refused = runner.invoke(app, [*base, "--routing", "random", "--predictor", "m2r2"])
     assert refused.exit_code != 0 and "demo-fine" in refused.output
+    real = runner.invoke(app, [*base, "--routing", "demo-fine", "--predictor", "m2r2", "--cache-slots", "256"])
+    assert real.exit_code == 0, real.output
+    result = json.loads(real.stdout)
+    assert result["routing"] == "demo-fine" and result["cache_slots"] == 256 and result["prefetch_issued"] > 0
 
 
 @pytest.mark.parametrize(
