@@ -26,6 +26,8 @@ from .sim import Roofline, replay_payload, simulate_replay
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PROMPT = "import os\n\ndef main("
+
 # Public configs of the five reference shapes, with fewer layers so a CPU can run them. Their
 # weights are random, so their routing is random: say so next to every number they give.
 SHAPES = {
@@ -94,19 +96,159 @@ SHAPES = {
 }
 
 
-def shape_model(name: str, layers: int = 2, dtype=torch.bfloat16, seed: int = 0):
-    """A random-weight model with the named shape's real expert size and `layers` layers."""
+def shape_config(name: str, layers: int = 2):
+    """The named shape's transformers config with `layers` decoder layers."""
     spec = dict(SHAPES[name])
     model_type = spec.pop("model_type")
     spec.pop("real_layers")
     extra = {"layer_types": ["full_attention"] * layers} if model_type == "gpt_oss" else {}
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         model_type, vocab_size=4096, num_hidden_layers=layers, max_position_embeddings=512, **spec, **extra
     )
+
+
+def shape_model(name: str, layers: int = 2, dtype=torch.bfloat16, seed: int = 0):
+    """A random-weight model with the named shape's real expert size and `layers` layers."""
+    config = shape_config(name, layers)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return model
+
+
+def shape_sizes(name: str, layers: int | None = None, itemsize: int = 2) -> dict:
+    """What the simulator needs of a shape at its real depth (or `layers`), weights at `itemsize`
+    bytes per parameter, from a skeleton on the meta device (no memory, no weights)."""
+    config = shape_config(name, layers or SHAPES[name]["real_layers"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    moe = find_moe_layers(model)
+    scale = itemsize / 2
+    per_layer, head = dense_bytes(model, moe)
+    return {
+        "moe_layer_ids": [layer.layer_idx for layer in moe],
+        "num_layers": config.num_hidden_layers,
+        "num_experts": moe[0].num_experts,
+        "top_k": max(layer.top_k for layer in moe),
+        "expert_params": spec_of(moe).numel,
+        "itemsize": itemsize,
+        "dense_bytes_per_layer": int(per_layer * scale),
+        "head_bytes": int(head * scale),
+    }
+
+
+def shape_routing(
+    name: str,
+    routing: str,
+    predictors: list[str],
+    tokens: int,
+    prompt: str = DEFAULT_PROMPT,
+    lookahead: int = 2,
+    layers: int | None = None,
+) -> tuple[dict, dict, dict | None]:
+    """(sizes, routing in the shape's ids, the recording or None) for shape `name` with
+    `routing`: 'random' (uniform, as random weights give) or a demo's recorded run."""
+    from . import routing as routes
+
+    sizes = shape_sizes(name, layers)
+    ids, experts, top_k = sizes["moe_layer_ids"], sizes["num_experts"], sizes["top_k"]
+    if routing == "random":
+        return sizes, routes.random_routing(ids, experts, top_k, tokens), None
+    recording = routes.record(routing, predictors, tokens, prompt, lookahead)
+    return sizes, routes.repeat_onto(recording, ids, experts, top_k), recording
+
+
+def shape_replay(sizes: dict, mapped: dict, predictor: str, cache_slots: int, lookahead: int) -> dict:
+    """A `sim.simulate_replay` payload for one predictor of a routing-driven shape."""
+    return {
+        **sizes,
+        "trace": mapped["trace"],
+        "predictions": mapped["predictions"].get(predictor, []),
+        "cache_slots": cache_slots,
+        "lookahead": lookahead,
+        "predictor": predictor,
+    }
+
+
+def run_routed_bench(
+    name: str,
+    routing: str,
+    predictors: list[str],
+    fractions: list[float],
+    tokens: int,
+    profiles: list,
+    prompt: str = DEFAULT_PROMPT,
+    lookahead: int = 2,
+    layers: int | None = None,
+    progress=None,
+) -> dict:
+    """Simulate shape `name` at its real depth on each profile, replaying the routing and
+    predictions recorded from the demo `routing` ('demo' or 'demo-fine'), repeated across the
+    shape's layers (rules: `moe_prefetch.routing`). Nothing is measured here: every row is
+    simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only."""
+    from .routing import RECORDED
+
+    sizes, mapped, recording = shape_routing(name, routing, predictors, tokens, prompt, lookahead, layers)
+    total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
+    top_k = sizes["top_k"]
+    rows = []
+    for fraction in fractions:
+        slots = max(top_k, round(fraction * total))
+        for predictor in predictors:
+            replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
+            mode = "recorded" if predictor in RECORDED else predictor
+            sims = {p.name: simulate_replay(replay, p, predictor=mode, itemsize=sizes["itemsize"]) for p in profiles}
+            first = next(iter(sims.values()), None)
+            row = {
+                "predictor": predictor,
+                "cache_fraction": fraction,
+                "cache_slots": slots,
+                "hit_rate": first["hit_rate"] if first else None,
+                "decode_hit_rate": first["decode_hit_rate"] if first else None,
+                "prefetch_precision": first["decode_prefetch_precision"] if first else None,
+                "prefetch_recall": first["decode_prefetch_recall"] if first else None,
+                "stall_share": None,
+                "tokens_per_s": None,  # nothing ran on this device
+                "simulated": {n: r["tokens_per_s"] for n, r in sims.items()},
+                "simulated_stall_share": {n: r["stall_share"] for n, r in sims.items()},
+            }
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    expert_bytes = sizes["expert_params"] * sizes["itemsize"]
+    roof = _bounds(
+        profiles,
+        mapped["trace"],
+        sizes["moe_layer_ids"],
+        expert_bytes,
+        sizes["expert_params"],
+        sizes["dense_bytes_per_layer"],
+        sizes["head_bytes"],
+        top_k,
+        sizes["num_layers"],
+    )
+    meta = {
+        "experts_total": total,
+        "top_k": top_k,
+        "expert_bytes": expert_bytes,
+        "simulated_expert_bytes": expert_bytes,
+        "tokens": tokens,
+        "moe_layers": len(sizes["moe_layer_ids"]),
+        "layers": sizes["num_layers"],
+        "measured_on": "simulated",
+        "loader": "simulated link",
+        "stall_timing": "simulated",
+        "routing": routing,
+        "routing_source": None
+        if recording is None
+        else {
+            "model": routing,
+            "moe_layers": len(recording["moe_layer_ids"]),
+            "experts": recording["num_experts"],
+            "top_k": recording["top_k"],
+        },
+    }
+    return {"rows": rows + roof, "meta": meta}
 
 
 def _decode_tokens_per_s(step_starts: list[float]) -> float:

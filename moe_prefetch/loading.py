@@ -29,19 +29,26 @@ from .store import HostStore, check_host_memory
 logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_FINE_DIR = Path(__file__).parent / "demo_fine"
+# Shipped demo models by name: Mixtral-style 8 experts top-2, and Qwen3-MoE 64 experts top-8.
+DEMOS = {"demo": DEMO_DIR, "demo-fine": DEMO_FINE_DIR}
 
 
 def resolve_path(path: str | Path) -> Path:
-    """'demo' is the shipped demo model; anything else must be a checkpoint folder."""
-    if str(path) == "demo":
-        if not (DEMO_DIR / "config.json").is_file():
+    """'demo' and 'demo-fine' are the shipped demo models; anything else must be a checkpoint folder."""
+    if str(path) in DEMOS:
+        folder = DEMOS[str(path)]
+        if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
-                "the demo model is not built in this checkout; build it with `python scripts/train_demo_model.py`"
+                f"the {path} model is not built in this checkout; build it with `python scripts/train_demo_model.py` "
+                f"(see {folder.name}/README.md)"
             )
-        path = DEMO_DIR
+        path = folder
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(f"model path {str(path)!r} does not exist; pass a checkpoint folder or 'demo'")
+        raise ModelNotFoundError(
+            f"model path {str(path)!r} does not exist; pass a checkpoint folder, 'demo' or 'demo-fine'"
+        )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{str(path)!r} is not a model folder (no config.json); pass a Hugging Face checkpoint folder"

@@ -183,11 +183,17 @@ def simulate(
             clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
         stall = sum(loader._stalls.values()) - stall_before
         tokens.append({"step": step, "seconds": clock.now - begin, "stall_s": stall})
+        if i == 0:
+            after_first = cache.totals()  # step 0 is the prefill: decode counters start after it
     decode = [t for t in tokens if t["step"] > 0] or tokens
     if roofline is None and len(step_starts) <= steps[-1] + 1 and decode:
         decode = decode[:-1] or decode  # the last step has no measured end
     totals = cache.totals()
     demand = totals.hits + totals.misses
+    decode_hits = totals.hits - after_first.hits
+    decode_misses = totals.misses - after_first.misses
+    decode_used = totals.prefetch_used - after_first.prefetch_used
+    decode_issued = totals.prefetch_issued - after_first.prefetch_issued
     seconds = sum(t["seconds"] for t in decode)
     stall = sum(t["stall_s"] for t in decode)
     return {
@@ -199,6 +205,10 @@ def simulate(
         "compute_s_per_token": (seconds - stall) / len(decode) if decode else 0.0,
         "exposed_transfer_s_per_token": stall / len(decode) if decode else 0.0,
         "hit_rate": totals.hits / demand if demand else 0.0,
+        # decode only (the prefill touches nearly every expert), with the bench's definitions
+        "decode_hit_rate": decode_hits / (decode_hits + decode_misses) if decode_hits + decode_misses else 0.0,
+        "decode_prefetch_precision": decode_used / decode_issued if decode_issued else 0.0,
+        "decode_prefetch_recall": decode_used / (decode_used + decode_misses) if decode_used + decode_misses else 0.0,
         "prefetch_issued": totals.prefetch_issued,
         "prefetch_used": totals.prefetch_used,
         "bytes_loaded": totals.bytes_loaded,

@@ -17,6 +17,8 @@ def table(path: str) -> str:
     data = json.load(open(path))
     meta, rows = data["meta"], data["rows"]
     profiles = meta.get("profiles", [])
+    if meta.get("measured_on") == "simulated":
+        return _simulated_table(meta, rows, profiles)
     lines = [
         f"**{meta['model']}** ({meta.get('note', '')}); {meta['layers']} layers, {meta['experts_total']} experts "
         f"x {meta['expert_bytes'] / 2**20:.2f} MiB as run ({meta.get('simulated_expert_bytes', 0) / 2**20:.2f} MiB "
@@ -38,9 +40,34 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def _simulated_table(meta: dict, rows: list[dict], profiles: list[str]) -> str:
+    """A routing-driven shape (`bench --routing demo|demo-fine`): nothing measured, so no measured columns."""
+    src = meta["routing_source"]
+    lines = [
+        f"**{meta['model']}** with the routing of **{src['model']}** ({src['moe_layers']} MoE layers, "
+        f"{src['experts']} experts, top-{src['top_k']}) repeated over {meta['moe_layers']} MoE layers; "
+        f"{meta['experts_total']} experts x {meta['expert_bytes'] / 2**20:.2f} MiB bf16, top-{meta['top_k']}, "
+        f"{meta['tokens']} decode tokens. **Every number simulated**; hit rates and prefetch precision/recall "
+        "are decode-only.",
+        "",
+        "| predictor | cache | decode hit rate | prefetch precision | prefetch recall | "
+        + " | ".join(f"{p} tok/s (simulated)" for p in profiles)
+        + " |",
+        "|---" * (5 + len(profiles)) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['predictor']} | {row['cache_fraction']:g} | {fmt(row.get('decode_hit_rate'), '.3f')} "
+            f"| {fmt(row['prefetch_precision'], '.3f')} | {fmt(row['prefetch_recall'], '.3f')} | "
+            + " | ".join(fmt(row["simulated"].get(p), ".1f") for p in profiles)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def speedups(path: str, a: str = "m2r2", b: str = "none") -> str:
     data = json.load(open(path))
-    rows = [r for r in data["rows"] if r["tokens_per_s"] is not None]
+    rows = [r for r in data["rows"] if r["predictor"] not in ("all-resident", "bandwidth-bound-on-demand")]
     out = []
     for fraction in sorted({r["cache_fraction"] for r in rows}):
         ra = next((r for r in rows if r["predictor"] == a and r["cache_fraction"] == fraction), None)

@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Train the small Mixtral-architecture demo model shipped in ``moe_prefetch/demo``.
+"""Train a small demo MoE model: ``moe_prefetch/demo`` (Mixtral) or ``moe_prefetch/demo_fine`` (Qwen3-MoE).
 
 Steps: train a byte-level BPE tokenizer on the train split of the Python
-stdlib corpus (``moe_prefetch.corpus``), train a 6-layer, 8-expert, top-2
-``MixtralForCausalLM`` on it for a wall-clock budget (or a fixed number of
-steps), evaluate on the held-out split, and save the model in float16 /
-bfloat16 with its tokenizer, generation config and a model card.
+stdlib corpus (``moe_prefetch.corpus``) or reuse one (``--tokenizer``), train a
+``MixtralForCausalLM`` (default: 6 layers, 8 experts, top-2) or a fine-grained
+``Qwen3MoeForCausalLM`` (``--arch qwen3_moe``) on it for a wall-clock budget (or a
+fixed number of steps), evaluate on the held-out split, and save the model in
+float16 / bfloat16 with its tokenizer, generation config and a model card.
 
-Example::
+Examples::
 
     python scripts/train_demo_model.py --out moe_prefetch/demo --minutes 35
+    python scripts/train_demo_model.py --out moe_prefetch/demo_fine --arch qwen3_moe --tokenizer moe_prefetch/demo \
+        --experts 64 --top-k 8 --intermediate 48 --threads 1 --save-dtype bfloat16 --max-mb 38 --steps N
+
+``--checkpoint FILE`` saves the training state every ``--checkpoint-every`` steps and
+resumes from it when the file exists, so a killed run continues where it stopped.
 
 The LR schedule needs the total step count. With ``--steps`` it is fixed and
 the run is deterministic given ``--seed``; with only ``--minutes`` it is
@@ -39,12 +45,15 @@ from transformers import (  # noqa: E402
     MixtralConfig,
     MixtralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from moe_prefetch import corpus  # noqa: E402
 
 EOS = "<|endoftext|>"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ARCHS = {"mixtral": MixtralForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}
 
 
 def parse_args(argv=None):
@@ -53,13 +62,19 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=35.0, help="training wall-clock budget")
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides --minutes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="mixtral", help="model architecture")
+    p.add_argument("--tokenizer", default=None, help="reuse the tokenizer of this model folder instead of training one")
+    p.add_argument("--title", default="moe-prefetch demo model", help="model card title")
+    p.add_argument("--checkpoint", default=None, help="training-state file: saved periodically, resumed if present")
+    p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--nice", type=int, default=10, help="raise the niceness by this much")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=256, help="per-expert intermediate size")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -124,7 +139,33 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 # --------------------------------------------------------------------- model
 
 
-def build_config(args, tokenizer) -> MixtralConfig:
+def build_config(args, tokenizer):
+    if args.arch == "qwen3_moe":
+        # Every layer sparse (no dense MLP layers), top-k weights renormalised like Qwen3-30B-A3B.
+        return Qwen3MoeConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            moe_intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            head_dim=args.hidden // args.heads,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=True,
+            output_router_logits=True,
+            router_aux_loss_coef=args.aux_coef,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
     return MixtralConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
@@ -190,17 +231,22 @@ def evaluate(model, data: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
+def num_experts(cfg) -> int:
+    return cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts
+
+
 @torch.no_grad()
 def expert_usage(model, data: torch.Tensor, batch_size: int) -> list[list[float]]:
     """Fraction of top-k routing slots each expert receives, per layer."""
     model.eval()
     cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts)
+    n_exp = num_experts(cfg)
+    counts = torch.zeros(cfg.num_hidden_layers, n_exp)
     for i in range(0, len(data), batch_size):
         out = model(input_ids=data[i : i + batch_size, :-1], output_router_logits=True, use_cache=False)
         for layer, logits in enumerate(out.router_logits):
             top = logits.topk(cfg.num_experts_per_tok, dim=-1).indices.reshape(-1)
-            counts[layer] += torch.bincount(top, minlength=cfg.num_local_experts).float()
+            counts[layer] += torch.bincount(top, minlength=n_exp).float()
     return (counts / counts.sum(dim=1, keepdim=True)).tolist()
 
 
@@ -213,7 +259,7 @@ def folder_bytes(path: pathlib.Path) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.nice(10)
+    os.nice(args.nice)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = pathlib.Path(args.out)
@@ -225,8 +271,12 @@ def main(argv=None) -> int:
     print(f"corpus: {len(train_files)} train files, {len(heldout_files)} held-out files", flush=True)
 
     t0 = time.time()
-    tokenizer = train_tokenizer(train_files, args.vocab_size)
-    print(f"tokenizer: vocab {len(tokenizer)} trained in {time.time() - t0:.1f}s", flush=True)
+    if args.tokenizer:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+        print(f"tokenizer: vocab {len(tokenizer)} from {args.tokenizer}", flush=True)
+    else:
+        tokenizer = train_tokenizer(train_files, args.vocab_size)
+        print(f"tokenizer: vocab {len(tokenizer)} trained in {time.time() - t0:.1f}s", flush=True)
     train_stream = encode_files(tokenizer, train_files)
     heldout_stream = encode_files(tokenizer, heldout_files)
     train_chars = sum(len(corpus.read_text(p)) for p in train_files)
@@ -244,11 +294,12 @@ def main(argv=None) -> int:
 
     config = build_config(args, tokenizer)
     torch.manual_seed(args.seed)
-    model = MixtralForCausalLM(config)
+    model_cls = ARCHS[args.arch]
+    model = model_cls(config)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = n_params - expert_params + expert_params * cfg.num_experts_per_tok // cfg.num_local_experts
+    active = n_params - expert_params + expert_params * cfg.num_experts_per_tok // num_experts(cfg)
     print(f"model: {n_params:,} params ({expert_params:,} in experts, ~{active:,} active/token)", flush=True)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -272,9 +323,20 @@ def main(argv=None) -> int:
     window_loss = window_aux = 0.0
     window_n = 0
     stopped_early = False
-    model.train()
-    t_train = time.time()
     step = 0
+    trained_s = 0.0  # training seconds of earlier (checkpointed) sessions
+    ckpt = pathlib.Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        order, pos, epoch, step = state["order"], state["pos"], state["epoch"], state["step"]
+        total_steps, curve, evals, trained_s = state["total_steps"], state["curve"], state["evals"], state["trained_s"]
+        window_loss, window_aux, window_n = state["window"]
+        print(f"resumed from {ckpt} at step {step}/{total_steps}", flush=True)
+    model.train()
+    t_train = time.time() - trained_s
     while step < total_steps:
         if pos + args.batch_size > len(order):
             epoch += 1
@@ -325,6 +387,23 @@ def main(argv=None) -> int:
                 f"  probe held-out loss {ev:.4f}; expert share min {min(shares):.3f} max {max(shares):.3f}",
                 flush=True,
             )
+        if ckpt is not None and step % args.checkpoint_every == 0 and step < total_steps:
+            state = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "order": order,
+                "pos": pos,
+                "epoch": epoch,
+                "step": step,
+                "total_steps": total_steps,
+                "curve": curve,
+                "evals": evals,
+                "trained_s": time.time() - t_train,
+                "window": (window_loss, window_aux, window_n),
+            }
+            torch.save(state, str(ckpt) + ".tmp")
+            os.replace(str(ckpt) + ".tmp", ckpt)
         if args.steps is None and time.time() - t_train > args.hard_stop * budget_s:
             print(f"WARNING: stopping at step {step}: {args.hard_stop}x the time budget used", flush=True)
             stopped_early = True
@@ -352,7 +431,7 @@ def main(argv=None) -> int:
     ).save_pretrained(out)
 
     # ---- reload exactly as a user would and re-measure
-    reloaded = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reloaded = model_cls.from_pretrained(out, dtype=torch.float32)
     heldout_saved = evaluate(reloaded, eval_data, args.batch_size)
     usage = expert_usage(reloaded, eval_data, args.batch_size)
     print(f"held-out loss (saved {args.save_dtype} weights, fp32 compute): {heldout_saved:.4f}", flush=True)
@@ -399,17 +478,35 @@ def main(argv=None) -> int:
 
 def write_card(out, args, cfg, card, command, sample_text) -> None:
     curve = card["loss_curve"]
+    n_exp = num_experts(cfg)
     picks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
     curve_rows = "\n".join(f"| {curve[i][0]} | {curve[i][1]:.3f} | {curve[i][2]:.3f} |" for i in picks if curve)
     usage_rows = "\n".join(
         f"| {i} | " + " | ".join(f"{100 * f:.1f}" for f in fr) + " |" for i, fr in enumerate(card["expert_usage"])
     )
+    if n_exp <= 16:
+        usage_table = f"| layer | {' | '.join(f'e{i}' for i in range(n_exp))} |\n|---|{'---|' * n_exp}\n{usage_rows}"
+    else:  # too wide for one row per layer: summarise (uniform share is 100 / E %)
+        usage_table = (
+            "| layer | min | median | max | experts under 1/4 of uniform |\n|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {i} | {100 * min(fr):.2f} | {100 * sorted(fr)[len(fr) // 2]:.2f} | {100 * max(fr):.2f} | "
+                f"{sum(f < 0.25 / n_exp for f in fr)} |"
+                for i, fr in enumerate(card["expert_usage"])
+            )
+        )
     fence = "`" * 3
     early = f" (stopped early by the time limit; {card['planned_steps']} planned)" if card["stopped_early"] else ""
-    text = f"""# moe-prefetch demo model
+    arch_name = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE"}[args.arch]
+    tok_line = (
+        f"The tokenizer is `{args.tokenizer}`'s (reused, not retrained)."
+        if args.tokenizer
+        else "The byte-level BPE tokenizer is trained on the train split by the same script."
+    )
+    text = f"""# {args.title}
 
-A small Mixture-of-Experts causal LM in the Hugging Face **Mixtral** architecture
-(`MixtralForCausalLM`), trained from scratch on Python source code. It exists so the
+A small Mixture-of-Experts causal LM in the Hugging Face **{arch_name}** architecture
+(`{ARCHS[args.arch].__name__}`), trained from scratch on Python source code. It exists so the
 runtime has a real, trained MoE checkpoint to offload and prefetch experts for; it is
 not a useful code model.
 
@@ -418,9 +515,9 @@ not a useful code model.
 | field | value |
 |---|---|
 | layers | {cfg.num_hidden_layers} |
-| experts per layer / active (top-k) | {cfg.num_local_experts} / {cfg.num_experts_per_tok} |
+| experts per layer / active (top-k) | {n_exp} / {cfg.num_experts_per_tok} |
 | hidden size | {cfg.hidden_size} |
-| expert intermediate size | {cfg.intermediate_size} |
+| expert intermediate size | {args.intermediate} |
 | attention heads / KV heads | {cfg.num_attention_heads} / {cfg.num_key_value_heads} |
 | vocab (byte-level BPE) | {cfg.vocab_size} |
 | max positions | {cfg.max_position_embeddings} |
@@ -435,7 +532,7 @@ not a useful code model.
 (`moe_prefetch.corpus`), without `test`/`tests`/`idlelib`/`lib2to3`/`ensurepip`/`site-packages`.
 Files are split by `zlib.crc32(relative path) % 10 == 0` into held-out (1 in 10) and train.
 Train split: {card["train_tokens_available"]:,} tokens; held-out split: {card["heldout_tokens_available"]:,} tokens.
-Files are joined with `<|endoftext|>`.
+Files are joined with `<|endoftext|>`. {tok_line}
 
 ## Training
 
@@ -459,9 +556,7 @@ with the saved {args.save_dtype} weights loaded in float32 ({card["heldout_loss_
 
 Share of top-{cfg.num_experts_per_tok} routing slots per expert on that text (%):
 
-| layer | {" | ".join(f"e{i}" for i in range(cfg.num_local_experts))} |
-|---|{"---|" * cfg.num_local_experts}
-{usage_rows}
+{usage_table}
 
 Greedy sample from the prompt `def `:
 

@@ -51,7 +51,7 @@ def _data_files(data: list[Path]) -> list[Path]:
 
 @app.command("train-predictor", cls=Command)
 def train_predictor(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    model: Annotated[str, typer.Option(help="Checkpoint folder, 'demo' or 'demo-fine'.")] = "demo",
     data: Annotated[
         list[Path], typer.Option(help="Training text file, or demo-train (the demo's training text); repeatable.")
     ] = ...,
@@ -116,7 +116,7 @@ def train_predictor(
 
 @app.command("eval-predictor", cls=Command)
 def eval_predictor(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    model: Annotated[str, typer.Option(help="Checkpoint folder, 'demo' or 'demo-fine'.")] = "demo",
     data: Annotated[
         list[Path], typer.Option(help="Held-out text file, or demo-heldout (the demo's held-out text); repeatable.")
     ] = ...,
@@ -187,8 +187,9 @@ def bench(
     model: Annotated[
         str,
         typer.Option(
-            help="Checkpoint folder, 'demo', or shape:NAME for a random-weight model with a real model's expert "
-            f"size; NAME is one of {', '.join(SHAPE_NAMES)}."
+            help="Checkpoint folder, 'demo', 'demo-fine', or shape:NAME for a model with a real model's expert "
+            "size (random weights; with --routing, a demo's recorded routing); "
+            f"NAME is one of {', '.join(SHAPE_NAMES)}."
         ),
     ] = "demo",
     predictors: Annotated[
@@ -207,6 +208,13 @@ def bench(
     prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
     lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
     shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME model.")] = 2,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            help="shape:NAME only. demo or demo-fine: replay that demo's recorded routing and predictions over "
+            "the shape's real layers (simulated only); random: run the random-weight model (the default)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
@@ -221,11 +229,29 @@ def bench(
 
     import torch
 
-    from moe_prefetch.bench import run_bench, shape_model
+    from moe_prefetch.bench import run_bench, run_routed_bench, shape_model
     from moe_prefetch.loading import load
 
     predictor_path = None
-    if folder is None:
+    out = stdout()
+    routed = _check_routing(model, routing)
+    if routed:
+        routed = run_routed_bench(
+            _shape(model),
+            routing,
+            preds,
+            fractions,
+            tokens,
+            profs,
+            prompt=prompt,
+            lookahead=lookahead,
+            progress=lambda row: out.print(
+                f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} decode hit {row['decode_hit_rate']:.1%}"
+                " (simulated)"
+            ),
+        )
+        note = f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
+    elif folder is None:
         if "m2r2" in preds:
             preds.remove("m2r2")  # random weights: no adapters to train
         stock = shape_model(model.split(":", 1)[1], layers=shape_layers)
@@ -239,8 +265,7 @@ def bench(
         ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
         predictor_path = str(folder / "m2r2_adapters.safetensors")
         note = "trained weights"
-    out = stdout()
-    result = run_bench(
+    result = routed or run_bench(
         stock,
         ids,
         preds,
@@ -291,40 +316,58 @@ def bench(
         _write_json(json_out, result)
 
 
+def _shape(model: str) -> str:
+    """'shape:NAME' -> NAME, checked."""
+    from moe_prefetch.bench import SHAPES
+
+    name = model.split(":", 1)[1]
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return name
+
+
+def _check_routing(model: str, routing: str | None) -> bool:
+    """True when `routing` asks for a demo's recorded routing on a shape."""
+    from moe_prefetch.routing import ROUTINGS
+
+    if routing is None:
+        return False
+    if routing not in ROUTINGS:
+        raise ConfigError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if not model.startswith("shape:"):
+        raise ConfigError(f"--routing applies to shape:NAME models; {model!r} routes by itself, drop --routing")
+    return routing != "random"
+
+
 @app.command(cls=Command)
 def simulate(
-    trace: Annotated[Path, typer.Option(help="run.json written by `run --report`, or its folder.")] = ...,
+    trace: Annotated[Path | None, typer.Option(help="run.json written by `run --report`, or its folder.")] = None,
     profile: Annotated[str, typer.Option(help="Hardware profile to simulate (`profiles` lists them).")] = ...,
     host: Annotated[
         str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
     ] = None,
-    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run).")] = None,
+    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run; shapes: 1/4).")] = None,
     predictor: Annotated[
-        str, typer.Option(help="recorded (the run's own), none, previous-token or oracle.")
+        str,
+        typer.Option(help="recorded (the run's own), none, previous-token or oracle; shapes: also next-gate, m2r2."),
     ] = "recorded",
+    shape: Annotated[str | None, typer.Option(help="Simulate this reference shape instead of --trace.")] = None,
+    routing: Annotated[str, typer.Option(help="With --shape: demo, demo-fine or random.")] = "random",
+    tokens: Annotated[int, typer.Option(help="With --shape: decode tokens to replay.")] = 32,
+    lookahead: Annotated[int, typer.Option(help="With --shape: layers ahead to prefetch.")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Replay a recorded run through the same scheduler on a profile's link and compute."""
+    """Replay a recorded run (or a shape with demo or random routing) through the scheduler on a profile."""
     from moe_prefetch import profiles as hw
-    from moe_prefetch.profiling import load_run
 
-    if predictor not in ("recorded", "none", "previous-token", "oracle"):
-        raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
-    hardware = hw.load_profile(profile)
+    if (trace is None) == (shape is None):
+        raise ConfigError("give --trace RUN_JSON or --shape NAME (with --routing), one of the two")
     host_profile = None if host is None else hw.load_host_profile(host)
-    payload = load_run(trace)  # a file or the report folder, as `report` takes
-    if not payload.get("replay"):
-        raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
-    replay = {
-        **payload["replay"],
-        "trace": payload["trace"],
-        "predictions": payload.get("predictions", []),
-        "step_starts": payload.get("step_starts", []),
-    }
-    from moe_prefetch.sim import simulate_replay
-
-    result = simulate_replay(replay, hardware, cache_slots=cache_slots, predictor=predictor)
-    # TODO(issue 10): pass host=host_profile to simulate_replay once it has the host lane; recorded, not used.
+    if shape is not None:
+        result = _simulate_shape(shape, routing, hw.load_profile(profile), cache_slots, predictor, tokens, lookahead)
+    else:
+        result = _simulate_trace(trace, hw.load_profile(profile), cache_slots, predictor)
+    # TODO(issue 10): pass the host profile to simulate_replay once it has the host lane; recorded, not used.
     result["host"] = None if host_profile is None else host_profile.name
     if json_out:
         stdout().print_json(json.dumps(result))
@@ -343,3 +386,40 @@ def simulate(
         f"  hit rate {result['hit_rate']:.1%}, prefetches issued {result['prefetch_issued']}, "
         f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
     )
+
+
+def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead) -> dict:
+    from moe_prefetch.bench import shape_replay, shape_routing
+    from moe_prefetch.routing import PREDICTORS, RECORDED
+    from moe_prefetch.sim import simulate_replay
+
+    name = _shape(f"shape:{name}")
+    _check_routing(f"shape:{name}", routing)
+    if predictor not in PREDICTORS:
+        raise ConfigError(f"with --shape, --predictor is one of {', '.join(PREDICTORS)}; got {predictor!r}")
+    if routing == "random" and predictor in RECORDED:
+        raise ConfigError(f"random routing has no {predictor} predictions; use --routing demo-fine (or demo)")
+    sizes, mapped, _ = shape_routing(name, routing, [predictor], tokens, lookahead=lookahead)
+    total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
+    slots = cache_slots or max(sizes["top_k"], round(0.25 * total))
+    replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
+    mode = "recorded" if predictor in RECORDED else predictor
+    return {**simulate_replay(replay, profile, predictor=mode), "predictor": predictor, "routing": routing}
+
+
+def _simulate_trace(trace, profile, cache_slots, predictor) -> dict:
+    from moe_prefetch.profiling import load_run
+    from moe_prefetch.sim import simulate_replay
+
+    if predictor not in ("recorded", "none", "previous-token", "oracle"):
+        raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
+    payload = load_run(trace)  # a file or the report folder, as `report` takes
+    if not payload.get("replay"):
+        raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
+    replay = {
+        **payload["replay"],
+        "trace": payload["trace"],
+        "predictions": payload.get("predictions", []),
+        "step_starts": payload.get("step_starts", []),
+    }
+    return simulate_replay(replay, profile, cache_slots=cache_slots, predictor=predictor)
