@@ -389,8 +389,8 @@ def model_size(path: str | Path) -> ModelSize:
     from transformers import AutoModelForCausalLM
 
     from .errors import UnsupportedModelError
+    from .folders import default_dtype, read_config, resolve_path
     from .layout import find_moe_layers, spec_of
-    from .loading import default_dtype, read_config, resolve_path
 
     folder = resolve_path(path)
     config = read_config(folder)
