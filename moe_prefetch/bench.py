@@ -13,6 +13,8 @@ the first run's).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import statistics
 import time
@@ -181,40 +183,64 @@ def run_routed_bench(
     lookahead: int = 2,
     layers: int | None = None,
     progress=None,
+    on_miss: list[str] | tuple[str, ...] = ("wait",),
+    host=None,
 ) -> dict:
     """Simulate shape `name` at its real depth on each profile, replaying the routing and
     predictions recorded from the demo `routing` ('demo' or 'demo-fine'), repeated across the
     shape's layers (rules: `moe_prefetch.routing`). Nothing is measured here: every row is
-    simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only."""
+    simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only.
+    Each `on_miss` placement gets its rows; `host` (a HostProfile) sets the host lane's speed."""
+    from .profiles import default_lane_costs, lane_costs
     from .routing import RECORDED
+
+    def costs_on(profile):
+        """The profile's device and link, with `host`'s lane (default: the shipped desktop host)."""
+        if host is not None:
+            return lane_costs(profile, host)
+        return dataclasses.replace(
+            default_lane_costs(),
+            link_bytes_per_s=float(profile.h2d_bandwidth_bytes_per_s),
+            device_bytes_per_s=float(profile.hbm_bandwidth_bytes_per_s),
+            device_flops=float(profile.peak_bf16_flops),
+        )
 
     sizes, mapped, recording = shape_routing(name, routing, predictors, tokens, prompt, lookahead, layers)
     total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
     top_k = sizes["top_k"]
     rows = []
-    for fraction in fractions:
+    for fraction, placement, predictor in itertools.product(fractions, on_miss, predictors):
         slots = max(top_k, round(fraction * total))
-        for predictor in predictors:
-            replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
-            mode = "recorded" if predictor in RECORDED else predictor
-            sims = {p.name: simulate_replay(replay, p, predictor=mode, itemsize=sizes["itemsize"]) for p in profiles}
-            first = next(iter(sims.values()), None)
-            row = {
-                "predictor": predictor,
-                "cache_fraction": fraction,
-                "cache_slots": slots,
-                "hit_rate": first["hit_rate"] if first else None,
-                "decode_hit_rate": first["decode_hit_rate"] if first else None,
-                "prefetch_precision": first["decode_prefetch_precision"] if first else None,
-                "prefetch_recall": first["decode_prefetch_recall"] if first else None,
-                "stall_share": None,
-                "tokens_per_s": None,  # nothing ran on this device
-                "simulated": {n: r["tokens_per_s"] for n, r in sims.items()},
-                "simulated_stall_share": {n: r["stall_share"] for n, r in sims.items()},
-            }
-            rows.append(row)
-            if progress is not None:
-                progress(row)
+        replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
+        mode = "recorded" if predictor in RECORDED else predictor
+        sims = {
+            p.name: simulate_replay(
+                replay, p, predictor=mode, itemsize=sizes["itemsize"], on_miss=placement, costs=costs_on(p)
+            )
+            for p in profiles
+        }
+        first = next(iter(sims.values()), None)
+        row = {
+            "on_miss": placement,
+            "policy": "lru",
+            "predictor": predictor,
+            "cache_fraction": fraction,
+            "cache_slots": slots,
+            "hit_rate": first["hit_rate"] if first else None,
+            "decode_hit_rate": first["decode_hit_rate"] if first else None,
+            "prefetch_precision": first["decode_prefetch_precision"] if first else None,
+            "prefetch_recall": first["decode_prefetch_recall"] if first else None,
+            "stall_share": None,
+            "tokens_per_s": None,  # nothing ran on this device
+            "simulated": {n: r["tokens_per_s"] for n, r in sims.items()},
+            "simulated_stall_share": {n: r["stall_share"] for n, r in sims.items()},
+            "simulated_host_experts_per_token": {
+                n: r["host_experts"] / max(1, r["decode_tokens"] + 1) for n, r in sims.items()
+            },
+        }
+        rows.append(row)
+        if progress is not None:
+            progress(row)
     expert_bytes = sizes["expert_params"] * sizes["itemsize"]
     roof = _bounds(
         profiles,
@@ -270,8 +296,11 @@ def run_bench(
     lookahead: int = 2,
     progress=None,
     sim_itemsize: int = 2,
+    on_miss: str = "wait",
 ) -> dict:
     """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}.
+    `on_miss` places the misses of the measured runs (the simulated columns replay them as
+    waits: the simulator's host lane is used by the routed bench).
 
     Simulated profiles see the model's weights at `sim_itemsize` bytes per parameter (2: bf16,
     as on a GPU) whatever dtype ran here (often fp32 on CPU)."""
@@ -293,7 +322,14 @@ def run_bench(
                 continue
             kwargs = dict(predictor_path=predictor_path) if predictor == "m2r2" else {}
             runtime = attach(
-                model, device=device, cache_slots=slots, predictor=predictor, lookahead=lookahead, record=True, **kwargs
+                model,
+                device=device,
+                cache_slots=slots,
+                predictor=predictor,
+                lookahead=lookahead,
+                record=True,
+                on_miss=on_miss,
+                **kwargs,
             )
             try:
                 if predictor == "oracle":
@@ -326,7 +362,7 @@ def run_bench(
                 runtime.detach()
             if predictor not in predictors:
                 continue
-            row = _row(predictor, fraction, slots, stats, starts, wall, trace)
+            row = {"on_miss": on_miss, "policy": "lru", **_row(predictor, fraction, slots, stats, starts, wall, trace)}
             row["same_tokens"] = same_tokens
             row["simulated"] = {}
             for profile in profiles or []:
@@ -423,6 +459,7 @@ def _bounds(
         bound[profile.name] = 1 / max(compute, transfer)
     return [
         {
+            "on_miss": "-",  # a bound, not a placement
             "predictor": "all-resident",
             "cache_fraction": 1.0,
             "hit_rate": 1.0,
@@ -432,6 +469,7 @@ def _bounds(
             "simulated": resident,
         },
         {
+            "on_miss": "wait",
             "predictor": "bandwidth-bound-on-demand",
             "cache_fraction": 0.0,
             "hit_rate": 0.0,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .cache import ExpertCache
 from .layout import dense_bytes
 from .loader import DEMAND, Loader
+from .placement import LaneCosts, Placement
 from .scheduler import Scheduler
 
 
@@ -133,8 +134,14 @@ def simulate(
     top_k: int = 2,
     predictor: str = "recorded",
     lookahead: int = 1,
+    placement: Placement | None = None,
 ) -> dict:
     """Replay `trace` (runtime.trace records) and return per-token times and totals.
+
+    `placement` (the runtime's own `Placement`, with a profile's lane costs) adds the host lane:
+    a routed expert that is not resident runs on the host when that finishes first, beside the
+    device's compute (a layer takes the longer of the two), and is then uploaded in the
+    background, exactly as the runtime's scheduler decides. None: every miss waits (pre-hybrid).
 
     `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
     "oracle" and "previous-token" are rebuilt from the trace itself.
@@ -149,11 +156,14 @@ def simulate(
         by_step.setdefault(record["step"], []).append(record)
     said = _predictions(predictor, trace, predictions or [], moe_layer_ids, lookahead)
     tokens = []
+    host_exposed = host_busy = 0.0
+    host_experts = 0
     steps = sorted(by_step)
     for i, step in enumerate(steps):
         records = by_step[step]
         begin = clock.now
         stall_before = sum(loader._stalls.values())
+        host_before = (host_exposed, host_busy, host_experts)
         scheduler.new_step()
         if roofline is None:
             prev_end = step_starts[step]
@@ -167,7 +177,15 @@ def simulate(
                 clock.now += max(0.0, record["start"] - prev_end)  # attention and the rest, as measured
             if record is None:
                 continue
-            for wave in scheduler.plan(layer_idx, list(record["experts"])):
+            experts = list(record["experts"])
+            host: list[int] = []
+            if placement is not None and experts:
+                # Tokens per expert are not recorded: the call's pairs spread evenly (1 in decode).
+                per_expert = max(1, record["tokens"] * top_k // len(experts))
+                host = scheduler.place(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
+            device_start = clock.now
+            on_device = [e for e in experts if e not in host]
+            for wave in scheduler.plan(layer_idx, on_device, routed=experts):
                 slots = scheduler.acquire(layer_idx, wave)
                 if roofline is not None:
                     clock.now += roofline.moe(record["tokens"], len(wave), top_k)
@@ -175,6 +193,14 @@ def simulate(
                     measured = record["end"] - record["start"] - record.get("wait_s", 0.0)
                     clock.now += max(0.0, measured) * len(wave) / max(1, len(record["experts"]))
                 scheduler.release(slots.values())
+            if host:
+                # The host lane runs beside the device's compute: the layer ends when both have.
+                host_s = sum(placement.host_s(per_expert) for _ in host)
+                host_exposed += max(0.0, device_start + host_s - clock.now)
+                clock.now = max(clock.now, device_start + host_s)
+                host_busy += host_s
+                host_experts += len(host)
+                scheduler.upload(layer_idx, host)
             if roofline is None:
                 prev_end = record["end"]
         if roofline is not None:
@@ -182,21 +208,36 @@ def simulate(
         elif i + 1 < len(steps) and steps[i + 1] < len(step_starts):
             clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
         stall = sum(loader._stalls.values()) - stall_before
-        tokens.append({"step": step, "seconds": clock.now - begin, "stall_s": stall})
+        tokens.append(
+            {
+                "step": step,
+                "seconds": clock.now - begin,
+                "stall_s": stall,
+                "host_exposed_s": host_exposed - host_before[0],
+                "host_s": host_busy - host_before[1],
+                "host_experts": host_experts - host_before[2],
+            }
+        )
         if i == 0:
             after_first = cache.totals()  # step 0 is the prefill: decode counters start after it
     decode = [t for t in tokens if t["step"] > 0] or tokens
     if roofline is None and len(step_starts) <= steps[-1] + 1 and decode:
         decode = decode[:-1] or decode  # the last step has no measured end
     totals = cache.totals()
-    demand = totals.hits + totals.misses
+    demand = totals.hits + totals.misses + host_experts  # every routed expert, wherever it ran
     decode_hits = totals.hits - after_first.hits
     decode_misses = totals.misses - after_first.misses
     decode_used = totals.prefetch_used - after_first.prefetch_used
     decode_issued = totals.prefetch_issued - after_first.prefetch_issued
     seconds = sum(t["seconds"] for t in decode)
     stall = sum(t["stall_s"] for t in decode)
+    decode_host = sum(t["host_experts"] for t in tokens[1:])
+    routed_decode = decode_hits + decode_misses + decode_host
     return {
+        "on_miss": placement.on_miss if placement is not None else "wait",
+        "host_experts": sum(t["host_experts"] for t in tokens),
+        "host_s_per_token": sum(t["host_s"] for t in decode) / len(decode) if decode else 0.0,
+        "host_exposed_s_per_token": sum(t["host_exposed_s"] for t in decode) / len(decode) if decode else 0.0,
         "tokens": tokens,
         "decode_tokens": len(decode),
         "tokens_per_s": len(decode) / seconds if seconds else 0.0,
@@ -206,7 +247,7 @@ def simulate(
         "exposed_transfer_s_per_token": stall / len(decode) if decode else 0.0,
         "hit_rate": totals.hits / demand if demand else 0.0,
         # decode only (the prefill touches nearly every expert), with the bench's definitions
-        "decode_hit_rate": decode_hits / (decode_hits + decode_misses) if decode_hits + decode_misses else 0.0,
+        "decode_hit_rate": decode_hits / routed_decode if routed_decode else 0.0,
         "decode_prefetch_precision": decode_used / decode_issued if decode_issued else 0.0,
         "decode_prefetch_recall": decode_used / (decode_used + decode_misses) if decode_used + decode_misses else 0.0,
         "prefetch_issued": totals.prefetch_issued,
@@ -256,10 +297,18 @@ def replay_payload(runtime) -> dict:
 
 
 def simulate_replay(
-    replay: dict, profile, cache_slots: int | None = None, predictor: str = "recorded", itemsize: int = 2
+    replay: dict,
+    profile,
+    cache_slots: int | None = None,
+    predictor: str = "recorded",
+    itemsize: int = 2,
+    on_miss: str = "wait",
+    costs: LaneCosts | None = None,
 ) -> dict:
     """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute,
-    with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here."""
+    with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here.
+    `on_miss` other than "wait" adds the host lane, at `costs` (default: the profile's device
+    and link with the shipped desktop host, `profiles.default_lane_costs`)."""
     scale = itemsize / replay.get("itemsize", itemsize)
     expert_bytes = replay["expert_params"] * itemsize
     roofline = Roofline(
@@ -282,6 +331,7 @@ def simulate_replay(
         top_k=replay["top_k"],
         predictor=predictor,
         lookahead=replay["lookahead"],
+        placement=_placement(on_miss, costs, profile, expert_bytes, replay["expert_params"]),
     )
     result.pop("tokens")
     return {
@@ -291,3 +341,22 @@ def simulate_replay(
         "measured_on": "simulated",
         **result,
     }
+
+
+def _placement(on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int):
+    """The runtime's placement rule on the simulated machine's lanes; None for "wait"."""
+    if on_miss == "wait":
+        return None
+    if costs is None:
+        from .profiles import default_lane_costs
+
+        base = default_lane_costs()
+        costs = LaneCosts(
+            link_bytes_per_s=float(profile.h2d_bandwidth_bytes_per_s),
+            host_bytes_per_s=base.host_bytes_per_s,
+            host_flops=base.host_flops,
+            host_call_s=base.host_call_s,
+            device_bytes_per_s=float(profile.hbm_bandwidth_bytes_per_s),
+            device_flops=float(profile.peak_bf16_flops),
+        )
+    return Placement(costs, expert_bytes, expert_params, on_miss)

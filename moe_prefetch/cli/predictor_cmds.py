@@ -215,6 +215,13 @@ def bench(
             "the shape's real layers (simulated only); random: run the random-weight model (the default)."
         ),
     ] = None,
+    on_miss: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated placements of a non-resident expert: wait (for its upload), host, auto. "
+            "With --routing every one is simulated; a measured bench runs the first."
+        ),
+    ] = "wait",
     device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
@@ -226,6 +233,9 @@ def bench(
     preds = _csv(predictors)
     fractions = _csv(cache_fractions, float)
     folder = _check_bench_options(model, preds, fractions, tokens, lookahead, device)
+    placements = _csv(on_miss)
+    for placement in placements:
+        RuntimeConfig(on_miss=placement)  # the runtime's own check and message
 
     import torch
 
@@ -245,9 +255,11 @@ def bench(
             profs,
             prompt=prompt,
             lookahead=lookahead,
+            on_miss=placements,
+            host=host_profile,
             progress=lambda row: out.print(
-                f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} decode hit {row['decode_hit_rate']:.1%}"
-                " (simulated)"
+                f"  {row['on_miss']:<5} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+                f"decode hit {row['decode_hit_rate']:.1%} (simulated)"
             ),
         )
         note = f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
@@ -275,6 +287,7 @@ def bench(
         profiles=profs,
         predictor_path=predictor_path,
         lookahead=lookahead,
+        on_miss=placements[0],
         progress=lambda row: out.print(
             f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} "
             f"hit {row['hit_rate']:.1%}  {row['tokens_per_s']:.1f} tok/s"
@@ -293,6 +306,7 @@ def bench(
     )
     # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
     # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
+    table.add_column("on miss", no_wrap=True)
     table.add_column("predictor", no_wrap=True)
     for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
         table.add_column(column, justify="right", overflow="fold")
@@ -301,6 +315,7 @@ def bench(
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in result["rows"]:
         table.add_row(
+            row.get("on_miss", "-"),
             row["predictor"],
             f"{row['cache_fraction']:g}",
             fmt(row["hit_rate"], ".1%"),

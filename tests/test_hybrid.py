@@ -1,0 +1,48 @@
+"""Hybrid placement: the cost model's choices, the simulator's host lane and the bench contract."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from moe_prefetch.cli.main import app
+from moe_prefetch.placement import DEFAULT_COSTS, Placement
+
+MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # w1, w3, w2
+
+
+def test_a_decode_token_on_a_cold_expert_runs_on_the_host_and_a_prefill_chunk_waits():
+    placement = Placement(DEFAULT_COSTS, 2 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
+    assert placement.host_s(1) < placement.link_s() + placement.device_s(1)
+    assert placement.on_host(tokens=1, in_flight=False)
+    assert not placement.on_host(tokens=512, in_flight=False), "FLOP-bound: the device wins after the copy"
+    assert Placement(DEFAULT_COSTS, 1, 1, "wait").on_host(1, False) is False
+    assert Placement(DEFAULT_COSTS, 1, 1, "host").on_host(10_000, False) is True
+
+
+def test_bench_contract_rows_with_on_miss_and_the_host_lane(tmp_path):
+    out = tmp_path / "hybrid.json"
+    args = [
+        "bench",
+        *("--model", "shape:mixtral-8x7b", "--routing", "demo", "--on-miss", "wait,auto"),
+        *("--predictors", "none,m2r2", "--cache-fractions", "0.25", "--profiles", "rtx3060-12gb"),
+        *("--host", "ddr4-3200-2ch", "--tokens", "8", "--json", str(out)),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    placed = [r for r in rows if r["on_miss"] in ("wait", "auto") and r["predictor"] in ("none", "m2r2")]
+    assert {(r["on_miss"], r["predictor"]) for r in placed} >= {("wait", "none"), ("auto", "m2r2")}
+    for row in rows:
+        assert {"on_miss", "predictor", "cache_fraction", "simulated"} <= set(row)
+    speed = {(r["on_miss"], r["predictor"]): r["simulated"]["rtx3060-12gb"] for r in placed}
+    # On a PCIe 3.0 card with a DDR4 host, a batch-1 miss is cheaper on the host than over the link.
+    assert speed[("auto", "none")] > speed[("wait", "none")]
+    auto_rows = [r for r in placed if r["on_miss"] == "auto"]
+    assert all(r["simulated_host_experts_per_token"]["rtx3060-12gb"] > 0 for r in auto_rows)
+
+
+def test_bench_refuses_an_unknown_placement():
+    result = CliRunner().invoke(app, ["bench", "--model", "demo", "--on-miss", "sometimes"])
+    assert result.exit_code == 2 and "on_miss" in result.output and "Traceback" not in result.output
