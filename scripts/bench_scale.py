@@ -5,7 +5,8 @@ the runtime's own per-layer work dominates the step: anything that grows with th
 than with the routing shows up here and hides at 6 x 8. Prints, as medians over alternating
 blocks of decode steps:
   1. every expert resident (no loads during timing): decode step vs the stock model;
-  2. half the experts cached, next-gate with lookahead 2: decode step vs stock;
+  2. half the experts cached, next-gate with lookahead 2, misses waiting for uploads and
+     placed automatically (on a CPU device: on the host lane): decode step vs stock;
   3. the scheduler alone (cache + scheduler, an instant loader) at 48 layers x 128 experts
      with 3,000 slots: host time per MoE layer for prefetch + plan + acquire + release.
 Usage: python scripts/bench_scale.py [--layers 24] [--experts 128] [--top-k 8] [--tokens 32]
@@ -144,15 +145,18 @@ def main() -> None:
     )
     runtime.detach()
 
-    half = copy.deepcopy(stock)
-    runtime = moe_prefetch.attach(half, device="cpu", cache_slots=total // 2, predictor="next-gate", lookahead=2)
-    s, o, stats = ratio_to_stock(stock, half, runtime, args.tokens, args.blocks)
-    print(
-        f"half cached ({total // 2} slots), next-gate lookahead 2: stock {s * 1e3:.2f} ms, moe-prefetch "
-        f"{o * 1e3:.2f} ms per step -> {o / s:.2f}x (limit 2x); hit rate {stats['hit_rate']:.3f}, "
-        f"kernel {stats['kernel_calls']}"
-    )
-    runtime.detach()
+    for on_miss in ("wait", "auto"):
+        half = copy.deepcopy(stock)
+        runtime = moe_prefetch.attach(
+            half, device="cpu", cache_slots=total // 2, predictor="next-gate", lookahead=2, on_miss=on_miss
+        )
+        s, o, stats = ratio_to_stock(stock, half, runtime, args.tokens, args.blocks)
+        print(
+            f"half cached ({total // 2} slots), next-gate lookahead 2, on_miss={on_miss}: stock {s * 1e3:.2f} ms, "
+            f"moe-prefetch {o * 1e3:.2f} ms per step -> {o / s:.2f}x (limit 2x); hit rate {stats['hit_rate']:.3f}, "
+            f"host experts {stats['host_experts']}, kernel {stats['kernel_calls']}"
+        )
+        runtime.detach()
 
     us = scheduler_us_per_layer(args.sched_layers, args.experts, args.top_k, args.sched_slots, steps=40)
     print(
