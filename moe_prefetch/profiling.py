@@ -161,7 +161,7 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
             "num_experts": layer_info[row["layer_idx"]].num_experts,
             "top_k": layer_info[row["layer_idx"]].top_k,
             **{k: row[k] for k in COUNTERS},
-            "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"]),
+            "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"] + row["host_experts"]),
         }
         for row in stats["per_layer"]
     ]
@@ -216,6 +216,8 @@ def summarize(run: dict) -> dict:
     decode_wall = tokens[-1]["t"] - tokens[0]["t"] if len(tokens) > 1 else 0.0
     decode_stall = sum(t["stall_seconds"] for t in decode)
     decode_hits, decode_misses = sum(t["hits"] for t in decode), sum(t["misses"] for t in decode)
+    decode_host = sum(t.get("host_experts", 0) for t in decode)
+    host_experts = stats.get("host_experts", 0)
     timed = [e for e in loads if "start" in e and "end" in e]
     if run["measured_on"] == "cpu" and timed:
         busy = sum(e["end"] - e["start"] for e in timed)
@@ -228,8 +230,12 @@ def summarize(run: dict) -> dict:
         "time_to_first_token_s": tokens[0]["t"] if tokens else None,
         "decode_tokens_per_s": _ratio(len(decode), decode_wall),
         "decode_wall_s": decode_wall,
-        "hit_rate": _ratio(stats["hits"], stats["hits"] + stats["misses"]),
-        "decode_hit_rate": _ratio(decode_hits, decode_hits + decode_misses),
+        # device hits over every routed expert, wherever it ran (misses wait or run on the host)
+        "hit_rate": _ratio(stats["hits"], stats["hits"] + stats["misses"] + host_experts),
+        "decode_hit_rate": _ratio(decode_hits, decode_hits + decode_misses + decode_host),
+        "host_experts": host_experts,
+        "host_seconds": stats.get("host_seconds", 0.0),
+        "on_miss": stats.get("on_miss", "wait"),
         "prefetch_precision": _ratio(stats["prefetch_used"], stats["prefetch_issued"]),
         "prefetch_recall": _ratio(stats["prefetch_used"], stats["hits"] + stats["misses"]),
         "decode_stall_s": decode_stall,

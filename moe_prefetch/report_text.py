@@ -45,6 +45,11 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
         ("time to first token", num(s["time_to_first_token_s"], ".3f", " s")),
         ("decode speed", num(s["decode_tokens_per_s"], ".2f", " tok/s")),
         ("hit rate (all / decode)", f"{pct(s['hit_rate'])} / {pct(s['decode_hit_rate'])}"),
+        (
+            "misses on the host lane",
+            f"{s.get('host_experts', 0)} experts, {num(s.get('host_seconds'), '.3f', ' s')} "
+            f"(on_miss {s.get('on_miss')})",
+        ),
         ("prefetch precision", pct(s["prefetch_precision"])),
         ("prefetch recall", pct(s["prefetch_recall"])),
         ("time stalled (decode)", f"{pct(s['stall_share'])} ({num(s['decode_stall_s'], '.3f', ' s')})"),
@@ -110,13 +115,14 @@ def tables(run: dict) -> list:
     for name, value in setup_rows(run):
         setup.add_row(name, value)
     per_layer = Table(title="per MoE layer (prefetches: issued, used, wasted)")
-    for col in ("layer", "hits", "misses", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
+    for col in ("layer", "hits", "misses", "host", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
         per_layer.add_column(col, justify="right", no_wrap=True)
     for row in run["layers"]:
         per_layer.add_row(
             str(row["layer_idx"]),
             str(row["hits"]),
             str(row["misses"]),
+            str(row.get("host_experts", 0)),
             pct(row["hit_rate"]),
             str(row["prefetch_issued"]),
             str(row["prefetch_used"]),

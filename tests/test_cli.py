@@ -134,7 +134,8 @@ def test_run_streams_text_and_writes_a_valid_report(recorded):
     # Summary numbers are the records' numbers.
     s = run["summary"]
     assert s["tokens_generated"] == MAX_NEW and 0 < s["time_to_first_token_s"] == tokens[0]["t"]
-    assert s["hit_rate"] == pytest.approx(stats["hits"] / (stats["hits"] + stats["misses"]))
+    routed = stats["hits"] + stats["misses"] + stats["host_experts"]
+    assert s["hit_rate"] == pytest.approx(stats["hits"] / routed) and s["host_experts"] == stats["host_experts"]
     assert s["prefetch_recall"] == pytest.approx(stats["prefetch_used"] / (stats["hits"] + stats["misses"]))
     assert s["device_pool_bytes"] == 5 * stats["expert_bytes"] and s["host_store_bytes"] >= 16 * stats["expert_bytes"]
     assert s["h2d_bytes_per_s"] > 0 and s["decode_tokens_per_s"] > 0
