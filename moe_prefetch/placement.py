@@ -68,15 +68,18 @@ class Placement:
         c = self.costs
         return max(self.expert_bytes / c.device_bytes_per_s, 2 * self.expert_params * tokens / c.device_flops)
 
-    def link_s(self, share: float = 1.0) -> float:
-        return share * self.expert_bytes / self.costs.link_bytes_per_s
+    def link_s(self) -> float:
+        return self.expert_bytes / self.costs.link_bytes_per_s
 
-    def on_host(self, tokens: int, in_flight: bool) -> bool:
-        """Whether a routed expert that is not resident runs on the host. An upload already in
-        flight is taken to be half done (the loader does not report progress)."""
+    def on_host(self, tokens: int, in_flight: bool, host_busy: float = 0.0, link_busy: float = 0.0) -> bool:
+        """Whether a routed expert that is not resident runs on the host: the finish time of
+        each option, behind the work already placed on that lane in this layer call (`host_busy`
+        seconds of host compute, `link_busy` seconds of uploads). An upload already in flight is
+        taken at its full link time: it is often queued behind other copies, and the loader does
+        not report progress (taking it as half done measured worse in the simulator)."""
         if self.on_miss == "wait":
             return False
         if self.on_miss == "host":
             return True
-        wait = self.link_s(0.5 if in_flight else 1.0) + self.device_s(tokens)
-        return self.host_s(tokens) < wait
+        wait = link_busy + self.link_s() + self.device_s(tokens)
+        return host_busy + self.host_s(tokens) < wait

@@ -121,13 +121,18 @@ class Scheduler:
             return []
         self.reap()
         resident, state = self.cache.resident[layer_idx], self.cache.state
-        host = []
+        host: list[int] = []
+        host_busy = link_busy = 0.0  # work already placed on each lane in this call
         for expert_id in needed:
             slot = resident.get(expert_id)
             if slot is not None and state[slot] is SlotState.READY:
                 continue
-            if placement.on_host(tokens_on[expert_id], in_flight=slot is not None):
+            tokens, in_flight = tokens_on[expert_id], slot is not None
+            if placement.on_host(tokens, in_flight, host_busy, link_busy):
                 host.append(expert_id)
+                host_busy += placement.host_s(tokens)
+            else:
+                link_busy += placement.link_s()
         return host
 
     def upload(self, layer_idx: int, experts: list[int]) -> None:

@@ -39,8 +39,8 @@ def _check(stock, model, runtime, batch, on_miss="wait"):
     assert stats["bytes_loaded"] == stats["expert_bytes"] * stats["uploads"]
     if on_miss == "wait":
         assert stats["misses"] > 0 and stats["host_experts"] == 0
-    else:  # on a CPU device the host lane is always the cheaper one, so auto behaves like host
-        assert stats["host_experts"] > 0 and stats["misses"] == 0
+    else:  # on a CPU device the host lane is the cheaper one for a few tokens: auto uses it
+        assert stats["host_experts"] > 0 and (on_miss == "auto" or stats["misses"] == 0)
         assert any(record["host"] for record in runtime.trace)
 
 
