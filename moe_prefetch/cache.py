@@ -332,8 +332,12 @@ class ExpertCache:
         self.state: list[SlotState] = [SlotState.EMPTY] * num_slots
         self.pins: list[int] = [0] * num_slots
         self.unused_prefetch: set[Key] = set()
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        # Free slots, ascending. A layer takes the free slot nearest its home (its share of the
+        # pool, in layer order), so while the pool fills each layer's experts sit together and
+        # the kernel can run on a span of the pool instead of a gathered copy (runtime.py).
+        self._free: list[int] = list(range(num_slots))
         self.counters: dict[int, Counters] = {layer: Counters() for layer in layer_ids}
+        self._home = {layer: i * num_slots // len(self.counters) for i, layer in enumerate(self.counters)}
         # Per-layer indexes, kept incrementally: expert_id -> slot, and unused prefetches.
         self.resident: dict[int, dict[int, int]] = {layer: {} for layer in self.counters}
         self.unused: dict[int, set[int]] = {layer: set() for layer in self.counters}
@@ -407,7 +411,7 @@ class ExpertCache:
         """Forget a prefetch whose copy was cancelled before it started."""
         slot = self._unmap(key)
         assert self.pins[slot] == 0, "a pinned slot cannot be dropped"
-        self._free.append(slot)
+        bisect.insort(self._free, slot)
         counters = self.counters[key[0]]
         counters.prefetch_dropped += 1
         counters.bytes_loaded -= self.expert_bytes
@@ -429,7 +433,9 @@ class ExpertCache:
 
     def _allocate(self, key: Key, protected: Callable[[Key], bool] | None, walk: int | None = None) -> int | None:
         if self._free:
-            slot = self._free.pop()
+            # The first free slot at or above the layer's home, else the nearest below it.
+            i = bisect.bisect_left(self._free, self._home[key[0]])
+            slot = self._free.pop(i if i < len(self._free) else i - 1)
         else:
             victim = self._victim(protected, walk)
             if victim is None:
