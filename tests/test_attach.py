@@ -156,3 +156,20 @@ def test_detach_after_load_gives_experts_back_in_host_memory(tmp_path):
     params = list(layer.experts.parameters())
     assert params and all(p.device.type == "cpu" and p.numel() > 0 for p in params)
     assert model.generation_config.disable_compile in (None, False), "restored"
+
+
+def test_detach_gives_the_pool_back():
+    """Nothing the runtime keeps after detach (the scheduler's copy source included) holds the
+    device pool, so the next attach in this process can reuse its memory."""
+    import weakref
+
+    model = make_model("mixtral")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, predictor="next-gate")
+    assert model.generation_config.disable_compile is True, "compile is off while attached"
+    with torch.no_grad():
+        model(prompt(1, 4))
+    pool = weakref.ref(runtime.pool.buffer)
+    runtime.detach()
+    gc.collect()
+    assert pool() is None, "the pool outlived detach"
+    assert runtime.scheduler.source is None and runtime.pool is None
