@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
-from .config import RuntimeConfig
+from .config import RuntimeConfig, config_for
 from .errors import CheckpointError, UnsupportedModelError
 from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
 from .integration import resolve_device, wire
@@ -43,7 +43,8 @@ def load(
     host store, one expert at a time. Returns `(model, runtime)`; the model works with
     `model(...)` and `model.generate(...)` exactly like the stock one.
     """
-    config = RuntimeConfig(
+    config = config_for(
+        "load",
         device=device,
         cache_slots=cache_slots,
         cache_budget=cache_budget,

@@ -246,3 +246,8 @@ def test_a_cache_below_top_k_times_layers_warns_once(caplog):
     with caplog.at_level("WARNING", logger="moe_prefetch"):
         moe_prefetch.attach(model, device="cpu", cache_slots=4).detach()
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_load_names_itself_and_the_closest_keyword():
+    with pytest.raises(ConfigError, match=r"load\(\) got an unknown keyword 'cache_slot'; did you mean cache_slots"):
+        moe_prefetch.load("demo", device="cpu", cache_slot=6)
