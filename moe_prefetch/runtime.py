@@ -106,6 +106,7 @@ class Runtime:
         )
         self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
         self.placement = Placement(costs or default_costs(device), spec.nbytes, spec.numel, config.on_miss)
+        self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
@@ -161,6 +162,7 @@ class Runtime:
         counters = self.cache.counters[layer_idx]
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
         self._call_wait = 0.0
+        self.scheduler.tick(start)
         # Decode-sized calls bring their hidden states and routing weights along in the one
         # read, in case an expert runs on the host; prefill calls read them only if one does.
         small = self.placement.on_miss != "wait" and hidden_states.shape[0] <= HOST_READ_TOKENS

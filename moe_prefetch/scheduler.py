@@ -55,10 +55,34 @@ class Scheduler:
         self.top_k = top_k
         # Background uploads of experts served on the host: at most this many copies in flight.
         self.upload_budget = 2 * top_k
+        # With misses served on the host, a prefetch pays only if it lands before its layer runs
+        # (a late one is computed on the host anyway and its copy only takes the link and a slot).
+        # The runtime or simulator sets `placement` and calls `tick` at each MoE layer, so the
+        # scheduler knows how long a layer takes and can skip uploads that cannot arrive in time.
+        self.placement: Placement | None = None
+        self.layer_s: float | None = None  # moving average of the time between MoE layers
+        self._last_tick: float | None = None
 
     def new_step(self) -> None:
         self.step += 1
         self.expected.clear()
+        self._last_tick = None  # the gap across steps (sampling, the head) is not a layer
+
+    def tick(self, now: float) -> None:
+        """A MoE layer starts at `now` (seconds, any clock): updates the layer-time average."""
+        if self._last_tick is not None and now > self._last_tick:
+            gap = now - self._last_tick
+            self.layer_s = gap if self.layer_s is None else 0.8 * self.layer_s + 0.2 * gap
+        self._last_tick = now
+
+    def _in_time(self, distance: int, queued: int) -> bool:
+        """Whether an upload queued behind `queued` others lands within `distance` layers.
+        Always true when misses wait for their copies: there a late prefetch still shortens the
+        stall."""
+        placement = self.placement
+        if placement is None or placement.on_miss == "wait" or self.layer_s is None:
+            return True
+        return (queued + 1) * placement.link_s() <= distance * self.layer_s
 
     def close(self) -> None:
         """Drop the references to the loader and the tensors `source` hands out."""
@@ -76,17 +100,21 @@ class Scheduler:
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
         outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
+        queued = sum(len(loading) for loading in self.loading.values())
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
                 key = (target, expert_id)
                 if key not in self.cache.slot_of and outstanding >= self.max_speculative:
                     return
+                if key not in self.cache.slot_of and not self._in_time(distance, queued):
+                    continue  # would land after its layer ran: the host lane serves it instead
                 reserved = self.cache.prefetch(key, protected=protected)
                 if reserved is None:
                     break  # nothing left to evict without hurting nearer layers
                 slot, needs_load = reserved
                 outstanding += needs_load
+                queued += needs_load
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
 

@@ -151,6 +151,7 @@ def simulate(
     cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids)
     loader = SimLoader(cache_slots, clock, bandwidth, expert_bytes)
     scheduler = Scheduler(cache, loader, lambda key, slot: (None, None), moe_layer_ids, top_k=top_k)
+    scheduler.placement = placement
     by_step: dict[int, list[dict]] = {}
     for record in trace:
         by_step.setdefault(record["step"], []).append(record)
@@ -177,6 +178,7 @@ def simulate(
                 clock.now += max(0.0, record["start"] - prev_end)  # attention and the rest, as measured
             if record is None:
                 continue
+            scheduler.tick(clock.now)
             experts = list(record["experts"])
             host: list[int] = []
             if placement is not None and experts:

@@ -46,3 +46,32 @@ def test_bench_contract_rows_with_on_miss_and_the_host_lane(tmp_path):
 def test_bench_refuses_an_unknown_placement():
     result = CliRunner().invoke(app, ["bench", "--model", "demo", "--on-miss", "sometimes"])
     assert result.exit_code == 2 and "on_miss" in result.output and "Traceback" not in result.output
+
+
+def test_with_misses_on_the_host_a_prefetch_that_cannot_land_in_time_is_skipped():
+    from moe_prefetch.cache import ExpertCache
+    from moe_prefetch.placement import LaneCosts
+    from moe_prefetch.scheduler import Scheduler
+
+    class Link:  # records what would be copied
+        def __init__(self):
+            self.copies = []
+
+        def submit(self, slot, src, dst, priority, tag=None):
+            self.copies.append(tag)
+
+        def done(self, slot):
+            return False
+
+    costs = LaneCosts(1e9, 1e9, 1e12, 0.0, 1e12, 1e14)  # 1 GB/s link: a 10 MB expert takes 10 ms
+    for on_miss, expected in (("auto", [(2, 5)]), ("wait", [(1, 3), (2, 5)])):
+        cache = ExpertCache(8, 10_000_000, [0, 1, 2])
+        link = Link()
+        scheduler = Scheduler(cache, link, lambda key, slot: (None, None), [0, 1, 2], top_k=1)
+        scheduler.placement = Placement(costs, 10_000_000, 5_000_000, on_miss)
+        scheduler.new_step()
+        for now in (0.0, 0.006, 0.012):  # layers take 6 ms
+            scheduler.tick(now)
+        # Layer 1 is one layer (6 ms) away: a 10 ms copy arrives late. Layer 2 is 12 ms away.
+        scheduler.prefetch(0, [(1, 1, [3]), (2, 2, [5])])
+        assert link.copies == expected, on_miss
