@@ -97,6 +97,11 @@ class RuntimeConfig:
     on_miss: str = "auto"
     # How many trace records, predictions, copies and per-step stalls are kept when not recording.
     history: int = 4096
+    # CPU threads for the host lane (torch intra-op threads) while attached to a CUDA device.
+    # None: physical cores minus one, leaving a core for the thread that drives the GPU and the
+    # loader's worker, so the host lane never oversubscribes the CPU. On a CPU device the
+    # device lane is the CPU itself and torch's own setting is kept.
+    host_threads: int | None = None
     # Which resident expert a miss evicts: least recently used, least frequently used (with
     # aging), or a recency-protected segment beside a frequency-ordered one (cache.py).
     cache_policy: str = "lru"
@@ -118,6 +123,8 @@ class RuntimeConfig:
             raise ConfigError(f"prefetch_margin={self.prefetch_margin!r} must be >= 0")
         if self.on_miss not in ("wait", "host", "auto"):
             raise ConfigError(f"on_miss={self.on_miss!r} is not one of wait, host, auto")
+        if self.host_threads is not None and (not isinstance(self.host_threads, int) or self.host_threads < 1):
+            raise ConfigError(f"host_threads={self.host_threads!r} must be a positive integer")
         if not isinstance(self.history, int) or self.history < 1:
             raise ConfigError(f"history={self.history!r} must be a positive integer (records kept per history)")
         if self.link_bandwidth is not None and self.link_bandwidth <= 0:

@@ -87,6 +87,17 @@ def lane_costs_for(config: RuntimeConfig, target: torch.device):
     return costs
 
 
+def host_threads_for(config: RuntimeConfig, target: torch.device, physical_cores: int | None) -> int | None:
+    """Torch intra-op threads while attached, or None to leave torch's setting alone: on CUDA,
+    `config.host_threads` or physical cores minus one (the GPU's driving thread and the loader's
+    worker keep the last core); on a CPU device only when `host_threads` is given."""
+    if config.host_threads is not None:
+        return config.host_threads
+    if target.type != "cuda" or not physical_cores:
+        return None
+    return max(1, physical_cores - 1)
+
+
 def resolve_device(device: str) -> tuple[torch.device, str]:
     """The device to run on, and why it was chosen."""
     if device == "auto":
@@ -225,11 +236,15 @@ def wire(
     configs = [layer.experts.__dict__.get("config") for layer in layers]
     generation = getattr(model, "generation_config", None)
     compile_was = getattr(generation, "disable_compile", None)
+    threads_were = torch.get_num_threads()
+    threads = host_threads_for(config, target, psutil.cpu_count(logical=False))
     hooks = []
     unguard = lambda: None  # noqa: E731 (replaced once the guards are installed)
 
     def restore() -> None:
         unguard()  # first: the guards refuse the experts switch and model.to below
+        if threads is not None:
+            torch.set_num_threads(threads_were)
         for hook in hooks:
             hook.remove()
         for layer, original in zip(layers, configs):
@@ -283,6 +298,9 @@ def wire(
         generation.disable_compile = True
         logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
     model.__dict__["_moe_prefetch_runtime"] = runtime
+    if threads is not None and threads != threads_were:
+        torch.set_num_threads(threads)
+        logger.info("host lane: %d torch threads while attached (was %d)", threads, threads_were)
     unguard = guards.install(model, runtime)
     warn_if_small_cache(runtime)  # attach and load both end here
     logger.info(

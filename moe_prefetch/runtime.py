@@ -435,6 +435,7 @@ class Runtime:
             "uploads": totals["misses"] + issued - totals["prefetch_dropped"],
             "uploads_used": totals["misses"] + totals["prefetch_used"],
             "on_miss": self.placement.on_miss,
+            "host_threads": torch.get_num_threads(),
             "prefetch_precision": totals["prefetch_used"] / issued if issued else 0.0,
             "per_layer": [{"layer_idx": l, **asdict(c)} for l, c in sorted(self.cache.counters.items())],
             "stall_by_step": dict(self.step_stalls),

@@ -75,3 +75,27 @@ def test_with_misses_on_the_host_a_prefetch_that_cannot_land_in_time_is_skipped(
         # Layer 1 is one layer (6 ms) away: a 10 ms copy arrives late. Layer 2 is 12 ms away.
         scheduler.prefetch(0, [(1, 1, [3]), (2, 2, [5])])
         assert link.copies == expected, on_miss
+
+
+def test_host_lane_threads_leave_a_core_on_cuda_and_follow_the_setting():
+    import torch
+    from tiny_models import make_model
+
+    import moe_prefetch
+    from moe_prefetch.config import RuntimeConfig
+    from moe_prefetch.integration import host_threads_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert host_threads_for(RuntimeConfig(), cuda, 8) == 7, "physical cores minus one on CUDA"
+    assert host_threads_for(RuntimeConfig(), cuda, 1) == 1
+    assert host_threads_for(RuntimeConfig(), cpu, 8) is None, "a CPU device keeps torch's own setting"
+    assert host_threads_for(RuntimeConfig(host_threads=3), cpu, 8) == 3
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1  # a change, whatever the test process runs with
+    model = make_model("olmoe")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, host_threads=wanted)
+    try:
+        assert torch.get_num_threads() == wanted and runtime.stats()["host_threads"] == wanted
+    finally:
+        runtime.detach()
+    assert torch.get_num_threads() == before, "detach restores the thread count"
