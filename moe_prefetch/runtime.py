@@ -172,9 +172,7 @@ class Runtime:
         num = layer.num_experts
         tokens_on = collections.Counter(e for e in routing.ravel().tolist() if 0 <= e < num)
         needed = sorted(tokens_on)
-        host = self.scheduler.place(layer_idx, needed, tokens_on, self.placement)
-        on_device = [e for e in needed if e not in host] if host else needed
-        waves = self.scheduler.plan(layer_idx, on_device, routed=needed)
+        host, waves = self.scheduler.plan(layer_idx, needed, tokens_on, self.placement)
         if self.predictor is not None:
             self.predictor.observe(layer_idx, routing, self.step)
         alone = len(waves) == 1 and not host

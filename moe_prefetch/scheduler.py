@@ -142,12 +142,9 @@ class Scheduler:
         return protected
 
     # -- the running layer -------------------------------------------------------
-    def place(self, layer_idx: int, needed: list[int], tokens_on: dict[int, int], placement: Placement) -> list[int]:
+    def _place(self, layer_idx: int, needed: list[int], tokens_on: dict[int, int], placement: Placement) -> list[int]:
         """The routed experts of `needed` that run on the host: those not resident for which
         the host lane finishes first (`placement`). Costs the experts routed, not the pool."""
-        if placement.on_miss == "wait":
-            return []
-        self.reap()
         resident, state = self.cache.resident[layer_idx], self.cache.state
         host: list[int] = []
         host_busy = link_busy = 0.0  # work already placed on each lane in this call
@@ -180,20 +177,30 @@ class Scheduler:
             if needs_load:
                 self._load(key, slot, priority=float(len(self.moe_layer_ids) + 1))
 
-    def plan(self, layer_idx: int, needed: list[int], routed: list[int] | None = None) -> list[list[int]]:
-        """Called once the running layer's routing is known: drop what turned out stale (a
-        prediction for an expert not in `routed`, all the layer's routed experts, by default
-        `needed`) and split `needed` (those running on the device) into waves that fit the
-        pool (resident experts first)."""
+    def plan(
+        self,
+        layer_idx: int,
+        needed: list[int],
+        tokens_on: dict[int, int] | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[list[int], list[list[int]]]:
+        """Called once the running layer's routing is known (`needed`, with the tokens on each
+        expert): drop predictions that turned out stale, choose the experts that run on the host
+        (`placement`; none without one or with on_miss "wait"), and split the rest into waves
+        that fit the pool (resident experts first). Returns (host experts, device waves)."""
         self.reap()
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
-            self._forget_stale(layer_idx, set(needed if routed is None else routed))
+            self._forget_stale(layer_idx, set(needed))
+        host = []
+        if placement is not None and placement.on_miss != "wait":
+            host = self._place(layer_idx, needed, tokens_on, placement)
+        on_device = [e for e in needed if e not in host] if host else needed
         n = self.cache.num_slots
-        if len(needed) <= n:
-            return [needed] if needed else []
+        if len(on_device) <= n:
+            return host, [on_device] if on_device else []
         resident = self.cache.resident[layer_idx]
-        ordered = sorted(needed, key=lambda e: e not in resident)
-        return [ordered[i : i + n] for i in range(0, len(ordered), n)]
+        ordered = sorted(on_device, key=lambda e: e not in resident)
+        return host, [ordered[i : i + n] for i in range(0, len(ordered), n)]
 
     def acquire(self, layer_idx: int, wave: list[int]) -> dict[int, int]:
         """Pin every expert of `wave` in a slot and wait until its copy has landed (the stall)."""
