@@ -13,7 +13,6 @@ the first run's).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import statistics
@@ -191,19 +190,8 @@ def run_routed_bench(
     shape's layers (rules: `moe_prefetch.routing`). Nothing is measured here: every row is
     simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only.
     Each `on_miss` placement gets its rows; `host` (a HostProfile) sets the host lane's speed."""
-    from .profiles import default_lane_costs, lane_costs
+    from .profiles import default_lane_costs
     from .routing import RECORDED
-
-    def costs_on(profile):
-        """The profile's device and link, with `host`'s lane (default: the shipped desktop host)."""
-        if host is not None:
-            return lane_costs(profile, host)
-        return dataclasses.replace(
-            default_lane_costs(),
-            link_bytes_per_s=float(profile.h2d_bandwidth_bytes_per_s),
-            device_bytes_per_s=float(profile.hbm_bandwidth_bytes_per_s),
-            device_flops=float(profile.peak_bf16_flops),
-        )
 
     sizes, mapped, recording = shape_routing(name, routing, predictors, tokens, prompt, lookahead, layers)
     total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
@@ -215,7 +203,12 @@ def run_routed_bench(
         mode = "recorded" if predictor in RECORDED else predictor
         sims = {
             p.name: simulate_replay(
-                replay, p, predictor=mode, itemsize=sizes["itemsize"], on_miss=placement, costs=costs_on(p)
+                replay,
+                p,
+                predictor=mode,
+                itemsize=sizes["itemsize"],
+                on_miss=placement,
+                costs=default_lane_costs(p, host),
             )
             for p in profiles
         }

@@ -15,9 +15,7 @@ model), and attaching or detaching one of them must not change what the others r
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
 import time
 
 import psutil
@@ -74,17 +72,8 @@ def lane_costs_for(config: RuntimeConfig, target: torch.device):
         return None
     from . import profiles as hw
 
-    costs = hw.default_lane_costs()
-    if config.host_profile is not None:
-        host = hw.load_host_profile(config.host_profile)
-        costs = dataclasses.replace(
-            costs,
-            link_bytes_per_s=math.inf if host.unified_memory else costs.link_bytes_per_s,
-            host_bytes_per_s=float(host.expert_bytes_per_s),
-            host_flops=float(host.host_flops),
-            host_call_s=float(host.expert_call_overhead_s),
-        )
-    return costs
+    host = None if config.host_profile is None else hw.load_host_profile(config.host_profile)
+    return hw.default_lane_costs(host=host)
 
 
 def host_threads_for(config: RuntimeConfig, target: torch.device, physical_cores: int | None) -> int | None:

@@ -333,15 +333,23 @@ def lane_costs(device: Profile, host: HostProfile) -> LaneCosts:
     )
 
 
-def default_lane_costs() -> LaneCosts:
-    """Lane speeds when no profile is given: a modest desktop, so no lane is assumed faster than
-    common hardware gives. The shipped rtx3060-12gb device (the smallest shipped GPU: 360 GB/s,
-    25.5 TFLOP/s bf16) on a PCIe 4.0 x16 link (25 GB/s achieved) with the shipped ddr4-3200-2ch
-    desktop host. Read from the shipped files, never the user's, so the defaults do not change
-    with what is installed."""
-    device = read_profile(SHIPPED_DIR / "rtx3060-12gb.toml")
-    host = read_host_profile(SHIPPED_DIR / "host" / "ddr4-3200-2ch.toml")
-    return dataclasses.replace(lane_costs(device, host), link_bytes_per_s=PCIE4_X16_BYTES_PER_S)
+def default_lane_costs(device: Profile | None = None, host: HostProfile | None = None) -> LaneCosts:
+    """Lane speeds from the profiles given and, for the rest, a modest desktop, so no lane is
+    assumed faster than common hardware gives: the shipped rtx3060-12gb device (the smallest
+    shipped GPU: 360 GB/s, 25.5 TFLOP/s bf16) on a PCIe 4.0 x16 link (25 GB/s achieved) and the
+    shipped ddr4-3200-2ch desktop host. Defaults come from the shipped files, never the user's,
+    so they do not change with what is installed."""
+    if host is None:
+        host = read_host_profile(SHIPPED_DIR / "host" / "ddr4-3200-2ch.toml")
+    if device is None:
+        # The default device sits on the host's side of the link: unified with a unified-memory
+        # host (a free link, as `lane_costs` gives it), PCIe 4.0 x16 otherwise.
+        device = dataclasses.replace(
+            read_profile(SHIPPED_DIR / "rtx3060-12gb.toml"),
+            h2d_bandwidth_bytes_per_s=PCIE4_X16_BYTES_PER_S,
+            interconnect="unified memory" if host.unified_memory else "PCIe 4.0 x16",
+        )
+    return lane_costs(device, host)
 
 
 # -- sizing -------------------------------------------------------------------------

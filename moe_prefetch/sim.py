@@ -180,14 +180,11 @@ def simulate(
                 continue
             scheduler.tick(clock.now)
             experts = list(record["experts"])
-            host: list[int] = []
-            if placement is not None and experts:
-                # Tokens per expert are not recorded: the call's pairs spread evenly (1 in decode).
-                per_expert = max(1, record["tokens"] * top_k // len(experts))
-                host = scheduler.place(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
+            # Tokens per expert are not recorded: the call's pairs spread evenly (1 in decode).
+            per_expert = max(1, record["tokens"] * top_k // max(1, len(experts)))
+            host, waves = scheduler.plan(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
             device_start = clock.now
-            on_device = [e for e in experts if e not in host]
-            for wave in scheduler.plan(layer_idx, on_device, routed=experts):
+            for wave in waves:
                 slots = scheduler.acquire(layer_idx, wave)
                 if roofline is not None:
                     clock.now += roofline.moe(record["tokens"], len(wave), top_k)
@@ -352,13 +349,5 @@ def _placement(on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int
     if costs is None:
         from .profiles import default_lane_costs
 
-        base = default_lane_costs()
-        costs = LaneCosts(
-            link_bytes_per_s=float(profile.h2d_bandwidth_bytes_per_s),
-            host_bytes_per_s=base.host_bytes_per_s,
-            host_flops=base.host_flops,
-            host_call_s=base.host_call_s,
-            device_bytes_per_s=float(profile.hbm_bandwidth_bytes_per_s),
-            device_flops=float(profile.peak_bf16_flops),
-        )
+        costs = default_lane_costs(profile)
     return Placement(costs, expert_bytes, expert_params, on_miss)
