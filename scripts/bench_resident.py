@@ -20,8 +20,10 @@ from transformers import MixtralConfig, MixtralForCausalLM
 import moe_prefetch
 
 
-def decode_times(model, tokens: int, seed: int) -> list[float]:
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(seed))
+def decode_times(model, tokens: int, seed: int, prompt_len: int = 16) -> list[float]:
+    """Seconds per decode step after a random prompt of `prompt_len` tokens (also used by
+    bench_scale.py)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     times = []
     with torch.no_grad():
         out = model(ids, use_cache=True)

@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from bench_resident import decode_times  # scripts/ is on sys.path when a script runs
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moe_prefetch
@@ -30,27 +31,14 @@ from moe_prefetch.loader import Loader
 from moe_prefetch.scheduler import Scheduler
 
 
-def decode_times(model, tokens: int, seed: int) -> list[float]:
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(seed))
-    times = []
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        for _ in range(tokens):
-            nxt = out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-            times.append(time.perf_counter() - start)
-    return times
-
-
 def ratio_to_stock(stock, offloaded, runtime, tokens: int, blocks: int) -> tuple[float, float, dict]:
-    decode_times(stock, 4, seed=99)
-    decode_times(offloaded, 4, seed=99)
+    decode_times(stock, 4, seed=99, prompt_len=8)
+    decode_times(offloaded, 4, seed=99, prompt_len=8)
     runtime.reset_stats()
     stock_t, ours_t = [], []
     for block in range(blocks):
-        stock_t += decode_times(stock, tokens, seed=block)
-        ours_t += decode_times(offloaded, tokens, seed=block)
+        stock_t += decode_times(stock, tokens, seed=block, prompt_len=8)
+        ours_t += decode_times(offloaded, tokens, seed=block, prompt_len=8)
     return statistics.median(stock_t), statistics.median(ours_t), runtime.stats()
 
 
@@ -94,7 +82,8 @@ def scheduler_us_per_layer(layers: int, experts: int, top_k: int, slots: int, st
                     right = [e for e in routing[l + d] if rng.random() < 0.8]
                     said.append((l + d, d, right + rng.sample(range(experts), top_k - len(right))))
             scheduler.prefetch(l, said)
-            for wave in scheduler.plan(l, sorted(routing[l])):
+            _, waves = scheduler.plan(l, sorted(routing[l]))
+            for wave in waves:
                 held = scheduler.acquire(l, wave)
                 scheduler.release(held.values())
             times.append(time.perf_counter() - start)
