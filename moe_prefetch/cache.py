@@ -341,8 +341,7 @@ class ExpertCache:
         # Per-layer indexes, kept incrementally: expert_id -> slot, and unused prefetches.
         self.resident: dict[int, dict[int, int]] = {layer: {} for layer in self.counters}
         self.unused: dict[int, set[int]] = {layer: set() for layer in self.counters}
-        self.version = 0  # bumped whenever a key gains or loses its slot
-        self.layer_version: dict[int, int] = dict.fromkeys(self.counters, 0)  # the same, per layer
+        self.layer_version: dict[int, int] = dict.fromkeys(self.counters, 0)  # bumped when a layer's keys change
 
     # -- queries -------------------------------------------------------------
     def lookup(self, key: Key) -> int | None:
@@ -477,7 +476,6 @@ class ExpertCache:
         return slot
 
     def _bump(self, layer_idx: int) -> None:
-        self.version += 1
         self.layer_version[layer_idx] += 1
 
     def _forget_unused(self, key: Key) -> None:

@@ -112,7 +112,6 @@ class Runtime:
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
         self._shifted: dict[int, tuple[int, int, torch.Tensor]] = {}  # layer -> (version, lo, table - lo)
         self._call_wait = 0.0
-        self._predicting = False
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
@@ -144,15 +143,12 @@ class Runtime:
 
     def on_router_input(self, layer_idx: int, normed: torch.Tensor) -> None:
         """Prediction point of "router-input" predictors: MoE layer `layer_idx`'s router input."""
-        if not self._predicting:  # predictors call routers themselves: ignore those calls
-            self._predict(layer_idx, normed)
+        # Predictors call routers without module hooks (predictors.silent), so this hook sees the
+        # model's own router call only.
+        self._predict(layer_idx, normed)
 
     def _predict(self, layer_idx: int, hidden: torch.Tensor) -> None:
-        self._predicting = True
-        try:
-            guesses = self.predictor.predict(layer_idx, hidden, self.step)
-        finally:
-            self._predicting = False
+        guesses = self.predictor.predict(layer_idx, hidden, self.step)
         if guesses:
             self._pending.append((layer_idx, guesses))
 
