@@ -11,6 +11,7 @@ from .errors import ConfigError
 PREDICTORS = ("none", "previous-token", "next-gate", "m2r2", "oracle")
 DEVICES = ("auto", "cuda", "cpu")
 CACHE_POLICIES = ("lru", "lfu", "lfru")  # eviction order: moe_prefetch.cache.make_policy
+EXPERTS_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")  # moe_prefetch.compression
 
 _UNITS = {
     "": 1,
@@ -105,6 +106,9 @@ class RuntimeConfig:
     # Which resident expert a miss evicts: least recently used, least frequently used (with
     # aging), or a recency-protected segment beside a frequency-ordered one (cache.py).
     cache_policy: str = "lru"
+    # How experts are stored in host memory, moved over the link and held in device slots:
+    # "auto" (the checkpoint's own format), "bf16", "fp16", "fp32", "int8" or "int4" (compression.py).
+    experts_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
@@ -131,6 +135,11 @@ class RuntimeConfig:
             raise ConfigError(f"link_bandwidth={self.link_bandwidth!r} must be positive bytes/s")
         if self.cache_policy not in CACHE_POLICIES:
             raise ConfigError(f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}")
+        if self.experts_dtype not in EXPERTS_DTYPES:
+            raise ConfigError(
+                f"experts_dtype={self.experts_dtype!r} is not one of {', '.join(EXPERTS_DTYPES)}; "
+                "int4 and int8 compress the experts, auto keeps the checkpoint's format"
+            )
         if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):
             parse_size(self.cache_budget, name="cache_budget")  # fail early on an unparsable size
 

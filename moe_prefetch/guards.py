@@ -126,7 +126,7 @@ def _full_state_dict(runtime) -> Callable[[], None]:
 
     def hook_for(layer):
         def hook(module, state_dict, prefix, local_metadata) -> None:
-            rows = [store.views((layer.layer_idx, e)) for e in range(layer.num_experts)]
+            rows = [store.expert((layer.layer_idx, e)) for e in range(layer.num_experts)]
             for name in rows[0]:
                 if prefix + name in state_dict:
                     state_dict[prefix + name] = torch.stack([row[name] for row in rows])

@@ -24,6 +24,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import guards
 from .cache import ExpertCache, make_policy
+from .compression import Codec, make_codec
 from .config import RuntimeConfig, config_for, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
 from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
@@ -109,11 +110,20 @@ def free_device_memory(device: torch.device) -> int:
 
 
 def resolve_slots(
-    config: RuntimeConfig, spec: ExpertSpec, layers: list[MoELayer], device: torch.device, free_bytes: int | None = None
+    config: RuntimeConfig,
+    spec: ExpertSpec,
+    layers: list[MoELayer],
+    device: torch.device,
+    free_bytes: int | None = None,
+    codec: Codec | None = None,
 ) -> int:
     """Number of slots from cache_slots, cache_budget, or free device memory. A budget
-    includes the pool's working buffer (top_k slots' worth, see pool.py)."""
+    includes the pool's working buffer (top_k decoded experts, and their stored bytes when
+    compressed: see pool.py). A slot holds one expert as stored (`codec`)."""
     top_k = max(layer.top_k for layer in layers)
+    codec = codec or make_codec(spec)
+    slot_bytes = codec.nbytes
+    work_bytes = top_k * (spec.nbytes + (0 if codec.identity else codec.nbytes))
     total = sum(layer.num_experts for layer in layers)
     if config.cache_slots is not None:
         slots = config.cache_slots
@@ -128,9 +138,9 @@ def resolve_slots(
                 )
         else:
             budget = int(free * (1 - config.safety_margin))
-        slots = min(total, budget // spec.nbytes - top_k)
+        slots = min(total, max(0, budget - work_bytes) // slot_bytes)
     if slots < top_k:
-        need = f"one layer needs {top_k} slots of {spec.nbytes / 2**20:.2f} MiB ({top_k * spec.nbytes} bytes)"
+        need = f"one layer needs {top_k} slots of {slot_bytes / 2**20:.2f} MiB ({top_k * slot_bytes} bytes)"
         if config.cache_slots is not None:
             fix = f"cache_slots={slots} is below top_k={top_k}: {need}; raise cache_slots to >= {top_k}"
         elif config.cache_budget is not None:
@@ -176,7 +186,7 @@ def attach(
     if target.type == "cpu" and spec.dtype == torch.float16:
         logger.info("float16 experts on CPU run slowly; consider dtype=torch.float32 or bfloat16")
     keys = [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)]
-    store = HostStore(spec, keys, pin=target.type == "cuda")
+    store = HostStore(spec, keys, pin=target.type == "cuda", codec=make_codec(spec, config.experts_dtype))
     # Layer by layer, the experts move into the store and the model's copy is freed (its Parameter
     # objects stay, so references users hold remain valid and detach can refill them).
     store.absorb(layers)
@@ -210,14 +220,15 @@ def wire(
             saved.append((layer.layer_idx, name, param, shape, home))
     try:
         model.to(target)
-        slots = resolve_slots(config, spec, layers, target)  # after the move: free memory is what is left
-        pool = SlotPool(spec, slots, target, work_slots=max(layer.top_k for layer in layers))
+        # after the move: free memory is what is left
+        slots = resolve_slots(config, spec, layers, target, codec=store.codec)
+        pool = SlotPool(spec, slots, target, work_slots=max(layer.top_k for layer in layers), codec=store.codec)
     except BaseException:
         _refill(saved, store, layers)  # refused: give the model its experts back, untouched
         model.to(original_device)
         raise
     cache = ExpertCache(
-        slots, spec.nbytes, [layer.layer_idx for layer in layers], policy=make_policy(config.cache_policy)
+        slots, store.codec.nbytes, [layer.layer_idx for layer in layers], policy=make_policy(config.cache_policy)
     )
     t0 = time.perf_counter()  # one clock for the runtime's trace and the loader's copies
     loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth, t0=t0)
@@ -293,10 +304,11 @@ def wire(
     unguard = guards.install(model, runtime)
     warn_if_small_cache(runtime)  # attach and load both end here
     logger.info(
-        "attached: %d MoE layers, %d slots of %.2f MiB on %s (%s); loader %s; host %s; stock kernel %s",
+        "attached: %d MoE layers, %d slots of %.2f MiB (%s experts) on %s (%s); loader %s; host %s; stock kernel %s",
         len(layers),
         slots,
-        spec.nbytes / 2**20,
+        store.codec.nbytes / 2**20,
+        store.codec.describe(),
         target,
         device_reason,
         loader.kind,

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
+from .compression import make_codec
 from .config import RuntimeConfig, config_for
 from .errors import CheckpointError, UnsupportedModelError
 from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
@@ -71,7 +72,10 @@ def load(
     checkpoint = Checkpoint(model, keys, _open)
     check_expert_shapes(checkpoint, layers, spec)
     store = HostStore(
-        spec, [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)], pin=target.type == "cuda"
+        spec,
+        [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)],
+        pin=target.type == "cuda",
+        codec=make_codec(spec, config.experts_dtype),
     )
     check_host_memory(store.nbytes)  # the store is address space so far: nothing is resident yet
     expert_names = {f"{layer.path}.{n}" for layer in layers for n in spec.names}

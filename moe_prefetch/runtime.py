@@ -11,6 +11,8 @@ routed experts when it is that tight (no copy), otherwise the routed experts gat
 small working buffer (`SlotPool.work`). Kernels such as grouped_mm cost per group, so a span
 over thousands of scattered slots would cost more than the gather.
 When a layer needs more distinct experts than there are slots (prefill), it runs in waves.
+Compressed experts (`compression.Codec`) are always gathered: their slots hold stored bytes,
+which the codec decodes into the working buffer in the model's dtype before the kernel.
 Predictors run at each layer's router input (or decoder input) and return their guesses as
 device tensors; the runtime reads them with the next routing, so prediction adds no
 synchronisation of its own.
@@ -82,6 +84,7 @@ class Runtime:
         self.by_layer = {layer.layer_idx: layer for layer in layers}
         self.moe_layer_ids = [layer.layer_idx for layer in layers]
         self.spec = spec
+        self.codec = store.codec  # how experts are stored, moved and decoded
         self.store = store
         self.pool = pool
         self.cache = cache
@@ -105,7 +108,7 @@ class Runtime:
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
         self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
-        self.placement = Placement(costs or default_costs(device), spec.nbytes, spec.numel, config.on_miss)
+        self.placement = Placement(costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss)
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
@@ -215,7 +218,7 @@ class Runtime:
         for expert_id in host:
             rows, slots = np.nonzero(routing == expert_id)
             rows_t, slots_t = torch.from_numpy(rows), torch.from_numpy(slots)
-            proxy = self._proxy(layer, self.store.views((layer.layer_idx, expert_id)), None, None)
+            proxy = self._proxy(layer, self.store.expert((layer.layer_idx, expert_id)), None, None)
             index = torch.zeros((len(rows), 1), dtype=torch.long)
             x = hidden[rows_t]
             if self._wide_waves:
@@ -278,7 +281,7 @@ class Runtime:
                 self.verify()  # debug: every ready slot, not only this wave's
             slot_list = [slots[e] for e in wave]
             lo, hi = min(slot_list), max(slot_list) + 1
-            if hi - lo <= layer.num_experts:
+            if hi - lo <= layer.num_experts and self.codec.identity:
                 self.kernel_calls["span"] += 1
                 return self._compute(layer, wave, slot_list, hidden_states, top_k_index, top_k_weights, alone, lo, hi)
             # Slots scattered over the pool: gather the routed experts, a few at a time.
@@ -307,7 +310,12 @@ class Runtime:
         if lo is None:
             index = self._to_device(slots)
             work = self.pool.work[: len(slots)]
-            torch.index_select(self.pool.buffer, 0, index, out=work)
+            if self.codec.identity:
+                torch.index_select(self.pool.buffer, 0, index, out=work)
+            else:
+                staged = self.pool.staging[: len(slots)]
+                torch.index_select(self.pool.buffer, 0, index, out=staged)
+                self.codec.decode(staged, work)
             proxy = self._proxy(layer, self.pool.work_params, 0, len(slots))
             local = list(range(len(slots)))
         else:
@@ -434,7 +442,8 @@ class Runtime:
             "per_layer": [{"layer_idx": l, **asdict(c)} for l, c in sorted(self.cache.counters.items())],
             "stall_by_step": dict(self.step_stalls),
             "cache_slots": self.cache.num_slots,
-            "expert_bytes": self.spec.nbytes,
+            "expert_bytes": self.codec.nbytes,  # as stored and moved
+            "experts_dtype": self.codec.name,
             "num_experts": sum(layer.num_experts for layer in self.layers),
             "moe_layers": len(self.layers),
             "device": str(self.device),

@@ -18,6 +18,9 @@ unregisters. If registering fails we keep pageable memory and say so (`pin_reaso
     store.fill(layer_idx, ...)   load: per layer, write experts read from the checkpoint, pin
     store.close()                unpin; memory returns when the last view is dropped
 
+Compressed experts (`compression.Codec`): each row holds the expert's stored bytes, not its
+parameters; `write` encodes, `expert` and `stacked` decode. Identity codec: rows are parameters.
+
 Evictions never write back: the device slots are read-only copies.
 """
 
@@ -35,6 +38,7 @@ import psutil
 import torch
 
 from .cache import Key
+from .compression import Codec, make_codec
 from .errors import HostMemoryError
 from .layout import ExpertSpec, MoELayer
 
@@ -65,10 +69,13 @@ class _Chunk:
 
 
 class HostStore(Mapping[Key, torch.Tensor]):
-    """Read-only mapping `(layer_idx, expert_id) -> flat host tensor of spec.numel`."""
+    """Read-only mapping `(layer_idx, expert_id) -> flat host row of the codec's stored layout`
+    (`spec.numel` parameters for the identity codec, `codec.stored.numel` bytes otherwise)."""
 
-    def __init__(self, spec: ExpertSpec, keys: Iterable[Key], pin: bool):
-        self.spec = spec
+    def __init__(self, spec: ExpertSpec, keys: Iterable[Key], pin: bool, codec: Codec | None = None):
+        self.spec = spec  # the model's parameters
+        self.codec = codec or make_codec(spec)
+        self.layout = self.codec.stored  # what a row holds
         self.pin_reason = "pinned: CUDA device, so copies can be asynchronous" if pin else "pageable: CPU device"
         self._pin = pin
         self._pin_failed = False
@@ -77,7 +84,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
         by_layer: dict[int, list[int]] = {}
         for layer_idx, expert_id in keys:
             by_layer.setdefault(layer_idx, []).append(expert_id)
-        per_chunk = max(1, CHUNK_BYTES // spec.nbytes)
+        per_chunk = max(1, CHUNK_BYTES // self.layout.nbytes)
         for layer_idx, expert_ids in by_layer.items():
             for start in range(0, len(expert_ids), per_chunk):
                 group = expert_ids[start : start + per_chunk]
@@ -93,7 +100,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
 
     def _map(self, layer_idx: int, expert_ids: list[int]) -> _Chunk:
         rows = len(expert_ids)
-        wanted = rows * self.spec.nbytes
+        wanted = rows * self.layout.nbytes
         size = -(-wanted // PAGE) * PAGE
         try:
             if hasattr(mmap, "MAP_ANONYMOUS"):
@@ -112,14 +119,14 @@ class HostStore(Mapping[Key, torch.Tensor]):
                 f"cannot reserve {size / 2**30:.2f} GiB of host memory for the expert store ({err}); "
                 "free memory or use a machine with more RAM"
             ) from None
-        return _Chunk(layer_idx, expert_ids, raw[:wanted].view(self.spec.dtype).view(rows, self.spec.numel), size)
+        return _Chunk(layer_idx, expert_ids, raw[:wanted].view(self.layout.dtype).view(rows, self.layout.numel), size)
 
     # -- filling ---------------------------------------------------------------------
     def write(self, key: Key, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Fill one expert from its named tensors (any dtype; cast to the store's)."""
-        views = self.spec.views(self._index[key])
-        for name, view in views.items():
-            view.copy_(tensors[name])
+        """Fill one expert from its named parameters (any dtype): encoded by the codec."""
+        encoded = self.codec.encode(tensors)
+        for name, view in self.layout.views(self._index[key]).items():
+            view.copy_(encoded[name])
 
     def fill(self, layer_idx: int, experts: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
         """Write `(expert_id, named tensors)` for every expert of one layer, then pin the layer."""
@@ -158,7 +165,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
         """One copy per parameter for a chunk of consecutive experts, not one per expert: each
         copy call has a fixed cost (threads woken, page faults taken), paid 128x at 128 experts."""
         first, count = chunk.expert_ids[0], len(chunk.expert_ids)
-        if chunk.expert_ids != list(range(first, first + count)):
+        if chunk.expert_ids != list(range(first, first + count)) or not self.codec.identity:
             for expert_id in chunk.expert_ids:
                 self.write((chunk.layer_idx, expert_id), {n: p.detach()[expert_id] for n, p in params.items()})
             return
@@ -179,6 +186,12 @@ class HostStore(Mapping[Key, torch.Tensor]):
         """One parameter of one layer as the model holds it: `[num_experts, *shape]`, a new tensor
         filled with one copy per chunk (not a stack of one copy per expert)."""
         out = torch.empty((num_experts, *self.spec.shapes[self.spec.names.index(name)]), dtype=self.spec.dtype)
+        if not self.codec.identity:  # decoded one expert at a time
+            for chunk in self._chunks:
+                if chunk.layer_idx == layer_idx:
+                    for row, expert_id in enumerate(chunk.expert_ids):
+                        out[expert_id].copy_(self.codec.expand(chunk.rows[row])[name])
+            return out
         for chunk in self._chunks:
             if chunk.layer_idx != layer_idx:
                 continue
@@ -216,8 +229,10 @@ class HostStore(Mapping[Key, torch.Tensor]):
             self._registered.append(ptr)
 
     # -- reading ---------------------------------------------------------------------
-    def views(self, key: Key) -> dict[str, torch.Tensor]:
-        return self.spec.views(self._index[key])
+    def expert(self, key: Key) -> dict[str, torch.Tensor]:
+        """One expert's parameters by name, in the model's dtype and shapes: views of the store
+        (identity codec) or a decoded copy."""
+        return self.codec.expand(self._index[key])
 
     def __getitem__(self, key: Key) -> torch.Tensor:
         return self._index[key]

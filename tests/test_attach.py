@@ -45,7 +45,7 @@ def test_store_and_slots_hold_the_experts():
     model = make_model("mixtral")
     stock = {n: p.detach().clone() for n, p in find_moe_layers(model)[1].experts.named_parameters()}
     runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, verify_slots=True)
-    views = runtime.store.views((1, 5))
+    views = runtime.store.expert((1, 5))
     assert torch.equal(views["gate_up_proj"], stock["gate_up_proj"][5])
     assert torch.equal(views["down_proj"], stock["down_proj"][5])
     assert not runtime.store.pinned and "CPU" in runtime.store.pin_reason

@@ -1,0 +1,285 @@
+"""Compressed experts: how an expert is stored in the host store and the device slots, and
+turned back into the model's dtype just before its kernel runs.
+
+At batch-1 decode every lane an offloaded expert touches costs its bytes (the link, host DRAM
+on the host lane, the device slot), so the store and the slots hold the compressed bytes and
+the link moves them. The kernel is still the model's own: a layer's routed experts are decoded
+into the pool's working buffer (device) or a host buffer (host lane), in the model's dtype,
+and the stock kernel runs on them. Why decode rather than a packed kernel:
+- exactness: the reference for a compressed model is the same model with the same decoded
+  experts all resident (`compress_experts`); decoding with one function everywhere makes the
+  offloaded model compute exactly that, on every architecture, with every kernel;
+- the packed kernels torch ships (`_weight_int4pack_mm`, `_weight_int8pack_mm`) are plain
+  matmuls: the model's expert arithmetic (gating, activations, biases, clamps) would have to
+  be rewritten per architecture. `scripts/bench_compression.py` measures both on this machine.
+
+Formats (`experts_dtype`):
+- "bf16" (or "fp16"/"fp32"): a plain cast;
+- "int8": symmetric, one fp32 scale per row of the last dimension (per channel);
+- "int4": asymmetric, groups of `INT4_GROUP` along the last dimension, fp16 scale and minimum
+  per group, two values per byte;
+- "auto": the checkpoint's own format (the model's dtype, or a native quantized format).
+Parameters with fewer than two dimensions per expert (biases) stay in the model's dtype.
+
+A `Codec` lays an expert's parts out as bytes in one flat uint8 row (`Codec.stored`, an
+`ExpertSpec` of uint8 parts), so the store, the pool, the loader and the cache handle a
+compressed expert exactly like a plain one: a row of `stored.nbytes` bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .config import EXPERTS_DTYPES
+from .errors import ConfigError
+from .layout import ExpertSpec
+
+_CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Group size for int4: 64 keeps the demo model's held-out loss within 3% (32 costs 12% more
+# bytes for little gain, 128 loses more quality; docs/benchmarks.md, "Compressed experts").
+INT4_GROUP = 64
+# Decode at most this many elements at once: bounds the fp32 temporaries (a Mixtral expert
+# matrix is 58M values, 235 MB in fp32) at a few launches more per expert.
+_DECODE_ELEMS = 1 << 24
+
+
+class ParamFormat:
+    """How one parameter of one expert is stored: named parts, each a tensor of fixed shape
+    and dtype, and the function that rebuilds the parameter from them."""
+
+    name = "raw"
+
+    def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Write one expert's parameter into `out` (its shape, the model's dtype) from `parts`."""
+        raise NotImplementedError
+
+
+class Cast(ParamFormat):
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = str(dtype).removeprefix("torch.")
+
+    def parts(self, shape, dtype):
+        return {"w": (shape, self.dtype)}
+
+    def encode(self, w):
+        return {"w": w.to(self.dtype)}
+
+    def decode(self, parts, out):
+        out.copy_(parts["w"])
+
+
+class Int8(ParamFormat):
+    """Symmetric per-channel int8: w = q * scale, one scale per row of the last dimension."""
+
+    name = "int8"
+
+    def parts(self, shape, dtype):
+        return {"q": (shape, torch.int8), "scale": ((*shape[:-1], 1), torch.float32)}
+
+    def encode(self, w):
+        w = w.float()
+        scale = w.abs().amax(dim=-1, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale}
+
+    def decode(self, parts, out):
+        q, scale, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(out)
+        for sl in _row_chunks(o.shape[0], o.shape[1]):
+            o[sl].copy_(q[sl].float() * scale[sl])
+
+
+class Int4(ParamFormat):
+    """Asymmetric group-wise int4 along the last dimension: w = q * scale + low, q in 0..15,
+    fp16 scale and low per group, two values per byte (low nibble first). A last dimension
+    that is not a multiple of the group is padded in the store and cut off when decoding."""
+
+    name = "int4"
+
+    def __init__(self, group: int = INT4_GROUP):
+        if group % 2:
+            raise ConfigError(f"int4 group size {group} must be even (two values per byte)")
+        self.group = group
+
+    def _groups(self, shape):
+        return -(-shape[-1] // self.group)
+
+    def parts(self, shape, dtype):
+        groups = self._groups(shape)
+        return {
+            "q": ((*shape[:-1], groups * self.group // 2), torch.uint8),
+            "scale": ((*shape[:-1], groups), torch.float16),
+            "low": ((*shape[:-1], groups), torch.float16),
+        }
+
+    def encode(self, w):
+        shape, groups = w.shape, self._groups(w.shape)
+        w = w.float()
+        pad = groups * self.group - shape[-1]
+        if pad:
+            w = torch.nn.functional.pad(w, (0, pad), value=float(w.flatten()[0]) if w.numel() else 0.0)
+        g = w.reshape(*shape[:-1], groups, self.group)
+        low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        # Scale and low are rounded to fp16 first and q computed against the rounded values, so
+        # decoding (which only sees the fp16 ones) lands on the nearest level.
+        low = low.half().float()
+        scale = ((high - low) / 15).half().float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((g - low) / scale).clamp_(0, 15).to(torch.uint8).reshape(*shape[:-1], -1)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)
+        return {"q": packed, "scale": scale.squeeze(-1).half(), "low": low.squeeze(-1).half()}
+
+    def decode(self, parts, out):
+        q, scale, low, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(parts["low"]), _rows(out)
+        for sl in _row_chunks(o.shape[0], q.shape[1] * 2):
+            packed = q[sl]
+            values = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1, self.group)
+            w = values.float() * scale[sl].float().unsqueeze(-1) + low[sl].float().unsqueeze(-1)
+            o[sl].copy_(w.reshape(packed.shape[0], -1)[:, : o.shape[1]])
+
+
+def _row_chunks(rows: int, per_row: int):
+    """Row slices that keep each decode step under `_DECODE_ELEMS` values."""
+    step = max(1, _DECODE_ELEMS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as rows of its last dimension: a view (never a copy, which would drop writes to `out`);
+    `Codec.decode` hands the formats one expert at a time, whose parts and outputs are contiguous."""
+    return t.view(-1, t.shape[-1])
+
+
+class Codec:
+    """The stored layout of one expert for one `experts_dtype`, over the model's `spec`."""
+
+    def __init__(self, spec: ExpertSpec, name: str, formats: Mapping[str, ParamFormat]):
+        self.spec = spec
+        self.name = name
+        self.formats = dict(formats)
+        self.identity = all(isinstance(f, Cast) and f.dtype == spec.dtype for f in self.formats.values())
+        if self.identity:
+            self.stored = spec
+            self._parts = {}
+            return
+        names, shapes, parts = [], [], {}
+        for pname, shape in zip(spec.names, spec.shapes):
+            for part, (pshape, pdtype) in self.formats[pname].parts(shape, spec.dtype).items():
+                names.append(f"{pname}.{part}")
+                shapes.append((math.prod(pshape) * pdtype.itemsize,))
+                parts[f"{pname}.{part}"] = (pname, part, pshape, pdtype)
+        self.stored = ExpertSpec(names=tuple(names), shapes=tuple(shapes), dtype=torch.uint8)
+        self._parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's parameters (the model's names and shapes) as its stored parts, each a
+        flat uint8 tensor (`stored`'s names), or unchanged for the identity codec."""
+        if self.identity:
+            return dict(tensors)
+        out = {}
+        for pname in self.spec.names:
+            for part, tensor in self.formats[pname].encode(tensors[pname]).items():
+                out[f"{pname}.{part}"] = tensor.contiguous().reshape(-1).view(torch.uint8)
+        return out
+
+    def typed(self, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Views of stored rows `[..., stored.numel]` as each parameter's typed parts."""
+        lead = rows.shape[:-1]
+        typed: dict[str, dict[str, torch.Tensor]] = {}
+        for key, view in self.stored.views(rows).items():
+            pname, part, pshape, pdtype = self._parts[key]
+            typed.setdefault(pname, {})[part] = view.view(pdtype).view(*lead, *pshape)
+        return typed
+
+    def decode(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decode stored rows `[n, stored.numel]` into `out` `[n, spec.numel]` (the model's dtype)."""
+        if self.identity:
+            return out.copy_(rows)
+        views = self.spec.views(out)
+        for pname, parts in self.typed(rows).items():
+            for i in range(rows.shape[0]):  # one expert at a time: its views are contiguous
+                self.formats[pname].decode({k: v[i] for k, v in parts.items()}, views[pname][i])
+        return out
+
+    def expand(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One stored expert decoded into new tensors, by parameter name (the model's shapes)."""
+        if self.identity:
+            return self.spec.views(row)
+        out = torch.empty(1, self.spec.numel, dtype=self.spec.dtype, device=row.device)
+        self.decode(row.unsqueeze(0), out)
+        return {name: view[0] for name, view in self.spec.views(out).items()}
+
+    def describe(self) -> str:
+        kinds = sorted({f.name for f in self.formats.values()})
+        return self.name if len(kinds) <= 1 else f"{self.name} ({', '.join(kinds)})"
+
+
+def make_codec(spec: ExpertSpec, experts_dtype: str = "auto", native: Mapping[str, ParamFormat] | None = None) -> Codec:
+    """The codec for `experts_dtype` over `spec`. `native`: formats the checkpoint stores its
+    experts in (used by "auto"), by parameter name."""
+    if experts_dtype not in EXPERTS_DTYPES:
+        raise ConfigError(f"experts_dtype={experts_dtype!r} is not one of {', '.join(EXPERTS_DTYPES)}")
+    formats: dict[str, ParamFormat] = {}
+    for pname, shape in zip(spec.names, spec.shapes):
+        if experts_dtype == "auto":
+            fmt = (native or {}).get(pname) or Cast(spec.dtype)
+        elif len(shape) < 2:
+            fmt = Cast(spec.dtype)  # biases: a few KiB, kept exact
+        elif experts_dtype in _CASTS:
+            fmt = Cast(_CASTS[experts_dtype])
+        elif experts_dtype == "int8":
+            fmt = Int8()
+        else:
+            fmt = Int4()
+        formats[pname] = fmt
+    name = experts_dtype if experts_dtype != "auto" else _auto_name(spec, formats)
+    return Codec(spec, name, formats)
+
+
+def _auto_name(spec: ExpertSpec, formats: Mapping[str, ParamFormat]) -> str:
+    kinds = [f.name for f in formats.values() if not isinstance(f, Cast)]
+    return kinds[0] if kinds else str(spec.dtype).removeprefix("torch.")
+
+
+def round_trip(codec: Codec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the runtime computes with for an expert: its parameters encoded then decoded."""
+    if codec.identity:
+        return dict(tensors)
+    row = torch.empty(codec.stored.numel, dtype=torch.uint8)
+    encoded = codec.encode(tensors)
+    for name, view in codec.stored.views(row).items():
+        view.copy_(encoded[name])
+    return codec.expand(row)
+
+
+def compress_experts(model, experts_dtype: str) -> object:
+    """The reference for a compressed model: replace every expert of `model` (in place) by what
+    the runtime computes with for `experts_dtype`, all resident. An offloaded model with the same
+    `experts_dtype` generates the same tokens as this one. Returns the model."""
+    from .layout import find_moe_layers, spec_of
+
+    layers = find_moe_layers(model)
+    codec = make_codec(spec_of(layers), experts_dtype)
+    with torch.no_grad():
+        for layer in layers:
+            params = dict(layer.experts.named_parameters(recurse=False))
+            for e in range(layer.num_experts):
+                decoded = round_trip(codec, {n: p[e].detach().cpu() for n, p in params.items()})
+                for name, param in params.items():
+                    param[e].copy_(decoded[name])
+    return model
