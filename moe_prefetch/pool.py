@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CacheCapacityError
 from .compression import Codec, make_codec
+from .errors import CacheCapacityError
 from .layout import ExpertSpec
 
 
