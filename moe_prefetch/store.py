@@ -124,9 +124,14 @@ class HostStore(Mapping[Key, torch.Tensor]):
     # -- filling ---------------------------------------------------------------------
     def write(self, key: Key, tensors: Mapping[str, torch.Tensor]) -> None:
         """Fill one expert from its named parameters (any dtype): encoded by the codec."""
-        encoded = self.codec.encode(tensors)
+        self.write_stored(key, self.codec.encode(tensors))
+
+    def write_stored(self, key: Key, parts: Mapping[str, torch.Tensor]) -> None:
+        """Fill one expert with its already encoded parts, by `layout` name (a quantized copy or a
+        checkpoint's native format): any dtype and shape, copied as bytes."""
         for name, view in self.layout.views(self._index[key]).items():
-            view.copy_(encoded[name])
+            part = parts[name]
+            view.copy_(part if self.codec.identity else part.contiguous().reshape(-1).view(torch.uint8))
 
     def fill(self, layer_idx: int, experts: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
         """Write `(expert_id, named tensors)` for every expert of one layer, then pin the layer."""
