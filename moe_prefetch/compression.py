@@ -184,7 +184,15 @@ class Codec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of one expert as stored, moved over the link and held in a slot."""
         return self.stored.nbytes
+
+    @property
+    def host_bytes(self) -> int:
+        """DRAM bytes one host-lane call on this expert touches: the stored bytes, and when they
+        must be decoded first, the decoded copy written and then read by the kernel. So a
+        compressed expert is cheaper on the link but dearer on the host lane than a plain one."""
+        return self.nbytes if self.identity else self.nbytes + 2 * self.spec.nbytes
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's parameters (the model's names and shapes) as its stored parts, each a

@@ -50,19 +50,27 @@ DEFAULT_COSTS = LaneCosts(
 class Placement:
     """Per-expert lane times for one expert size, and the on-miss rule."""
 
-    def __init__(self, costs: LaneCosts, expert_bytes: int, expert_params: int, on_miss: str = "auto"):
+    def __init__(
+        self,
+        costs: LaneCosts,
+        expert_bytes: int,
+        expert_params: int,
+        on_miss: str = "auto",
+        host_bytes: int | None = None,
+    ):
         if on_miss not in ON_MISS:
             raise ValueError(f"on_miss={on_miss!r}; choose one of {', '.join(ON_MISS)}")
         self.costs = costs
-        self.expert_bytes = expert_bytes
+        self.expert_bytes = expert_bytes  # as stored and moved over the link
+        # DRAM bytes one host-lane call touches: the stored expert, plus its decoded copy written
+        # and read back when compressed (`compression.Codec.host_bytes`).
+        self.host_bytes = expert_bytes if host_bytes is None else host_bytes
         self.expert_params = expert_params
         self.on_miss = on_miss
 
     def host_s(self, tokens: int) -> float:
         c = self.costs
-        return c.host_call_s + max(
-            self.expert_bytes / c.host_bytes_per_s, 2 * self.expert_params * tokens / c.host_flops
-        )
+        return c.host_call_s + max(self.host_bytes / c.host_bytes_per_s, 2 * self.expert_params * tokens / c.host_flops)
 
     def device_s(self, tokens: int) -> float:
         c = self.costs

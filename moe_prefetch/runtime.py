@@ -108,7 +108,9 @@ class Runtime:
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
         self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
-        self.placement = Placement(costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss)
+        self.placement = Placement(
+            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, self.codec.host_bytes
+        )
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)

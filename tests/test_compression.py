@@ -143,3 +143,17 @@ def test_demo_int4_moves_at_most_a_third_of_bf16_bytes():
         per_token[dtype] = runtime.stats()["bytes_loaded"] / 16
         runtime.detach()
     assert 0 < per_token["int4"] <= 0.35 * per_token["bf16"]
+
+
+def test_placement_charges_the_host_lane_for_decoding():
+    """A compressed expert moves fewer bytes over the link, but the host lane reads it, writes
+    the decoded copy and reads that again: the placement's host time must count all three."""
+    from moe_prefetch.placement import DEFAULT_COSTS, Placement
+
+    plain, packed = make_codec(SPEC, "auto"), make_codec(SPEC, "int4")
+    assert packed.host_bytes == packed.nbytes + 2 * SPEC.nbytes
+    slow_host = DEFAULT_COSTS.__class__(**{**DEFAULT_COSTS.__dict__, "host_call_s": 0.0})
+    p_plain = Placement(slow_host, plain.nbytes, SPEC.numel, "auto", plain.host_bytes)
+    p_packed = Placement(slow_host, packed.nbytes, SPEC.numel, "auto", packed.host_bytes)
+    assert p_packed.link_s() < p_plain.link_s()
+    assert p_packed.host_s(1) > p_plain.host_s(1)
