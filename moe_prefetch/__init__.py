@@ -33,6 +33,10 @@ def __getattr__(name: str):
         from .loading import load
 
         return load
+    if name == "compress_experts":
+        from .compression import compress_experts
+
+        return compress_experts
     if name == "Runtime":
         from .runtime import Runtime
 
@@ -56,6 +60,7 @@ __all__ = [
     "RuntimeConfig",
     "UnsupportedModelError",
     "attach",
+    "compress_experts",
     "load",
     "parse_size",
 ]
