@@ -26,6 +26,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from . import lanes
 from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
 from .layout import ExpertSpec, MoELayer
@@ -115,6 +116,12 @@ class Runtime:
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
+
+    @property
+    def t0(self) -> float:
+        """The `time.perf_counter()` value the trace's clock counts from (trace records,
+        `step_starts` and the loader's copy events)."""
+        return self._t0
 
     def _source(self, key, slot):
         return self.store[key], self.pool.slot(slot)
@@ -430,6 +437,7 @@ class Runtime:
             # were not cancelled; used: the demand loads and the prefetches a layer then used
             "uploads": totals["misses"] + issued - totals["prefetch_dropped"],
             "uploads_used": totals["misses"] + totals["prefetch_used"],
+            "ran": lanes.ran(totals),  # device hit, uploaded then hit, waited, host
             "on_miss": self.placement.on_miss,
             "host_threads": torch.get_num_threads(),
             "prefetch_precision": totals["prefetch_used"] / issued if issued else 0.0,
