@@ -2,7 +2,8 @@
 
   RunRecorder.token()  -- after every generated token: counter deltas per layer, slot table
         |
-  build_run()          -- + runtime.trace, loader.events, stats -> one versioned dict (run.json)
+  build_run()          -- + runtime.trace, loader.events, stats -> one versioned dict (run.json);
+        |                 lanes.py adds where each routed expert ran and the seconds per lane
         |
   summarize(run)       -- headline numbers, derived only from the records in the run
   report_text.tables  -- rich tables for a terminal (returned, never printed here)
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from . import lanes
 from .errors import ReportError
 from .report_html import render_html
 from .report_text import MEASURED_ON
@@ -68,7 +70,7 @@ class RunRecorder:
         self.occupancy: list[list[int]] = []  # per token: slots held per MoE layer, then empty slots
         self.stats: dict = {}  # the latest runtime.stats(), for live displays
         self.interrupted = False
-        self.t_start = self.t_end = 0.0
+        self.t_start = self.t_end = self.clock_start = 0.0
         self._first_load = 0
         self._last: dict[int, dict] = {}
         self._last_t = 0.0
@@ -78,6 +80,7 @@ class RunRecorder:
         self.runtime.reset_stats()
         self._first_load = len(self.runtime.loader.events)  # copies before this belong to earlier work
         self.t_start = self._last_t = time.perf_counter()
+        self.clock_start = self.t_start - self.runtime.t0  # the same moment on the trace's clock
 
     def token(self) -> dict:
         now = time.perf_counter()
@@ -154,6 +157,17 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
     """The whole run as one JSON-ready dict (schema moe-prefetch/run, version 1)."""
     runtime = recorder.runtime
     stats = runtime.stats()
+    measured_on = "cuda" if runtime.device.type == "cuda" else "cpu"
+    trace, loads = [dict(r) for r in runtime.trace], recorder.loads()
+    link_bytes_per_s = runtime.placement.costs.link_bytes_per_s
+    lanes.token_lanes(
+        recorder.tokens,
+        trace,
+        loads,
+        measured_on=measured_on,
+        clock_start=recorder.clock_start,
+        link_bytes_per_s=link_bytes_per_s,
+    )
     layer_info = {layer.layer_idx: layer for layer in runtime.layers}
     layers = [
         {
@@ -162,6 +176,8 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
             "top_k": layer_info[row["layer_idx"]].top_k,
             **{k: row[k] for k in COUNTERS},
             "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"] + row["host_experts"]),
+            "ran": lanes.ran(row),
+            "lanes": lanes.layer_totals(recorder.tokens, row["layer_idx"]),
         }
         for row in stats["per_layer"]
     ]
@@ -171,8 +187,10 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
         "schema": SCHEMA,
         "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "measured_on": "cuda" if runtime.device.type == "cuda" else "cpu",
+        "measured_on": measured_on,
         "stall_timing": stats["stall_timing"],
+        # How each lane's seconds (tokens[].lanes, layers[].lanes) were obtained here.
+        "lane_basis": lanes.basis(measured_on, link_bytes_per_s),
         "interrupted": recorder.interrupted,
         "model": model,
         "config": config,
@@ -181,8 +199,8 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
         "stats": stats,
         "tokens": recorder.tokens,
         "layers": layers,
-        "loads": recorder.loads(),
-        "trace": [dict(r) for r in runtime.trace],
+        "loads": loads,
+        "trace": trace,
         # With trace and model, what the simulator needs to replay this run (moe_prefetch.sim).
         "step_starts": list(getattr(runtime, "step_starts", [])),
         "predictions": [dict(p) for p in getattr(runtime, "predictions", [])],
@@ -235,6 +253,9 @@ def summarize(run: dict) -> dict:
         "decode_hit_rate": _ratio(decode_hits, decode_hits + decode_misses + decode_host),
         "host_experts": host_experts,
         "host_seconds": stats.get("host_seconds", 0.0),
+        # decode: where the routed experts ran, and each lane's mean seconds per token
+        "decode_ran": lanes.total_ran(decode),
+        "decode_lanes_per_token": lanes.mean_lanes(decode),
         "on_miss": stats.get("on_miss", "wait"),
         "prefetch_precision": _ratio(stats["prefetch_used"], stats["prefetch_issued"]),
         "prefetch_recall": _ratio(stats["prefetch_used"], stats["hits"] + stats["misses"]),

@@ -1,7 +1,7 @@
 """The self-contained HTML report: inline CSS and SVG, no scripts, opens offline.
 
-Plots: hit rate per layer, stall per token, loads against compute per layer, and cache
-occupancy, under a banner that says whether the numbers were measured on CUDA, measured
+Plots: hit rate per layer, stall per token, the lanes per token, loads against compute per
+layer, and cache occupancy, under a banner that says whether the numbers were measured on CUDA, measured
 on CPU, or simulated. Built from a run dict (`profiling.build_run` / run.json).
 """
 
@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import html
 
-from .report_text import MEASURED_ON, fmt_bytes, notes, pct, setup_rows, summary_rows
+from .lanes import RAN
+from .lanes import ran as lanes_ran
+from .report_text import MEASURED_ON, fmt_bytes, ms, notes, pct, setup_rows, summary_rows
 
 # -- HTML ----------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 84, 24, 28, 40  # chart size and margins (px)
 C_HIT, C_PREF, C_MISS, C_STALL, C_BUSY, C_EMPTY = "#4c9f70", "#2f6db5", "#d1495b", "#d1495b", "#9db4c0", "#e6e6e6"
 C_HOST = "#e8a33d"  # routed experts computed on the host lane
+C_DEVICE_LANE, C_LINK = "#3f7f8c", "#7b61c4"  # lanes per token: device compute, host-to-device copies
+# (name, key in a token's "lanes", colour): the lanes chart's bars, in order within each token's group
+LANE_SERIES = (
+    ("device", "device_s", C_DEVICE_LANE),
+    ("host lane", "host_s", C_HOST),
+    ("link", "link_s", C_LINK),
+    ("exposed", "exposed_s", C_STALL),
+)
 # Occupancy colours per layer (Tableau 10 without its red, which means "miss" and "stall" here).
 LAYER_COLORS = (
     "#4e79a7",
@@ -134,6 +144,49 @@ def _stall_chart(run: dict) -> str:
         "token wall time (ms)",
         "token step",
     )
+
+
+def _lanes_chart(run: dict) -> str:
+    """Per decode token, one group of bars: seconds on the device, the host lane and the link,
+    and the exposed time (what the lanes added to the critical path). Each bar carries its
+    value from run.json (`data-seconds`) and a tooltip."""
+    tokens = [t for t in (run["tokens"][1:] or run["tokens"]) if "lanes" in t]
+    if not tokens:
+        return _NOT_RECORDED
+    n, plot_w, plot_h = len(tokens), _W - _L - _R, _H - _T - _B
+    y_max = 1.05 * max((v for t in tokens for v in t["lanes"].values() if v is not None), default=0.0) or 1e-3
+    step, body = plot_w / n, _y_axis(1e3 * y_max, lambda v: f"{v:.2f} ms", "seconds per token (ms)")
+    width, every = step * 0.8 / len(LANE_SERIES), max(1, n // 24)
+    for i, token in enumerate(tokens):
+        x, bars = _L + i * step + step * 0.1, []
+        for j, (name, key, color) in enumerate(LANE_SERIES):
+            v = token["lanes"].get(key)
+            if v is None:  # not obtained where this run was measured
+                continue
+            h = plot_h * v / y_max
+            bars.append(
+                f'<rect x="{x + j * width:.2f}" y="{_H - _B - h:.2f}" width="{max(width, 0.4):.2f}" height="{h:.2f}" '
+                f'fill="{color}" data-lane="{key}" data-seconds="{v!r}"><title>token {token["step"]}: {_esc(name)} '
+                f"{1e3 * v:.3f} ms</title></rect>"
+            )
+        body.append(f'<g class="lanes" data-step="{token["step"]}">{"".join(bars)}</g>')
+        if i % every == 0:
+            body.append(
+                f'<text x="{_L + (i + 0.5) * step:.1f}" y="{_H - _B + 14}" text-anchor="middle" class="tick">'
+                f"{token['step']}</text>"
+            )
+    body.append(f'<text x="{_L + plot_w / 2}" y="{_H - 6}" text-anchor="middle" class="axis">token step</text>')
+    return _svg(body, legend=[(name, color) for name, _, color in LANE_SERIES])
+
+
+def _split_rows(run: dict) -> str:
+    """Per MoE layer: where its routed experts ran and its ms on each lane ("-": not recorded)."""
+    rows = []
+    for r in run["layers"]:
+        ran, lanes = r.get("ran") or lanes_ran(r), r.get("lanes") or {}
+        cells = [r["layer_idx"], *(ran[k] for k in RAN), *(ms(lanes.get(k)) for _, k, _ in LANE_SERIES)]
+        rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    return "".join(rows)
 
 
 def _occupancy_chart(run: dict) -> str:
@@ -267,6 +320,9 @@ def render_html(run: dict) -> str:
         if prefill and len(tokens) > 1
         else ""
     )
+    basis = run.get("lane_basis") or {}
+    lane_note = " ".join(f"{name}: {basis[key]}." for name, key, _ in LANE_SERIES if key in basis)
+    lane_layer_note = "Device ms per layer is not timed on CUDA." if run["measured_on"] == "cuda" else ""
     text, prompt = run.get("text"), run["config"].get("prompt")
     warnings = "".join(f'<p class="banner warn">{_esc(line)}</p>' for line in notes(run))
     about = f'<p class="note">{_esc(run["config"]["model_note"])}</p>' if run["config"].get("model_note") else ""
@@ -294,6 +350,9 @@ waited for its upload or ran on the host CPU from the host store (on_miss).</p>
 <h2>Stall per token</h2>{_stall_chart(run)}
 <p class="note">Each column is one token's wall time (run.json "tokens"); red is the time the compute side
 waited for an expert ({_esc(run["stall_timing"])}). {_esc(prefill_note)}</p>
+<h2>Lanes per token</h2>{_lanes_chart(run)}
+<p class="note">Each group is one decode token (run.json "tokens"[].lanes): seconds on the device, on the host lane
+and on the link, and the exposed time they added to the critical path. {_esc(lane_note)}</p>
 <h2>Loads against compute</h2>{timeline}
 <p class="note">Steps {min(window) if window else "-"}&ndash;{max(window) if window else "-"}: {n_calls} layer calls
 from run.json "trace" and {n_loads} copies from "loads"; {_esc(copies)}.</p>
@@ -302,8 +361,15 @@ from run.json "trace" and {n_loads} copies from "loads"; {_esc(copies)}.</p>
 each token (run.json "occupancy").</p>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th><th>prefetched</th>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
+<h2>Where routed experts ran, and time per lane, per MoE layer</h2>
+<table class="split"><tr><th>layer</th><th>device hit</th><th>uploaded then hit</th><th>waited for the link</th>
+<th>host</th><th>device ms</th><th>host lane ms</th><th>link ms</th><th>exposed ms</th></tr>{_split_rows(run)}</table>
+<p class="note">Counts and seconds over the whole run (run.json "layers"[].ran and .lanes). {_esc(lane_layer_note)}</p>
 {generated}
-<h2>Definitions</h2><p class="note">Hit rate = hits / (hits + misses + host experts).
+<h2>Definitions</h2><p class="note">Where a routed expert ran: a device hit on an expert already resident;
+uploaded then hit, on one a prefetch or an upload brought in; waited, a miss that waited for its copy over the link;
+host, computed on the host CPU from the host store.
+Hit rate = hits / (hits + misses + host experts).
 Prefetch precision = prefetched experts that were used / prefetches issued.
 Prefetch recall = demand accesses served by a prefetched expert / all demand accesses.
 Time stalled = decode stall / decode wall time (decode = every token after the first).

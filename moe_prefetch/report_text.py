@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 
+from .lanes import ran as lanes_ran
 from .sizing import small_cache_warning
 
 MEASURED_ON = {
@@ -37,6 +38,30 @@ def num(x: float | None, fmt: str, unit: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{unit}"
 
 
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.2f}"
+
+
+def ran_text(ran: dict | None) -> str:
+    """Where routed experts ran (`lanes.ran`), in words; "-" for a run recorded without it."""
+    if not ran:
+        return "-"
+    return (
+        f"device hit {ran['device']}, uploaded then hit {ran['uploaded']}, "
+        f"waited for the link {ran['waited']}, host {ran['host']}"
+    )
+
+
+def lanes_text(lanes: dict | None) -> str:
+    """Seconds per lane (`lanes.mean_lanes`) in ms; "-" for a run recorded without them."""
+    if not lanes:
+        return "-"
+    return (
+        f"device {ms(lanes['device_s'])} ms, host {ms(lanes['host_s'])} ms, link {ms(lanes['link_s'])} ms; "
+        f"exposed {ms(lanes['exposed_s'])} ms"
+    )
+
+
 def summary_rows(run: dict) -> list[tuple[str, str]]:
     s = run["summary"]
     rows = [
@@ -50,6 +75,8 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
             f"{s.get('host_experts', 0)} experts, {num(s.get('host_seconds'), '.3f', ' s')} "
             f"(on_miss {s.get('on_miss')})",
         ),
+        ("where routed experts ran (decode)", ran_text(s.get("decode_ran"))),
+        ("lanes per decode token", lanes_text(s.get("decode_lanes_per_token"))),
         ("prefetch precision", pct(s["prefetch_precision"])),
         ("prefetch recall", pct(s["prefetch_recall"])),
         ("time stalled (decode)", f"{pct(s['stall_share'])} ({num(s['decode_stall_s'], '.3f', ' s')})"),
@@ -79,6 +106,7 @@ def setup_rows(run: dict) -> list[tuple[str, str]]:
         ("loader", f"{st['loader']} ({st['loader_reason']})"),
         ("host memory", f"{st['host_memory']} ({st['host_memory_reason']})"),
         ("stall timing", run["stall_timing"]),
+        ("lane timing", run.get("lane_basis", {}).get("summary", "not recorded in this run")),
         (
             "cache",
             f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
@@ -105,7 +133,8 @@ def notes(run: dict) -> list[str]:
 
 
 def tables(run: dict) -> list:
-    """Rich tables: summary, setup (with the reason for each automatic choice), per layer."""
+    """Rich tables: summary, setup (with the reason for each automatic choice), per layer, and
+    per layer where the routed experts ran and the time on each lane."""
     from rich.table import Table
 
     summary = Table(title=f"run: {run['model'].get('path', '?')}", show_header=False)
@@ -130,4 +159,14 @@ def tables(run: dict) -> list:
             f"{1e3 * row['stall_seconds']:.2f}",
             fmt_bytes(row["bytes_loaded"]),
         )
-    return [summary, setup, per_layer]
+    split = Table(title="per MoE layer: where routed experts ran, and ms on each lane over the run")
+    for col in ("layer", "device hit", "uploaded hit", "waited", "host", "device", "host lane", "link", "exposed"):
+        split.add_column(col, justify="right", no_wrap=True)
+    for row in run["layers"]:
+        ran, lanes = row.get("ran") or lanes_ran(row), row.get("lanes") or {}  # older runs: no lanes
+        split.add_row(
+            str(row["layer_idx"]),
+            *(str(ran[k]) for k in ("device", "uploaded", "waited", "host")),
+            *(ms(lanes.get(k)) for k in ("device_s", "host_s", "link_s", "exposed_s")),
+        )
+    return [summary, setup, per_layer, split]

@@ -28,6 +28,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from . import lanes
 from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
 from .layout import ExpertSpec, MoELayer
@@ -116,10 +117,16 @@ class Runtime:
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
         self._shifted: dict[int, tuple[int, int, torch.Tensor]] = {}  # layer -> (version, lo, table - lo)
-        self._call_wait = 0.0
+        self._call_wait = self._call_host = 0.0  # this layer call's stall and host-lane seconds
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
         self._t0 = time.perf_counter() if t0 is None else t0
+
+    @property
+    def t0(self) -> float:
+        """The `time.perf_counter()` value the trace's clock counts from (trace records,
+        `step_starts` and the loader's copy events)."""
+        return self._t0
 
     def _source(self, key, slot):
         return self.store[key], self.pool.slot(slot)
@@ -162,7 +169,7 @@ class Runtime:
         layer_idx = layer.layer_idx
         counters = self.cache.counters[layer_idx]
         before = (counters.hits, counters.misses, counters.prefetch_used, counters.bytes_loaded)
-        self._call_wait = 0.0
+        self._call_wait = self._call_host = 0.0
         self.scheduler.tick(start)
         # Decode-sized calls bring their hidden states and routing weights along in the one
         # read, in case an expert runs on the host; prefill calls read them only if one does.
@@ -196,6 +203,7 @@ class Runtime:
                 "host": host,
                 "waves": len(waves),
                 "wait_s": self._call_wait,  # host time blocked on copies (the stall, on CPU)
+                "host_s": self._call_host,  # time in the host lane (`_host_part`), on the host clock
                 "start": start - self._t0,
                 "end": time.perf_counter() - self._t0,
                 "hits": counters.hits - before[0],
@@ -229,7 +237,8 @@ class Runtime:
             acc.index_add_(0, rows_t, part.float())
         counters = self.cache.counters[layer.layer_idx]
         counters.host_experts += len(host)
-        counters.host_seconds += time.perf_counter() - start
+        self._call_host = time.perf_counter() - start
+        counters.host_seconds += self._call_host
         if hidden_states.device.type != "cpu":
             acc = acc.pin_memory().to(hidden_states.device, non_blocking=True)
         return acc if device_out is None else device_out.float() + acc
@@ -438,6 +447,7 @@ class Runtime:
             # were not cancelled; used: the demand loads and the prefetches a layer then used
             "uploads": totals["misses"] + issued - totals["prefetch_dropped"],
             "uploads_used": totals["misses"] + totals["prefetch_used"],
+            "ran": lanes.ran(totals),  # device hit, uploaded then hit, waited, host
             "on_miss": self.placement.on_miss,
             "host_threads": torch.get_num_threads(),
             "prefetch_precision": totals["prefetch_used"] / issued if issued else 0.0,

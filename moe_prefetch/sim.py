@@ -135,6 +135,7 @@ def simulate(
     predictor: str = "recorded",
     lookahead: int = 1,
     placement: Placement | None = None,
+    host_overlaps: bool = True,
 ) -> dict:
     """Replay `trace` (runtime.trace records) and return per-token times and totals.
 
@@ -142,6 +143,8 @@ def simulate(
     a routed expert that is not resident runs on the host when that finishes first, beside the
     device's compute (a layer takes the longer of the two), and is then uploaded in the
     background, exactly as the runtime's scheduler decides. None: every miss waits (pre-hybrid).
+    `host_overlaps=False` when the replayed device is the host CPU itself (a CPU run): there the
+    host lane shares the device's cores and runs after the layer's device part, as the runtime does.
 
     `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
     "oracle" and "previous-token" are rebuilt from the trace itself.
@@ -184,19 +187,29 @@ def simulate(
             per_expert = max(1, record["tokens"] * top_k // max(1, len(experts)))
             host, waves = scheduler.plan(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
             device_start = clock.now
+            measured = None
+            if roofline is None:
+                # The call's own time without its stall and its host lane (both timed apart), shared
+                # over the waves; all of it when no expert ran on the device (read, plan, bookkeeping).
+                measured = record["end"] - record["start"] - record.get("wait_s", 0.0) - record.get("host_s", 0.0)
+                measured = max(0.0, measured)
+                if not waves:
+                    clock.now += measured
+            on_device = sum(len(wave) for wave in waves)
             for wave in waves:
                 slots = scheduler.acquire(layer_idx, wave)
                 if roofline is not None:
                     clock.now += roofline.moe(record["tokens"], len(wave), top_k)
                 else:
-                    measured = record["end"] - record["start"] - record.get("wait_s", 0.0)
-                    clock.now += max(0.0, measured) * len(wave) / max(1, len(record["experts"]))
+                    clock.now += measured * len(wave) / on_device
                 scheduler.release(slots.values())
             if host:
                 # The host lane runs beside the device's compute: the layer ends when both have.
+                # When the device is the host CPU itself, it runs after the device part instead.
                 host_s = sum(placement.host_s(per_expert) for _ in host)
-                host_exposed += max(0.0, device_start + host_s - clock.now)
-                clock.now = max(clock.now, device_start + host_s)
+                host_start = device_start if host_overlaps else clock.now
+                host_exposed += max(0.0, host_start + host_s - clock.now)
+                clock.now = max(clock.now, host_start + host_s)
                 host_busy += host_s
                 host_experts += len(host)
                 scheduler.upload(layer_idx, host)

@@ -134,7 +134,7 @@ def test_report_is_self_contained(run):
     html = run[1].read_text()
     assert "<script" not in html and "<link" not in html and "@import" not in html
     assert not re.search(r"(src|href)\s*=", html)
-    assert html.count("<svg") == 4
+    assert html.count("<svg") == 5
 
 
 def test_cpu_report_draws_every_chart(run, tmp_path):
@@ -147,6 +147,7 @@ def test_cpu_report_draws_every_chart(run, tmp_path):
         "hit rate: misses run on the host lane": report_html.C_HOST,
         "hit rate: other hits / timeline calls": report_html.C_HIT,
         "stall per token: computing": report_html.C_BUSY,
+        "lanes per token: device": report_html.C_DEVICE_LANE,
         "occupancy: layer 0": report_html.LAYER_COLORS[0],
         "occupancy: layer 1": report_html.LAYER_COLORS[1],
     }
