@@ -25,10 +25,12 @@ transformers reads differently) that parameter is stored as transformers dequant
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
+from . import compression
 from .compression import ParamFormat, _row_chunks
 from .errors import CheckpointError
 
@@ -71,16 +73,17 @@ class MXFP4(ParamFormat):
         return {"blocks": blocks, "scales": (exp + 127).to(torch.uint8)}
 
     def decode(self, parts, out):
+        # transformers indexes an E2M1 table in the model's dtype per nibble, then ldexp: the
+        # product is taken in fp32 (ldexp multiplies by an fp32 power of two) and rounded once
+        # to the model's dtype. Here: one fp32 table lookup per byte (both nibbles), an fp32
+        # multiply, one rounding in the transposing copy: the same values, 3x faster on a CPU.
         blocks, scales = parts["blocks"], parts["scales"]
         n_out, groups, half = blocks.shape
-        lut = torch.tensor(FP4_VALUES, dtype=out.dtype, device=out.device)
+        pairs = _fp4_pairs(out.device)
         for sl in _row_chunks(n_out, groups * half * 2):
-            blk = blocks[sl].reshape(-1, half)  # [rows * groups, 16]
-            exp = scales[sl].reshape(-1, 1).to(torch.int32) - 127
-            w = torch.empty(blk.shape[0], half * 2, dtype=out.dtype, device=out.device)
-            w[:, 0::2] = lut[(blk & 0x0F).to(torch.int)]
-            w[:, 1::2] = lut[(blk >> 4).to(torch.int)]
-            torch.ldexp(w, exp, out=w)  # as transformers scales: exactly 2**exp in the model's dtype
+            blk = blocks[sl].reshape(-1)
+            w = torch.index_select(pairs, 0, blk.to(torch.int32)).view(-1, half * 2)  # [rows * groups, 32]
+            w.mul_(torch.exp2(scales[sl].reshape(-1, 1).float() - 127))
             out[:, sl].copy_(w.view(-1, groups * half * 2).t())
 
 
@@ -119,11 +122,25 @@ class FP8Block(ParamFormat):
 
     def decode(self, parts, out):
         weight, scale_inv = parts["weight"], parts["scale_inv"]
-        rows, cols = weight.shape
-        step = max(1, (1 << 24) // max(1, cols) // self.block[0]) * self.block[0]  # whole blocks per chunk
+        (rows, cols), (b0, b1) = weight.shape, self.block
+        step = max(1, compression._DECODE_ELEMS // max(1, cols) // b0) * b0  # whole blocks per chunk
         for start in range(0, rows, step):
             sl = slice(start, min(rows, start + step))
-            out[sl].copy_(weight[sl].float() * self._scales(scale_inv, sl, cols))
+            if rows % b0 or cols % b1:  # ragged edge blocks: scales expanded to every weight
+                out[sl].copy_(weight[sl].float() * self._scales(scale_inv, sl, cols))
+                continue
+            # whole blocks: each scale broadcast over its block, no expanded copy of the scales
+            grid = (-1, b0, cols // b1, b1)
+            w = weight[sl].float().view(grid) * scale_inv[start // b0 : sl.stop // b0, None, :, None]
+            out[sl].copy_(w.view(-1, cols))
+
+
+@functools.cache
+def _fp4_pairs(device: torch.device) -> torch.Tensor:
+    """byte -> (value of its low nibble, value of its high nibble), fp32 `[256, 2]`, made once
+    per device (not a host-to-device copy per expert)."""
+    lut = torch.tensor(FP4_VALUES)
+    return torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1).to(device)
 
 
 def read_quantization(hf_config) -> dict | None:

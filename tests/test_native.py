@@ -17,6 +17,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import moe_prefetch
+from moe_prefetch import compression
 from moe_prefetch.compression import compress_experts
 from moe_prefetch.errors import CheckpointError
 from moe_prefetch.layout import find_moe_layers
@@ -211,3 +212,16 @@ def test_unsupported_quant_method_is_a_clear_error(checkpoints, tmp_path):
     (gptq / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"quantization method 'gptq' .* not supported; supported: mxfp4 .*fp8"):
         moe_prefetch.load(gptq, device="cpu", cache_slots=4)
+
+
+def test_decode_in_chunks_gives_the_same_values(monkeypatch):
+    """Chunked decoding (bounded temporaries for big experts) writes the same values."""
+    w = torch.randn(64, 96)
+    for fmt in (MXFP4(), FP8Block((32, 32)), FP8Block((16, 64))):
+        parts = fmt.encode(w)
+        whole, chunked = torch.empty_like(w), torch.empty_like(w)
+        fmt.decode(parts, whole)
+        monkeypatch.setattr(compression, "_DECODE_ELEMS", 100)
+        fmt.decode(parts, chunked)
+        monkeypatch.undo()
+        assert torch.equal(whole, chunked)
