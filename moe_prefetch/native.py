@@ -9,7 +9,9 @@ decode them into the model's dtype just before the kernel (`compression.Codec`).
 Everything else follows transformers' own loading of the checkpoint on a CPU: its quantizer,
 in dequantize mode, joins the conversion mapping (`Checkpoint(quantizer=...)`), so non-expert
 FP8 weights are dequantized into the model's dtype by transformers' `Fp8Dequantize`, and any
-other `experts_dtype` re-encodes experts from transformers' dequantized values.
+other `experts_dtype` re-encodes experts from transformers' dequantized values. One exception:
+a weight whose size is not a multiple of the FP8 block is read in the checkpoint's blocks
+(`_block_fp8_dequantize`), where transformers misreads or refuses it.
 
     checkpoint layout (per layer)                          model parameter   stored parts
     mxfp4: experts.gate_up_proj_blocks [E, out, in/32, 16]  gate_up_proj      blocks, scales
@@ -176,6 +178,9 @@ class NativeExperts:
 
         # Dequantize mode: the mapping transformers uses on a CPU, for everything not kept native.
         self.quantizer = AutoHfQuantizer.from_config({**self.quant, "dequantize": True}, pre_quantized=True)
+        if self.quant["quant_method"] == "fp8":
+            operations = {"dequantize": _block_fp8_dequantize()}
+            self.quantizer.get_load_operations = lambda: operations  # read by the mapping it builds
 
     def choose(self, checkpoint, layers, spec, experts_dtype: str) -> dict[str, ParamFormat]:
         """The native formats `make_codec` gets: for experts_dtype="auto", every expert parameter
@@ -258,6 +263,30 @@ class NativeExperts:
                 parts.update({f"{pname}.{part}": tensor for part, tensor in encoded.items()})
             store.write_stored((layer.layer_idx, e), parts)
         store.fill(layer.layer_idx, ())  # pins the layer
+
+
+@functools.cache
+def _block_fp8_dequantize() -> type:
+    """transformers' `Fp8Dequantize`, except for a weight whose size is not a multiple of the
+    block: transformers derives the block from the scale grid (576 rows in 5 blocks of 128, as in
+    DeepSeek-V3's kv_a_proj_with_mqa, raises; 24 rows in 2 blocks of 16 reads blocks of 12),
+    where the checkpoint's blocks are `weight_block_size` with a partial last one (`FP8Block`)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    class BlockFp8Dequantize(Fp8Dequantize):
+        def _dequantize_one(self, quantized, scales, output_dtype=None):
+            block = getattr(self.hf_quantizer.quantization_config, "weight_block_size", None)
+            if quantized.dtype != torch.float8_e4m3fn or quantized.dim() != 2 or scales.dim() != 2 or not block:
+                return super()._dequantize_one(quantized, scales, output_dtype)
+            fmt = FP8Block(block)
+            ragged = any(n % b for n, b in zip(quantized.shape, block))
+            if not ragged or tuple(scales.shape) != fmt._grid(quantized.shape):
+                return super()._dequantize_one(quantized, scales, output_dtype)
+            out = torch.empty(quantized.shape, dtype=output_dtype or torch.float32, device=quantized.device)
+            fmt.decode({"weight": quantized, "scale_inv": scales.float()}, out)
+            return out
+
+    return BlockFp8Dequantize
 
 
 def _dequantize_ops() -> tuple[type, ...]:

@@ -8,20 +8,21 @@ import logging
 
 import pytest
 import torch
-from native_fixtures import fp8_checkpoint, mxfp4_checkpoint
+from native_fixtures import fp8_checkpoint, fp8_quant, mxfp4_checkpoint
 from safetensors import safe_open
 from test_exactness import ATOL, _generate
 from tiny_models import prompt
 from transformers import AutoModelForCausalLM
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+from transformers.quantizers.auto import AutoHfQuantizer
 
 import moe_prefetch
 from moe_prefetch import compression
 from moe_prefetch.compression import compress_experts
 from moe_prefetch.errors import CheckpointError
 from moe_prefetch.layout import find_moe_layers
-from moe_prefetch.native import MXFP4, FP8Block
+from moe_prefetch.native import MXFP4, FP8Block, _block_fp8_dequantize
 
 # name -> (writer, experts_dtype the checkpoint loads as)
 FIXTURES = {
@@ -225,3 +226,41 @@ def test_decode_in_chunks_gives_the_same_values(monkeypatch):
         fmt.decode(parts, chunked)
         monkeypatch.undo()
         assert torch.equal(whole, chunked)
+
+
+def test_ragged_fp8_blocks_use_the_block_size():
+    """A weight whose rows are not a multiple of the block (DeepSeek-V3's kv_a_proj_with_mqa: 576
+    rows, 5 blocks of 128; here 36 rows, 5 blocks of 8): transformers' op refuses it, ours
+    decodes it in the checkpoint's blocks, with a partial last one."""
+    quantizer = AutoHfQuantizer.from_config({**fp8_quant((8, 8)), "dequantize": True}, pre_quantized=True)
+    weight = torch.randn(36, 16).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(5, 2)
+    with pytest.raises(ValueError, match="not divisible"):
+        Fp8Dequantize(quantizer)._dequantize_one(weight, scale_inv, output_dtype=torch.float32)
+    expected = torch.empty(36, 16)
+    FP8Block((8, 8)).decode({"weight": weight, "scale_inv": scale_inv}, expected)
+    op = _block_fp8_dequantize()(quantizer)
+    assert torch.equal(op._dequantize_one(weight, scale_inv, output_dtype=torch.float32), expected)
+    last_block = weight[32:].float() * scale_inv[4].repeat_interleave(8)  # rows 32..35 under scale row 4
+    assert expected[32:].abs().sum() > 0 and torch.equal(expected[32:], last_block)
+
+
+def test_ragged_fp8_checkpoint_loads_in_its_blocks(tmp_path):
+    """DeepSeek-V3 with blocks of 16: its 24-row attention projections have a partial second
+    block, which transformers' own load reads as two blocks of 12; `load` reads the checkpoint's
+    blocks and matches the reference."""
+    reference = fp8_checkpoint("deepseek_v3", tmp_path / "fp8", block=(16, 16))
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp8"), dtype=torch.float32).state_dict()
+    assert not torch.equal(stock[name], reference.state_dict()[name])
+    model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", cache_slots=3)
+    try:
+        assert torch.equal(model.state_dict()[name], reference.state_dict()[name])
+        ids = prompt(batch=2, length=7)
+        seq_ref, logits_ref = _generate(reference, ids)
+        seq, logits = _generate(model, ids)
+        assert torch.equal(seq, seq_ref)
+        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert runtime.stats()["experts_dtype"] == "fp8"
+    finally:
+        runtime.detach()
