@@ -264,3 +264,23 @@ def test_ragged_fp8_checkpoint_loads_in_its_blocks(tmp_path):
         assert runtime.stats()["experts_dtype"] == "fp8"
     finally:
         runtime.detach()
+
+
+@pytest.mark.parametrize("predictor", ["next-gate", "oracle"])
+@pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "deepseek_v3-fp8-32"])
+def test_native_with_predictors(fixtures, name, predictor):
+    """Prefetched native experts: every slot checked against its store row after each copy
+    (verify_slots), tokens equal to the reference's."""
+    folder, reference = fixtures(name)
+    model, runtime = moe_prefetch.load(
+        folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2, verify_slots=True, on_miss="wait"
+    )
+    try:
+        ids = prompt(batch=1, length=7)
+        seq_ref, logits_ref = _generate(reference, ids)
+        seq, logits = _generate(model, ids)
+        assert torch.equal(seq, seq_ref)
+        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert runtime.stats()["evictions"] > 0
+    finally:
+        runtime.detach()
