@@ -55,13 +55,15 @@ class Checkpoint:
 
     `keys` maps each checkpoint tensor name to its file; `open_file(file)` returns a
     safetensors handle. `unexpected` lists checkpoint keys the model has no place for.
+    `quantizer`: transformers' quantizer for a quantized checkpoint (dequantize mode), whose
+    operations join the mapping exactly as in `from_pretrained` (`native.py`).
     """
 
-    def __init__(self, model, keys: dict[str, str], open_file):
+    def __init__(self, model, keys: dict[str, str], open_file, quantizer=None):
         self.model = model
         self.keys = keys
         self._open = open_file
-        transforms = get_model_conversion_mapping(model)
+        transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
@@ -108,31 +110,53 @@ class Checkpoint:
     def expert(self, path: str, e: int, num_experts: int, spec: ExpertSpec) -> dict[str, torch.Tensor]:
         """Expert `e`'s tensors of the experts module at `path`, shaped like the model's
         parameters without the expert dim."""
-        out = {}
-        for pname, shape in zip(spec.names, spec.shapes):
-            name = f"{path}.{pname}"
-            target = self.targets.get(name)
-            if target is None:
-                raise CheckpointError(
-                    f"no weights for {name} in the checkpoint; it is incomplete or not for this config.json"
-                )
-            if target.converter is None:
-                tensor = self._row(_first(target), e)
-            else:
-                tensor = self._convert_one(target, name, e, num_experts)
-            if tuple(tensor.shape) != (1, *shape):
-                raise CheckpointError(
-                    f"{path} expert {e} {pname} has shape {tuple(tensor.shape[1:])}, config says {shape}; "
-                    "the checkpoint is incomplete or config.json and the weights disagree"
-                )
-            out[pname] = tensor[0]
-        return out
+        return {
+            pname: self.expert_param(path, pname, shape, e, num_experts)
+            for pname, shape in zip(spec.names, spec.shapes)
+        }
 
-    def _convert_one(self, target: _Target, name: str, e: int, num_experts: int) -> torch.Tensor:
+    def expert_param(self, path: str, pname: str, shape: tuple[int, ...], e: int, num_experts: int) -> torch.Tensor:
+        """Expert `e`'s parameter `pname` of the experts module at `path`, of the model's `shape`."""
+        name = f"{path}.{pname}"
+        target = self.target(name)
+        if target.converter is None:
+            tensor = self._row(_first(target), e)
+        else:
+            tensor = self._convert_one(target, name, e, num_experts)
+        if tuple(tensor.shape) != (1, *shape):
+            raise CheckpointError(
+                f"{path} expert {e} {pname} has shape {tuple(tensor.shape[1:])}, config says {shape}; "
+                "the checkpoint is incomplete or config.json and the weights disagree"
+            )
+        return tensor[0]
+
+    def target(self, name: str) -> _Target:
+        target = self.targets.get(name)
+        if target is None:
+            raise CheckpointError(
+                f"no weights for {name} in the checkpoint; it is incomplete or not for this config.json"
+            )
+        return target
+
+    def expert_source(self, name: str, e: int, num_experts: int, patterns, skip=()) -> torch.Tensor:
+        """Expert `e` of model tensor `name` built from the source `patterns` alone, through the
+        converter's operations less those of types `skip`: a quantized checkpoint's stored parts
+        (the fp8 weights, or their scales) merged and concatenated as transformers merges the weights."""
+        target = self.target(name)
+        if target.converter is None:
+            return self._row(_first(target), e)[0]
+        return self._convert_one(target, name, e, num_experts, patterns, skip)[0]
+
+    def _convert_one(
+        self, target: _Target, name: str, e: int, num_experts: int, patterns=None, skip=()
+    ) -> torch.Tensor:
         """Run the converter's own operations on expert `e` alone: a per-expert source pattern
-        (with `*`) contributes that expert's tensor, a fused one its row `e`."""
+        (with `*`) contributes that expert's tensor, a fused one its row `e`. `patterns` and
+        `skip` narrow the sources and the operations (`expert_source`)."""
         inputs: dict[str, object] = {}
         for pattern, keys in target.sources.items():
+            if patterns is not None and pattern not in patterns:
+                continue
             if "*" in pattern:
                 if len(keys) != num_experts:
                     raise CheckpointError(
@@ -147,6 +171,8 @@ class Checkpoint:
         converter = target.converter
         try:
             for op in converter.operations:
+                if isinstance(op, skip):
+                    continue
                 inputs = op.convert(
                     inputs,
                     source_patterns=converter.source_patterns,

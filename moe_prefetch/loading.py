@@ -21,6 +21,7 @@ from .errors import CheckpointError, UnsupportedModelError
 from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
 from .integration import resolve_device, wire
 from .layout import find_moe_layers, spec_of
+from .native import NativeExperts
 from .runtime import Runtime
 from .store import HostStore, check_host_memory
 
@@ -58,6 +59,7 @@ def load(
     if config.predictor == "m2r2" and config.predictor_path is None:
         config = RuntimeConfig(**{**config.__dict__, "predictor_path": str(folder / "m2r2_adapters.safetensors")})
     hf_config = read_config(folder)
+    native = NativeExperts(hf_config)  # a quantized checkpoint: its experts stay in its format
     target, device_reason = resolve_device(config.device)
     dtype = default_dtype(hf_config, target, dtype)
     keys = checkpoint_files(folder)
@@ -69,18 +71,21 @@ def load(
     model.eval()
     layers = find_moe_layers(model)
     spec = spec_of(layers)
-    checkpoint = Checkpoint(model, keys, _open)
+    checkpoint = Checkpoint(model, keys, _open, quantizer=native.quantizer)
     check_expert_shapes(checkpoint, layers, spec)
     store = HostStore(
         spec,
         [(layer.layer_idx, e) for layer in layers for e in range(layer.num_experts)],
         pin=target.type == "cuda",
-        codec=make_codec(spec, config.experts_dtype),
+        codec=make_codec(spec, config.experts_dtype, native.choose(checkpoint, layers, spec, config.experts_dtype)),
     )
     check_host_memory(store.nbytes)  # the store is address space so far: nothing is resident yet
     expert_names = {f"{layer.path}.{n}" for layer in layers for n in spec.names}
     try:
         for layer in layers:
+            if native.formats:
+                native.fill(store, checkpoint, layer, spec)
+                continue
             store.fill(
                 layer.layer_idx,
                 ((e, checkpoint.expert(layer.path, e, layer.num_experts, spec)) for e in range(layer.num_experts)),

@@ -194,9 +194,10 @@ def sized_config(model_type: str, **fields):
     return config
 
 
-def make_model(model_type: str, seed: int = 0):
+def make_model(model_type: str, seed: int = 0, config=None):
+    """A random tiny model of `model_type` (`config`: a `sized_config` instead of the tiny one)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config or tiny_config(model_type), dtype=torch.float32).eval()
     # Zero-initialised router biases would leave bias-corrected routing untested: give them values,
     # small enough (router scores of a tiny random model differ by ~0.01) that routing still varies.
     with torch.no_grad():
