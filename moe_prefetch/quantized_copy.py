@@ -340,15 +340,15 @@ def fill_experts(store, layers, checkpoint, folder: Path, experts_dtype: str) ->
         except _Unusable as why:
             logger.warning("ignoring the quantized copy at %s: %s; it will be written again", path, why)
     writer = open_writer(folder, codec, experts_dtype, source)
-    for layer in layers:
-        store.fill(layer.layer_idx, from_checkpoint(layer))
+    try:
+        for layer in layers:
+            store.fill(layer.layer_idx, from_checkpoint(layer))
+            if writer is not None:
+                writer = _write_from_store(writer, store, layer)
+    except BaseException:  # a bad checkpoint, Ctrl-C: no half-written folder is left behind
         if writer is not None:
-            try:
-                writer.layer(layer, (codec.stored.views(store[(layer.layer_idx, e)]) for e in range(layer.num_experts)))
-            except OSError as err:
-                logger.warning("stopped writing the quantized copy at %s: %s", writer.path, err)
-                writer.abort()
-                writer = None
+            writer.abort()
+        raise
     if writer is None:
         return None
     try:
@@ -359,6 +359,18 @@ def fill_experts(store, layers, checkpoint, folder: Path, experts_dtype: str) ->
         return None
     logger.info("quantized the experts to %s and wrote the copy to %s", experts_dtype, path)
     return path
+
+
+def _write_from_store(writer: Writer, store, layer) -> Writer | None:
+    """Write one layer's stored rows; a failure to write (disk full) only costs the copy."""
+    rows = (store.codec.stored.views(store[(layer.layer_idx, e)]) for e in range(layer.num_experts))
+    try:
+        writer.layer(layer, rows)
+        return writer
+    except OSError as err:
+        logger.warning("stopped writing the quantized copy at %s: %s", writer.path, err)
+        writer.abort()
+        return None
 
 
 def _read(store, path: Path, layers, codec: Codec, experts_dtype: str, source: str) -> None:
