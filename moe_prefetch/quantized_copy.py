@@ -384,11 +384,11 @@ def _read(store, path: Path, layers, codec: Codec, experts_dtype: str, source: s
 
 # -- ahead of time --------------------------------------------------------------------------------
 def quantize(
-    path, experts_dtype: str, device: str = "auto", dtype=None, progress: Callable[[int], None] | None = None
+    path, experts_dtype: str, device: str = "auto", dtype=None, progress: Callable[[int, int], None] | None = None
 ) -> CopyInfo:
     """Write the quantized copy `load(path, experts_dtype=...)` would read, without loading the
     model: one expert at a time from the checkpoint. `device` and `dtype` as for `load` (the
-    model's dtype decides how biases are stored). `progress(n)` is called as experts are done.
+    model's dtype decides how biases are stored). `progress(done, total)` is called as experts are done.
     An existing valid copy is kept."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -424,19 +424,22 @@ def quantize(
     source_bytes = _source_bytes(checkpoint, {f"{layer.path}.{n}" for layer in layers for n in spec.names})
     source = source_fingerprint(folder, keys.values())
     found = find(folder, codec, experts_dtype, source, layers)
+    total, done = sum(layer.num_experts for layer in layers), 0
     if found is not None:
         if progress is not None:
-            progress(sum(layer.num_experts for layer in layers))
+            progress(total, total)
         return CopyInfo(found, experts_dtype, True, source_bytes, _size(found))
     writer = open_writer(folder, codec, experts_dtype, source)
     if writer is None:
         raise CheckpointError(f"cannot write a quantized copy beside {folder} or in the cache; set {CACHE_ENV}")
 
     def encoded(layer):
+        nonlocal done
         for e in range(layer.num_experts):
             yield codec.encode(checkpoint.expert(layer.path, e, layer.num_experts, spec))
+            done += 1
             if progress is not None:
-                progress(1)
+                progress(done, total)
 
     try:
         for layer in layers:

@@ -182,8 +182,8 @@ def test_interrupted_write_leaves_no_copy(ckpt, encodes, monkeypatch):
 
 def test_quantize_ahead_of_time(ckpt, encodes):
     done = []
-    info = quantized_copy.quantize(ckpt, "int4", device="cpu", progress=done.append)
-    assert sum(done) == 16 and not info.reused and info.path.parent == ckpt / "moe_prefetch"
+    info = quantized_copy.quantize(ckpt, "int4", device="cpu", progress=lambda *p: done.append(p))
+    assert done == [(n, 16) for n in range(1, 17)] and not info.reused and info.path.parent == ckpt / "moe_prefetch"
     layers = find_moe_layers(make_model("gpt_oss"))  # the checkpoint's model: its experts as saved (fp32)
     assert info.source_bytes == sum(p.nbytes for layer in layers for p in layer.experts.parameters(recurse=False))
     assert info.copy_bytes == sum(f.stat().st_size for f in info.path.iterdir())
