@@ -399,7 +399,6 @@ def quantize(
     from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
     from .integration import resolve_device
     from .layout import find_moe_layers, spec_of
-    from .loading import check_expert_shapes
 
     folder = resolve_path(path)
     hf_config = read_config(folder)
@@ -419,8 +418,7 @@ def quantize(
             f"--experts-dtype {experts_dtype} does not quantize ({codec.describe()}): load reads the checkpoint "
             "directly; use int8 or int4"
         )
-    checkpoint = Checkpoint(model, keys, _open)
-    check_expert_shapes(checkpoint, layers, spec)
+    checkpoint = Checkpoint(model, keys, _open)  # each expert's shapes are checked as it is read
     source_bytes = _source_bytes(checkpoint, {f"{layer.path}.{n}" for layer in layers for n in spec.names})
     source = source_fingerprint(folder, keys.values())
     found = find(folder, codec, experts_dtype, source, layers)

@@ -355,9 +355,10 @@ def test_inspect_matches_what_load_builds(ckpt, runner, recorded):
     assert "all resident" in text.stdout
 
 
-def test_inspect_and_profiles_by_experts_dtype(ckpt, recorded_int4, runner, tmp_path, monkeypatch):
+def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, monkeypatch):
     """Bytes per expert by experts_dtype are what a run with that dtype stores; a profile with room
     for 5.5 int4 experts fits 5 of them (and fewer fp32 or bf16 ones), in inspect and in run."""
+    ckpt = recorded_int4[0]  # not the shared checkpoint: an int4 run writes its quantized copy beside it
     int4 = profiling.load_run(recorded_int4[2])["stats"]["expert_bytes"]
     size = hw.model_size(ckpt)
     m = {
