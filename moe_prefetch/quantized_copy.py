@@ -128,6 +128,12 @@ def locations(folder: Path, experts_dtype: str, settings: str) -> list[Path]:
     return [folder / "moe_prefetch" / name, cache_root() / key / name]
 
 
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def _writable(path: Path) -> bool:
     """Whether `path` can be created: its nearest existing folder is writable by us."""
     while not path.exists() and path != path.parent:
@@ -296,19 +302,29 @@ def _remove_stale(path: Path) -> None:
             continue
 
 
-def open_writer(folder: Path, codec: Codec, experts_dtype: str, source: str) -> Writer | None:
-    """A writer at the first location that can be written, or None (logged) if none can."""
+def open_writer(folder: Path, codec: Codec, experts_dtype: str, source: str, layers) -> Writer | None:
+    """A writer at the first location that can be written and has room, or None (logged) if none can."""
     settings = settings_fingerprint(codec, experts_dtype)
+    needed = sum(layer.num_experts for layer in layers) * codec.nbytes
     for path in locations(folder, experts_dtype, settings):
         if not _writable(path):
             logger.info("cannot write a quantized copy at %s (not writable); trying the next place", path)
+            continue
+        free = _free_bytes(path)
+        if free < needed:  # checked up front: a copy that fills the disk halfway is time lost
+            logger.info(
+                "no room for a quantized copy at %s (%.2f GiB needed, %.2f GiB free); trying the next place",
+                path,
+                needed / 2**30,
+                free / 2**30,
+            )
             continue
         try:
             return Writer(path, codec, experts_dtype, source, folder)
         except OSError as err:
             logger.info("cannot write a quantized copy at %s (%s); trying the next place", path, err)
     logger.warning(
-        "no writable place for a quantized copy of the experts (set %s to a writable folder): "
+        "no writable place with room for a quantized copy of the experts (set %s to a writable folder): "
         "the next load quantizes again",
         CACHE_ENV,
     )
@@ -339,7 +355,7 @@ def fill_experts(store, layers, checkpoint, folder: Path, experts_dtype: str) ->
             return path
         except _Unusable as why:
             logger.warning("ignoring the quantized copy at %s: %s; it will be written again", path, why)
-    writer = open_writer(folder, codec, experts_dtype, source)
+    writer = open_writer(folder, codec, experts_dtype, source, layers)
     try:
         for layer in layers:
             store.fill(layer.layer_idx, from_checkpoint(layer))
@@ -427,7 +443,7 @@ def quantize(
         if progress is not None:
             progress(total, total)
         return CopyInfo(found, experts_dtype, True, source_bytes, _size(found))
-    writer = open_writer(folder, codec, experts_dtype, source)
+    writer = open_writer(folder, codec, experts_dtype, source, layers)
     if writer is None:
         raise CheckpointError(f"cannot write a quantized copy beside {folder} or in the cache; set {CACHE_ENV}")
 

@@ -193,3 +193,16 @@ def test_quantize_ahead_of_time(ckpt, encodes):
     assert encodes == []  # load reads what quantize wrote
     again = quantized_copy.quantize(ckpt, "int4", device="cpu")
     assert again.reused and again.path == info.path and encodes == []
+
+
+def test_no_room_beside_uses_the_cache_and_no_place_still_loads(ckpt, encodes, monkeypatch, tmp_path, caplog):
+    free = quantized_copy._free_bytes
+    monkeypatch.setattr(quantized_copy, "_free_bytes", lambda p: 1000 if ckpt in p.parents else free(p))
+    _load(ckpt)
+    assert not (ckpt / "moe_prefetch").exists() and list((tmp_path / "cache").glob("*/int4-*"))
+    monkeypatch.setattr(quantized_copy, "_free_bytes", lambda p: 1000)
+    encodes.clear()
+    with caplog.at_level(logging.WARNING, logger="moe_prefetch.quantized_copy"):
+        _load(ckpt, "int8")
+    assert len(encodes) == 16 and "no writable place with room" in caplog.text
+    assert not list((tmp_path / "cache").glob("*/int8-*")) and not (ckpt / "moe_prefetch").exists()
