@@ -17,9 +17,10 @@ last. It is valid only if the manifest's fingerprints match:
   the stored layout and `FORMAT_VERSION`.
 
 Where: beside the checkpoint (`<folder>/moe_prefetch/<experts_dtype>-<settings>/`) or, when that
-folder is not writable (a demo installed in site-packages), under `$MOE_PREFETCH_CACHE` or
-`~/.cache/moe_prefetch/<hash of the checkpoint's path>/`. Writing goes to a temporary folder
-renamed into place once complete, so an interrupted run never leaves a copy that looks valid.
+folder is not writable (a demo installed in site-packages) or lacks the room, under
+`$MOE_PREFETCH_CACHE` or `~/.cache/moe-prefetch/quantized/`, in a folder named by a hash of the
+checkpoint's path. Writing goes to a temporary folder renamed into place once complete, so an
+interrupted run never leaves a copy that looks valid.
 A copy that does not match or does not read is ignored with a log line and written again.
 
 Only quantized formats get a copy: a cast (bf16 from fp32) is as fast as reading the checkpoint.
@@ -118,7 +119,8 @@ def settings_fingerprint(codec: Codec, experts_dtype: str) -> str:
 def cache_root() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe_prefetch"
+    # Beside the corpus cache (corpus.py): one folder for everything moe-prefetch caches.
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-prefetch" / "quantized"
 
 
 def locations(folder: Path, experts_dtype: str, settings: str) -> list[Path]:

@@ -469,7 +469,7 @@ def quantize(
     ] = None,
 ):
     """Quantize a checkpoint's experts once, ahead of time: `run`/`load` with the same --experts-dtype then
-    read the copy. Written beside the checkpoint, or under $MOE_PREFETCH_CACHE (~/.cache/moe_prefetch) when
+    read the copy. Written beside the checkpoint, or under $MOE_PREFETCH_CACHE (~/.cache/moe-prefetch/quantized) when
     that folder is read-only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
