@@ -22,6 +22,7 @@ from .folders import _open, checkpoint_files, default_dtype, read_config, resolv
 from .integration import resolve_device, wire
 from .layout import find_moe_layers, spec_of
 from .native import NativeExperts
+from .quantized_copy import fill_experts
 from .runtime import Runtime
 from .store import HostStore, check_host_memory
 
@@ -82,14 +83,11 @@ def load(
     check_host_memory(store.nbytes)  # the store is address space so far: nothing is resident yet
     expert_names = {f"{layer.path}.{n}" for layer in layers for n in spec.names}
     try:
-        for layer in layers:
-            if native.formats:
+        if native.formats:  # the checkpoint's own quantized format, as its bytes
+            for layer in layers:
                 native.fill(store, checkpoint, layer, spec)
-                continue
-            store.fill(
-                layer.layer_idx,
-                ((e, checkpoint.expert(layer.path, e, layer.num_experts, spec)) for e in range(layer.num_experts)),
-            )
+        else:  # quantized formats read a copy quantized once, or quantize here and write it
+            fill_experts(store, layers, checkpoint, folder, config.experts_dtype)
         _load_dense(model, checkpoint, expert_names, target, dtype)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the checkpoint ({err}); a file is corrupt or truncated") from None

@@ -367,6 +367,13 @@ class ModelSize:
     top_k: int
     expert_bytes: int
     non_expert_bytes: int  # every parameter outside the experts (embeddings, attention, norms, routers)
+    # Bytes of one expert as stored and moved, by experts_dtype (compression.make_codec); "auto" is
+    # the checkpoint's own format. Not hashed: a dict.
+    expert_bytes_by_dtype: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+
+    def for_dtype(self, experts_dtype: str) -> ModelSize:
+        """The same model with its experts stored as `experts_dtype`: slots and fits use those bytes."""
+        return dataclasses.replace(self, expert_bytes=self.expert_bytes_by_dtype[experts_dtype])
 
     @property
     def total_experts(self) -> int:
@@ -396,6 +403,8 @@ def model_size(path: str | Path) -> ModelSize:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from .compression import make_codec
+    from .config import EXPERTS_DTYPES
     from .errors import UnsupportedModelError
     from .folders import default_dtype, read_config, resolve_path
     from .layout import find_moe_layers, spec_of
@@ -423,6 +432,7 @@ def model_size(path: str | Path) -> ModelSize:
         top_k=max(layer.top_k for layer in layers),
         expert_bytes=spec.nbytes,
         non_expert_bytes=int(non_expert),
+        expert_bytes_by_dtype={d: make_codec(spec, d).nbytes for d in EXPERTS_DTYPES},
     )
 
 

@@ -128,7 +128,11 @@ def model_record(runtime, path: str) -> dict:
         "layer_ids": [layer.layer_idx for layer in layers],
         "experts_per_layer": max(l.num_experts for l in layers),
         "top_k": max(layer.top_k for layer in layers),
-        "expert_bytes": runtime.spec.nbytes,
+        "expert_bytes": runtime.spec.nbytes,  # decoded, in the model's dtype
+        # How the experts ran: stored, moved and cached in this format, this many bytes each.
+        "experts_dtype": runtime.codec.name,
+        "experts_format": runtime.codec.describe(),
+        "stored_expert_bytes": runtime.codec.nbytes,
         "num_layers": int(getattr(runtime.model.config, "num_hidden_layers", 0)) or None,
     }
 
@@ -137,7 +141,7 @@ def memory_record(runtime) -> dict:
     """Device: slot pool + non-expert weights (the model's expert parameters are emptied on
     attach, so its parameters are exactly the non-expert ones); host: store and process RSS."""
     non_expert = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
-    pool = runtime.cache.num_slots * runtime.spec.nbytes
+    pool = runtime.cache.num_slots * runtime.codec.nbytes  # slots hold experts as stored
     peak = None
     if runtime.device.type == "cuda":
         import torch
@@ -262,6 +266,8 @@ def summarize(run: dict) -> dict:
         "decode_stall_s": decode_stall,
         "stall_share": _ratio(decode_stall, decode_wall),
         "bytes_loaded": stats["bytes_loaded"],
+        "experts_dtype": stats.get("experts_dtype"),
+        "stored_expert_bytes": stats.get("expert_bytes"),  # as stored and moved
         "h2d_bytes_per_s": h2d,
         "h2d_basis": h2d_basis,
         **{

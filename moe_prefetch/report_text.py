@@ -87,6 +87,7 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
             ),
         ),
         ("bytes loaded", fmt_bytes(s["bytes_loaded"])),
+        ("experts", _experts(run)),
         (
             "device memory",
             f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
@@ -97,6 +98,17 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
     if s.get("device_peak_bytes") is not None:
         rows.append(("device peak allocated", fmt_bytes(s["device_peak_bytes"])))
     return rows
+
+
+def _experts(run: dict) -> str:
+    """Which experts_dtype ran and its bytes per expert (runs recorded before it say "-")."""
+    s, model = run["summary"], run.get("model", {})
+    if s.get("experts_dtype") is None:
+        return "-"
+    text = f"{s['experts_dtype']}, {fmt_bytes(s.get('stored_expert_bytes'))} per expert as stored and moved"
+    if model.get("expert_bytes") and model["expert_bytes"] != s.get("stored_expert_bytes"):
+        text += f" ({fmt_bytes(model['expert_bytes'])} decoded to {model.get('dtype', '?')})"
+    return text
 
 
 def setup_rows(run: dict) -> list[tuple[str, str]]:

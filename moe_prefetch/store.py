@@ -16,6 +16,7 @@ unregisters. If registering fails we keep pageable memory and say so (`pin_reaso
     HostStore(spec, keys, pin)   address space only, nothing resident
     store.absorb(layers)         attach: per layer, write its experts, free the model's copy, pin
     store.fill(layer_idx, ...)   load: per layer, write experts read from the checkpoint, pin
+    store.fill_stored(...)       load: the same with parts already encoded (a quantized copy)
     store.close()                unpin; memory returns when the last view is dropped
 
 Compressed experts (`compression.Codec`): each row holds the expert's stored bytes, not its
@@ -137,6 +138,12 @@ class HostStore(Mapping[Key, torch.Tensor]):
         """Write `(expert_id, named tensors)` for every expert of one layer, then pin the layer."""
         for expert_id, tensors in experts:
             self.write((layer_idx, expert_id), tensors)
+        self._pin_layer(layer_idx)
+
+    def fill_stored(self, layer_idx: int, experts: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
+        """`fill` with parts already encoded (`write_stored`), then pin the layer."""
+        for expert_id, parts in experts:
+            self.write_stored((layer_idx, expert_id), parts)
         self._pin_layer(layer_idx)
 
     def absorb(self, layers: list[MoELayer]) -> None:

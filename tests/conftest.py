@@ -1,5 +1,7 @@
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 # Tiny models: one intra-op thread. With more, OpenMP workers spin-wait on a shared CPU and a
 # tiny model's step takes 10-50x longer (measured: mixtral tiny generate 8 s vs 0.01 s).
 torch.set_num_threads(1)
+# Quantized copies of the demos go to a cache folder (moe_prefetch/quantized_copy.py): a fresh one
+# per session, so tests never read a copy an earlier run left and never fill ~/.cache.
+os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetch-cache-"))
 
 from tiny_models import save_model  # noqa: E402
 

@@ -13,7 +13,7 @@ import torch
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from moe_prefetch import MoePrefetchError, profiling
+from moe_prefetch import MoePrefetchError, profiling, report_text
 from moe_prefetch import profiles as hw
 from moe_prefetch.cli.main import app
 
@@ -91,6 +91,18 @@ def recorded(ckpt, tmp_path_factory):
     return result, out
 
 
+@pytest.fixture(scope="session")
+def recorded_int4(tmp_path_factory):
+    """A run with int4 experts, on a checkpoint of its own (its quantized copy is written beside it)."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("cli_int4"))
+    out = tmp_path_factory.mktemp("report_int4")
+    result = CliRunner().invoke(
+        app, run_args(folder, "--cache-slots", "5", "--experts-dtype", "int4", "--report", str(out))
+    )
+    assert result.exit_code == 0, result.output
+    return folder, result, out
+
+
 def assert_one_line_error(result, *needles):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -146,6 +158,28 @@ def test_run_streams_text_and_writes_a_valid_report(recorded):
         and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     )
     assert not list(out.glob(".*tmp")), "temporary files left behind"
+
+
+def test_run_with_int4_experts_says_so_everywhere(recorded, recorded_int4, runner):
+    folder, result, out = recorded_int4
+    run, plain = profiling.load_run(out), profiling.load_run(recorded[1])
+    stored = run["stats"]["expert_bytes"]
+    assert run["model"]["experts_dtype"] == run["stats"]["experts_dtype"] == run["summary"]["experts_dtype"] == "int4"
+    assert run["model"]["stored_expert_bytes"] == run["summary"]["stored_expert_bytes"] == stored
+    assert run["model"]["expert_bytes"] == plain["model"]["expert_bytes"] == 18432 and stored < 18432 * 0.3
+    assert run["summary"]["device_pool_bytes"] == 5 * stored
+    assert run["stats"]["bytes_loaded"] == stored * run["stats"]["uploads"]
+    assert plain["summary"]["experts_dtype"] == "float32" and plain["summary"]["stored_expert_bytes"] == 18432
+    row = f"int4, {report_text.fmt_bytes(stored)} per expert as stored and moved (18.00 KiB decoded to float32)"
+    assert row in " ".join(result.stderr.split())
+    assert row in (out / "report.html").read_text()
+    assert "float32, 18.00 KiB per expert as stored and moved" in (recorded[1] / "report.html").read_text()
+    # The second run reads the quantized copy the first one wrote beside the checkpoint.
+    (copy,) = (folder / "moe_prefetch").glob("int4-*")
+    again = runner.invoke(app, ["-v", *run_args(folder, "--cache-slots", "5", "--experts-dtype", "int4", "--json")])
+    assert again.exit_code == 0, again.output
+    assert "from the quantized copy" in again.stderr and "wrote the copy" not in again.stderr
+    assert json.loads(again.stdout)["text"] == run["text"]
 
 
 def test_load_times_share_the_trace_clock(recorded):
@@ -321,6 +355,59 @@ def test_inspect_matches_what_load_builds(ckpt, runner, recorded):
     assert "all resident" in text.stdout
 
 
+def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, monkeypatch):
+    """Bytes per expert by experts_dtype are what a run with that dtype stores; a profile with room
+    for 5.5 int4 experts fits 5 of them (and fewer fp32 or bf16 ones), in inspect and in run."""
+    ckpt = recorded_int4[0]  # not the shared checkpoint: an int4 run writes its quantized copy beside it
+    int4 = profiling.load_run(recorded_int4[2])["stats"]["expert_bytes"]
+    size = hw.model_size(ckpt)
+    m = {
+        "device": "Tiny",
+        "free_bytes": size.non_expert_bytes + 5 * int4 + int4 // 2,
+        "total_bytes": size.non_expert_bytes + 5 * int4 + int4 // 2,
+        "h2d_by_mib": {1: 1e9},
+        "hbm_bytes_per_s": 1e11,
+        "bf16_flops": 1e12,
+    }
+    profile = dataclasses.replace(hw.measured_profile("tiny-gpu", m), usable_fraction=1.0)
+    hw.write_profile(profile, tmp_path / "profiles" / "tiny-gpu.toml")
+    monkeypatch.setenv("MOE_PREFETCH_PROFILES", str(tmp_path / "profiles"))
+    data = json.loads(runner.invoke(app, ["inspect", "--model", str(ckpt), "--json"]).stdout)
+    by_dtype = data["model"]["expert_bytes_by_dtype"]
+    assert by_dtype["int4"] == int4 and by_dtype["auto"] == by_dtype["fp32"] == 18432
+    assert int4 < by_dtype["int8"] < by_dtype["bf16"] < by_dtype["auto"]
+    (tiny,) = [p for p in data["profiles"] if p["profile"] == "tiny-gpu"]
+    room = 5 * int4 + int4 // 2
+    assert tiny["by_experts_dtype"]["int4"] == {"slots": 5, "verdict": "offloaded"}
+    for dtype in ("auto", "bf16", "int8"):
+        assert tiny["by_experts_dtype"][dtype]["slots"] == room // by_dtype[dtype] < 5
+    h200 = next(p for p in data["profiles"] if p["profile"] == "h200")
+    assert all(v == {"slots": 16, "verdict": "all resident"} for v in h200["by_experts_dtype"].values())
+    text = runner.invoke(app, ["inspect", "--model", str(ckpt)]).stdout
+    assert "by --experts-dtype" in text and "5 of 16" in text and report_text.fmt_bytes(int4) in text
+    result = runner.invoke(app, run_args(ckpt, "--profile", "tiny-gpu", "--experts-dtype", "int4", "--json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["device_pool_bytes"] == 5 * int4
+
+
+def test_quantize_writes_once_and_says_where(runner, tmp_path):
+    folder = make_checkpoint(tmp_path / "m")
+    result = runner.invoke(app, ["quantize", "--model", str(folder), "--experts-dtype", "int8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (copy,) = (folder / "moe_prefetch").glob("int8-*")
+    copy_bytes = sum(f.stat().st_size for f in copy.iterdir())
+    line = " ".join(result.stdout.split())
+    # 16 experts of 18432 bytes in fp32 in the checkpoint
+    assert f"wrote {copy}: experts 288.00 KiB -> {report_text.fmt_bytes(copy_bytes)} int8" in line
+    again = runner.invoke(app, ["quantize", "--model", str(folder), "--experts-dtype", "int8", "--device", "cpu"])
+    assert again.exit_code == 0 and f"already there, kept {copy}" in " ".join(again.stdout.split())
+    assert_one_line_error(
+        runner.invoke(app, ["quantize", "--model", str(folder), "--experts-dtype", "bf16", "--device", "cpu"]),
+        "does not quantize",
+    )
+    assert_one_line_error(runner.invoke(app, ["quantize", "--model", str(folder), "--experts-dtype", "int3"]), "int3")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_calibrate_needs_cuda(runner, tmp_path):
     result = runner.invoke(app, ["calibrate", "--out", str(tmp_path / "x.toml")])
@@ -342,6 +429,7 @@ def test_calibrate_needs_cuda(runner, tmp_path):
         (["--bogus"], "--bogus"),
         (["--profile", "no-such-gpu"], "unknown profile"),
         (["--cache-slots", "1"], "below top_k=2"),
+        (["--experts-dtype", "int3"], "--experts-dtype int3 is not one of"),
     ],
 )
 def test_user_mistakes_are_one_line(ckpt, runner, args, needle):
@@ -377,7 +465,7 @@ def test_debug_env_shows_the_exception(runner, monkeypatch):
 
 def test_every_command_and_option_has_help(runner):
     group = get_command(app)
-    assert {"run", "report", "profiles", "calibrate", "inspect"} <= set(group.commands)
+    assert {"run", "report", "profiles", "calibrate", "inspect", "quantize"} <= set(group.commands)
     for name, command in group.commands.items():
         result = runner.invoke(app, [name, "--help"], env={"NO_COLOR": "1"})
         assert result.exit_code == 0 and "\x1b[" not in result.output, name

@@ -1,4 +1,4 @@
-"""The commands around one model: run, report, profiles, calibrate, inspect.
+"""The commands around one model: run, report, profiles, calibrate, inspect, quantize.
 
 Each parses options, builds the library's configs (never restating their defaults), calls
 the library and prints. Registered on `app` (app.py); torch loads only inside a command
@@ -21,7 +21,7 @@ from rich.table import Table
 
 from moe_prefetch import profiles as hw
 from moe_prefetch import profiling, report_text
-from moe_prefetch.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
+from moe_prefetch.config import CACHE_POLICIES, EXPERTS_DTYPES, PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError
 
 from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
@@ -92,6 +92,13 @@ def run(
             help=f"Where a non-resident expert runs: wait (for its upload), host, auto {_default('on_miss')}."
         ),
     ] = None,
+    experts_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help=f"How experts are stored, moved and cached: {', '.join(EXPERTS_DTYPES)}; int8/int4 quantize "
+            f"once and keep a copy (`quantize`) {_default('experts_dtype')}."
+        ),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Write run.json and report.html into this folder.")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only the generated text, no prompt, status or summary.")
@@ -125,8 +132,9 @@ def run(
         predictor_path=None if predictor_path is None else str(predictor_path),
         on_miss=on_miss,
         host_profile=host,
+        experts_dtype=experts_dtype,
     )
-    RuntimeConfig(**options)  # validate every option before anything slow
+    runtime_config = RuntimeConfig(**options)  # validate every option before anything slow
     if host is not None:
         hw.load_host_profile(host)  # an unknown name fails here, naming the known ones
     settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
@@ -146,7 +154,8 @@ def run(
             raise ConfigError(f"the prompt {text[:40]!r} became 0 tokens; give a longer prompt or --prompt-ids 1,2,3")
         check_ids(ids, vocab_size, f"the tokenizer of {tokenizer or folder}")
     if profile is not None:
-        options["cache_slots"] = hw.slots_on(hw.load_profile(profile), hw.model_size(folder))
+        size = hw.model_size(folder).for_dtype(runtime_config.experts_dtype)  # slots of the compressed size
+        options["cache_slots"] = hw.slots_on(hw.load_profile(profile), size)
     note = DEMO_NOTE if model == "demo" else None
     if note and not (quiet or json_out):
         stderr().print(note, style="dim", markup=False, highlight=False)
@@ -365,6 +374,10 @@ def calibrate(
 
 
 # -- inspect -----------------------------------------------------------------------------
+# The experts_dtype choices `inspect` compares (fp16/fp32 are bf16's size or larger).
+INSPECT_DTYPES = ("auto", "bf16", "int8", "int4")
+
+
 @app.command(cls=Command)
 def inspect(
     model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
@@ -373,7 +386,10 @@ def inspect(
     """Describe a model's experts and the cache it needs, without loading its weights."""
     size = hw.model_size(model)
     slots, why = size.recommended_slots
-    fits = [hw.fit(p, size) for p in hw.list_profiles()]
+    profiles = hw.list_profiles()
+    fits = [hw.fit(p, size) for p in profiles]
+    # Per experts_dtype: what fits on each profile with experts of that size.
+    by_dtype = {d: [hw.fit(p, size.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
     if json_out:
         typer.echo(
             json.dumps(
@@ -387,7 +403,16 @@ def inspect(
                         "recommended_reason": why,
                         "all_miss_bytes_per_token": size.all_miss_bytes_per_token,
                     },
-                    "profiles": [dataclasses.asdict(f) for f in fits],
+                    "profiles": [
+                        {
+                            **dataclasses.asdict(f),
+                            "by_experts_dtype": {
+                                d: {"slots": by_dtype[d][i].slots, "verdict": by_dtype[d][i].verdict}
+                                for d in INSPECT_DTYPES
+                            },
+                        }
+                        for i, f in enumerate(fits)
+                    ],
                 },
                 indent=1,
             )
@@ -413,6 +438,70 @@ def inspect(
         per_profile.add_row(
             f.profile, b(max(f.room_bytes, 0)), str(f.slots), f.verdict, f"{1e3 * f.all_miss_s_per_token:.3g}"
         )
+    dtypes = Table(title="by --experts-dtype: bytes per expert, and experts that fit on each profile")
+    dtypes.add_column("", no_wrap=True)
+    for d in INSPECT_DTYPES:
+        dtypes.add_column(d if d != "auto" else f"auto ({size.dtype})", justify="right")
+    dtypes.add_row("bytes per expert", *(b(size.expert_bytes_by_dtype[d]) for d in INSPECT_DTYPES))
+    dtypes.add_row("all experts", *(b(size.for_dtype(d).expert_total_bytes) for d in INSPECT_DTYPES))
+    for i, p in enumerate(profiles):
+        dtypes.add_row(p.name, *(_fit_cell(by_dtype[d][i], size.total_experts) for d in INSPECT_DTYPES))
     out = stdout()
     out.print(table)
     out.print(per_profile)
+    out.print(dtypes)
+
+
+def _fit_cell(f: hw.Fit, total: int) -> str:
+    if f.verdict == "all resident":
+        return f"all {total}"
+    return f"{f.slots} of {total}" if f.verdict == "offloaded" else "does not fit"
+
+
+# -- quantize ----------------------------------------------------------------------------
+@app.command(cls=Command)
+def quantize(
+    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    experts_dtype: Annotated[str, typer.Option(help="int8 (per channel) or int4 (groups of 64).")] = "int4",
+    device: Annotated[
+        str | None,
+        typer.Option(help="The device the copy is for (its dtype decides how biases are kept) (default auto)."),
+    ] = None,
+):
+    """Quantize a checkpoint's experts once, ahead of time: `run`/`load` with the same --experts-dtype then
+    read the copy. Written beside the checkpoint, or under $MOE_PREFETCH_CACHE (~/.cache/moe-prefetch/quantized) when
+    that folder is read-only."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moe_prefetch.quantized_copy import quantize as quantize_experts
+
+    RuntimeConfig(**given(experts_dtype=experts_dtype, device=device))  # a bad value fails before any work
+    progress = Progress(
+        TextColumn(f"quantizing experts to {experts_dtype}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr(),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("experts", total=None)
+
+        try:
+            info = quantize_experts(
+                model,
+                experts_dtype,
+                **given(device=device),
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        except KeyboardInterrupt:
+            stderr().print("interrupted: nothing was kept; run the same command again", style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    b = report_text.fmt_bytes
+    verb = "already there, kept" if info.reused else "wrote"
+    stdout().print(
+        f"{verb} {info.path}: experts {b(info.source_bytes)} -> {b(info.copy_bytes)} {experts_dtype} "
+        f"({info.copy_bytes / info.source_bytes:.1%})",
+        markup=False,
+        highlight=False,
+    )
