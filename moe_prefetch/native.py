@@ -163,6 +163,25 @@ def read_quantization(hf_config) -> dict | None:
     return quant
 
 
+def expected_formats(hf_config, spec) -> dict[str, ParamFormat]:
+    """The native format each expert parameter of a quantized config will most likely keep, from
+    config.json alone (for sizing: `inspect`, `profiles.model_size`). `load` checks each against
+    the checkpoint (`NativeExperts.choose`) and may store some dequantized instead."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant is None:
+        return {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    formats: dict[str, ParamFormat] = {}
+    for pname, shape in zip(spec.names, spec.shapes):
+        if len(shape) != 2:
+            continue
+        if quant.get("quant_method") == "mxfp4" and shape[0] % MX_BLOCK == 0:
+            formats[pname] = MXFP4()
+        elif quant.get("quant_method") == "fp8":
+            formats[pname] = FP8Block(tuple(quant.get("weight_block_size") or (128, 128)))
+    return formats
+
+
 class NativeExperts:
     """A checkpoint's quantization as `load` uses it: transformers' quantizer (dequantize mode)
     for the mapping, and the native format of each expert parameter that keeps one."""

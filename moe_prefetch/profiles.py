@@ -408,6 +408,7 @@ def model_size(path: str | Path) -> ModelSize:
     from .errors import UnsupportedModelError
     from .folders import default_dtype, read_config, resolve_path
     from .layout import find_moe_layers, spec_of
+    from .native import expected_formats
 
     folder = resolve_path(path)
     config = read_config(folder)
@@ -419,6 +420,8 @@ def model_size(path: str | Path) -> ModelSize:
             raise UnsupportedModelError(f"transformers cannot build this model: {str(err).splitlines()[0]}") from None
     layers = find_moe_layers(model)
     spec = spec_of(layers)
+    native = expected_formats(config, spec)  # a quantized checkpoint's experts keep its format
+    by_dtype = {d: make_codec(spec, d, native).nbytes for d in EXPERTS_DTYPES}
     expert_params = {id(p) for layer in layers for p in layer.experts.parameters(recurse=False)}
     non_expert = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     return ModelSize(
@@ -430,9 +433,9 @@ def model_size(path: str | Path) -> ModelSize:
         moe_layers=len(layers),
         experts_per_layer=max(layer.num_experts for layer in layers),
         top_k=max(layer.top_k for layer in layers),
-        expert_bytes=spec.nbytes,
+        expert_bytes=by_dtype["auto"],  # as load stores them by default: native formats stay packed
         non_expert_bytes=int(non_expert),
-        expert_bytes_by_dtype={d: make_codec(spec, d).nbytes for d in EXPERTS_DTYPES},
+        expert_bytes_by_dtype=by_dtype,
     )
 
 
