@@ -73,7 +73,7 @@ def main() -> int:
     if not args.skip_tests:
         marker = "gpu" if cuda else "not slow and not gpu"
         tests = (
-            ["tests/test_cuda.py", "tests/test_memory.py"]
+            ["tests/test_cuda.py", "tests/test_cuda_runtime.py", "tests/test_memory.py"]
             if cuda
             else ["tests/test_loader.py", "tests/test_sim.py", "tests/test_store.py"]
         )

@@ -71,3 +71,29 @@ def test_decode_has_no_synchronisation_beyond_the_routing_read():
     finally:
         torch.cuda.set_sync_debug_mode(0)
         runtime.detach()
+
+
+@pytest.mark.parametrize("experts_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("on_miss", ["wait", "auto"])
+def test_compressed_experts_on_cuda_match_their_reference(experts_dtype, on_miss):
+    """Compressed slots on the device, decoded there before the kernel (and on the host lane by
+    the CPU): the same greedy tokens as the all-resident compressed model on the same GPU."""
+    from moe_prefetch.compression import compress_experts
+
+    stock = make_model("mixtral")
+    reference = compress_experts(copy.deepcopy(stock), experts_dtype).cuda()
+    model = copy.deepcopy(stock)
+    runtime = moe_prefetch.attach(model, device="cuda", cache_slots=3, experts_dtype=experts_dtype, on_miss=on_miss)
+    try:
+        ids = prompt(2, 7).cuda()
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got, expected)
+        stats = runtime.stats(flush=True)
+        assert stats["experts_dtype"] == experts_dtype and stats["evictions"] > 0
+        assert runtime.pool.buffer.dtype == torch.uint8 and runtime.pool.buffer.device.type == "cuda"
+    finally:
+        runtime.detach()
