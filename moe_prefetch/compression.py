@@ -106,7 +106,10 @@ class Int4(ParamFormat):
 
     name = "int4"
 
-    def __init__(self, group: int = INT4_GROUP):
+    def __init__(self, group: int | None = None):
+        # Read at construction, not bound at import: scripts/compression_quality.py measures
+        # other group sizes by setting `compression.INT4_GROUP`.
+        group = INT4_GROUP if group is None else group
         if group % 2:
             raise ConfigError(f"int4 group size {group} must be even (two values per byte)")
         self.group = group
