@@ -7,7 +7,7 @@ Three ways to run one expert (gate_up, SiLU-gated product, down) for one token:
   then the stock kernel;
 - packed: torch's weight-only kernels reading the compressed weights directly
   (`torch._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu` after its one-off packing,
-  `aten._convert_weight_to_int4pack_for_cpu`), checked to compute the codec's values.
+  `aten._convert_weight_to_int4pack_for_cpu`, timed apart), checked to compute the codec's values.
 Then the decode of one expert against a plain copy of the same expert uncompressed (what the
 link or the host lane moves for an uncompressed expert). Medians of `--reps` runs, one process.
 
@@ -131,6 +131,7 @@ def measure(spec, weights, x, name: str, reps: int) -> dict:
     tol = 1e-3 if spec.dtype == torch.float32 else 5e-2  # bf16 sums round differently per kernel
     torch.testing.assert_close(got.float(), reference.float(), atol=tol * reference.abs().max().item(), rtol=0)
     return {
+        "pack": median_ms(lambda: packed_parts(codec, row[0], spec.dtype), max(3, reps // 10)),
         "decode": median_ms(lambda: codec.decode(row, buf), reps),
         "decode_mm": median_ms(decode_mm, reps),
         "packed": median_ms(lambda: ffn(x, parts["gate_up_proj"], parts["down_proj"], mm), reps),
@@ -143,6 +144,7 @@ def kernels(hidden: int, inter: int, reps: int) -> None:
         f"{'dtype':<6}{'experts':<8}{'resident':>10}{'decode+mm':>11}{'packed':>9}"
         f"{'decode':>9}{'copy':>8}{'decode/copy':>13}{'decode+mm/packed':>18}{'packed/resident':>17}"
     )
+    packing = ""
     for label, dtype in DTYPES.items():
         spec, weights = expert(hidden, inter, dtype)
         x = torch.randn(1, hidden).to(dtype)
@@ -152,12 +154,14 @@ def kernels(hidden: int, inter: int, reps: int) -> None:
         t_resident = median_ms(lambda: ffn(x, weights["gate_up_proj"], weights["down_proj"], F.linear), reps)  # noqa: B023
         for name in ("int8", "int4"):
             t = measure(spec, weights, x, name, reps)
+            packing += f"{label} {name} {t['pack']:.1f}; "
             print(
                 f"{label:<6}{name:<8}{t_resident:>10.3f}{t['decode_mm']:>11.3f}{t['packed']:>9.3f}{t['decode']:>9.3f}"
                 f"{t_copy:>8.3f}{t['decode'] / t_copy:>12.1f}x{t['decode_mm'] / t['packed']:>17.1f}x"
                 f"{t['packed'] / t_resident:>16.2f}x"
             )
     print(f"(expert: {spec.nbytes / MIB:.1f} MiB in bf16; copy = the uncompressed expert, same dtype, memcpy)")
+    print("one-off repacking of one stored expert into the packed kernels' layout, ms: " + packing)
 
 
 def main() -> None:
