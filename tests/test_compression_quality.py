@@ -82,3 +82,16 @@ def test_weight_error_no_worse_than_round_to_nearest(demo, experts_dtype):
         weights, [_round_to_nearest(w, bits, group or w.shape[-1], zero_point) for w in weights]
     )
     assert 0 < error <= 1.01 * reference, f"{experts_dtype}: relative error {error:.4f}, reference {reference:.4f}"
+
+
+def test_int4_group_follows_the_module_setting(monkeypatch):
+    """compression_quality.py measures other group sizes by setting `compression.INT4_GROUP`."""
+    from moe_prefetch import compression
+    from moe_prefetch.layout import ExpertSpec
+
+    spec = ExpertSpec(names=("w",), shapes=((8, 256),), dtype=torch.float32)
+    for group in (32, 128):
+        monkeypatch.setattr(compression, "INT4_GROUP", group)
+        codec = make_codec(spec, "int4")
+        assert codec.formats["w"].group == group
+        assert dict(zip(codec.stored.names, codec.stored.shapes))["w.scale"] == (8 * (256 // group) * 2,)  # fp16
