@@ -52,6 +52,11 @@ class ParamFormat:
     and dtype, and the function that rebuilds the parameter from them."""
 
     name = "raw"
+    # Host DRAM bytes decoding costs per value, beyond reading the stored bytes and the kernel
+    # reading the decoded copy: the temporaries the decode writes and reads back. Measured on
+    # one CPU core with scripts/bench_compression.py (decode time x ~10 GB/s over the values):
+    # about 8 for int8 and 20 for int4; the native formats decode much like int4.
+    decode_bytes_per_value = 20
 
     def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -65,6 +70,8 @@ class ParamFormat:
 
 
 class Cast(ParamFormat):
+    decode_bytes_per_value = 0  # one conversion pass, counted as the decoded copy's write
+
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.name = str(dtype).removeprefix("torch.")
@@ -83,6 +90,7 @@ class Int8(ParamFormat):
     """Symmetric per-channel int8: w = q * scale, one scale per row of the last dimension."""
 
     name = "int8"
+    decode_bytes_per_value = 8
 
     def parts(self, shape, dtype):
         return {"q": (shape, torch.int8), "scale": ((*shape[:-1], 1), torch.float32)}
@@ -193,10 +201,17 @@ class Codec:
 
     @property
     def host_bytes(self) -> int:
-        """DRAM bytes one host-lane call on this expert touches: the stored bytes, and when they
-        must be decoded first, the decoded copy written and then read by the kernel. So a
-        compressed expert is cheaper on the link but dearer on the host lane than a plain one."""
-        return self.nbytes if self.identity else self.nbytes + 2 * self.spec.nbytes
+        """DRAM bytes one host-lane call on this expert touches when it is decoded first: the
+        stored bytes, the decode's temporaries, and the decoded copy written and then read by the
+        kernel. So a compressed expert is cheaper on the link but dearer on the host lane than a
+        plain one, unless a packed kernel reads it as stored (host_kernels.py)."""
+        if self.identity:
+            return self.nbytes
+        traffic = sum(
+            math.prod(shape) * self.formats[name].decode_bytes_per_value
+            for name, shape in zip(self.spec.names, self.spec.shapes)
+        )
+        return self.nbytes + traffic + 2 * self.spec.nbytes
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's parameters (the model's names and shapes) as its stored parts, each a

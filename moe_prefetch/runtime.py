@@ -31,6 +31,7 @@ import torch
 from . import lanes
 from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
+from .host_kernels import packed_int8, run_int8
 from .layout import ExpertSpec, MoELayer
 from .loader import Loader
 from .placement import DEFAULT_COSTS, LaneCosts, Placement
@@ -108,9 +109,14 @@ class Runtime:
         self.scheduler = Scheduler(
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
-        self.kernel_calls = {"span": 0, "gathered": 0}  # how the kernel saw its experts
+        # How the kernel saw its experts: a span of slots, gathered into the working buffer, or
+        # (host lane) torch's packed int8 kernel on the stored bytes (host_kernels.py).
+        self.kernel_calls = {"span": 0, "gathered": 0, "host_packed": 0}
+        self._host_int8 = {layer.layer_idx: packed_int8(self.codec, layer.experts) for layer in layers}
+        # The host lane reads packed int8 experts as stored; anything else compressed is decoded first.
+        host_bytes = self.codec.nbytes if all(self._host_int8.values()) else self.codec.host_bytes
         self.placement = Placement(
-            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, self.codec.host_bytes
+            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, host_bytes
         )
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
@@ -225,9 +231,16 @@ class Runtime:
         else:  # a large call: read what the host lane needs now (a second read, prefill only)
             hidden, weights = hidden_states.cpu(), top_k_weights.cpu()
         acc = torch.zeros((hidden.shape[0], hidden.shape[-1]), dtype=torch.float32)
+        packed = self._host_int8[layer.layer_idx]
         for expert_id in host:
             rows, slots = np.nonzero(routing == expert_id)
             rows_t, slots_t = torch.from_numpy(rows), torch.from_numpy(slots)
+            if packed:
+                row = self.store[(layer.layer_idx, expert_id)]
+                part = run_int8(self.codec, layer.experts, row, hidden[rows_t], weights[rows_t, slots_t].unsqueeze(-1))
+                acc.index_add_(0, rows_t, part.float())
+                self.kernel_calls["host_packed"] += 1
+                continue
             proxy = self._proxy(layer, self.store.expert((layer.layer_idx, expert_id)), None, None)
             index = torch.zeros((len(rows), 1), dtype=torch.long)
             x = hidden[rows_t]

@@ -149,9 +149,39 @@ def test_placement_charges_the_host_lane_for_decoding():
     from moe_prefetch.placement import DEFAULT_COSTS, Placement
 
     plain, packed = make_codec(SPEC, "auto"), make_codec(SPEC, "int4")
-    assert packed.host_bytes == packed.nbytes + 2 * SPEC.nbytes
+    assert packed.host_bytes > packed.nbytes + 2 * SPEC.nbytes  # plus the decode's temporaries
     slow_host = DEFAULT_COSTS.__class__(**{**DEFAULT_COSTS.__dict__, "host_call_s": 0.0})
     p_plain = Placement(slow_host, plain.nbytes, SPEC.numel, "auto", plain.host_bytes)
     p_packed = Placement(slow_host, packed.nbytes, SPEC.numel, "auto", packed.host_bytes)
     assert p_packed.link_s() < p_plain.link_s()
     assert p_packed.host_s(1) > p_plain.host_s(1)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "olmoe"])
+def test_host_lane_reads_int8_as_stored_in_half_precision(arch):
+    """bf16 with int8 experts: the host lane runs torch's packed int8 kernel on the stored bytes
+    (no decode) with the model's own gating, within bf16 rounding of the reference."""
+    stock = make_model(arch).to(torch.bfloat16)
+    reference = compress_experts(copy.deepcopy(stock), "int8")
+    model = copy.deepcopy(stock)
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, experts_dtype="int8", on_miss="host")
+    try:
+        ids = prompt(batch=2, length=7)
+        with torch.no_grad():
+            expected, got = reference(ids).logits.float(), model(ids).logits.float()
+        torch.testing.assert_close(got, expected, atol=4e-3, rtol=1e-2)
+        assert runtime.kernel_calls["host_packed"] > 0
+        assert runtime.placement.host_bytes == runtime.codec.nbytes  # nothing decoded on the host
+    finally:
+        runtime.detach()
+
+
+def test_fp32_host_lane_stays_exact():
+    """fp32 keeps decode + the stock kernel on the host lane: exact, and the packed kernel gains little."""
+    stock = make_model("mixtral")
+    runtime = moe_prefetch.attach(copy.deepcopy(stock), device="cpu", cache_slots=3, experts_dtype="int8")
+    try:
+        assert not any(runtime._host_int8.values())
+        assert runtime.placement.host_bytes == runtime.codec.host_bytes
+    finally:
+        runtime.detach()
