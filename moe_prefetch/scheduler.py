@@ -32,8 +32,13 @@ from .cache import ExpertCache, Key, SlotState
 from .errors import CacheCapacityError
 from .loader import DEMAND, Loader
 from .placement import Placement
+from .uploads import UploadValue
 
 Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
+# With misses on the host, the upload queue holds at most what the link moves in this many layers.
+UPLOAD_WINDOW_LAYERS = 2.0
+LINK_PRICE = 1.0
+MIN_GAIN = 0.25
 
 
 class Scheduler:
@@ -53,8 +58,11 @@ class Scheduler:
         self.step = -1
         self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
         self.top_k = top_k
-        # Background uploads of experts served on the host: at most this many copies in flight.
+        # Before a layer time is known, at most this many uploads in flight.
         self.upload_budget = 2 * top_k
+        # With misses on the host, uploads are investments: what each expert is worth on the
+        # device (use frequency and predictions), against its link time (`_invest`).
+        self.value = UploadValue()
         # With misses served on the host, a prefetch pays only if it lands before its layer runs
         # (a late one is computed on the host anyway and its copy only takes the link and a slot).
         # The runtime or simulator sets `placement` and calls `tick` at each MoE layer, so the
@@ -66,6 +74,7 @@ class Scheduler:
     def new_step(self) -> None:
         self.step += 1
         self.expected.clear()
+        self.value.new_step()
         self._last_tick = None  # the gap across steps (sampling, the head) is not a layer
 
     def tick(self, now: float) -> None:
@@ -97,6 +106,11 @@ class Scheduler:
         self.reap()
         for target, _, experts in predictions:
             self.expected[target] = set(experts)
+            self.value.predict(target, experts)
+        if self._investing():
+            first = bisect.bisect_right(self.moe_layer_ids, layer_idx)
+            self._invest([((t, e), d) for t, d, es in predictions for e in es if t in self.moe_layer_ids[first:]])
+            return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
         outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
@@ -161,21 +175,58 @@ class Scheduler:
         return host
 
     def upload(self, layer_idx: int, experts: list[int]) -> None:
-        """Upload experts just served on the host, in the background: behind every prediction,
-        within `upload_budget` copies in flight, evicting only what a prefetch may evict."""
-        in_flight = sum(len(loading) for loading in self.loading.values())
-        if in_flight >= self.upload_budget:
+        """Experts just served on the host: upload those worth their link time (`_invest`)."""
+        self._invest([((layer_idx, e), None) for e in experts])
+
+    def _investing(self) -> bool:
+        """Whether misses run on the host, so uploads are investments rather than stall cuts."""
+        placement = self.placement
+        return placement is not None and placement.on_miss != "wait"
+
+    def _upload_room(self) -> int:
+        """Copies that may be queued or in flight: as many as the link moves in
+        UPLOAD_WINDOW_LAYERS layers (the layer-time average), so a new upload lands within a few
+        layers and a demand copy (a prefill chunk that waits) finds the queue short."""
+        if self.layer_s is None:
+            return self.upload_budget
+        return max(1, int(UPLOAD_WINDOW_LAYERS * self.layer_s / self.placement.link_s()))
+
+    def _invest(self, candidates: list[tuple[Key, int | None]]) -> None:
+        """Upload each candidate (key, distance of its prediction or None) whose expected uses
+        (`UploadValue`) save more host time than its copy takes on the link, most valuable
+        first, within `_upload_room`. A victim must be worth less than the upload by at least
+        that link time, so the pool does not churn between experts of equal value."""
+        placement = self.placement
+        save = placement.host_s(1) - placement.device_s(1)  # seconds one decode use saves on the device
+        if save <= 0:
             return
-        first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
-        protected = self._protection(layer_idx, layer_idx, set(experts), self.moe_layer_ids[first : first + 2])
-        for expert_id in experts[: self.upload_budget - in_flight]:
-            key = (layer_idx, expert_id)
-            reserved = self.cache.prefetch(key, protected=protected)
-            if reserved is None:
+        full = LINK_PRICE * placement.link_s() / save  # uses that pay for a copy when the link is saturated
+        queued = sum(len(loading) for loading in self.loading.values())
+        room = self._upload_room()
+        value, slot_of = self.value, self.cache.slot_of
+        scored = []
+        for key, distance in candidates:
+            if key in slot_of:
+                continue
+            in_time = distance is not None and self._in_time(distance, queued)
+            scored.append((value.uses(key, in_time), key, distance if in_time else None))
+        scored.sort(key=lambda s: -s[0])
+        for uses, key, distance in scored:
+            if queued >= room:
                 return
+            # The link's time is worth what the uploads it displaces would save: nothing while
+            # the queue is empty, a full copy's worth of uses when the budget is taken.
+            floor = uses - MIN_GAIN - full * queued / room
+            if floor <= 0:
+                continue
+            reserved = self.cache.prefetch(key, protected=lambda k: value.uses(k) >= floor)
+            if reserved is None:
+                continue
             slot, needs_load = reserved
             if needs_load:
-                self._load(key, slot, priority=float(len(self.moe_layer_ids) + 1))
+                late = float(len(self.moe_layer_ids) + 1)  # behind every copy aimed at this token
+                self._load(key, slot, priority=late if distance is None else float(distance))
+                queued += 1
 
     def plan(
         self,
@@ -189,6 +240,7 @@ class Scheduler:
         (`placement`; none without one or with on_miss "wait"), and split the rest into waves
         that fit the pool (resident experts first). Returns (host experts, device waves)."""
         self.reap()
+        self.value.used(layer_idx, needed)
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
             self._forget_stale(layer_idx, set(needed))
         host = []
