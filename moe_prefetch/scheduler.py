@@ -14,9 +14,13 @@ Rules:
 - queued prefetches that turn out stale are dropped, and a resident prediction that
   turned out wrong is counted wasted and demoted to be the first evicted;
 - a routed expert that is not resident runs where it finishes first (`placement.Placement`):
-  on the host, or on the device after its upload; one served on the host is then uploaded in
-  the background, behind every prediction and within a budget of copies in flight, because
-  routing is sticky and the next token will likely want it again.
+  on the host, or on the device after its upload (counting only the share of a copy in
+  flight still to move);
+- with misses on the host, uploads are investments (`_invest`, `uploads.UploadValue`): a
+  predicted or host-served expert is uploaded when its expected uses save more host time than
+  the link time it takes (priced by how full the upload queue is), evicting only experts worth
+  less; at most UPLOAD_WINDOW_LAYERS layers' worth of link time is queued. With
+  on_miss="wait" the prefetch rules above apply unchanged.
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -37,7 +41,8 @@ from .uploads import UploadValue
 Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
 # With misses on the host, the upload queue holds at most what the link moves in this many layers.
 UPLOAD_WINDOW_LAYERS = 2.0
-LINK_PRICE = 1.0
+# Expected uses an upload must add over its victim even on an idle link, so that experts of
+# about equal worth do not swap places (each swap costs a copy).
 MIN_GAIN = 0.25
 
 
@@ -167,11 +172,12 @@ class Scheduler:
             if slot is not None and state[slot] is SlotState.READY:
                 continue
             tokens, in_flight = tokens_on[expert_id], slot is not None
-            if placement.on_host(tokens, in_flight, host_busy, link_busy):
+            left = self.loader.left(slot) if in_flight else 1.0
+            if placement.on_host(tokens, in_flight, host_busy, link_busy, left):
                 host.append(expert_id)
                 host_busy += placement.host_s(tokens)
             else:
-                link_busy += placement.link_s()
+                link_busy += placement.link_s() * left
         return host
 
     def upload(self, layer_idx: int, experts: list[int]) -> None:
@@ -200,7 +206,7 @@ class Scheduler:
         save = placement.host_s(1) - placement.device_s(1)  # seconds one decode use saves on the device
         if save <= 0:
             return
-        full = LINK_PRICE * placement.link_s() / save  # uses that pay for a copy when the link is saturated
+        full = placement.link_s() / save  # uses that pay for a copy when the link is saturated
         queued = sum(len(loading) for loading in self.loading.values())
         room = self._upload_room()
         value, slot_of = self.value, self.cache.slot_of

@@ -103,6 +103,10 @@ class SimLoader(Loader):
         if t != float("inf"):
             self._link_free = max(self._link_free, t)  # the link idles until t
 
+    def left(self, slot):
+        self._run_until(self.clock.now)
+        return self._left.get(slot, 0.0) / self.duration if slot in self._queued else 0.0
+
     def done(self, slot):
         self._run_until(self.clock.now)
         return slot not in self._queued and self._finish.get(slot, 0.0) <= self.clock.now

@@ -1,32 +1,33 @@
 """What an expert on the device is worth: the expected-value side of uploads as investments.
 
 With misses served on the host (`placement`), the link carries only uploads, and an upload
-pays when the host time it saves exceeds what it costs:
+pays when the host time it saves exceeds what it costs (`Scheduler._invest`):
 
-  worth(key)  = expected uses before eviction x (host time per use - device time per use)
-  upload key  when worth(key) - worth(victim) > link time of one expert
+  worth(key) = expected uses before eviction x (host time per use - device time per use)
+  upload key when worth(key) - worth(victim) > price of the link time of one copy
 
 Expected uses come from two sources, both per (layer_idx, expert_id):
 - use frequency: a use count decayed by `decay` per token, read as a rate per token
   (count x (1 - decay)) over a `horizon` of tokens (how long an upload stays resident);
-- predictions: a prediction for a layer still to run this token adds the chance it is right
-  (the measured share of predicted experts their layer then routed), counted only when the
-  upload can land before that layer runs (`in_time`).
+- predictions (every lookahead distance): a prediction for a layer still to run this token
+  adds the chance it is right (the measured share of predicted experts their layer then
+  routed), counted only when the upload can land before that layer runs (`in_time`).
 
-Frequency carries most of the weight on a slow link: a Mixtral expert takes ~29 ms over
-PCIe 3.0 while a layer takes ~15-20 ms with misses on a DDR4 host, so one predicted use
-(worth ~13 ms of host time) never pays for a copy on its own; an expert that is both
-predicted and hot does. Tensor-free, driven by the scheduler for the runtime and simulator.
+On a slow link a single predicted use does not pay for a full copy (a Mixtral expert takes
+~29 ms over PCIe 3.0 and saves ~13 ms of DDR4 host time per use), so the scheduler prices link
+time by how busy the link is: free while the upload queue is empty, a full copy's worth when
+it is full. Tensor-free, driven by the scheduler for the runtime and the simulator alike.
 """
 
 from __future__ import annotations
 
 from .cache import Key
 
-# A token's use counts decay by this factor per token: ~3 tokens of memory (half-life ~2). The
-# demo routing keeps only ~20% of a layer's experts from one token to the next, so a longer
-# memory mostly counts experts that have gone cold.
-USE_DECAY = 0.7
+# A token's use counts decay by this factor per token (a memory of ~20 tokens): which experts
+# are hot changes slowly even where a layer keeps only ~20% of its experts from one token to
+# the next (the demo's routing), and the pool should hold the hot ones. Chosen by the hybrid
+# bench (docs/benchmarks.md 5c): 0.7 and 0.85 measured lower on every profile.
+USE_DECAY = 0.95
 # Tokens an upload is expected to stay resident (the pool turns over in a few tokens at 25%).
 HORIZON_TOKENS = 4.0
 # Until predictions have been scored, assume half are right.
