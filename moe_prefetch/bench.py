@@ -296,8 +296,9 @@ def run_bench(
     progress=None,
     sim_itemsize: int = 2,
     on_miss: str = "wait",
+    policies: list[str] | tuple[str, ...] = ("lru",),
 ) -> dict:
-    """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}.
+    """Measure every (predictor, fraction, eviction policy) on `model`; returns {"rows": [...], "meta": {...}}.
     `on_miss` places the misses of the measured runs (the simulated columns replay them as
     waits: the simulator's host lane is used by the routed bench).
 
@@ -314,7 +315,7 @@ def run_bench(
     rows, reference, oracle_trace = [], None, None
     mask = torch.ones_like(prompt_ids)
     order = ["none"] + [p for p in predictors if p != "none"]  # the oracle replays none's trace
-    for fraction in fractions:
+    for fraction, policy in itertools.product(fractions, policies):
         slots = max(top_k, round(fraction * total))
         for predictor in order:
             if predictor not in predictors and predictor != "none":
@@ -328,6 +329,7 @@ def run_bench(
                 lookahead=lookahead,
                 record=True,
                 on_miss=on_miss,
+                cache_policy=policy,
                 **kwargs,
             )
             try:
@@ -361,11 +363,11 @@ def run_bench(
                 runtime.detach()
             if predictor not in predictors:
                 continue
-            row = {"on_miss": on_miss, "policy": "lru", **_row(predictor, fraction, slots, stats, starts, wall, trace)}
+            row = {"on_miss": on_miss, "policy": policy, **_row(predictor, fraction, slots, stats, starts, wall, trace)}
             row["same_tokens"] = same_tokens
             row["simulated"] = {}
             for profile in profiles or []:
-                sim = simulate_replay(replay, profile, itemsize=sim_itemsize)
+                sim = simulate_replay(replay, profile, itemsize=sim_itemsize, policy=policy)
                 row["simulated"][profile.name] = sim["tokens_per_s"]
                 row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
             rows.append(row)

@@ -225,7 +225,7 @@ class Scheduler:
             floor = uses - MIN_GAIN - full * queued / room
             if floor <= 0:
                 continue
-            reserved = self.cache.prefetch(key, protected=lambda k: value.uses(k) >= floor)
+            reserved = self.cache.prefetch(key, protected=lambda k, floor=floor: value.uses(k) >= floor)
             if reserved is None:
                 continue
             slot, needs_load = reserved

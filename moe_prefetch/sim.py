@@ -325,9 +325,7 @@ def three_lane_bound(work: list[tuple[int, int]], roofline: Roofline, lanes: Pla
     host, link = lanes.host_s(1), lanes.link_s()
     seconds = 0.0
     for routed, misses in work:
-        seconds += min(
-            max(dense + (routed - x) * device, x * host, (misses - x) * link) for x in range(misses + 1)
-        )
+        seconds += min(max(dense + (routed - x) * device, x * host, (misses - x) * link) for x in range(misses + 1))
     return len(work) / seconds
 
 
