@@ -320,7 +320,9 @@ def bench(
     # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
     # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
     table.add_column("on miss", no_wrap=True)
-    table.add_column("policy", no_wrap=True)
+    compared = len(policies) > 1  # one policy: the column would repeat it (and narrow the rest)
+    if compared:
+        table.add_column("policy", no_wrap=True)
     table.add_column("predictor", no_wrap=True)
     for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
         table.add_column(column, justify="right", overflow="fold")
@@ -334,7 +336,7 @@ def bench(
         bound = row.get("bound", {})
         table.add_row(
             row.get("on_miss", "-"),
-            row.get("policy", "-"),
+            *([row.get("policy", "-")] if compared else []),
             row["predictor"],
             f"{row['cache_fraction']:g}",
             fmt(row["hit_rate"], ".1%"),
