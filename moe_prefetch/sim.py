@@ -3,11 +3,14 @@
 The recorded trace fixes what the model routed to (and, for next-gate/m2r2, what the
 predictor said at each layer). We replay it through `Scheduler` + `ExpertCache` (the very
 code the runtime uses) with a virtual link in place of the loader: copies run one at a
-time, demand first, at the profile's host-to-device bandwidth. Compute comes either from
-the trace's own measurements (`compute="measured"`, used to validate the simulator against
-a paced CPU run) or from a roofline of the model's bytes and FLOPs on the profile.
+time at the profile's host-to-device bandwidth, chunk by chunk, the most urgent first (a
+demand copy waits for the chunk in progress, as with the runtime's loaders). Compute comes
+either from the trace's own measurements (used to validate the simulator against a paced CPU
+run) or from a roofline of the model's bytes and FLOPs on the profile; with a `Placement`
+the host lane runs beside it.
 
-Per decode token the result splits time into compute and exposed transfer (stall).
+Per decode token the result splits time into compute and exposed transfer (stall), and
+gives the three-lane bound of the replay (`three_lane_bound`).
 """
 
 from __future__ import annotations
