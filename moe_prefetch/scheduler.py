@@ -63,15 +63,16 @@ class Scheduler:
         self.step = -1
         self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
         self.top_k = top_k
-        # Before a layer time is known, at most this many uploads in flight.
+        # Before a layer time is known, at most this many uploads' link time queued.
         self.upload_budget = 2 * top_k
+        self._background: set[int] = set()  # slots whose copy was queued behind this token's
         # With misses on the host, uploads are investments: what each expert is worth on the
         # device (use frequency and predictions), against its link time (`_invest`).
         self.value = UploadValue()
-        # With misses served on the host, a prefetch pays only if it lands before its layer runs
-        # (a late one is computed on the host anyway and its copy only takes the link and a slot).
-        # The runtime or simulator sets `placement` and calls `tick` at each MoE layer, so the
-        # scheduler knows how long a layer takes and can skip uploads that cannot arrive in time.
+        # With misses served on the host, a prediction adds value only if its upload lands before
+        # its layer runs (a late one is computed on the host anyway). The runtime or simulator sets
+        # `placement` and calls `tick` at each MoE layer, so the scheduler knows how long a layer
+        # takes: whether an upload lands in time (`_lands`) and how much link time to queue.
         self.placement: Placement | None = None
         self.layer_s: float | None = None  # moving average of the time between MoE layers
         self._last_tick: float | None = None
@@ -88,15 +89,6 @@ class Scheduler:
             gap = now - self._last_tick
             self.layer_s = gap if self.layer_s is None else 0.8 * self.layer_s + 0.2 * gap
         self._last_tick = now
-
-    def _in_time(self, distance: int, queued: int) -> bool:
-        """Whether an upload queued behind `queued` others lands within `distance` layers.
-        Always true when misses wait for their copies: there a late prefetch still shortens the
-        stall."""
-        placement = self.placement
-        if placement is None or placement.on_miss == "wait" or self.layer_s is None:
-            return True
-        return (queued + 1) * placement.link_s() <= distance * self.layer_s
 
     def close(self) -> None:
         """Drop the references to the loader and the tensors `source` hands out."""
@@ -119,21 +111,17 @@ class Scheduler:
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
         outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
-        queued = sum(len(loading) for loading in self.loading.values())
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
                 key = (target, expert_id)
                 if key not in self.cache.slot_of and outstanding >= self.max_speculative:
                     return
-                if key not in self.cache.slot_of and not self._in_time(distance, queued):
-                    continue  # would land after its layer ran: the host lane serves it instead
                 reserved = self.cache.prefetch(key, protected=protected)
                 if reserved is None:
                     break  # nothing left to evict without hurting nearer layers
                 slot, needs_load = reserved
                 outstanding += needs_load
-                queued += needs_load
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
 
@@ -189,40 +177,46 @@ class Scheduler:
         placement = self.placement
         return placement is not None and placement.on_miss != "wait"
 
-    def _upload_room(self) -> int:
-        """Copies that may be queued or in flight: as many as the link moves in
-        UPLOAD_WINDOW_LAYERS layers (the layer-time average), so a new upload lands within a few
-        layers and a demand copy (a prefill chunk that waits) finds the queue short."""
-        if self.layer_s is None:
-            return self.upload_budget
-        return max(1, int(UPLOAD_WINDOW_LAYERS * self.layer_s / self.placement.link_s()))
+    def _queue_s(self) -> tuple[float, float]:
+        """Link seconds the uploads queued or in flight still need: (all of them, those aimed at
+        this token). Background uploads yield to the latter chunk by chunk, as in the loaders."""
+        link, left, late = self.placement.link_s(), self.loader.left, self._background
+        total = urgent = 0.0
+        for loading in self.loading.values():
+            for slot in loading.values():
+                seconds = left(slot) * link
+                total += seconds
+                if slot not in late:
+                    urgent += seconds
+        return total, urgent
 
     def _invest(self, candidates: list[tuple[Key, int | None]]) -> None:
         """Upload each candidate (key, distance of its prediction or None) whose expected uses
         (`UploadValue`) save more host time than its copy takes on the link, most valuable
-        first, within `_upload_room`. A victim must be worth less than the upload by at least
-        that link time, so the pool does not churn between experts of equal value."""
+        first, while the link's queue drains within UPLOAD_WINDOW_LAYERS layers. A victim must
+        be worth less than the upload by the link time's price, so the pool does not churn."""
         placement = self.placement
         save = placement.host_s(1) - placement.device_s(1)  # seconds one decode use saves on the device
         if save <= 0:
             return
-        full = placement.link_s() / save  # uses that pay for a copy when the link is saturated
-        queued = sum(len(loading) for loading in self.loading.values())
-        room = self._upload_room()
+        link = placement.link_s()
+        full = link / save  # uses that pay for a copy when the link is saturated
+        window = UPLOAD_WINDOW_LAYERS * self.layer_s if self.layer_s is not None else self.upload_budget * link
+        total, urgent = self._queue_s()
         value, slot_of = self.value, self.cache.slot_of
         scored = []
         for key, distance in candidates:
             if key in slot_of:
                 continue
-            in_time = distance is not None and self._in_time(distance, queued)
+            in_time = distance is not None and self._lands(distance, urgent)
             scored.append((value.uses(key, in_time), key, distance if in_time else None))
         scored.sort(key=lambda s: -s[0])
         for uses, key, distance in scored:
-            if queued >= room:
+            if total >= window:
                 return
             # The link's time is worth what the uploads it displaces would save: nothing while
-            # the queue is empty, a full copy's worth of uses when the budget is taken.
-            floor = uses - MIN_GAIN - full * queued / room
+            # the queue is empty, a full copy's worth of uses as it reaches the window.
+            floor = uses - MIN_GAIN - full * min(1.0, total / window)
             if floor <= 0:
                 continue
             reserved = self.cache.prefetch(key, protected=lambda k, floor=floor: value.uses(k) >= floor)
@@ -232,7 +226,14 @@ class Scheduler:
             if needs_load:
                 late = float(len(self.moe_layer_ids) + 1)  # behind every copy aimed at this token
                 self._load(key, slot, priority=late if distance is None else float(distance))
-                queued += 1
+                total += link
+                if distance is not None:
+                    urgent += link
+
+    def _lands(self, distance: int, ahead_s: float) -> bool:
+        """Whether an upload behind `ahead_s` seconds of urgent copies lands within `distance`
+        layers (at the layer-time average)."""
+        return self.layer_s is not None and ahead_s + self.placement.link_s() <= distance * self.layer_s
 
     def plan(
         self,
@@ -309,6 +310,10 @@ class Scheduler:
 
     def _load(self, key: Key, slot: int, priority: float) -> None:
         self.loading[key[0]][key[1]] = slot
+        if priority > len(self.moe_layer_ids):
+            self._background.add(slot)
+        else:
+            self._background.discard(slot)
         src, dst = self.source(key, slot)
         self.loader.submit(slot, src, dst, priority, tag=key)
 
