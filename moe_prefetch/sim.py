@@ -197,7 +197,7 @@ def simulate(
         by_step.setdefault(record["step"], []).append(record)
     said = _predictions(predictor, trace, predictions or [], moe_layer_ids, lookahead)
     tokens = []
-    work: list[tuple[int, int]] = []  # per token: (routed experts, experts not on the device or on their way)
+    work: list[tuple[int, list[float]]] = []  # per token: (routed experts, misses as shares of a copy)
     host_exposed = host_busy = 0.0
     host_experts = 0
     steps = sorted(by_step)
@@ -210,7 +210,9 @@ def simulate(
         if roofline is None:
             prev_end = step_starts[step]
         by_layer = {r["layer_idx"]: r for r in records}
-        routed = absent = 0
+        # What was on the device, or on its way, when the token began: the bound's starting point.
+        at_start = {key: loader.left(slot) for key, slot in cache.slot_of.items()}
+        routed, misses = 0, []
         for layer_idx in range(num_layers):
             scheduler.prefetch(layer_idx, said.get((step, layer_idx), []))
             record = by_layer.get(layer_idx)
@@ -223,7 +225,7 @@ def simulate(
             scheduler.tick(clock.now)
             experts = list(record["experts"])
             routed += len(experts)
-            absent += sum(1 for e in experts if (layer_idx, e) not in cache.slot_of)
+            misses += [at_start.get((layer_idx, e), 1.0) for e in experts if at_start.get((layer_idx, e), 1.0) > 0]
             # Tokens per expert are not recorded: the call's pairs spread evenly (1 in decode).
             per_expert = max(1, record["tokens"] * top_k // max(1, len(experts)))
             host, waves = scheduler.plan(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
@@ -251,7 +253,7 @@ def simulate(
         elif i + 1 < len(steps) and steps[i + 1] < len(step_starts):
             clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
         stall = sum(loader._stalls.values()) - stall_before
-        work.append((routed, absent))
+        work.append((routed, misses))
         tokens.append(
             {
                 "step": step,
@@ -306,21 +308,24 @@ def simulate(
     }
 
 
-def three_lane_bound(work: list[tuple[int, int]], roofline: Roofline, lanes: Placement, num_layers: int) -> float:
+def three_lane_bound(
+    work: list[tuple[int, list[float]]], roofline: Roofline, lanes: Placement, num_layers: int
+) -> float:
     """Tokens/s if every token's misses were split ideally between the host lane and the link.
 
-    `work` holds, per decode token, (routed experts, misses): the misses are the routed experts
-    neither resident nor on their way when their layer ran. The device computes the dense part
+    `work` holds, per decode token, (routed experts, misses): a miss is a routed expert that
+    was not on the device when the token began, given as the share of its copy still to move
+    then (1.0 if absent, less if its upload was under way). The device computes the dense part
     and every routed expert not sent to the host; x misses run on the host (one decode call
-    each) while the other m - x cross the link, all three lanes in parallel and never waiting
-    on each other:
+    each), the others' copies cross the link, the three lanes in parallel, never waiting on
+    each other. For each x the host takes the misses with the most copy left:
 
-        token >= min over x in 0..m of max(dense + (n - x) * device, x * host, (m - x) * link)
+        token >= min over x of max(dense + (routed - x) * device, x * host, link time of the rest)
 
-    A lower bound on the simulated token time of the same replay (which may also overlap an
-    upload with an earlier token: such an expert counts as on its way, not as a miss), so the
-    bound's tokens/s is at least the simulated tokens/s; their ratio is what placement and
-    uploads leave on the table for the cache contents this replay had."""
+    Whatever a replay does within the token (placement, prefetches, waits), its misses take
+    these lanes at least this long, so the bound's tokens/s is at least the replay's; the ratio
+    is what placement and prefetching leave on the table given the pool each token starts with.
+    Uploads that shaped that pool in earlier tokens are not charged to it."""
     if not work:
         return 0.0
     dense = num_layers * roofline.dense(1) + roofline.head_bytes / roofline.hbm_bandwidth
@@ -328,7 +333,13 @@ def three_lane_bound(work: list[tuple[int, int]], roofline: Roofline, lanes: Pla
     host, link = lanes.host_s(1), lanes.link_s()
     seconds = 0.0
     for routed, misses in work:
-        seconds += min(max(dense + (routed - x) * device, x * host, (misses - x) * link) for x in range(misses + 1))
+        shares = sorted(misses, reverse=True)
+        rest = sum(shares)  # link time (in copies) of the misses not on the host
+        best = max(dense + routed * device, rest * link)
+        for x, share in enumerate(shares, 1):
+            rest -= share
+            best = min(best, max(dense + (routed - x) * device, x * host, rest * link))
+        seconds += best
     return len(work) / seconds
 
 

@@ -21,10 +21,14 @@ def test_the_bound_splits_each_tokens_misses_between_host_and_link():
     # One layer: 1 ms dense. Token 1 routes 2 experts, both missing: both on the host (10 ms) beats
     # one each way (max(1 + 10, 5, 10) = 11 ms) and both over the link (max(21, 0, 20) = 21 ms).
     # Token 2 routes 2 resident experts: the device reads both, 1 + 2 x 10 = 21 ms.
-    assert three_lane_bound([(2, 2), (2, 0)], ROOF, LANES, num_layers=1) == pytest.approx(2 / 0.031)
+    assert three_lane_bound([(2, [1.0, 1.0]), (2, [])], ROOF, LANES, num_layers=1) == pytest.approx(2 / 0.031)
     # A slower host (20 ms): one miss each way, max(11, 20, 10) = 20 ms, beats both on one lane.
     slow = Placement(LaneCosts(1e9, 0.5e9, 1e12, 0.0, 1e9, 1e15), 10**7, 5 * 10**6, "auto")
-    assert three_lane_bound([(2, 2)], ROOF, slow, num_layers=1) == pytest.approx(1 / 0.020)
+    assert three_lane_bound([(2, [1.0, 1.0])], ROOF, slow, num_layers=1) == pytest.approx(1 / 0.020)
+    # An upload half done when the token began: the host takes the absent one (20 ms), the link
+    # the rest of the other (5 ms): max(11, 20, 5) = 20 ms; without the host, max(21, 15) = 21 ms.
+    assert three_lane_bound([(2, [0.5, 1.0])], ROOF, slow, num_layers=1) == pytest.approx(1 / 0.020)
+    assert three_lane_bound([(3, [0.5, 0.5])], ROOF, slow, num_layers=1) == pytest.approx(1 / 0.021)
 
 
 def test_no_simulated_replay_beats_its_bound():
