@@ -170,12 +170,16 @@ class Scheduler:
 
     def upload(self, layer_idx: int, experts: list[int]) -> None:
         """Experts just served on the host: upload those worth their link time (`_invest`)."""
-        self._invest([((layer_idx, e), None) for e in experts])
+        if self._investing():
+            self._invest([((layer_idx, e), None) for e in experts])
 
     def _investing(self) -> bool:
-        """Whether misses run on the host, so uploads are investments rather than stall cuts."""
+        """Whether misses run on the host and a use on the device saves host time, so uploads are
+        investments. Where a use saves nothing (a CPU device: both lanes are the same cores),
+        no upload could pay; predictions are then prefetched by the rules of `wait`, which
+        keeps the device path exercised and costs nothing there."""
         placement = self.placement
-        return placement is not None and placement.on_miss != "wait"
+        return placement is not None and placement.on_miss != "wait" and _saving(placement) > 0
 
     def _queue_s(self) -> tuple[float, float]:
         """Link seconds the uploads queued or in flight still need: (all of them, those aimed at
@@ -196,9 +200,7 @@ class Scheduler:
         first, while the link's queue drains within UPLOAD_WINDOW_LAYERS layers. A victim must
         be worth less than the upload by the link time's price, so the pool does not churn."""
         placement = self.placement
-        save = placement.host_s(1) - placement.device_s(1)  # seconds one decode use saves on the device
-        if save <= 0:
-            return
+        save = _saving(placement)
         link = placement.link_s()
         full = link / save  # uses that pay for a copy when the link is saturated
         window = UPLOAD_WINDOW_LAYERS * self.layer_s if self.layer_s is not None else self.upload_budget * link
@@ -327,3 +329,8 @@ class Scheduler:
                 self.cache.drop((layer_idx, expert_id))
         for expert_id in [e for e in unused if e not in needed]:
             self.cache.demote((layer_idx, expert_id))
+
+
+def _saving(placement: Placement) -> float:
+    """Seconds one decode use of an expert saves on the device rather than the host."""
+    return placement.host_s(1) - placement.device_s(1)
