@@ -20,7 +20,9 @@ Rules:
   predicted or host-served expert is uploaded when its expected uses save more host time than
   the link time it takes (priced by how full the upload queue is), evicting only experts worth
   less; at most UPLOAD_WINDOW_LAYERS layers' worth of link time is queued. With
-  on_miss="wait" the prefetch rules above apply unchanged.
+  on_miss="wait" the prefetch rules above apply unchanged; where a use on the device saves no
+  host time (a CPU device), host-served experts are uploaded behind every prediction, within a
+  budget of copies in flight.
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -105,8 +107,7 @@ class Scheduler:
             self.expected[target] = set(experts)
             self.value.predict(target, experts)
         if self._investing():
-            first = bisect.bisect_right(self.moe_layer_ids, layer_idx)
-            self._invest([((t, e), d) for t, d, es in predictions for e in es if t in self.moe_layer_ids[first:]])
+            self._invest([((t, e), d) for t, d, es in predictions if t > layer_idx for e in es])
             return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
@@ -172,14 +173,32 @@ class Scheduler:
         """Experts just served on the host: upload those worth their link time (`_invest`)."""
         if self._investing():
             self._invest([((layer_idx, e), None) for e in experts])
+        else:
+            self._upload_recent(layer_idx, experts)
 
     def _investing(self) -> bool:
         """Whether misses run on the host and a use on the device saves host time, so uploads are
-        investments. Where a use saves nothing (a CPU device: both lanes are the same cores),
-        no upload could pay; predictions are then prefetched by the rules of `wait`, which
-        keeps the device path exercised and costs nothing there."""
+        investments. Where a use saves nothing (a CPU device: both lanes are the same cores) no
+        upload could pay, and the rules before uploads were investments apply: predictions are
+        prefetched as with `wait`, host-served experts uploaded behind them (`_upload_recent`),
+        so a CPU run still moves and evicts experts as a GPU run does (and tests that path)."""
         placement = self.placement
         return placement is not None and placement.on_miss != "wait" and _saving(placement) > 0
+
+    def _upload_recent(self, layer_idx: int, experts: list[int]) -> None:
+        """Upload experts just served on the host in the background, behind every prediction,
+        within `upload_budget` copies in flight, evicting only what a prefetch may evict."""
+        in_flight = sum(len(loading) for loading in self.loading.values())
+        first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
+        protected = self._protection(layer_idx, layer_idx, set(experts), self.moe_layer_ids[first : first + 2])
+        for expert_id in experts[: max(0, self.upload_budget - in_flight)]:
+            key = (layer_idx, expert_id)
+            reserved = self.cache.prefetch(key, protected=protected)
+            if reserved is None:
+                return
+            slot, needs_load = reserved
+            if needs_load:
+                self._load(key, slot, priority=float(len(self.moe_layer_ids) + 1))
 
     def _queue_s(self) -> tuple[float, float]:
         """Link seconds the uploads queued or in flight still need: (all of them, those aimed at
@@ -195,10 +214,11 @@ class Scheduler:
         return total, urgent
 
     def _invest(self, candidates: list[tuple[Key, int | None]]) -> None:
-        """Upload each candidate (key, distance of its prediction or None) whose expected uses
-        (`UploadValue`) save more host time than its copy takes on the link, most valuable
-        first, while the link's queue drains within UPLOAD_WINDOW_LAYERS layers. A victim must
-        be worth less than the upload by the link time's price, so the pool does not churn."""
+        """Upload each candidate (key, distance of its prediction or None), most valuable first,
+        while the link's queue drains within UPLOAD_WINDOW_LAYERS layers, when its expected uses
+        (`UploadValue`) beyond its victim's pay for the copy's link time at the current price:
+        free on an idle link (but for MIN_GAIN), a full copy's worth of uses as the queue fills
+        the window. A victim must be worth less by that much, so the pool does not churn."""
         placement = self.placement
         save = _saving(placement)
         link = placement.link_s()
