@@ -225,12 +225,12 @@ class _WorkerLoader(Loader):
                 logger.error("expert copy into slot %d failed: %r", ticket.slot, err)
                 with self._cv:
                     self._error = err
-                    self._active = None
+                    self._active, self._active_ticket = None, None  # the ticket holds views of the pool
                     for event in self._issued:
                         event.set()
                 return
             with self._cv:
-                self._active = None
+                self._active, self._active_ticket = None, None  # the ticket holds views of the pool
                 if not finished:
                     continue  # requeued behind a more urgent copy
                 if self._pending.get(ticket.slot) == ticket.seq:
