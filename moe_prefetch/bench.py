@@ -184,12 +184,15 @@ def run_routed_bench(
     progress=None,
     on_miss: list[str] | tuple[str, ...] = ("wait",),
     host=None,
+    policies: list[str] | tuple[str, ...] = ("lru",),
 ) -> dict:
     """Simulate shape `name` at its real depth on each profile, replaying the routing and
     predictions recorded from the demo `routing` ('demo' or 'demo-fine'), repeated across the
     shape's layers (rules: `moe_prefetch.routing`). Nothing is measured here: every row is
     simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only.
-    Each `on_miss` placement gets its rows; `host` (a HostProfile) sets the host lane's speed."""
+    Each `on_miss` placement and cache eviction policy (`policies`) gets its rows; `host` (a
+    HostProfile) sets the host lane's speed. Each row carries its three-lane bound per profile
+    (`sim.three_lane_bound`) and the bound's ratio to the simulated tokens/s."""
     from .profiles import default_lane_costs
     from .routing import RECORDED
 
@@ -197,7 +200,7 @@ def run_routed_bench(
     total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
     top_k = sizes["top_k"]
     rows = []
-    for fraction, placement, predictor in itertools.product(fractions, on_miss, predictors):
+    for fraction, policy, placement, predictor in itertools.product(fractions, policies, on_miss, predictors):
         slots = max(top_k, round(fraction * total))
         replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
         mode = "recorded" if predictor in RECORDED else predictor
@@ -209,13 +212,14 @@ def run_routed_bench(
                 itemsize=sizes["itemsize"],
                 on_miss=placement,
                 costs=default_lane_costs(p, host),
+                policy=policy,
             )
             for p in profiles
         }
         first = next(iter(sims.values()), None)
         row = {
             "on_miss": placement,
-            "policy": "lru",
+            "policy": policy,
             "predictor": predictor,
             "cache_fraction": fraction,
             "cache_slots": slots,
@@ -226,6 +230,8 @@ def run_routed_bench(
             "stall_share": None,
             "tokens_per_s": None,  # nothing ran on this device
             "simulated": {n: r["tokens_per_s"] for n, r in sims.items()},
+            "bound": {n: r["bound_tokens_per_s"] for n, r in sims.items()},
+            "bound_ratio": {n: r["bound_tokens_per_s"] / r["tokens_per_s"] for n, r in sims.items()},
             "simulated_stall_share": {n: r["stall_share"] for n, r in sims.items()},
             "simulated_host_experts_per_token": {
                 n: r["host_experts"] / max(1, r["decode_tokens"] + 1) for n, r in sims.items()
@@ -290,8 +296,9 @@ def run_bench(
     progress=None,
     sim_itemsize: int = 2,
     on_miss: str = "wait",
+    policies: list[str] | tuple[str, ...] = ("lru",),
 ) -> dict:
-    """Measure every (predictor, fraction) on `model`; returns {"rows": [...], "meta": {...}}.
+    """Measure every (predictor, fraction, eviction policy) on `model`; returns {"rows": [...], "meta": {...}}.
     `on_miss` places the misses of the measured runs (the simulated columns replay them as
     waits: the simulator's host lane is used by the routed bench).
 
@@ -308,7 +315,7 @@ def run_bench(
     rows, reference, oracle_trace = [], None, None
     mask = torch.ones_like(prompt_ids)
     order = ["none"] + [p for p in predictors if p != "none"]  # the oracle replays none's trace
-    for fraction in fractions:
+    for fraction, policy in itertools.product(fractions, policies):
         slots = max(top_k, round(fraction * total))
         for predictor in order:
             if predictor not in predictors and predictor != "none":
@@ -322,6 +329,7 @@ def run_bench(
                 lookahead=lookahead,
                 record=True,
                 on_miss=on_miss,
+                cache_policy=policy,
                 **kwargs,
             )
             try:
@@ -355,11 +363,11 @@ def run_bench(
                 runtime.detach()
             if predictor not in predictors:
                 continue
-            row = {"on_miss": on_miss, "policy": "lru", **_row(predictor, fraction, slots, stats, starts, wall, trace)}
+            row = {"on_miss": on_miss, "policy": policy, **_row(predictor, fraction, slots, stats, starts, wall, trace)}
             row["same_tokens"] = same_tokens
             row["simulated"] = {}
             for profile in profiles or []:
-                sim = simulate_replay(replay, profile, itemsize=sim_itemsize)
+                sim = simulate_replay(replay, profile, itemsize=sim_itemsize, policy=policy)
                 row["simulated"][profile.name] = sim["tokens_per_s"]
                 row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
             rows.append(row)

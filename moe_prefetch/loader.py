@@ -92,6 +92,10 @@ class Loader:
     def release(self, slot: int) -> None:
         """The compute side has finished issuing reads of `slot`."""
 
+    def left(self, slot: int) -> float:
+        """Share of `slot`'s copy still to move (1.0: not started, or not known)."""
+        return 1.0
+
     def record(self, on: bool, keep: int = HISTORY) -> None:
         """Keep every copy in `events` (on) or only the latest `keep` (off)."""
         self.events = list(self.events) if on else collections.deque(self.events, maxlen=keep)
@@ -132,6 +136,7 @@ class _WorkerLoader(Loader):
         for event in self._issued:
             event.set()
         self._active: int | None = None
+        self._active_ticket: _Ticket | None = None
         self._cv = threading.Condition()
         self._closed = False
         self._t0 = time.perf_counter() if t0 is None else t0  # events share the runtime's clock
@@ -158,6 +163,19 @@ class _WorkerLoader(Loader):
             del self._pending[slot]
             self._issued[slot].set()
             return True
+
+    def left(self, slot):
+        # Read without stopping the worker: a chunk more or less only shifts a placement estimate.
+        if self._issued[slot].is_set():
+            return 0.0
+        with self._cv:
+            ticket = self._active_ticket if self._active == slot else None
+            if ticket is None:
+                seq = self._pending.get(slot)
+                ticket = next((t for t in self._heap if t.seq == seq), None)
+        if ticket is None or not ticket.src.numel():
+            return 1.0
+        return 1.0 - ticket.offset / ticket.src.numel()
 
     def _await_issued(self, slot: int) -> float:
         """Block the compute thread until `slot`'s copy is issued; returns seconds blocked."""
@@ -196,7 +214,7 @@ class _WorkerLoader(Loader):
                     return None
                 ticket = heapq.heappop(self._heap)
                 if self._pending.get(ticket.slot) == ticket.seq:  # else cancelled or promoted
-                    self._active = ticket.slot
+                    self._active, self._active_ticket = ticket.slot, ticket
                     return ticket
 
     def _run(self) -> None:
@@ -207,12 +225,12 @@ class _WorkerLoader(Loader):
                 logger.error("expert copy into slot %d failed: %r", ticket.slot, err)
                 with self._cv:
                     self._error = err
-                    self._active = None
+                    self._active, self._active_ticket = None, None  # the ticket holds views of the pool
                     for event in self._issued:
                         event.set()
                 return
             with self._cv:
-                self._active = None
+                self._active, self._active_ticket = None, None  # the ticket holds views of the pool
                 if not finished:
                     continue  # requeued behind a more urgent copy
                 if self._pending.get(ticket.slot) == ticket.seq:

@@ -79,15 +79,17 @@ class Placement:
     def link_s(self) -> float:
         return self.expert_bytes / self.costs.link_bytes_per_s
 
-    def on_host(self, tokens: int, in_flight: bool, host_busy: float = 0.0, link_busy: float = 0.0) -> bool:
+    def on_host(
+        self, tokens: int, in_flight: bool, host_busy: float = 0.0, link_busy: float = 0.0, left: float = 1.0
+    ) -> bool:
         """Whether a routed expert that is not resident runs on the host: the finish time of
         each option, behind the work already placed on that lane in this layer call (`host_busy`
-        seconds of host compute, `link_busy` seconds of uploads). An upload already in flight is
-        taken at its full link time: it is often queued behind other copies, and the loader does
-        not report progress (taking it as half done measured worse in the simulator)."""
+        seconds of host compute, `link_busy` seconds of uploads). An upload already in flight
+        costs the share `left` of its copy still to move, as its loader reports it (1.0, the
+        full copy, where the loader does not know: it may be queued behind other copies)."""
         if self.on_miss == "wait":
             return False
         if self.on_miss == "host":
             return True
-        wait = link_busy + self.link_s() + self.device_s(tokens)
+        wait = link_busy + self.link_s() * (left if in_flight else 1.0) + self.device_s(tokens)
         return host_busy + self.host_s(tokens) < wait

@@ -14,9 +14,15 @@ Rules:
 - queued prefetches that turn out stale are dropped, and a resident prediction that
   turned out wrong is counted wasted and demoted to be the first evicted;
 - a routed expert that is not resident runs where it finishes first (`placement.Placement`):
-  on the host, or on the device after its upload; one served on the host is then uploaded in
-  the background, behind every prediction and within a budget of copies in flight, because
-  routing is sticky and the next token will likely want it again.
+  on the host, or on the device after its upload (counting only the share of a copy in
+  flight still to move);
+- with misses on the host, uploads are investments (`_invest`, `uploads.UploadValue`): a
+  predicted or host-served expert is uploaded when its expected uses save more host time than
+  the link time it takes (priced by how full the upload queue is), evicting only experts worth
+  less; at most UPLOAD_WINDOW_LAYERS layers' worth of link time is queued. With
+  on_miss="wait" the prefetch rules above apply unchanged; where a use on the device saves no
+  host time (a CPU device), host-served experts are uploaded behind every prediction, within a
+  budget of copies in flight.
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -32,8 +38,14 @@ from .cache import ExpertCache, Key, SlotState
 from .errors import CacheCapacityError
 from .loader import DEMAND, Loader
 from .placement import Placement
+from .uploads import UploadValue
 
 Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert ids best first)
+# With misses on the host, the upload queue holds at most what the link moves in this many layers.
+UPLOAD_WINDOW_LAYERS = 2.0
+# Expected uses an upload must add over its victim even on an idle link, so that experts of
+# about equal worth do not swap places (each swap costs a copy).
+MIN_GAIN = 0.25
 
 
 class Scheduler:
@@ -53,12 +65,16 @@ class Scheduler:
         self.step = -1
         self.last_used: dict[Key, int] = {}  # step in which each key last served its layer
         self.top_k = top_k
-        # Background uploads of experts served on the host: at most this many copies in flight.
+        # Before a layer time is known, at most this many uploads' link time queued.
         self.upload_budget = 2 * top_k
-        # With misses served on the host, a prefetch pays only if it lands before its layer runs
-        # (a late one is computed on the host anyway and its copy only takes the link and a slot).
-        # The runtime or simulator sets `placement` and calls `tick` at each MoE layer, so the
-        # scheduler knows how long a layer takes and can skip uploads that cannot arrive in time.
+        self._background: set[int] = set()  # slots whose copy was queued behind this token's
+        # With misses on the host, uploads are investments: what each expert is worth on the
+        # device (use frequency and predictions), against its link time (`_invest`).
+        self.value = UploadValue()
+        # With misses served on the host, a prediction adds value only if its upload lands before
+        # its layer runs (a late one is computed on the host anyway). The runtime or simulator sets
+        # `placement` and calls `tick` at each MoE layer, so the scheduler knows how long a layer
+        # takes: whether an upload lands in time (`_lands`) and how much link time to queue.
         self.placement: Placement | None = None
         self.layer_s: float | None = None  # moving average of the time between MoE layers
         self._last_tick: float | None = None
@@ -66,6 +82,7 @@ class Scheduler:
     def new_step(self) -> None:
         self.step += 1
         self.expected.clear()
+        self.value.new_step()
         self._last_tick = None  # the gap across steps (sampling, the head) is not a layer
 
     def tick(self, now: float) -> None:
@@ -74,15 +91,6 @@ class Scheduler:
             gap = now - self._last_tick
             self.layer_s = gap if self.layer_s is None else 0.8 * self.layer_s + 0.2 * gap
         self._last_tick = now
-
-    def _in_time(self, distance: int, queued: int) -> bool:
-        """Whether an upload queued behind `queued` others lands within `distance` layers.
-        Always true when misses wait for their copies: there a late prefetch still shortens the
-        stall."""
-        placement = self.placement
-        if placement is None or placement.on_miss == "wait" or self.layer_s is None:
-            return True
-        return (queued + 1) * placement.link_s() <= distance * self.layer_s
 
     def close(self) -> None:
         """Drop the references to the loader and the tensors `source` hands out."""
@@ -97,24 +105,24 @@ class Scheduler:
         self.reap()
         for target, _, experts in predictions:
             self.expected[target] = set(experts)
+            self.value.predict(target, experts)
+        if self._investing():
+            self._invest([((t, e), d) for t, d, es in predictions if t > layer_idx for e in es])
+            return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
         outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
-        queued = sum(len(loading) for loading in self.loading.values())
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
                 key = (target, expert_id)
                 if key not in self.cache.slot_of and outstanding >= self.max_speculative:
                     return
-                if key not in self.cache.slot_of and not self._in_time(distance, queued):
-                    continue  # would land after its layer ran: the host lane serves it instead
                 reserved = self.cache.prefetch(key, protected=protected)
                 if reserved is None:
                     break  # nothing left to evict without hurting nearer layers
                 slot, needs_load = reserved
                 outstanding += needs_load
-                queued += needs_load
                 if needs_load:
                     self._load(key, slot, priority=float(distance))
 
@@ -153,22 +161,37 @@ class Scheduler:
             if slot is not None and state[slot] is SlotState.READY:
                 continue
             tokens, in_flight = tokens_on[expert_id], slot is not None
-            if placement.on_host(tokens, in_flight, host_busy, link_busy):
+            left = self.loader.left(slot) if in_flight else 1.0
+            if placement.on_host(tokens, in_flight, host_busy, link_busy, left):
                 host.append(expert_id)
                 host_busy += placement.host_s(tokens)
             else:
-                link_busy += placement.link_s()
+                link_busy += placement.link_s() * left
         return host
 
     def upload(self, layer_idx: int, experts: list[int]) -> None:
-        """Upload experts just served on the host, in the background: behind every prediction,
+        """Experts just served on the host: upload those worth their link time (`_invest`)."""
+        if self._investing():
+            self._invest([((layer_idx, e), None) for e in experts])
+        else:
+            self._upload_recent(layer_idx, experts)
+
+    def _investing(self) -> bool:
+        """Whether misses run on the host and a use on the device saves host time, so uploads are
+        investments. Where a use saves nothing (a CPU device: both lanes are the same cores) no
+        upload could pay, and the rules before uploads were investments apply: predictions are
+        prefetched as with `wait`, host-served experts uploaded behind them (`_upload_recent`),
+        so a CPU run still moves and evicts experts as a GPU run does (and tests that path)."""
+        placement = self.placement
+        return placement is not None and placement.on_miss != "wait" and _saving(placement) > 0
+
+    def _upload_recent(self, layer_idx: int, experts: list[int]) -> None:
+        """Upload experts just served on the host in the background, behind every prediction,
         within `upload_budget` copies in flight, evicting only what a prefetch may evict."""
         in_flight = sum(len(loading) for loading in self.loading.values())
-        if in_flight >= self.upload_budget:
-            return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         protected = self._protection(layer_idx, layer_idx, set(experts), self.moe_layer_ids[first : first + 2])
-        for expert_id in experts[: self.upload_budget - in_flight]:
+        for expert_id in experts[: max(0, self.upload_budget - in_flight)]:
             key = (layer_idx, expert_id)
             reserved = self.cache.prefetch(key, protected=protected)
             if reserved is None:
@@ -176,6 +199,63 @@ class Scheduler:
             slot, needs_load = reserved
             if needs_load:
                 self._load(key, slot, priority=float(len(self.moe_layer_ids) + 1))
+
+    def _queue_s(self) -> tuple[float, float]:
+        """Link seconds the uploads queued or in flight still need: (all of them, those aimed at
+        this token). Background uploads yield to the latter chunk by chunk, as in the loaders."""
+        link, left, late = self.placement.link_s(), self.loader.left, self._background
+        total = urgent = 0.0
+        for loading in self.loading.values():
+            for slot in loading.values():
+                seconds = left(slot) * link
+                total += seconds
+                if slot not in late:
+                    urgent += seconds
+        return total, urgent
+
+    def _invest(self, candidates: list[tuple[Key, int | None]]) -> None:
+        """Upload each candidate (key, distance of its prediction or None), most valuable first,
+        while the link's queue drains within UPLOAD_WINDOW_LAYERS layers, when its expected uses
+        (`UploadValue`) beyond its victim's pay for the copy's link time at the current price:
+        free on an idle link (but for MIN_GAIN), a full copy's worth of uses as the queue fills
+        the window. A victim must be worth less by that much, so the pool does not churn."""
+        placement = self.placement
+        save = _saving(placement)
+        link = placement.link_s()
+        full = link / save  # uses that pay for a copy when the link is saturated
+        window = UPLOAD_WINDOW_LAYERS * self.layer_s if self.layer_s is not None else self.upload_budget * link
+        total, urgent = self._queue_s()
+        value, slot_of = self.value, self.cache.slot_of
+        scored = []
+        for key, distance in candidates:
+            if key in slot_of:
+                continue
+            in_time = distance is not None and self._lands(distance, urgent)
+            scored.append((value.uses(key, in_time), key, distance if in_time else None))
+        scored.sort(key=lambda s: -s[0])
+        for uses, key, distance in scored:
+            if total >= window:
+                return
+            # The link's time is worth what the uploads it displaces would save: nothing while
+            # the queue is empty, a full copy's worth of uses as it reaches the window.
+            floor = uses - MIN_GAIN - full * min(1.0, total / window)
+            if floor <= 0:
+                continue
+            reserved = self.cache.prefetch(key, protected=lambda k, floor=floor: value.uses(k) >= floor)
+            if reserved is None:
+                continue
+            slot, needs_load = reserved
+            if needs_load:
+                late = float(len(self.moe_layer_ids) + 1)  # behind every copy aimed at this token
+                self._load(key, slot, priority=late if distance is None else float(distance))
+                total += link
+                if distance is not None:
+                    urgent += link
+
+    def _lands(self, distance: int, ahead_s: float) -> bool:
+        """Whether an upload behind `ahead_s` seconds of urgent copies lands within `distance`
+        layers (at the layer-time average)."""
+        return self.layer_s is not None and ahead_s + self.placement.link_s() <= distance * self.layer_s
 
     def plan(
         self,
@@ -189,6 +269,7 @@ class Scheduler:
         (`placement`; none without one or with on_miss "wait"), and split the rest into waves
         that fit the pool (resident experts first). Returns (host experts, device waves)."""
         self.reap()
+        self.value.used(layer_idx, needed)
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
             self._forget_stale(layer_idx, set(needed))
         host = []
@@ -251,6 +332,10 @@ class Scheduler:
 
     def _load(self, key: Key, slot: int, priority: float) -> None:
         self.loading[key[0]][key[1]] = slot
+        if priority > len(self.moe_layer_ids):
+            self._background.add(slot)
+        else:
+            self._background.discard(slot)
         src, dst = self.source(key, slot)
         self.loader.submit(slot, src, dst, priority, tag=key)
 
@@ -264,3 +349,8 @@ class Scheduler:
                 self.cache.drop((layer_idx, expert_id))
         for expert_id in [e for e in unused if e not in needed]:
             self.cache.demote((layer_idx, expert_id))
+
+
+def _saving(placement: Placement) -> float:
+    """Seconds one decode use of an expert saves on the device rather than the host."""
+    return placement.host_s(1) - placement.device_s(1)

@@ -3,23 +3,27 @@
 The recorded trace fixes what the model routed to (and, for next-gate/m2r2, what the
 predictor said at each layer). We replay it through `Scheduler` + `ExpertCache` (the very
 code the runtime uses) with a virtual link in place of the loader: copies run one at a
-time, demand first, at the profile's host-to-device bandwidth. Compute comes either from
-the trace's own measurements (`compute="measured"`, used to validate the simulator against
-a paced CPU run) or from a roofline of the model's bytes and FLOPs on the profile.
+time at the profile's host-to-device bandwidth, chunk by chunk, the most urgent first (a
+demand copy waits for the chunk in progress, as with the runtime's loaders). Compute comes
+either from the trace's own measurements (used to validate the simulator against a paced CPU
+run) or from a roofline of the model's bytes and FLOPs on the profile; with a `Placement`
+the host lane runs beside it.
 
-Per decode token the result splits time into compute and exposed transfer (stall).
+Per decode token the result splits time into compute and exposed transfer (stall), and
+gives the three-lane bound of the replay (`three_lane_bound`).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import statistics
 from dataclasses import dataclass
 
-from .cache import ExpertCache
+from .cache import ExpertCache, make_policy
 from .layout import dense_bytes
-from .loader import DEMAND, Loader
+from .loader import CHUNK_BYTES, DEMAND, Loader
 from .placement import LaneCosts, Placement
 from .scheduler import Scheduler
 
@@ -32,47 +36,79 @@ class Clock:
 
 
 class SimLoader(Loader):
-    """A single link of `bandwidth` bytes/s, serving copies in priority order."""
+    """A single link of `bandwidth` bytes/s, serving copies in priority order, chunk by chunk.
+
+    As the runtime's loaders do (`loader._WorkerLoader`), a copy moves in chunks of
+    `chunk_bytes`, and between chunks a more urgent copy goes first: a demand copy waits for
+    at most the chunk in progress, never for a whole speculative expert. A copy whose first
+    chunk has started can no longer be cancelled."""
 
     kind = "simulated"
 
-    def __init__(self, num_slots: int, clock: Clock, bandwidth: float, expert_bytes: int):
+    def __init__(
+        self, num_slots: int, clock: Clock, bandwidth: float, expert_bytes: int, chunk_bytes: int = CHUNK_BYTES
+    ):
         super().__init__(num_slots)
         self.clock = clock
         self.duration = expert_bytes / bandwidth
+        self.chunk_s = min(chunk_bytes, expert_bytes) / bandwidth
         self.expert_bytes = expert_bytes
         self.reason = f"simulated link at {bandwidth / 1e9:.3g} GB/s"
-        self._heap: list[tuple[float, int, int, float]] = []  # (priority, seq, slot, submitted)
-        self._queued: dict[int, int] = {}
+        self._heap: list[tuple[float, int, int]] = []  # (priority, seq, slot); stale entries are skipped
+        self._queued: dict[int, int] = {}  # slot -> seq of its live entry
+        self._left: dict[int, float] = {}  # slot -> link seconds still to move
+        self._began: dict[int, float] = {}  # slot -> when its first chunk started
         self._finish: dict[int, float] = {}
-        self._link_free = 0.0
+        self._link_free = 0.0  # the link is busy (with a committed chunk) until then
         self._count = itertools.count()
 
     def submit(self, slot, src, dst, priority, tag=None):
         self._run_until(self.clock.now)
+        self._push(slot, priority)
+        self._left[slot] = self.duration
+        self._began.pop(slot, None)
+        self._finish.pop(slot, None)
+        self._run_until(self.clock.now)  # an idle link starts it at once
+
+    def _push(self, slot: int, priority: float) -> None:
         seq = next(self._count)
         self._queued[slot] = seq
-        self._finish.pop(slot, None)
-        heapq.heappush(self._heap, (priority, seq, slot, self.clock.now))
+        heapq.heappush(self._heap, (priority, seq, slot))
 
-    def _start_next(self, limit: float) -> bool:
+    def _top(self) -> int | None:
         while self._heap and self._queued.get(self._heap[0][2]) != self._heap[0][1]:
-            heapq.heappop(self._heap)  # cancelled or promoted
-        if not self._heap:
-            return False
-        _, _, slot, submitted = self._heap[0]
-        start = max(self._link_free, submitted)
-        if start > limit:
-            return False
-        heapq.heappop(self._heap)
-        del self._queued[slot]
-        self._link_free = self._finish[slot] = start + self.duration
-        self.events.append({"slot": slot, "start": start, "end": self._link_free, "bytes": self.expert_bytes})
-        return True
+            heapq.heappop(self._heap)  # cancelled, promoted or finished
+        return self._heap[0][2] if self._heap else None
 
-    def _run_until(self, t: float) -> None:
-        while self._start_next(t):
-            pass
+    def _run_until(self, t: float, until_done: int | None = None) -> None:
+        """Move copies, most urgent first, up to time `t` (or until slot `until_done` has
+        landed). A copy under way at `t` keeps the link to the end of its current chunk."""
+        while (slot := self._top()) is not None:
+            start = self._link_free
+            if start > t:
+                return
+            self._began.setdefault(slot, start)
+            left = self._left[slot]
+            if start + left > t:  # under way at t: at least its first chunk is committed
+                moved = max(1, math.ceil((t - start) / self.chunk_s - 1e-9)) * self.chunk_s
+                if moved < left - 1e-12:
+                    self._left[slot] = left - moved
+                    self._link_free = start + moved
+                    return
+            self._link_free = self._finish[slot] = start + left
+            self._left[slot] = 0.0
+            del self._queued[slot]
+            self.events.append(
+                {"slot": slot, "start": self._began[slot], "end": self._link_free, "bytes": self.expert_bytes}
+            )
+            if slot == until_done:
+                return
+        if t != float("inf"):
+            self._link_free = max(self._link_free, t)  # the link idles until t
+
+    def left(self, slot):
+        self._run_until(self.clock.now)
+        return self._left.get(slot, 0.0) / self.duration if slot in self._queued else 0.0
 
     def done(self, slot):
         self._run_until(self.clock.now)
@@ -81,17 +117,14 @@ class SimLoader(Loader):
     def wait(self, slot, layer_idx):
         self._run_until(self.clock.now)
         if slot in self._queued:  # needed now: ahead of every prefetch
-            seq = next(self._count)
-            self._queued[slot] = seq
-            heapq.heappush(self._heap, (DEMAND, seq, slot, self.clock.now))
-            while slot in self._queued:
-                self._start_next(float("inf"))
+            self._push(slot, DEMAND)
+            self._run_until(float("inf"), until_done=slot)
         stall = max(0.0, self._finish.get(slot, 0.0) - self.clock.now)
         self.clock.now += stall
         self._stalls[layer_idx] += stall
 
     def cancel(self, slot):
-        if slot in self._queued:
+        if slot in self._queued and slot not in self._began:
             del self._queued[slot]
             return True
         return False
@@ -136,6 +169,8 @@ def simulate(
     lookahead: int = 1,
     placement: Placement | None = None,
     host_overlaps: bool = True,
+    lanes: Placement | None = None,
+    policy: str = "lru",
 ) -> dict:
     """Replay `trace` (runtime.trace records) and return per-token times and totals.
 
@@ -149,9 +184,14 @@ def simulate(
     `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
     "oracle" and "previous-token" are rebuilt from the trace itself.
     With `roofline` compute is modelled; without it the trace's measured compute is used
-    (needs `step_starts`)."""
+    (needs `step_starts`). `policy` names the cache's eviction policy (`cache.make_policy`).
+
+    With `roofline` and `lanes` (the lane speeds; default `placement`) the result also holds
+    the three-lane bound of this replay (`three_lane_bound`): tokens/s if each decode token's
+    misses were split ideally between the host lane and the link."""
+    lanes = lanes or placement
     clock = Clock()
-    cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids)
+    cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids, policy=make_policy(policy))
     loader = SimLoader(cache_slots, clock, bandwidth, expert_bytes)
     scheduler = Scheduler(cache, loader, lambda key, slot: (None, None), moe_layer_ids, top_k=top_k)
     scheduler.placement = placement
@@ -160,6 +200,7 @@ def simulate(
         by_step.setdefault(record["step"], []).append(record)
     said = _predictions(predictor, trace, predictions or [], moe_layer_ids, lookahead)
     tokens = []
+    work: list[tuple[int, list[float]]] = []  # per token: (routed experts, misses as shares of a copy)
     host_exposed = host_busy = 0.0
     host_experts = 0
     steps = sorted(by_step)
@@ -172,6 +213,9 @@ def simulate(
         if roofline is None:
             prev_end = step_starts[step]
         by_layer = {r["layer_idx"]: r for r in records}
+        # What was on the device, or on its way, when the token began: the bound's starting point.
+        at_start = {key: loader.left(slot) for key, slot in cache.slot_of.items()}
+        routed, misses = 0, []
         for layer_idx in range(num_layers):
             scheduler.prefetch(layer_idx, said.get((step, layer_idx), []))
             record = by_layer.get(layer_idx)
@@ -183,6 +227,8 @@ def simulate(
                 continue
             scheduler.tick(clock.now)
             experts = list(record["experts"])
+            routed += len(experts)
+            misses += [at_start.get((layer_idx, e), 1.0) for e in experts if at_start.get((layer_idx, e), 1.0) > 0]
             # Tokens per expert are not recorded: the call's pairs spread evenly (1 in decode).
             per_expert = max(1, record["tokens"] * top_k // max(1, len(experts)))
             host, waves = scheduler.plan(layer_idx, experts, dict.fromkeys(experts, per_expert), placement)
@@ -220,6 +266,7 @@ def simulate(
         elif i + 1 < len(steps) and steps[i + 1] < len(step_starts):
             clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
         stall = sum(loader._stalls.values()) - stall_before
+        work.append((routed, misses))
         tokens.append(
             {
                 "step": step,
@@ -245,8 +292,14 @@ def simulate(
     stall = sum(t["stall_s"] for t in decode)
     decode_host = sum(t["host_experts"] for t in tokens[1:])
     routed_decode = decode_hits + decode_misses + decode_host
+    bound = None
+    if roofline is not None and lanes is not None:
+        kept = {id(t) for t in decode}
+        bound = three_lane_bound([w for t, w in zip(tokens, work) if id(t) in kept], roofline, lanes, num_layers)
     return {
         "on_miss": placement.on_miss if placement is not None else "wait",
+        "policy": policy,
+        "bound_tokens_per_s": bound,
         "host_experts": sum(t["host_experts"] for t in tokens),
         "host_s_per_token": sum(t["host_s"] for t in decode) / len(decode) if decode else 0.0,
         "host_exposed_s_per_token": sum(t["host_exposed_s"] for t in decode) / len(decode) if decode else 0.0,
@@ -266,6 +319,41 @@ def simulate(
         "prefetch_used": totals.prefetch_used,
         "bytes_loaded": totals.bytes_loaded,
     }
+
+
+def three_lane_bound(
+    work: list[tuple[int, list[float]]], roofline: Roofline, lanes: Placement, num_layers: int
+) -> float:
+    """Tokens/s if every token's misses were split ideally between the host lane and the link.
+
+    `work` holds, per decode token, (routed experts, misses): a miss is a routed expert that
+    was not on the device when the token began, given as the share of its copy still to move
+    then (1.0 if absent, less if its upload was under way). The device computes the dense part
+    and every routed expert not sent to the host; x misses run on the host (one decode call
+    each), the others' copies cross the link, the three lanes in parallel, never waiting on
+    each other. For each x the host takes the misses with the most copy left:
+
+        token >= min over x of max(dense + (routed - x) * device, x * host, link time of the rest)
+
+    Whatever a replay does within the token (placement, prefetches, waits), its misses take
+    these lanes at least this long, so the bound's tokens/s is at least the replay's; the ratio
+    is what placement and prefetching leave on the table given the pool each token starts with.
+    Uploads that shaped that pool in earlier tokens are not charged to it."""
+    if not work:
+        return 0.0
+    dense = num_layers * roofline.dense(1) + roofline.head_bytes / roofline.hbm_bandwidth
+    device = roofline.expert_bytes / roofline.hbm_bandwidth  # one expert read once (decode is bytes-bound)
+    host, link = lanes.host_s(1), lanes.link_s()
+    seconds = 0.0
+    for routed, misses in work:
+        shares = sorted(misses, reverse=True)
+        rest = sum(shares)  # link time (in copies) of the misses not on the host
+        best = max(dense + routed * device, rest * link)
+        for x, share in enumerate(shares, 1):
+            rest -= share
+            best = min(best, max(dense + (routed - x) * device, x * host, rest * link))
+        seconds += best
+    return len(work) / seconds
 
 
 def _predictions(
@@ -316,6 +404,7 @@ def simulate_replay(
     itemsize: int = 2,
     on_miss: str = "wait",
     costs: LaneCosts | None = None,
+    policy: str = "lru",
 ) -> dict:
     """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute,
     with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here.
@@ -323,6 +412,7 @@ def simulate_replay(
     and link with the shipped desktop host, `profiles.default_lane_costs`)."""
     scale = itemsize / replay.get("itemsize", itemsize)
     expert_bytes = replay["expert_params"] * itemsize
+    lanes = _lanes(on_miss, costs, profile, expert_bytes, replay["expert_params"])
     roofline = Roofline(
         profile.hbm_bandwidth_bytes_per_s,
         profile.peak_bf16_flops,
@@ -343,7 +433,9 @@ def simulate_replay(
         top_k=replay["top_k"],
         predictor=predictor,
         lookahead=replay["lookahead"],
-        placement=_placement(on_miss, costs, profile, expert_bytes, replay["expert_params"]),
+        placement=lanes if on_miss != "wait" else None,
+        lanes=lanes,
+        policy=policy,
     )
     result.pop("tokens")
     return {
@@ -355,10 +447,9 @@ def simulate_replay(
     }
 
 
-def _placement(on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int):
-    """The runtime's placement rule on the simulated machine's lanes; None for "wait"."""
-    if on_miss == "wait":
-        return None
+def _lanes(on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int) -> Placement:
+    """The runtime's placement rule on the simulated machine's lanes (for "wait" too: the
+    three-lane bound needs the host lane's speed whatever the replay's own placement)."""
     if costs is None:
         from .profiles import default_lane_costs
 

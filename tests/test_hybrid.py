@@ -63,6 +63,9 @@ def test_with_misses_on_the_host_a_prefetch_that_cannot_land_in_time_is_skipped(
         def done(self, slot):
             return False
 
+        def left(self, slot):
+            return 1.0
+
     costs = LaneCosts(1e9, 1e9, 1e12, 0.0, 1e12, 1e14)  # 1 GB/s link: a 10 MB expert takes 10 ms
     for on_miss, expected in (("auto", [(2, 5)]), ("wait", [(1, 3), (2, 5)])):
         cache = ExpertCache(8, 10_000_000, [0, 1, 2])

@@ -15,8 +15,9 @@ from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moe_prefetch.config import PREDICTORS, RuntimeConfig
+from moe_prefetch.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError, ReportError
+from moe_prefetch.placement import ON_MISS
 
 from .app import EXIT_INTERRUPTED, Command, app, stderr, stdout
 
@@ -149,7 +150,8 @@ BENCH_LEGEND = (
     "hit rate: hits / (hits + misses), every token; decode hits: the same without the first token (prefill); "
     "prefetch P (precision): prefetches used / issued; prefetch R (recall): demand accesses served by a prefetched "
     "expert / all demand accesses; stall: share of decode time spent waiting for copies; "
-    "sim NAME tok/s: tokens/s simulated on that hardware profile"
+    "sim NAME tok/s: tokens/s simulated on that hardware profile; bound NAME tok/s: the three-lane bound of the "
+    "row (each token's misses split ideally between the host lane and the link)"
 )
 
 
@@ -222,6 +224,10 @@ def bench(
             "With --routing every one is simulated; a measured bench runs the first."
         ),
     ] = "wait",
+    cache_policy: Annotated[
+        str,
+        typer.Option(help=f"Comma-separated eviction policies to compare, from {', '.join(CACHE_POLICIES)}."),
+    ] = "lru",
     device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
@@ -236,6 +242,11 @@ def bench(
     placements = _csv(on_miss)
     for placement in placements:
         RuntimeConfig(on_miss=placement)  # the runtime's own check and message
+    policies = _csv(cache_policy)
+    if not policies:
+        raise ConfigError(f"--cache-policy is empty; give one or more of {', '.join(CACHE_POLICIES)}")
+    for policy in policies:
+        RuntimeConfig(cache_policy=policy)
 
     import torch
 
@@ -257,8 +268,9 @@ def bench(
             lookahead=lookahead,
             on_miss=placements,
             host=host_profile,
+            policies=policies,
             progress=lambda row: out.print(
-                f"  {row['on_miss']:<5} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+                f"  {row['on_miss']:<5} {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
                 f"decode hit {row['decode_hit_rate']:.1%} (simulated)"
             ),
         )
@@ -288,12 +300,13 @@ def bench(
         predictor_path=predictor_path,
         lookahead=lookahead,
         on_miss=placements[0],
+        policies=policies,
         progress=lambda row: out.print(
-            f"  {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+            f"  {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
             f"hit {row['hit_rate']:.1%}  {row['tokens_per_s']:.1f} tok/s"
         ),
     )
-    result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs])
+    result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs], policies=policies)
     # TODO(issue 10): pass host=host_profile to run_bench once it simulates the host lane; until then
     # the host is recorded, not used.
     result["meta"]["host"] = None if host_profile is None else host_profile.name
@@ -307,15 +320,23 @@ def bench(
     # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
     # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
     table.add_column("on miss", no_wrap=True)
+    compared = len(policies) > 1  # one policy: the column would repeat it (and narrow the rest)
+    if compared:
+        table.add_column("policy", no_wrap=True)
     table.add_column("predictor", no_wrap=True)
     for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
         table.add_column(column, justify="right", overflow="fold")
     for p in profs:
         table.add_column(f"sim\n{p.name}\ntok/s", justify="right", overflow="fold")
+    bounded = any("bound" in row for row in result["rows"])
+    for p in profs if bounded else []:
+        table.add_column(f"bound\n{p.name}\ntok/s", justify="right", overflow="fold")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in result["rows"]:
+        bound = row.get("bound", {})
         table.add_row(
             row.get("on_miss", "-"),
+            *([row.get("policy", "-")] if compared else []),
             row["predictor"],
             f"{row['cache_fraction']:g}",
             fmt(row["hit_rate"], ".1%"),
@@ -325,6 +346,7 @@ def bench(
             fmt(row.get("stall_share"), ".1%"),
             fmt(row["tokens_per_s"], ".1f"),
             *[fmt(row["simulated"].get(p.name), ".1f") for p in profs],
+            *[fmt(bound.get(p.name), ".1f") for p in profs if bounded],
         )
     out.print(table)
     if json_out is not None:
@@ -370,6 +392,10 @@ def simulate(
     routing: Annotated[str, typer.Option(help="With --shape: demo, demo-fine or random.")] = "random",
     tokens: Annotated[int, typer.Option(help="With --shape: decode tokens to replay.")] = 32,
     lookahead: Annotated[int, typer.Option(help="With --shape: layers ahead to prefetch.")] = 2,
+    on_miss: Annotated[
+        str, typer.Option(help=f"Where a non-resident expert runs: {', '.join(ON_MISS)} (wait: for its upload).")
+    ] = "auto",
+    cache_policy: Annotated[str, typer.Option(help=f"Eviction policy: {', '.join(CACHE_POLICIES)}.")] = "lru",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Replay a recorded run (or a shape with demo or random routing) through the scheduler on a profile."""
@@ -377,12 +403,14 @@ def simulate(
 
     if (trace is None) == (shape is None):
         raise ConfigError("give --trace RUN_JSON or --shape NAME (with --routing), one of the two")
+    RuntimeConfig(on_miss=on_miss, cache_policy=cache_policy)  # the runtime's own checks and messages
     host_profile = None if host is None else hw.load_host_profile(host)
+    device = hw.load_profile(profile)
+    lanes = dict(on_miss=on_miss, costs=hw.default_lane_costs(device, host_profile), policy=cache_policy)
     if shape is not None:
-        result = _simulate_shape(shape, routing, hw.load_profile(profile), cache_slots, predictor, tokens, lookahead)
+        result = _simulate_shape(shape, routing, device, cache_slots, predictor, tokens, lookahead, lanes)
     else:
-        result = _simulate_trace(trace, hw.load_profile(profile), cache_slots, predictor)
-    # TODO(issue 10): pass the host profile to simulate_replay once it has the host lane; recorded, not used.
+        result = _simulate_trace(trace, device, cache_slots, predictor, lanes)
     result["host"] = None if host_profile is None else host_profile.name
     if json_out:
         stdout().print_json(json.dumps(result))
@@ -401,9 +429,19 @@ def simulate(
         f"  hit rate {result['hit_rate']:.1%}, prefetches issued {result['prefetch_issued']}, "
         f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
     )
+    out.print(
+        f"  on miss {result['on_miss']}, policy {result['policy']}: host lane "
+        f"{result['host_s_per_token'] * 1e3:.3f} ms/token ({result['host_experts']} experts on the host)"
+    )
+    bound = result["bound_tokens_per_s"]
+    if bound:
+        out.print(
+            f"  three-lane bound {bound:.1f} tokens/s ({bound / result['tokens_per_s']:.2f}x the simulated speed): "
+            "each token's misses split ideally between the host lane and the link"
+        )
 
 
-def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead) -> dict:
+def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead, lanes) -> dict:
     from moe_prefetch.bench import shape_replay, shape_routing
     from moe_prefetch.routing import PREDICTORS, RECORDED
     from moe_prefetch.sim import simulate_replay
@@ -419,10 +457,10 @@ def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, look
     slots = cache_slots or max(sizes["top_k"], round(0.25 * total))
     replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
     mode = "recorded" if predictor in RECORDED else predictor
-    return {**simulate_replay(replay, profile, predictor=mode), "predictor": predictor, "routing": routing}
+    return {**simulate_replay(replay, profile, predictor=mode, **lanes), "predictor": predictor, "routing": routing}
 
 
-def _simulate_trace(trace, profile, cache_slots, predictor) -> dict:
+def _simulate_trace(trace, profile, cache_slots, predictor, lanes) -> dict:
     from moe_prefetch.profiling import load_run
     from moe_prefetch.sim import simulate_replay
 
@@ -437,4 +475,4 @@ def _simulate_trace(trace, profile, cache_slots, predictor) -> dict:
         "predictions": payload.get("predictions", []),
         "step_starts": payload.get("step_starts", []),
     }
-    return simulate_replay(replay, profile, cache_slots=cache_slots, predictor=predictor)
+    return simulate_replay(replay, profile, cache_slots=cache_slots, predictor=predictor, **lanes)
