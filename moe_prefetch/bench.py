@@ -13,6 +13,7 @@ the first run's).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -21,13 +22,15 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .compression import make_codec
 from .integration import attach
 from .layout import dense_bytes, find_moe_layers, spec_of
-from .sim import Roofline, replay_payload, simulate_replay
+from .sim import Roofline, expert_traffic, replay_payload, simulate_replay
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "import os\n\ndef main("
+SIM_EXPERTS_DTYPES = ("auto", "bf16", "int8", "int4")  # what a shape's rows may simulate
 
 # Public configs of the five reference shapes, with fewer layers so a CPU can run them. Their
 # weights are random, so their routing is random: say so next to every number they give.
@@ -126,7 +129,10 @@ def shape_sizes(name: str, layers: int | None = None, itemsize: int = 2) -> dict
     moe = find_moe_layers(model)
     scale = itemsize / 2
     per_layer, head = dense_bytes(model, moe)
+    spec = spec_of(moe)
     return {
+        # per experts_dtype: the bytes each lane moves or touches per expert (sim.expert_traffic)
+        "experts": {d: expert_traffic(make_codec(spec, d), moe[0].experts) for d in SIM_EXPERTS_DTYPES},
         "moe_layer_ids": [layer.layer_idx for layer in moe],
         "num_layers": config.num_hidden_layers,
         "num_experts": moe[0].num_experts,
@@ -185,6 +191,7 @@ def run_routed_bench(
     on_miss: list[str] | tuple[str, ...] = ("wait",),
     host=None,
     policies: list[str] | tuple[str, ...] = ("lru",),
+    experts_dtypes: list[str] | tuple[str, ...] = ("auto",),
 ) -> dict:
     """Simulate shape `name` at its real depth on each profile, replaying the routing and
     predictions recorded from the demo `routing` ('demo' or 'demo-fine'), repeated across the
@@ -192,7 +199,8 @@ def run_routed_bench(
     simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only.
     Each `on_miss` placement and cache eviction policy (`policies`) gets its rows; `host` (a
     HostProfile) sets the host lane's speed. Each row carries its three-lane bound per profile
-    (`sim.three_lane_bound`) and the bound's ratio to the simulated tokens/s."""
+    (`sim.three_lane_bound`) and the bound's ratio to the simulated tokens/s. Each of
+    `experts_dtypes` simulates the experts at that dtype's sizes ("auto": bf16, the shapes' own)."""
     from .profiles import default_lane_costs
     from .routing import RECORDED
 
@@ -200,8 +208,13 @@ def run_routed_bench(
     total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
     top_k = sizes["top_k"]
     rows = []
-    for fraction, policy, placement, predictor in itertools.product(fractions, policies, on_miss, predictors):
-        slots = max(top_k, round(fraction * total))
+    for dtype, fraction, policy, placement, predictor in itertools.product(
+        experts_dtypes, fractions, policies, on_miss, predictors
+    ):
+        # A cache fraction is of the device memory bf16 experts would take: compressed experts get
+        # more slots in the same bytes, as a user's fixed cache_budget gives them.
+        plain = sizes["experts"]["bf16"]["bytes"]
+        slots = max(top_k, min(total, round(fraction * total * plain / sizes["experts"][dtype]["bytes"])))
         replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
         mode = "recorded" if predictor in RECORDED else predictor
         sims = {
@@ -213,6 +226,7 @@ def run_routed_bench(
                 on_miss=placement,
                 costs=default_lane_costs(p, host),
                 policy=policy,
+                experts=sizes["experts"][dtype],
             )
             for p in profiles
         }
@@ -220,6 +234,8 @@ def run_routed_bench(
         row = {
             "on_miss": placement,
             "policy": policy,
+            "experts_dtype": dtype,
+            "expert_bytes": sizes["experts"][dtype]["bytes"],
             "predictor": predictor,
             "cache_fraction": fraction,
             "cache_slots": slots,
@@ -297,8 +313,12 @@ def run_bench(
     sim_itemsize: int = 2,
     on_miss: str = "wait",
     policies: list[str] | tuple[str, ...] = ("lru",),
+    experts_dtype: str = "auto",
 ) -> dict:
     """Measure every (predictor, fraction, eviction policy) on `model`; returns {"rows": [...], "meta": {...}}.
+    `experts_dtype` compresses the experts for every run (a cache fraction is then of the device
+    memory the model's own experts would need, so compressed experts get more slots), and the
+    simulated profiles use the compressed sizes.
     `on_miss` places the misses of the measured runs (the simulated columns replay them as
     waits: the simulator's host lane is used by the routed bench).
 
@@ -311,12 +331,16 @@ def run_bench(
     scale = sim_itemsize / spec.dtype.itemsize
     per_layer_dense, head_bytes = (int(b * scale) for b in dense_bytes(model, layers))
     expert_params = spec.numel  # padded numel, within 64 elements per matrix
-    sim_expert_bytes = expert_params * sim_itemsize
+    codec = make_codec(spec, experts_dtype)
+    sim_spec = dataclasses.replace(spec, dtype={1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}[sim_itemsize])
+    sim_experts = expert_traffic(make_codec(sim_spec, experts_dtype), layers[0].experts)
+    # Detach gives back the decoded (lossy) experts: every run must start from the same weights.
+    pristine = None if codec.identity else [p.detach().clone() for layer in layers for p in layer.experts.parameters()]
     rows, reference, oracle_trace = [], None, None
     mask = torch.ones_like(prompt_ids)
     order = ["none"] + [p for p in predictors if p != "none"]  # the oracle replays none's trace
     for fraction, policy in itertools.product(fractions, policies):
-        slots = max(top_k, round(fraction * total))
+        slots = max(top_k, min(total, round(fraction * total * spec.nbytes / codec.nbytes)))
         for predictor in order:
             if predictor not in predictors and predictor != "none":
                 continue
@@ -330,6 +354,7 @@ def run_bench(
                 record=True,
                 on_miss=on_miss,
                 cache_policy=policy,
+                experts_dtype=experts_dtype,
                 **kwargs,
             )
             try:
@@ -361,13 +386,24 @@ def run_bench(
                     oracle_trace = trace
             finally:
                 runtime.detach()
+                if pristine is not None:
+                    with torch.no_grad():
+                        params = [p for layer in layers for p in layer.experts.parameters()]
+                        for param, saved in zip(params, pristine):
+                            param.copy_(saved)
             if predictor not in predictors:
                 continue
-            row = {"on_miss": on_miss, "policy": policy, **_row(predictor, fraction, slots, stats, starts, wall, trace)}
+            row = {
+                "on_miss": on_miss,
+                "policy": policy,
+                "experts_dtype": stats["experts_dtype"],
+                "expert_bytes": stats["expert_bytes"],
+                **_row(predictor, fraction, slots, stats, starts, wall, trace),
+            }
             row["same_tokens"] = same_tokens
             row["simulated"] = {}
             for profile in profiles or []:
-                sim = simulate_replay(replay, profile, itemsize=sim_itemsize, policy=policy)
+                sim = simulate_replay(replay, profile, itemsize=sim_itemsize, policy=policy, experts=sim_experts)
                 row["simulated"][profile.name] = sim["tokens_per_s"]
                 row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
             rows.append(row)
@@ -377,7 +413,7 @@ def run_bench(
         profiles or [],
         oracle_trace or [],
         layers,
-        sim_expert_bytes,
+        sim_experts["bytes"],
         expert_params,
         per_layer_dense,
         head_bytes,
@@ -388,7 +424,8 @@ def run_bench(
         "experts_total": total,
         "top_k": top_k,
         "expert_bytes": spec.nbytes,
-        "simulated_expert_bytes": sim_expert_bytes,
+        "simulated_expert_bytes": sim_experts["bytes"],
+        "experts_dtype": codec.name,
         "tokens": tokens,
         "moe_layers": len(layers),
         "layers": model.config.num_hidden_layers,

@@ -52,11 +52,11 @@ class ParamFormat:
     and dtype, and the function that rebuilds the parameter from them."""
 
     name = "raw"
-    # Host DRAM bytes decoding costs per value, beyond reading the stored bytes and the kernel
-    # reading the decoded copy: the temporaries the decode writes and reads back. Measured on
-    # one CPU core with scripts/bench_compression.py (decode time x ~10 GB/s over the values):
-    # about 8 for int8 and 20 for int4; the native formats decode much like int4.
-    decode_bytes_per_value = 20
+    # Memory bytes decoding costs per value, beyond reading the stored bytes and writing and
+    # re-reading the decoded copy: the fp32 scratch it works in. From one CPU core
+    # (scripts/bench_compression.py, decode time x ~10 GB/s over the values, scratch decode):
+    # about 4 for int8 and 10 for int4; the native formats are taken to decode like int4.
+    decode_bytes_per_value = 10
 
     def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -90,7 +90,7 @@ class Int8(ParamFormat):
     """Symmetric per-channel int8: w = q * scale, one scale per row of the last dimension."""
 
     name = "int8"
-    decode_bytes_per_value = 8
+    decode_bytes_per_value = 4
 
     def parts(self, shape, dtype):
         return {"q": (shape, torch.int8), "scale": ((*shape[:-1], 1), torch.float32)}
@@ -105,7 +105,12 @@ class Int8(ParamFormat):
     def decode(self, parts, out):
         q, scale, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(out)
         for sl in _row_chunks(o.shape[0], o.shape[1]):
-            o[sl].copy_(q[sl].float() * scale[sl])
+            rows = q[sl].shape[0]
+            # fp32 arithmetic (q * scale, one rounding), in place in fp32 output or in scratch.
+            f = o[sl] if o.dtype == torch.float32 else _scratch(o.device, "f32", rows * o.shape[1]).view(rows, -1)
+            f.copy_(q[sl]).mul_(scale[sl])
+            if o.dtype != torch.float32:
+                o[sl].copy_(f)
 
 
 class Int4(ParamFormat):
@@ -153,11 +158,22 @@ class Int4(ParamFormat):
 
     def decode(self, parts, out):
         q, scale, low, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(parts["low"]), _rows(out)
-        for sl in _row_chunks(o.shape[0], q.shape[1] * 2):
+        padded = q.shape[1] * 2
+        for sl in _row_chunks(o.shape[0], padded):
             packed = q[sl]
-            values = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1, self.group)
-            w = values.float() * scale[sl].float().unsqueeze(-1) + low[sl].float().unsqueeze(-1)
-            o[sl].copy_(w.reshape(packed.shape[0], -1)[:, : o.shape[1]])
+            rows = packed.shape[0]
+            nibbles = _scratch(o.device, "u8", rows * padded, torch.uint8).view(rows, -1, 2)
+            torch.bitwise_and(packed, 15, out=nibbles[..., 0])
+            torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
+            # q * scale + low in fp32 (two roundings, as the reference computes it), in place:
+            # in the fp32 output itself when it has no padding, else in scratch.
+            direct = o.dtype == torch.float32 and padded == o.shape[1]
+            f = o[sl] if direct else _scratch(o.device, "f32", rows * padded).view(rows, -1)
+            g = f.view(rows, -1, self.group)
+            g.copy_(nibbles.view(rows, -1, self.group))
+            g.mul_(scale[sl].unsqueeze(-1)).add_(low[sl].unsqueeze(-1))
+            if not direct:
+                o[sl].copy_(f[:, : o.shape[1]])
 
 
 def _row_chunks(rows: int, per_row: int):
@@ -165,6 +181,20 @@ def _row_chunks(rows: int, per_row: int):
     step = max(1, _DECODE_ELEMS // max(1, per_row))
     for start in range(0, rows, step):
         yield slice(start, start + step)
+
+
+_SCRATCH: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused flat buffer of at least `numel` values, per device: decoding allocates nothing per
+    call (fresh multi-MB temporaries cost a page fault per 4 KiB on the host, more than the
+    arithmetic). At most `_DECODE_ELEMS` values each (64 MiB in fp32), as decode chunks."""
+    key = (str(device), name)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

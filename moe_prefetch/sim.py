@@ -405,19 +405,24 @@ def simulate_replay(
     on_miss: str = "wait",
     costs: LaneCosts | None = None,
     policy: str = "lru",
+    experts: dict | None = None,
 ) -> dict:
     """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute,
     with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here.
     `on_miss` other than "wait" adds the host lane, at `costs` (default: the profile's device
-    and link with the shipped desktop host, `profiles.default_lane_costs`)."""
+    and link with the shipped desktop host, `profiles.default_lane_costs`). `experts`: compressed
+    experts (`expert_traffic`): the bytes the link moves, and the bytes the host lane and the
+    device touch per expert call (decoding included); None: plain experts at `itemsize`."""
     scale = itemsize / replay.get("itemsize", itemsize)
-    expert_bytes = replay["expert_params"] * itemsize
-    lanes = _lanes(on_miss, costs, profile, expert_bytes, replay["expert_params"])
+    plain = replay["expert_params"] * itemsize
+    experts = experts or {"bytes": plain, "host_bytes": plain, "device_bytes": plain}
+    expert_bytes = experts["bytes"]
+    lanes = _lanes(on_miss, costs, profile, expert_bytes, replay["expert_params"], experts["host_bytes"])
     roofline = Roofline(
         profile.hbm_bandwidth_bytes_per_s,
         profile.peak_bf16_flops,
         replay["dense_bytes_per_layer"] * scale,
-        expert_bytes,
+        experts["device_bytes"],
         replay["expert_params"],
         replay["head_bytes"] * scale,
     )
@@ -447,11 +452,28 @@ def simulate_replay(
     }
 
 
-def _lanes(on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int) -> Placement:
+def _lanes(
+    on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int, host_bytes: int | None = None
+) -> Placement:
     """The runtime's placement rule on the simulated machine's lanes (for "wait" too: the
     three-lane bound needs the host lane's speed whatever the replay's own placement)."""
     if costs is None:
         from .profiles import default_lane_costs
 
         costs = default_lane_costs(profile)
-    return Placement(costs, expert_bytes, expert_params, on_miss)
+    return Placement(costs, expert_bytes, expert_params, on_miss, host_bytes)
+
+
+def expert_traffic(codec, experts_module=None) -> dict:
+    """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
+    host-lane call touches (`host_bytes`: the stored bytes where the packed int8 kernel reads
+    them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
+    stored bytes, plus the decode's traffic when compressed)."""
+    from .host_kernels import packed_int8
+
+    packed = experts_module is not None and packed_int8(codec, experts_module)
+    return {
+        "bytes": codec.nbytes,
+        "host_bytes": codec.nbytes if packed else codec.host_bytes,
+        "device_bytes": codec.host_bytes,
+    }

@@ -228,6 +228,14 @@ def bench(
         str,
         typer.Option(help=f"Comma-separated eviction policies to compare, from {', '.join(CACHE_POLICIES)}."),
     ] = "lru",
+    experts_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated expert formats: auto (the model's own), bf16, int8, int4. A cache share is then "
+            "of the memory bf16 experts would take, so compressed experts get more slots. With --routing every "
+            "one is simulated; a measured bench runs the first."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
@@ -247,6 +255,11 @@ def bench(
         raise ConfigError(f"--cache-policy is empty; give one or more of {', '.join(CACHE_POLICIES)}")
     for policy in policies:
         RuntimeConfig(cache_policy=policy)
+    dtypes = _csv(experts_dtype)
+    if not dtypes:
+        raise ConfigError("--experts-dtype is empty; give one or more of auto, bf16, int8, int4")
+    for dtype in dtypes:
+        RuntimeConfig(experts_dtype=dtype)
 
     import torch
 
@@ -269,8 +282,10 @@ def bench(
             on_miss=placements,
             host=host_profile,
             policies=policies,
+            experts_dtypes=dtypes,
             progress=lambda row: out.print(
-                f"  {row['on_miss']:<5} {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+                f"  {row['experts_dtype']:<4} {row['on_miss']:<5} {row['policy']:<4} {row['predictor']:<15} "
+                f"cache {row['cache_fraction']:<6} "
                 f"decode hit {row['decode_hit_rate']:.1%} (simulated)"
             ),
         )
@@ -301,12 +316,20 @@ def bench(
         lookahead=lookahead,
         on_miss=placements[0],
         policies=policies,
+        experts_dtype=dtypes[0],
         progress=lambda row: out.print(
             f"  {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
             f"hit {row['hit_rate']:.1%}  {row['tokens_per_s']:.1f} tok/s"
         ),
     )
-    result["meta"].update(model=model, note=note, predictors=preds, profiles=[p.name for p in profs], policies=policies)
+    result["meta"].update(
+        model=model,
+        note=note,
+        predictors=preds,
+        profiles=[p.name for p in profs],
+        policies=policies,
+        experts_dtypes=dtypes,
+    )
     # TODO(issue 10): pass host=host_profile to run_bench once it simulates the host lane; until then
     # the host is recorded, not used.
     result["meta"]["host"] = None if host_profile is None else host_profile.name
@@ -323,6 +346,9 @@ def bench(
     compared = len(policies) > 1  # one policy: the column would repeat it (and narrow the rest)
     if compared:
         table.add_column("policy", no_wrap=True)
+    formats = len(dtypes) > 1 or dtypes != ["auto"]
+    if formats:
+        table.add_column("experts", no_wrap=True)
     table.add_column("predictor", no_wrap=True)
     for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
         table.add_column(column, justify="right", overflow="fold")
@@ -337,6 +363,7 @@ def bench(
         table.add_row(
             row.get("on_miss", "-"),
             *([row.get("policy", "-")] if compared else []),
+            *([row.get("experts_dtype", "-")] if formats else []),
             row["predictor"],
             f"{row['cache_fraction']:g}",
             fmt(row["hit_rate"], ".1%"),
