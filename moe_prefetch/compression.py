@@ -52,11 +52,14 @@ class ParamFormat:
     and dtype, and the function that rebuilds the parameter from them."""
 
     name = "raw"
-    # Memory bytes decoding costs per value, beyond reading the stored bytes and writing and
-    # re-reading the decoded copy: the fp32 scratch it works in. From one CPU core
-    # (scripts/bench_compression.py, decode time x ~10 GB/s over the values, scratch decode):
-    # about 4 for int8 and 10 for int4; the native formats are taken to decode like int4.
-    decode_bytes_per_value = 10
+    # Memory bytes decoding moves per value, beyond reading the stored bytes and writing and
+    # re-reading the decoded copy (what the placement and the simulator charge a decoding call).
+    # Host: the fp32 scratch path, from its measured time on one core (scripts/bench_compression.py,
+    # at ~10 GB/s: int8 into bf16 3.6 ms, int4 10.1 ms for 7.3M values). Device: the single-pass
+    # path, counted from its ops (int4 unpacks its nibbles first). The native formats are taken
+    # as int4. A fused dequantizing matmul would move none of it (docs/benchmarks.md, section 8).
+    host_decode_bytes_per_value = 14
+    device_decode_bytes_per_value = 3
 
     def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -70,7 +73,7 @@ class ParamFormat:
 
 
 class Cast(ParamFormat):
-    decode_bytes_per_value = 0  # one conversion pass, counted as the decoded copy's write
+    host_decode_bytes_per_value = device_decode_bytes_per_value = 0  # one pass: the decoded copy's write
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -90,7 +93,8 @@ class Int8(ParamFormat):
     """Symmetric per-channel int8: w = q * scale, one scale per row of the last dimension."""
 
     name = "int8"
-    decode_bytes_per_value = 4
+    host_decode_bytes_per_value = 5
+    device_decode_bytes_per_value = 0
 
     def parts(self, shape, dtype):
         return {"q": (shape, torch.int8), "scale": ((*shape[:-1], 1), torch.float32)}
@@ -104,6 +108,9 @@ class Int8(ParamFormat):
 
     def decode(self, parts, out):
         q, scale, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(out)
+        if _single_pass(o.device):  # q * scale in fp32, rounded once into the output
+            torch.mul(q, scale, out=o)
+            return
         for sl in _row_chunks(o.shape[0], o.shape[1]):
             rows = q[sl].shape[0]
             # fp32 arithmetic (q * scale, one rounding), in place in fp32 output or in scratch.
@@ -165,6 +172,15 @@ class Int4(ParamFormat):
             nibbles = _scratch(o.device, "u8", rows * padded, torch.uint8).view(rows, -1, 2)
             torch.bitwise_and(packed, 15, out=nibbles[..., 0])
             torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
+            if _single_pass(o.device) and padded == o.shape[1]:  # low + q * scale, into the output
+                groups = (rows, -1, self.group)
+                torch.addcmul(
+                    low[sl].float().unsqueeze(-1),
+                    nibbles.view(groups),
+                    scale[sl].float().unsqueeze(-1),
+                    out=o[sl].view(groups),
+                )
+                continue
             # q * scale + low in fp32 (two roundings, as the reference computes it), in place:
             # in the fp32 output itself when it has no padding, else in scratch.
             direct = o.dtype == torch.float32 and padded == o.shape[1]
@@ -181,6 +197,16 @@ def _row_chunks(rows: int, per_row: int):
     step = max(1, _DECODE_ELEMS // max(1, per_row))
     for start in range(0, rows, step):
         yield slice(start, start + step)
+
+
+def _single_pass(device: torch.device) -> bool:
+    """Decode in one mixed-dtype op per format (int8 -> output; int4 nibbles -> output) where that
+    is fastest: on CUDA, where the cast on load is free and every extra pass costs HBM traffic.
+    On the CPU those mixed-dtype kernels are not vectorised (int8 into bf16: 30 ms against 3.6 ms
+    for the scratch path), so the host keeps the fp32 scratch path. Both give the same values on
+    the CPU (tested by forcing this path there); on CUDA a fused multiply-add may round int4's
+    last bit differently, within the model dtype's rounding."""
+    return device.type == "cuda"
 
 
 _SCRATCH: dict[tuple[str, str], torch.Tensor] = {}
@@ -237,8 +263,19 @@ class Codec:
         plain one, unless a packed kernel reads it as stored (host_kernels.py)."""
         if self.identity:
             return self.nbytes
+        return self._decoding_bytes("host_decode_bytes_per_value")
+
+    @property
+    def device_bytes(self) -> int:
+        """The same for one device call: the stored bytes read from the slot, the single-pass
+        decode's extra traffic, and the decoded copy written and read by the stock kernel."""
+        return self._decoding_bytes("device_decode_bytes_per_value")
+
+    def _decoding_bytes(self, per_value: str) -> int:
+        if self.identity:
+            return self.nbytes
         traffic = sum(
-            math.prod(shape) * self.formats[name].decode_bytes_per_value
+            math.prod(shape) * getattr(self.formats[name], per_value)
             for name, shape in zip(self.spec.names, self.spec.shapes)
         )
         return self.nbytes + traffic + 2 * self.spec.nbytes

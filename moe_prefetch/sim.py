@@ -468,12 +468,12 @@ def expert_traffic(codec, experts_module=None) -> dict:
     """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
     host-lane call touches (`host_bytes`: the stored bytes where the packed int8 kernel reads
     them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
-    stored bytes, plus the decode's traffic when compressed)."""
+    stored bytes, plus the single-pass decode's traffic when compressed)."""
     from .host_kernels import packed_int8
 
     packed = experts_module is not None and packed_int8(codec, experts_module)
     return {
         "bytes": codec.nbytes,
         "host_bytes": codec.nbytes if packed else codec.host_bytes,
-        "device_bytes": codec.host_bytes,
+        "device_bytes": codec.device_bytes,
     }

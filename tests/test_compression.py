@@ -224,3 +224,20 @@ def test_measured_bench_with_int4_leaves_the_model_as_it_was():
     assert {r["experts_dtype"] for r in rows} == {"int4"} and all(r["same_tokens"] for r in rows)
     for name, value in model.named_parameters():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_single_pass_decode_gives_the_scratch_path_values(monkeypatch, dtype, out_dtype):
+    """The device decodes in one mixed-dtype op per format; forced on the CPU it must give the
+    host's scratch-path values bit for bit (the all-resident reference is built with the latter)."""
+    spec = ExpertSpec(names=("w",), shapes=((96, 128),), dtype=out_dtype)
+    codec = make_codec(spec, dtype)
+    row = torch.empty(codec.stored.numel, dtype=torch.uint8)
+    encoded = codec.encode({"w": torch.randn(96, 128)})
+    for name, view in codec.stored.views(row).items():
+        view.copy_(encoded[name])
+    host = codec.expand(row)["w"].clone()
+    monkeypatch.setattr(compression, "_single_pass", lambda device: True)
+    single = codec.expand(row)["w"]
+    assert torch.equal(single, host)
