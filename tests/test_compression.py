@@ -105,10 +105,36 @@ def test_int4_offloaded_matches_int4_resident(arch, on_miss):
     _offloaded_matches_reference(make_model(arch), "int4", on_miss=on_miss)
 
 
-@pytest.mark.parametrize("experts_dtype", ["int8", "bf16"])
+@pytest.mark.parametrize("arch", [a for a in interface_model_types() if a in SUPPORTED])
+def test_int8_offloaded_matches_int8_resident(arch):
+    _offloaded_matches_reference(make_model(arch), "int8", on_miss="auto")
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_other_dtypes_match_their_reference(arch, experts_dtype):
-    _offloaded_matches_reference(make_model(arch), experts_dtype, on_miss="auto")
+def test_bf16_experts_match_their_reference(arch):
+    _offloaded_matches_reference(make_model(arch), "bf16", on_miss="auto")
+
+
+def test_m2r2_with_int4_on_the_demo_matches_the_int4_reference():
+    """The trained demo with its adapters: m2r2 predictions (router and adapters in full
+    precision) over int4 experts, against the demo with the same int4 experts all resident."""
+    from moe_prefetch.folders import resolve_path
+    from transformers import AutoModelForCausalLM
+
+    reference = compress_experts(AutoModelForCausalLM.from_pretrained(resolve_path("demo"), dtype=torch.float32), "int4")
+    model, runtime = moe_prefetch.load(
+        "demo", device="cpu", cache_slots=12, experts_dtype="int4", predictor="m2r2", lookahead=2, verify_slots=True
+    )
+    try:
+        ids = prompt(batch=1, length=8)
+        seq_ref, logits_ref = _generate(reference, ids)
+        seq, logits = _generate(model, ids)
+        assert torch.equal(seq, seq_ref)
+        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        stats = runtime.stats()
+        assert stats["predictor"] == "m2r2" and stats["prefetch_issued"] > 0 and stats["evictions"] > 0
+    finally:
+        runtime.detach()
 
 
 @pytest.mark.parametrize("predictor", ["previous-token", "next-gate", "oracle"])
