@@ -118,10 +118,12 @@ def test_bf16_experts_match_their_reference(arch):
 def test_m2r2_with_int4_on_the_demo_matches_the_int4_reference():
     """The trained demo with its adapters: m2r2 predictions (router and adapters in full
     precision) over int4 experts, against the demo with the same int4 experts all resident."""
-    from moe_prefetch.folders import resolve_path
     from transformers import AutoModelForCausalLM
 
-    reference = compress_experts(AutoModelForCausalLM.from_pretrained(resolve_path("demo"), dtype=torch.float32), "int4")
+    from moe_prefetch.folders import resolve_path
+
+    stock = AutoModelForCausalLM.from_pretrained(resolve_path("demo"), dtype=torch.float32)
+    reference = compress_experts(stock, "int4")
     model, runtime = moe_prefetch.load(
         "demo", device="cpu", cache_slots=12, experts_dtype="int4", predictor="m2r2", lookahead=2, verify_slots=True
     )
