@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import logging
 
-from accelerate import init_empty_weights
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
 from .compression import make_codec
 from .config import RuntimeConfig, config_for
-from .errors import CheckpointError, UnsupportedModelError
-from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
+from .errors import CheckpointError
+from .folders import resolve_path
 from .integration import resolve_device, wire
-from .layout import find_moe_layers, spec_of
-from .native import NativeExperts
 from .quantized_copy import fill_experts
 from .runtime import Runtime
+from .skeleton import check_expert_shapes, open_skeleton
 from .store import HostStore, check_host_memory
 
 logger = logging.getLogger(__name__)
@@ -59,20 +56,15 @@ def load(
     folder = resolve_path(path)
     if config.predictor == "m2r2" and config.predictor_path is None:
         config = RuntimeConfig(**{**config.__dict__, "predictor_path": str(folder / "m2r2_adapters.safetensors")})
-    hf_config = read_config(folder)
-    native = NativeExperts(hf_config)  # a quantized checkpoint: its experts stay in its format
     target, device_reason = resolve_device(config.device)
-    dtype = default_dtype(hf_config, target, dtype)
-    keys = checkpoint_files(folder)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        except ValueError as err:
-            raise UnsupportedModelError(f"transformers cannot build this model: {str(err).splitlines()[0]}") from None
-    model.eval()
-    layers = find_moe_layers(model)
-    spec = spec_of(layers)
-    checkpoint = Checkpoint(model, keys, _open, quantizer=native.quantizer)
+    skeleton = open_skeleton(folder, target, dtype)
+    model, layers, spec, checkpoint, native = (
+        skeleton.model,
+        skeleton.layers,
+        skeleton.spec,
+        skeleton.checkpoint,
+        skeleton.native,
+    )
     check_expert_shapes(checkpoint, layers, spec)
     store = HostStore(
         spec,
@@ -88,46 +80,11 @@ def load(
                 native.fill(store, checkpoint, layer, spec)
         else:  # quantized formats read a copy quantized once, or quantize here and write it
             fill_experts(store, layers, checkpoint, folder, config.experts_dtype)
-        _load_dense(model, checkpoint, expert_names, target, dtype)
+        _load_dense(model, checkpoint, expert_names, target, skeleton.dtype)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the checkpoint ({err}); a file is corrupt or truncated") from None
     runtime = wire(model, layers, spec, store, config, target, device_reason)
     return model, runtime
-
-
-def check_expert_shapes(checkpoint: Checkpoint, layers, spec) -> None:
-    """Every expert tensor's shape, from the safetensors headers, before anything is allocated:
-    a fused tensor must be `[num_experts, *shape]`; per-expert tensors must all have the shape
-    of expert 0's, and expert 0 must convert to what config.json builds. A mismatch names the
-    tensor, both shapes and its file."""
-
-    def header(key: str) -> tuple[int, ...]:
-        return tuple(_open(checkpoint.keys[key]).get_slice(key).get_shape())
-
-    def refuse(key: str, actual, expected) -> None:
-        raise CheckpointError(
-            f"expert tensor {key} in {checkpoint.keys[key]} has shape {actual} but config.json implies "
-            f"{expected}; the weights and config.json belong to different models"
-        )
-
-    for layer in layers:
-        for pname, shape in zip(spec.names, spec.shapes):
-            target = checkpoint.targets.get(f"{layer.path}.{pname}")
-            if target is None:
-                continue  # reported as missing when the expert is read
-            for pattern, keys in target.sources.items():
-                if "*" not in pattern:  # fused: [E, ...] in one tensor
-                    actual = header(keys[0])
-                    if target.converter is None and actual != (layer.num_experts, *shape):
-                        refuse(keys[0], actual, (layer.num_experts, *shape))
-                    if actual[:1] != (layer.num_experts,):
-                        refuse(keys[0], actual, (layer.num_experts, *actual[1:]))
-                    continue
-                first = header(keys[0])
-                for key in keys[1:]:
-                    if header(key) != first:
-                        refuse(key, header(key), first)
-        checkpoint.expert(layer.path, 0, layer.num_experts, spec)  # expert 0 converts to the config's shapes
 
 
 def _load_dense(model, checkpoint: Checkpoint, expert_names: set[str], target, dtype) -> None:

@@ -411,35 +411,24 @@ def quantize(
     model: one expert at a time from the checkpoint. `device` and `dtype` as for `load` (the
     model's dtype decides how biases are stored). `progress(done, total)` is called as experts are done.
     An existing valid copy is kept."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import Checkpoint
     from .compression import make_codec
-    from .errors import CheckpointError, ConfigError, UnsupportedModelError
-    from .folders import _open, checkpoint_files, default_dtype, read_config, resolve_path
+    from .errors import CheckpointError, ConfigError
+    from .folders import resolve_path
     from .integration import resolve_device
-    from .layout import find_moe_layers, spec_of
+    from .skeleton import check_expert_shapes, open_skeleton
 
     folder = resolve_path(path)
-    hf_config = read_config(folder)
     target, _ = resolve_device(device)
-    dtype = default_dtype(hf_config, target, dtype)
-    keys = checkpoint_files(folder)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        except ValueError as err:
-            raise UnsupportedModelError(f"transformers cannot build this model: {str(err).splitlines()[0]}") from None
-    layers = find_moe_layers(model)
-    spec = spec_of(layers)
+    skeleton = open_skeleton(folder, target, dtype)
+    layers, spec, checkpoint = skeleton.layers, skeleton.spec, skeleton.checkpoint
+    keys = checkpoint.keys
+    check_expert_shapes(checkpoint, layers, spec)  # before anything is written
     codec = make_codec(spec, experts_dtype)
     if not wanted(codec, experts_dtype):
         raise ConfigError(
             f"--experts-dtype {experts_dtype} does not quantize ({codec.describe()}): load reads the checkpoint "
             "directly; use int8 or int4"
         )
-    checkpoint = Checkpoint(model, keys, _open)  # each expert's shapes are checked as it is read
     source_bytes = _source_bytes(checkpoint, {f"{layer.path}.{n}" for layer in layers for n in spec.names})
     source = source_fingerprint(folder, keys.values())
     found = find(folder, codec, experts_dtype, source, layers)

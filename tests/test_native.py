@@ -304,3 +304,23 @@ def test_sizing_counts_the_native_bytes(tmp_path, kind):
         assert runtime.stats()["expert_bytes"] == size.expert_bytes
     finally:
         runtime.detach()
+
+
+def test_quantize_a_native_checkpoint_ahead_of_time(tmp_path, monkeypatch):
+    """`moe-prefetch quantize` opens a quantized checkpoint as `load` does (its quantizer in
+    dequantize mode): an MXFP4 checkpoint quantizes to int4, and load then reads that copy."""
+    from moe_prefetch import quantized_copy
+
+    mxfp4_checkpoint(tmp_path)
+    info = quantized_copy.quantize(tmp_path, "int4", device="cpu")
+    assert not info.reused and info.copy_bytes > 0
+    calls = []
+    encode = compression.Codec.encode
+    monkeypatch.setattr(compression.Codec, "encode", lambda self, t: calls.append(1) or encode(self, t))
+    model, runtime = moe_prefetch.load(tmp_path, device="cpu", cache_slots=3, experts_dtype="int4")
+    try:
+        assert calls == [] and runtime.stats()["experts_dtype"] == "int4"
+        ids = prompt(batch=1, length=5)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    finally:
+        runtime.detach()

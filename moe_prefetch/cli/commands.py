@@ -108,7 +108,7 @@ def run(
     ] = False,
 ):
     """Generate text with experts offloaded, streaming it after the prompt, then summarise what the cache did."""
-    from moe_prefetch.loading import read_config, resolve_path
+    from moe_prefetch.folders import read_config, resolve_path
 
     from .generate import IdsAsText, check_ids, load_tokenizer, parse_ids, read_prompt, record_run
 
