@@ -241,6 +241,18 @@ class HostStore(Mapping[Key, torch.Tensor]):
             self._registered.append(ptr)
 
     # -- reading ---------------------------------------------------------------------
+    def spans(self, layer_idx: int) -> list[tuple[int, int, torch.Tensor | None]]:
+        """Each chunk of one layer as (first expert, count, rows `[count, layout.numel]`), rows
+        None where the chunk's experts are not consecutive ids."""
+        out = []
+        for chunk in self._chunks:
+            if chunk.layer_idx != layer_idx:
+                continue
+            first, count = chunk.expert_ids[0], len(chunk.expert_ids)
+            consecutive = chunk.expert_ids == list(range(first, first + count))
+            out.append((first, count, chunk.rows if consecutive else None))
+        return out
+
     def expert(self, key: Key) -> dict[str, torch.Tensor]:
         """One expert's parameters by name, in the model's dtype and shapes: views of the store
         (identity codec) or a decoded copy."""

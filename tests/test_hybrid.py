@@ -102,3 +102,24 @@ def test_host_lane_threads_leave_a_core_on_cuda_and_follow_the_setting():
     finally:
         runtime.detach()
     assert torch.get_num_threads() == before, "detach restores the thread count"
+
+
+def test_host_lane_runs_one_kernel_call_per_store_chunk():
+    """Several experts on the host in one layer call cost one stock-kernel call over the store's
+    chunk of that layer (its experts are consecutive there), not one call each."""
+    import torch
+    from tiny_models import make_model, prompt
+
+    import moe_prefetch
+
+    model = make_model("qwen3_moe")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, on_miss="host", record=True)
+    try:
+        with torch.no_grad():
+            model(prompt(batch=2, length=6))
+        calls = [r for r in runtime.trace if r["host"]]
+        assert any(len(r["host"]) > 1 for r in calls)
+        assert runtime.kernel_calls["host_span"] == len(calls)  # one chunk per layer at this size
+        assert runtime.kernel_calls["host_packed"] == 0
+    finally:
+        runtime.detach()
