@@ -463,10 +463,12 @@ def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
 
 
 def _decode_hit_rate(trace: list[dict]) -> float:
-    """Hit rate over decode steps only (step 0, the prefill, touches nearly every expert)."""
-    hits = sum(r["hits"] for r in trace if r["step"] >= 1)
-    misses = sum(r["misses"] for r in trace if r["step"] >= 1)
-    return hits / (hits + misses) if hits + misses else 0.0
+    """Device hits over every routed expert of the decode steps, wherever it ran (as
+    `stats()["hit_rate"]`); step 0, the prefill, touches nearly every expert."""
+    decode = [r for r in trace if r["step"] >= 1]
+    hits = sum(r["hits"] for r in decode)
+    routed = hits + sum(r["misses"] + len(r.get("host", ())) for r in decode)
+    return hits / routed if routed else 0.0
 
 
 def _bounds(

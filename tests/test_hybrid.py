@@ -123,3 +123,15 @@ def test_host_lane_runs_one_kernel_call_per_store_chunk():
         assert runtime.kernel_calls["host_packed"] == 0
     finally:
         runtime.detach()
+
+
+def test_measured_bench_hit_rate_counts_host_experts():
+    """A measured bench row's decode hit rate is device hits over every routed expert: experts
+    that ran on the host are not hits (it read 100% when they were left out)."""
+    from tiny_models import make_model, prompt
+
+    from moe_prefetch.bench import run_bench
+
+    result = run_bench(make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host")
+    row = next(r for r in result["rows"] if r["predictor"] == "none")
+    assert 0 <= row["decode_hit_rate"] < 1
