@@ -31,6 +31,9 @@ class LaneCosts:
     host_call_s: float  # fixed overhead per expert call on the host
     device_bytes_per_s: float  # device memory bandwidth
     device_flops: float  # device FLOP/s
+    # Where the device lane is the same CPU (a CPU device), running part of a layer on the host
+    # lane costs one more call of the stock kernel: paid once per layer call that splits.
+    split_call_s: float = 0.0
 
 
 # No profile given: a PCIe 4.0 x16 link (~25 GB/s pinned), desktop DDR4-3200 dual channel
@@ -92,4 +95,5 @@ class Placement:
         if self.on_miss == "host":
             return True
         wait = link_busy + self.link_s() * (left if in_flight else 1.0) + self.device_s(tokens)
-        return host_busy + self.host_s(tokens) < wait
+        split = self.costs.split_call_s if host_busy == 0 else 0.0  # the layer's first host expert
+        return host_busy + split + self.host_s(tokens) < wait

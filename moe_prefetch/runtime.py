@@ -45,13 +45,30 @@ logger = logging.getLogger(__name__)
 HOST_READ_TOKENS = 16  # calls up to this many tokens read their hidden states with the routing
 
 
+# On a CPU device both lanes are the same cores: the host lane saves only the copy into a slot,
+# and a layer that also has resident experts then runs the stock kernel twice. That kernel's fixed
+# cost (sort, histogram, two grouped matmuls) was ~0.18 ms on one core of the workplace machine
+# (8 experts, one token); on the demo, auto without it ran 76 tok/s against wait's 99
+# (docs/benchmarks.md, 5c).
+CPU_SPLIT_CALL_S = 150e-6
+
+
 def default_costs(device: torch.device) -> LaneCosts:
     """Lane speeds when no profile says otherwise. On a CPU device the "device" is the host
-    itself and an upload is a memory copy, so a miss is always cheapest on the host lane."""
+    itself and an upload is a memory copy: a miss runs in place on the host lane when that saves
+    more copying than splitting the layer costs (large experts, or many misses in one call), and
+    is copied otherwise. A use on the device saves no host time there, so uploads are not
+    investments (scheduler.py)."""
     if device.type == "cpu":
         c = DEFAULT_COSTS
         return LaneCosts(
-            c.host_bytes_per_s / 2, c.host_bytes_per_s, c.host_flops, 0.0, c.host_bytes_per_s, c.host_flops
+            c.host_bytes_per_s / 2,
+            c.host_bytes_per_s,
+            c.host_flops,
+            0.0,
+            c.host_bytes_per_s,
+            c.host_flops,
+            split_call_s=CPU_SPLIT_CALL_S,
         )
     return DEFAULT_COSTS
 

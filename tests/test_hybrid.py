@@ -135,3 +135,22 @@ def test_measured_bench_hit_rate_counts_host_experts():
     result = run_bench(make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host")
     row = next(r for r in result["rows"] if r["predictor"] == "none")
     assert 0 <= row["decode_hit_rate"] < 1
+
+
+def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place():
+    """On a CPU device both lanes are the same cores: the host lane saves a copy but splitting a
+    layer costs a second kernel call. A small expert (the demo's 0.75 MB) is copied, a large
+    one (a Mixtral expert's 704 MB in fp32) runs in place; several misses in one call share the
+    split once it is paid."""
+    import torch
+
+    from moe_prefetch.runtime import CPU_SPLIT_CALL_S, default_costs
+
+    costs = default_costs(torch.device("cpu"))
+    assert costs.split_call_s == CPU_SPLIT_CALL_S > 0
+    small = Placement(costs, 786_432, 196_608, "auto")
+    assert not small.on_host(tokens=1, in_flight=False)
+    assert small.on_host(tokens=1, in_flight=False, host_busy=small.host_s(1))  # the split is paid
+    large = Placement(costs, 4 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
+    assert large.on_host(tokens=1, in_flight=False)
+    assert DEFAULT_COSTS.split_call_s == 0  # a GPU machine's lanes: the host lane runs beside the device

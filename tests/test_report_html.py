@@ -122,6 +122,9 @@ def run(tmp_path_factory):
             "10",  # 16 experts, 4 per token: room to prefetch into, so every colour shows
             "--predictor",
             "next-gate",
+            # misses on the host lane: on a CPU device auto copies experts this small instead
+            "--on-miss",
+            "host",
             "--report",
             str(out),
         ],
