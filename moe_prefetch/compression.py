@@ -12,6 +12,8 @@ and the stock kernel runs on them. Why decode rather than a packed kernel:
 - the packed kernels torch ships (`_weight_int4pack_mm`, `_weight_int8pack_mm`) are plain
   matmuls: the model's expert arithmetic (gating, activations, biases, clamps) would have to
   be rewritten per architecture. `scripts/bench_compression.py` measures both on this machine.
+  The one exception: on the host lane of a half-precision model, int8 experts are read as
+  stored by torch's int8 kernel around the module's own gating (host_kernels.py), 13x faster.
 
 Formats (`experts_dtype`):
 - "bf16" (or "fp16"/"fp32"): a plain cast;
@@ -42,8 +44,8 @@ _CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (the bar is 3%), so 64 was chosen on weight error: 0.078 / 0.090 / 0.100 relative RMS at
 # 32 / 64 / 128 for +11% / 0 / -6% bytes (docs/benchmarks.md, section 8).
 INT4_GROUP = 64
-# Decode at most this many elements at once: bounds the fp32 temporaries (a Mixtral expert
-# matrix is 58M values, 235 MB in fp32) at a few launches more per expert.
+# Decode at most this many elements at once: bounds the fp32 scratch (`_scratch`; a Mixtral
+# expert matrix is 58M values, 235 MB in fp32) at a few launches more per expert.
 _DECODE_ELEMS = 1 << 24
 
 
