@@ -285,14 +285,10 @@ class Runtime:
         """Run `host`'s experts one store chunk at a time (see `_host_part`), adding into `acc`.
         Returns the experts left for the per-expert path (those in a chunk of scattered ids)."""
         num = layer.num_experts
-        left = []
-        wanted = set(host)
+        done: set[int] = set()
         for first, count, rows in self.store.spans(layer.layer_idx):
             members = [e for e in host if first <= e < first + count]
-            if not members:
-                continue
-            if rows is None:  # not consecutive experts: one at a time
-                left += members
+            if not members or rows is None:  # no host expert here, or scattered ids: one at a time
                 continue
             lut = np.full(num + 1, -1, dtype=np.int64)  # the last row: transformers' EP sentinel
             lut[members] = np.asarray(members) - first
@@ -309,8 +305,8 @@ class Runtime:
             proxy = self._proxy(layer, self.spec.views(rows), 0, count)
             acc.index_add_(0, tokens_t, self.kernel(proxy, x, sub_index, sub_weights).float())
             self.kernel_calls["host_span"] += 1
-            wanted.difference_update(members)
-        return left + sorted(wanted - set(left)) if wanted else left
+            done.update(members)
+        return [e for e in host if e not in done]
 
     # -- internals ---------------------------------------------------------------
     def _read(self, top_k_index: torch.Tensor, extra: tuple = ()) -> tuple[np.ndarray, tuple]:

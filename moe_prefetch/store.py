@@ -68,6 +68,15 @@ class _Chunk:
     nbytes: int  # the mapping's size, whole pages
     registered: bool = False
 
+    @property
+    def first(self) -> int:
+        return self.expert_ids[0]
+
+    @property
+    def consecutive(self) -> bool:
+        """Row i holds expert first + i: the rows are a `[count, ...]` slice of the layer's experts."""
+        return self.expert_ids == list(range(self.first, self.first + len(self.expert_ids)))
+
 
 class HostStore(Mapping[Key, torch.Tensor]):
     """Read-only mapping `(layer_idx, expert_id) -> flat host row of the codec's stored layout`
@@ -176,8 +185,8 @@ class HostStore(Mapping[Key, torch.Tensor]):
     def _copy_rows(self, chunk: _Chunk, params: Mapping[str, torch.Tensor]) -> None:
         """One copy per parameter for a chunk of consecutive experts, not one per expert: each
         copy call has a fixed cost (threads woken, page faults taken), paid 128x at 128 experts."""
-        first, count = chunk.expert_ids[0], len(chunk.expert_ids)
-        if chunk.expert_ids != list(range(first, first + count)) or not self.codec.identity:
+        first, count = chunk.first, len(chunk.expert_ids)
+        if not chunk.consecutive or not self.codec.identity:
             for expert_id in chunk.expert_ids:
                 self.write((chunk.layer_idx, expert_id), {n: p.detach()[expert_id] for n, p in params.items()})
             return
@@ -208,8 +217,8 @@ class HostStore(Mapping[Key, torch.Tensor]):
             if chunk.layer_idx != layer_idx:
                 continue
             view = self.spec.views(chunk.rows)[name]
-            first, count = chunk.expert_ids[0], len(chunk.expert_ids)
-            if chunk.expert_ids == list(range(first, first + count)):
+            first, count = chunk.first, len(chunk.expert_ids)
+            if chunk.consecutive:
                 out[first : first + count].copy_(view)
             else:
                 for row, expert_id in enumerate(chunk.expert_ids):
@@ -248,9 +257,7 @@ class HostStore(Mapping[Key, torch.Tensor]):
         for chunk in self._chunks:
             if chunk.layer_idx != layer_idx:
                 continue
-            first, count = chunk.expert_ids[0], len(chunk.expert_ids)
-            consecutive = chunk.expert_ids == list(range(first, first + count))
-            out.append((first, count, chunk.rows if consecutive else None))
+            out.append((chunk.first, len(chunk.expert_ids), chunk.rows if chunk.consecutive else None))
         return out
 
     def expert(self, key: Key) -> dict[str, torch.Tensor]:
