@@ -45,3 +45,12 @@ class _Checkpoints(dict):
 def checkpoints(tmp_path_factory):
     """model type -> (folder, stock model) for any architecture in tiny_models, each saved once."""
     return _Checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def host_lane_beside_the_device(monkeypatch):
+    """`auto` places misses as on a machine whose host lane runs beside the device (no cost
+    for splitting a layer between lanes), so layer calls that mix host and device experts are
+    checked. On a CPU device the runtime counts that cost and copies small experts instead
+    (tests/test_hybrid.py::test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place)."""
+    monkeypatch.setattr("moe_prefetch.runtime.CPU_SPLIT_CALL_S", 0.0)

@@ -56,13 +56,7 @@ def test_store_and_slots_hold_the_experts():
     runtime.detach()
 
 
-@pytest.fixture(autouse=True)
-def host_lane_beside_the_device(monkeypatch):
-    """`auto` here places misses as on a machine whose host lane runs beside the device (no cost
-    for splitting a layer between lanes), so layer calls that mix host and device experts are
-    checked on every architecture. On a CPU device the runtime counts that cost and copies small
-    experts instead (tests/test_hybrid.py::test_on_a_cpu_device_auto_copies_small_experts)."""
-    monkeypatch.setattr("moe_prefetch.runtime.CPU_SPLIT_CALL_S", 0.0)
+pytestmark = pytest.mark.usefixtures("host_lane_beside_the_device")  # conftest.py
 
 
 @pytest.mark.parametrize("on_miss", ["wait", "auto"])

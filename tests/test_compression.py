@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_exactness import ATOL, _generate
+from test_exactness import assert_same_generation
 from tiny_models import interface_model_types, make_model, prompt
 
 import moe_prefetch
@@ -85,10 +85,7 @@ def _offloaded_matches_reference(stock, experts_dtype, batch=2, **options):
     runtime = moe_prefetch.attach(model, device="cpu", experts_dtype=experts_dtype, **options)
     try:
         ids = prompt(batch=batch, length=7)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         stats = runtime.stats()
         assert stats["experts_dtype"] == experts_dtype
         assert stats["evictions"] > 0
@@ -129,10 +126,7 @@ def test_m2r2_with_int4_on_the_demo_matches_the_int4_reference():
     )
     try:
         ids = prompt(batch=1, length=8)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         stats = runtime.stats()
         assert stats["predictor"] == "m2r2" and stats["prefetch_issued"] > 0 and stats["evictions"] > 0
     finally:

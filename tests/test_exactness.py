@@ -12,14 +12,8 @@ from moe_prefetch.layout import SUPPORTED, find_moe_layers
 
 ATOL = 1e-4
 
-
-@pytest.fixture(autouse=True)
-def host_lane_beside_the_device(monkeypatch):
-    """`auto` here places misses as on a machine whose host lane runs beside the device (no cost
-    for splitting a layer between lanes), so layer calls that mix host and device experts are
-    checked on every architecture. On a CPU device the runtime counts that cost and copies small
-    experts instead (tests/test_hybrid.py::test_on_a_cpu_device_auto_copies_small_experts)."""
-    monkeypatch.setattr("moe_prefetch.runtime.CPU_SPLIT_CALL_S", 0.0)
+# auto places misses as where the host lane runs beside the device (conftest.py)
+pytestmark = pytest.mark.usefixtures("host_lane_beside_the_device")
 
 
 def _generate(model, ids, n=5):
@@ -34,14 +28,19 @@ def _generate(model, ids, n=5):
     return out.sequences, torch.stack(out.logits)
 
 
+def assert_same_generation(reference, model, ids, n=5):
+    """`model` generates `reference`'s greedy tokens, with logits within ATOL at every step."""
+    seq_ref, logits_ref = _generate(reference, ids, n)
+    seq, logits = _generate(model, ids, n)
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+
+
 def _check(stock, model, runtime, batch, on_miss="wait"):
     ids = prompt(batch=batch, length=7)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=ATOL, rtol=0)
-    seq_a, logits_a = _generate(stock, ids)
-    seq_b, logits_b = _generate(model, ids)
-    assert torch.equal(seq_a, seq_b)
-    torch.testing.assert_close(logits_b, logits_a, atol=ATOL, rtol=0)
+    assert_same_generation(stock, model, ids)
     stats = runtime.stats()
     assert stats["on_miss"] == on_miss
     assert stats["evictions"] > 0, "the cache was large enough that nothing was evicted"

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+from tiny_models import paced_mixtral
 
 import moe_prefetch
 from moe_prefetch import lanes, report_html, report_text
@@ -36,18 +36,7 @@ class Ticks:
 def recorded(on_miss: str, tokens: int = 16) -> dict:
     """A run.json record of a tiny Mixtral on CPU whose copies are paced to 80 MB/s."""
     logging.disable(logging.WARNING)
-    config = MixtralConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
+    model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model, device="cpu", cache_slots=8, predictor="next-gate", link_bandwidth=80e6, on_miss=on_miss
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from native_fixtures import fp8_checkpoint, fp8_quant, mxfp4_checkpoint
 from safetensors import safe_open
-from test_exactness import ATOL, _generate
+from test_exactness import _generate, assert_same_generation
 from tiny_models import prompt
 from transformers import AutoModelForCausalLM
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
@@ -132,10 +132,7 @@ def test_native_load_matches_reference(fixtures, name, on_miss):
     model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1, on_miss=on_miss)
     try:
         ids = prompt(batch=2, length=7)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         stats = runtime.stats()
         assert stats["experts_dtype"] == FIXTURES[name][1]
         assert stats["evictions"] > 0
@@ -176,10 +173,7 @@ def test_other_experts_dtype_reencodes_the_dequantized_experts(fixtures, name):
     model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=3, experts_dtype="int4", on_miss="wait")
     try:
         ids = prompt(batch=1, length=7)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         assert runtime.stats()["experts_dtype"] == "int4"
     finally:
         runtime.detach()
@@ -257,10 +251,7 @@ def test_ragged_fp8_checkpoint_loads_in_its_blocks(tmp_path):
     try:
         assert torch.equal(model.state_dict()[name], reference.state_dict()[name])
         ids = prompt(batch=2, length=7)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         assert runtime.stats()["experts_dtype"] == "fp8"
     finally:
         runtime.detach()
@@ -277,10 +268,7 @@ def test_native_with_predictors(fixtures, name, predictor):
     )
     try:
         ids = prompt(batch=1, length=7)
-        seq_ref, logits_ref = _generate(reference, ids)
-        seq, logits = _generate(model, ids)
-        assert torch.equal(seq, seq_ref)
-        torch.testing.assert_close(logits, logits_ref, atol=ATOL, rtol=0)
+        assert_same_generation(reference, model, ids)
         assert runtime.stats()["evictions"] > 0
     finally:
         runtime.detach()

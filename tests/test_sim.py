@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+from tiny_models import paced_mixtral
 
 import moe_prefetch
 from moe_prefetch.loader import DEMAND
@@ -26,18 +26,7 @@ def paced_run(
     cache_slots: int = 12,
 ):
     logging.disable(logging.WARNING)
-    config = MixtralConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
+    model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model,
         device="cpu",

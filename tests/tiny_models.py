@@ -194,6 +194,25 @@ def sized_config(model_type: str, **fields):
     return config
 
 
+def paced_mixtral():
+    """The Mixtral the simulator checks and the lane reports are measured on: 4 layers of 8
+    experts (262 kB each in fp32), big enough that a paced link and the host lane both show."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config).eval()
+
+
 def make_model(model_type: str, seed: int = 0, config=None):
     """A random tiny model of `model_type` (`config`: a `sized_config` instead of the tiny one)."""
     torch.manual_seed(seed)
