@@ -2,16 +2,22 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test chromium quality bench gpu-check
+# The project's own set-up installs the exact versions the suite passed with (constraints.txt);
+# pyproject.toml keeps the range users get. test-lowest checks the range's lower end (the GPU
+# image's transformers), test-latest the newest releases (see scripts/upstream_check.py).
+PIN = constraints.txt
+LOWEST = constraints-lowest.txt
+
+.PHONY: install demo test test-lowest test-latest chromium quality bench gpu-check
 # The demo model continues Python standard-library code (see moe_prefetch/demo/README.md):
 # the start of a codec class is text it has seen many times.
 DEMO_PROMPT = 'class Codec(codecs.Codec):\n    def encode(self, input, errors="strict"):'
 install:
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(PIN) pip
 	# torch first, pinned, so the project's range is already met and never pulls a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c $(PIN) torch
+	$(BIN)/pip install -q -c $(PIN) -e ".[test]"
 
 demo: install
 	printf $(DEMO_PROMPT) | $(BIN)/moe-prefetch run --model demo --max-new-tokens 64 \
@@ -20,6 +26,24 @@ demo: install
 
 test: install chromium
 	$(BIN)/python -m pytest
+
+# The exactness and attach tests at the lowest transformers pyproject.toml admits.
+test-lowest:
+	test -d .venv-lowest || $(PY) -m venv .venv-lowest
+	.venv-lowest/bin/pip install -q -c $(LOWEST) pip
+	.venv-lowest/bin/pip install -q -c $(LOWEST) torch
+	.venv-lowest/bin/pip install -q -c $(LOWEST) -e ".[test]"
+	.venv-lowest/bin/python -m pytest -q tests/test_exactness.py tests/test_attach.py
+
+# Not in CI: the suite against the newest transformers (and its hub and tokenizers), with a
+# table of the architectures that are new upstream, pass or fail. Move the pin on what it says.
+test-latest:
+	test -d .venv-latest || $(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q -c $(PIN) pip
+	.venv-latest/bin/pip install -q -c $(PIN) torch
+	.venv-latest/bin/pip install -q -e ".[test]"
+	.venv-latest/bin/pip install -q --upgrade transformers huggingface-hub tokenizers
+	.venv-latest/bin/python scripts/upstream_check.py
 
 # Best effort, as .ci/run: a headless Chromium lets the report-rendering tests run instead of
 # skipping. Only as root with apt-get, only when missing (then silent and instant); never fails.

@@ -27,7 +27,7 @@ from .cache import ExpertCache, make_policy
 from .compression import Codec, make_codec
 from .config import RuntimeConfig, config_for, parse_size
 from .errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
-from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of
+from .layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of, undecorated_forward
 from .loader import make_loader
 from .m2r2 import M2R2Predictor
 from .pool import SlotPool
@@ -47,7 +47,7 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
         # A module that dispatches here without being attached (its config was set to
         # "moe_prefetch" by hand, or saved that way): its own weights are intact, so the stock
         # kernel is exact.
-        stock = ALL_EXPERTS_FUNCTIONS.get_interface(DEFAULT_KERNEL, type(self).forward.__wrapped__)
+        stock = ALL_EXPERTS_FUNCTIONS.get_interface(DEFAULT_KERNEL, undecorated_forward(type(self)))
         return stock(self, hidden_states, top_k_index, top_k_weights)
     runtime, layer = attached
     return runtime.experts_forward(layer, hidden_states, top_k_index, top_k_weights)
@@ -63,7 +63,7 @@ def stock_kernel(model, experts) -> tuple[str, object]:
     name = getattr(experts.config, "_experts_implementation", None)
     if name in (None, IMPLEMENTATION):
         name = DEFAULT_KERNEL
-    return name, ALL_EXPERTS_FUNCTIONS.get_interface(name, type(experts).forward.__wrapped__)
+    return name, ALL_EXPERTS_FUNCTIONS.get_interface(name, undecorated_forward(type(experts)))
 
 
 def lane_costs_for(config: RuntimeConfig, target: torch.device):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ SUPPORTED = tuple(
     granitemoe_swa granitemoehybrid granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling2_loop_text
     inkling2_text inkling_text jamba kimi_linear kolibri1 laguna lara_mini lfm2_moe mellum mimo_v2_flash
     minimax minimax_m2 minimax_m3_vl_text nemotron_h qwen3_5_moe_text qwen3_next qwen4_exp_text
-    sarvam_mla sarvam_moe solar_open zaya
+    sarvam_mla sarvam_moe solar_open zaya ergo kolibri1_1 longcat_flash minicpm5_moe param2moe
     """.split()
 )
 
@@ -87,10 +88,22 @@ class MoELayer:
     top_k: int
 
 
+def undecorated_forward(cls: type) -> Callable | None:
+    """The forward that transformers' `use_experts_implementation` wrapped on `cls` or on a
+    base class (a subclass may call the decorated forward from its own: ergo's experts add a
+    per-expert norm around it), or None where no class in the MRO was decorated."""
+    for klass in cls.__mro__:
+        wrapped = getattr(klass.__dict__.get("forward"), "__wrapped__", None)
+        if wrapped is not None:
+            return wrapped
+    return None
+
+
 def is_experts_module(module: nn.Module) -> bool:
-    """True for modules decorated by transformers' `use_experts_implementation`."""
-    forward = getattr(type(module), "forward", None)
-    return hasattr(module, "has_gate") and hasattr(forward, "__wrapped__") and hasattr(module, "num_experts")
+    """True for modules whose class (or a base class) transformers' `use_experts_implementation` decorated."""
+    return (
+        hasattr(module, "has_gate") and hasattr(module, "num_experts") and undecorated_forward(type(module)) is not None
+    )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

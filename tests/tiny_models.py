@@ -99,6 +99,9 @@ OVERRIDES = {
     "kimi_linear": dict(MLA),
     "bailing_hybrid": dict(MLA),
     "sarvam_mla": dict(MLA),
+    "longcat_flash": dict(MLA, zero_expert_num=2),  # zero-computation experts beside the 8 routed ones
+    # NVFP4-rounded keys and values need head_dim % 16 == 0; its indexer scores with key head 0's queries
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4),
     "zaya": dict(num_experts_per_tok=1),  # its config allows top-1 only
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, layer_types=["linear_attention", "full_attention"]),
     "nemotron_h": dict(layer_types=["linear_attention", "moe", "full_attention", "moe"]),
@@ -121,6 +124,15 @@ OVERRIDES = {
 }
 # Config fields that list one kind per layer: the tiny model takes each kind the default has once.
 PER_LAYER_KINDS = ("layer_types",)
+
+
+def pinned_version(package: str) -> str | None:
+    """The exact version constraints.txt (the project's own set-up) installs, or None."""
+    for line in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower().replace("_", "-") == package.lower():
+            return version.strip()
+    return None
 
 
 def interface_model_types() -> list[str]:
