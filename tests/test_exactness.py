@@ -8,7 +8,7 @@ import torch
 from tiny_models import interface_model_types, prompt
 
 import moe_prefetch
-from moe_prefetch.layout import SUPPORTED, find_moe_layers
+from moe_prefetch.experts.layout import SUPPORTED, find_moe_layers
 
 ATOL = 1e-4
 

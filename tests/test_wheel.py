@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_prefetch import profiles as hw
+from moe_prefetch.runtime import profiles as hw
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
