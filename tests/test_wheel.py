@@ -76,6 +76,20 @@ def test_wheel_imports_the_installed_package_not_the_checkout(installed):
     assert out.stdout.strip().startswith(str(installed["site"])), out.stdout
 
 
+def test_wheel_ships_every_package(installed):
+    """Every module of the checkout, in every package, is in the wheel and imports there (a
+    package missing from pyproject's `packages` would be left out of the wheel)."""
+    names = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "moe_prefetch").rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    assert len(names) > 40, names
+    code = f"import importlib; [importlib.import_module(n) for n in {names!r}]; print('ok')"
+    out = _run(installed, str(installed["bin"] / "python"), "-c", code)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_wheel_lists_every_shipped_profile(installed):
     out = _run(installed, str(installed["bin"] / "moe-prefetch"), "profiles")
     assert out.returncode == 0, out.stderr
