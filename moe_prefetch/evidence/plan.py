@@ -1,6 +1,7 @@
 """What fits where: a model's anatomy and byte counts from its config alone (`model_size`, no
-weights read), and how it sits on a device profile (`fit`, `slots_on`). Used by `inspect`,
-`plan` and the simulator's sizing; the profiles themselves are `runtime.profiles`.
+weights read), and how it sits on a device profile (`fit`, `slots_on`). Used by `inspect` (the
+fit on every profile) and `run --profile` (the cache sized as on that device); the profiles
+themselves are `runtime.profiles`.
 """
 
 from __future__ import annotations
