@@ -4,7 +4,6 @@ Experts live in host memory; a fixed pool of device slots serves as an LRU cache
 asynchronous loader; predictors stage the experts later layers will need ahead of time.
 """
 
-from .config import RuntimeConfig, parse_size
 from .errors import (
     AttachedModelError,
     CacheCapacityError,
@@ -19,6 +18,7 @@ from .errors import (
     ReportError,
     UnsupportedModelError,
 )
+from .runtime.config import RuntimeConfig, parse_size
 
 __version__ = "0.1.0"
 
@@ -26,19 +26,19 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # torch and transformers load only when the runtime is used, so `moe-prefetch --help` is quick.
     if name == "attach":
-        from .integration import attach
+        from .model.integration import attach
 
         return attach
     if name == "load":
-        from .loading import load
+        from .model.loading import load
 
         return load
     if name == "compress_experts":
-        from .compression import compress_experts
+        from .experts.compression import compress_experts
 
         return compress_experts
     if name == "Runtime":
-        from .runtime import Runtime
+        from .runtime.runtime import Runtime
 
         return Runtime
     raise AttributeError(f"module 'moe_prefetch' has no attribute {name!r}")

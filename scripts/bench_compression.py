@@ -29,8 +29,8 @@ if str(REPO) not in sys.path:  # this checkout's package, not an installed one
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moe_prefetch.compression import make_codec  # noqa: E402
-from moe_prefetch.layout import ExpertSpec, find_moe_layers, spec_of  # noqa: E402
+from moe_prefetch.experts.compression import make_codec  # noqa: E402
+from moe_prefetch.experts.layout import ExpertSpec, find_moe_layers, spec_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 1 << 20
@@ -50,8 +50,8 @@ def model_spec(name: str) -> ExpertSpec:
     """The per-expert layout of a demo folder or a reference shape, bf16, from a meta skeleton."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_prefetch.bench import SHAPES, shape_config
-    from moe_prefetch.loading import resolve_path
+    from moe_prefetch.evidence.bench import SHAPES, shape_config
+    from moe_prefetch.model.loading import resolve_path
 
     config = shape_config(name, 1) if name in SHAPES else AutoConfig.from_pretrained(resolve_path(name))
     with torch.device("meta"):

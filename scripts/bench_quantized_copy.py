@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import moe_prefetch
-from moe_prefetch.folders import resolve_path
+from moe_prefetch.model.folders import resolve_path
 
 
 def timed_load(folder: Path, experts_dtype: str) -> float:

@@ -26,9 +26,9 @@ from bench_resident import decode_times  # scripts/ is on sys.path when a script
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moe_prefetch
-from moe_prefetch.cache import ExpertCache
-from moe_prefetch.loader import Loader
-from moe_prefetch.scheduler import Scheduler
+from moe_prefetch.runtime.cache import ExpertCache
+from moe_prefetch.runtime.loader import Loader
+from moe_prefetch.runtime.scheduler import Scheduler
 
 
 def ratio_to_stock(stock, offloaded, runtime, tokens: int, blocks: int) -> tuple[float, float, dict]:

@@ -2,7 +2,7 @@
 
 Each row is the demo with its experts replaced by what the offloaded runtime computes with for
 that `experts_dtype` (`compression.compress_experts`, all resident), scored on the held-out
-windows the predictor tables use (`moe_prefetch.heldout`). Loss is relative to the model's own
+windows the predictor tables use (`moe_prefetch.predict.heldout`). Loss is relative to the model's own
 dtype (fp32 on CPU); the issue's bars are int8 within 0.5% and int4 within 3%. Int4 is measured
 at several group sizes by setting `compression.INT4_GROUP` (256 is one group per row of the demo's
 matrices: outside the issue's 32-128, for comparison). A control row adds Gaussian noise of each
@@ -28,13 +28,13 @@ if str(REPO) not in sys.path:  # this checkout's package, not an installed one
 
 import torch  # noqa: E402
 
-from moe_prefetch import compression  # noqa: E402
-from moe_prefetch.evaluate import evaluate_predictors  # noqa: E402
-from moe_prefetch.heldout import heldout_ids, heldout_loss  # noqa: E402
-from moe_prefetch.layout import find_moe_layers, spec_of  # noqa: E402
-from moe_prefetch.loading import resolve_path  # noqa: E402
-from moe_prefetch.m2r2 import FILENAME, load_adapters  # noqa: E402
-from moe_prefetch.residuals import collect  # noqa: E402
+from moe_prefetch.experts import compression  # noqa: E402
+from moe_prefetch.experts.layout import find_moe_layers, spec_of  # noqa: E402
+from moe_prefetch.model.loading import resolve_path  # noqa: E402
+from moe_prefetch.predict.evaluate import evaluate_predictors  # noqa: E402
+from moe_prefetch.predict.heldout import heldout_ids, heldout_loss  # noqa: E402
+from moe_prefetch.predict.m2r2 import FILENAME, load_adapters  # noqa: E402
+from moe_prefetch.predict.residuals import collect  # noqa: E402
 
 BARS = {"int8": 0.005, "int4": 0.03}  # the bounds on relative held-out loss
 

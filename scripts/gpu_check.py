@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from moe_prefetch.bench import SHAPES, run_bench, shape_model
-from moe_prefetch.layout import decoder_layers
-from moe_prefetch.profiles import calibrate
+from moe_prefetch.evidence.bench import SHAPES, run_bench, shape_model
+from moe_prefetch.evidence.calibration import calibrate
+from moe_prefetch.experts.layout import decoder_layers
 
 
 class DecodeBytes:

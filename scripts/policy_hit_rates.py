@@ -17,15 +17,15 @@ import argparse
 import torch
 
 import moe_prefetch
-from moe_prefetch.cache import ExpertCache, make_policy
-from moe_prefetch.config import CACHE_POLICIES
-from moe_prefetch.corpus import read_corpus
+from moe_prefetch.predict.corpus import read_corpus
+from moe_prefetch.runtime.cache import ExpertCache, make_policy
+from moe_prefetch.runtime.config import CACHE_POLICIES
 
 
 def record(prompts: list[str], tokens: int) -> list[list[dict]]:
     from transformers import AutoTokenizer
 
-    from moe_prefetch.loading import resolve_path
+    from moe_prefetch.model.loading import resolve_path
 
     model, runtime = moe_prefetch.load("demo", device="cpu", cache_slots=48, record=True)
     tok = AutoTokenizer.from_pretrained(resolve_path("demo"))

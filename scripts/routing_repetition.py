@@ -1,6 +1,6 @@
 """How much repeating a short routing trace across layers overstates cross-layer regularity.
 
-For each demo, one recorded run (`moe_prefetch.routing.record`) is replayed on 6 layers of
+For each demo, one recorded run (`moe_prefetch.evidence.routing.record`) is replayed on 6 layers of
 the matching shape's sizes (mixtral-8x7b for demo, olmoe-1b-7b for demo-fine: same experts
 and top-k, so no expert mapping) in two ways: the demo's 6 layers as they are, and a p-layer
 slice of the same trace repeated to 6 layers (p = 1, 2, 3; every slice, averaged), as
@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's package, not an installed one
     sys.path.insert(0, str(REPO))
 
-from moe_prefetch import profiles as hw  # noqa: E402
-from moe_prefetch import routing  # noqa: E402
-from moe_prefetch.bench import shape_replay, shape_sizes  # noqa: E402
-from moe_prefetch.sim import simulate_replay  # noqa: E402
+from moe_prefetch.evidence import routing  # noqa: E402
+from moe_prefetch.evidence.bench import shape_replay, shape_sizes  # noqa: E402
+from moe_prefetch.evidence.sim import simulate_replay  # noqa: E402
+from moe_prefetch.runtime import profiles as hw  # noqa: E402
 
 PAIRS = {"demo": "mixtral-8x7b", "demo-fine": "olmoe-1b-7b"}
 PREDICTORS = ["none", "next-gate", "m2r2", "oracle"]

@@ -1,6 +1,6 @@
 """Train and evaluate a demo model's M2R2 adapters; reproduces moe_prefetch/demo*/m2r2_adapters.safetensors.
 
-Writes the Python-stdlib train and held-out splits (moe_prefetch.corpus) to text files, then
+Writes the Python-stdlib train and held-out splits (moe_prefetch.predict.corpus) to text files, then
 runs the same library calls as `moe-prefetch train-predictor` and `eval-predictor`. With
 `--analysis`, also breaks m2r2's held-out misses down by target layer, by how often the
 target expert is used, and by the expert's rank in the router's top-k.
@@ -22,11 +22,11 @@ if str(REPO) not in sys.path:  # this checkout's package, not an installed one
 
 import torch  # noqa: E402
 
-from moe_prefetch.corpus import read_corpus  # noqa: E402
-from moe_prefetch.evaluate import eval_predictor, format_table  # noqa: E402
-from moe_prefetch.loading import resolve_path  # noqa: E402
-from moe_prefetch.m2r2 import FILENAME  # noqa: E402
-from moe_prefetch.training import train_predictor  # noqa: E402
+from moe_prefetch.model.loading import resolve_path  # noqa: E402
+from moe_prefetch.model.offline import eval_predictor, train_predictor  # noqa: E402
+from moe_prefetch.predict.corpus import read_corpus  # noqa: E402
+from moe_prefetch.predict.evaluate import format_table  # noqa: E402
+from moe_prefetch.predict.m2r2 import FILENAME  # noqa: E402
 
 BUCKETS = 4  # expert-use quartiles per target layer, most used first
 
@@ -37,10 +37,10 @@ def miss_analysis(model_name: str, heldout: Path, adapters_path: Path, lookahead
     per distance d: per target layer, per expert-use quartile and per rank in the top-k."""
     from transformers import AutoTokenizer
 
-    from moe_prefetch.loading import load
-    from moe_prefetch.m2r2 import DATA_KEY, load_adapters, pairs
-    from moe_prefetch.predictors import route
-    from moe_prefetch.residuals import collect_text, read_texts
+    from moe_prefetch.model.loading import load
+    from moe_prefetch.predict.m2r2 import DATA_KEY, load_adapters, pairs
+    from moe_prefetch.predict.predictors import route
+    from moe_prefetch.predict.residuals import collect_text, read_texts
 
     folder = resolve_path(model_name)
     model, runtime = load(folder, device="cpu", predictor="none")

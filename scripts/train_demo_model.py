@@ -2,7 +2,7 @@
 """Train a small demo MoE model: ``moe_prefetch/demo`` (Mixtral) or ``moe_prefetch/demo_fine`` (Qwen3-MoE).
 
 Steps: train a byte-level BPE tokenizer on the train split of the Python
-stdlib corpus (``moe_prefetch.corpus``) or reuse one (``--tokenizer``), train a
+stdlib corpus (``moe_prefetch.predict.corpus``) or reuse one (``--tokenizer``), train a
 ``MixtralForCausalLM`` (default: 6 layers, 8 experts, top-2) or a fine-grained
 ``Qwen3MoeForCausalLM`` (``--arch qwen3_moe``) on it for a wall-clock budget (or a
 fixed number of steps), evaluate on the held-out split, and save the model in
@@ -49,7 +49,7 @@ from transformers import (  # noqa: E402
     Qwen3MoeForCausalLM,
 )
 
-from moe_prefetch import corpus  # noqa: E402
+from moe_prefetch.predict import corpus  # noqa: E402
 
 EOS = "<|endoftext|>"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -529,7 +529,7 @@ not a useful code model.
 ## Data
 
 `.py` files of the Python {sys.version_info.major}.{sys.version_info.minor} standard library
-(`moe_prefetch.corpus`), without `test`/`tests`/`idlelib`/`lib2to3`/`ensurepip`/`site-packages`.
+(`moe_prefetch.predict.corpus`), without `test`/`tests`/`idlelib`/`lib2to3`/`ensurepip`/`site-packages`.
 Files are split by `zlib.crc32(relative path) % 10 == 0` into held-out (1 in 10) and train.
 Train split: {card["train_tokens_available"]:,} tokens; held-out split: {card["heldout_tokens_available"]:,} tokens.
 Files are joined with `<|endoftext|>`. {tok_line}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_exactness import SKIPPED  # noqa: E402
 from tiny_models import interface_model_types, pinned_version  # noqa: E402
 
-from moe_prefetch.layout import SUPPORTED  # noqa: E402
+from moe_prefetch.experts.layout import SUPPORTED  # noqa: E402
 
 _EXACTNESS = re.compile(r"test_load_matches_stock\[(?P<arch>\w+)-\w+\]")
 

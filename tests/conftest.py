@@ -12,7 +12,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 # Tiny models: one intra-op thread. With more, OpenMP workers spin-wait on a shared CPU and a
 # tiny model's step takes 10-50x longer (measured: mixtral tiny generate 8 s vs 0.01 s).
 torch.set_num_threads(1)
-# Quantized copies of the demos go to a cache folder (moe_prefetch/quantized_copy.py): a fresh one
+# Quantized copies of the demos go to a cache folder (moe_prefetch/model/quantized_copy.py): a fresh one
 # per session, so tests never read a copy an earlier run left and never fill ~/.cache.
 os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetch-cache-"))
 
@@ -53,4 +53,4 @@ def host_lane_beside_the_device(monkeypatch):
     for splitting a layer between lanes), so layer calls that mix host and device experts are
     checked. On a CPU device the runtime counts that cost and copies small experts instead
     (tests/test_hybrid.py::test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place)."""
-    monkeypatch.setattr("moe_prefetch.runtime.CPU_SPLIT_CALL_S", 0.0)
+    monkeypatch.setattr("moe_prefetch.runtime.runtime.CPU_SPLIT_CALL_S", 0.0)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_model, sized_config
 from transformers import AutoModelForCausalLM
 
-from moe_prefetch.native import MXFP4, FP8Block
+from moe_prefetch.experts.native import MXFP4, FP8Block
 
 # Sizes that are multiples of the MXFP4 block (32) and give several FP8 blocks of 32 per matrix.
 SIZES = {

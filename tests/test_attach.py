@@ -8,7 +8,7 @@ import torch
 from tiny_models import make_model, prompt
 
 import moe_prefetch
-from moe_prefetch.layout import find_moe_layers
+from moe_prefetch.experts.layout import find_moe_layers
 
 
 def _snapshot(model):

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
-from moe_prefetch.placement import LaneCosts, Placement
-from moe_prefetch.routing import random_routing
-from moe_prefetch.sim import Clock, Roofline, SimLoader, simulate, three_lane_bound
+from moe_prefetch.evidence.routing import random_routing
+from moe_prefetch.evidence.sim import Clock, Roofline, SimLoader, simulate, three_lane_bound
+from moe_prefetch.runtime.placement import LaneCosts, Placement
 
 # 10 MB experts: 10 ms to read on the device (1 GB/s), 5 ms on the host (2 GB/s), 10 ms over the link.
 ROOF = Roofline(hbm_bandwidth=1e9, peak_flops=1e15, dense_bytes_per_layer=1e6, expert_bytes=10**7, expert_params=5e6)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_prefetch.cache import ExpertCache, LRUPolicy
 from moe_prefetch.errors import CacheCapacityError
+from moe_prefetch.runtime.cache import ExpertCache, LRUPolicy
 
 
 def make(slots=3):

@@ -13,9 +13,13 @@ import torch
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from moe_prefetch import MoePrefetchError, profiling, report_text
-from moe_prefetch import profiles as hw
+from moe_prefetch import MoePrefetchError
 from moe_prefetch.cli.main import app
+from moe_prefetch.evidence import plan
+from moe_prefetch.evidence.calibration import measured_profile
+from moe_prefetch.report import profiling
+from moe_prefetch.report import text as report_text
+from moe_prefetch.runtime import profiles as hw
 
 MAX_NEW = 8
 
@@ -213,7 +217,7 @@ def test_run_reads_prompt_from_stdin_and_file(ckpt, runner, tmp_path):
 
 
 def test_run_with_profile_sizes_the_cache(ckpt, runner, tmp_path, monkeypatch):
-    size = hw.model_size(ckpt)
+    size = plan.model_size(ckpt)
     usable = size.non_expert_bytes + 3 * size.expert_bytes + size.expert_bytes // 2  # room for 3.5 experts
     folder = tmp_path / "profiles"
     for name, memory in (("tiny-gpu", usable), ("too-small", size.non_expert_bytes)):
@@ -225,7 +229,7 @@ def test_run_with_profile_sizes_the_cache(ckpt, runner, tmp_path, monkeypatch):
             "hbm_bytes_per_s": 1e11,
             "bf16_flops": 1e12,
         }
-        profile = hw.measured_profile(name, m)
+        profile = measured_profile(name, m)
         hw.write_profile(dataclasses.replace(profile, usable_fraction=1.0), folder / f"{name}.toml")
     monkeypatch.setenv("MOE_PREFETCH_PROFILES", str(folder))
     result = runner.invoke(app, run_args(ckpt, "--profile", "tiny-gpu", "--json"))
@@ -325,7 +329,7 @@ def test_user_profiles_are_found_and_round_trip(runner, tmp_path, monkeypatch):
         "hbm_bytes_per_s": 9e11,
         "bf16_flops": 1.5e14,
     }
-    profile = hw.measured_profile("test-gpu", m)
+    profile = measured_profile("test-gpu", m)
     path = hw.write_profile(profile, tmp_path / "mine" / "test-gpu.toml")
     assert hw.read_profile(path) == profile and profile.h2d_bandwidth_bytes_per_s == 24.5e9
     assert set(hw.read_profile(path).sources) == set(hw.NUMBERS)
@@ -360,7 +364,7 @@ def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, 
     for 5.5 int4 experts fits 5 of them (and fewer fp32 or bf16 ones), in inspect and in run."""
     ckpt = recorded_int4[0]  # not the shared checkpoint: an int4 run writes its quantized copy beside it
     int4 = profiling.load_run(recorded_int4[2])["stats"]["expert_bytes"]
-    size = hw.model_size(ckpt)
+    size = plan.model_size(ckpt)
     m = {
         "device": "Tiny",
         "free_bytes": size.non_expert_bytes + 5 * int4 + int4 // 2,
@@ -369,7 +373,7 @@ def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, 
         "hbm_bytes_per_s": 1e11,
         "bf16_flops": 1e12,
     }
-    profile = dataclasses.replace(hw.measured_profile("tiny-gpu", m), usable_fraction=1.0)
+    profile = dataclasses.replace(measured_profile("tiny-gpu", m), usable_fraction=1.0)
     hw.write_profile(profile, tmp_path / "profiles" / "tiny-gpu.toml")
     monkeypatch.setenv("MOE_PREFETCH_PROFILES", str(tmp_path / "profiles"))
     data = json.loads(runner.invoke(app, ["inspect", "--model", str(ckpt), "--json"]).stdout)

@@ -14,8 +14,9 @@ from tiny_models import save_model
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from moe_prefetch import profiling, report_html
 from moe_prefetch.cli.main import app
+from moe_prefetch.report import html as report_html
+from moe_prefetch.report import profiling
 
 BASE = ["run", "--device", "cpu", "--max-new-tokens", "4"]
 
@@ -145,7 +146,7 @@ def test_small_cache_is_warned_in_run_and_in_reports(small_cache_run, runner):
 
 
 def test_reports_note_a_layer_that_never_hit(small_cache_run):
-    from moe_prefetch import report_text
+    from moe_prefetch.report import text as report_text
 
     run = profiling.load_run(small_cache_run[1])
     run["layers"][0].update(hits=5, misses=2)
@@ -178,7 +179,7 @@ def test_demo_says_what_it_is(runner, tmp_path):
 
 # -- 8. --data demo-heldout ---------------------------------------------------------------------------
 def test_eval_predictor_on_the_demo_heldout_split(runner, tmp_path):
-    from moe_prefetch import corpus
+    from moe_prefetch.predict import corpus
 
     args = ["eval-predictor", "--data", "demo-heldout", "--max-tokens", "256", "--lookahead", "1", "--device", "cpu"]
     result = runner.invoke(app, [*args, "--json", str(tmp_path / "e.json")])
@@ -191,14 +192,14 @@ def test_eval_predictor_on_the_demo_heldout_split(runner, tmp_path):
 def test_train_predictor_names_the_train_split(monkeypatch):
     from moe_prefetch.cli import predictor_cmds
 
-    monkeypatch.setattr("moe_prefetch.corpus.split_file", lambda split: f"<{split} file>")
+    monkeypatch.setattr("moe_prefetch.predict.corpus.split_file", lambda split: f"<{split} file>")
     assert predictor_cmds._data_files(["demo-train", "mine.txt"]) == ["<train file>", "mine.txt"]
 
 
 # -- 10. help and options -----------------------------------------------------------------------------
 def test_bench_help_lists_the_shapes():
-    from moe_prefetch.bench import SHAPES
     from moe_prefetch.cli import predictor_cmds
+    from moe_prefetch.evidence.bench import SHAPES
 
     assert predictor_cmds.SHAPE_NAMES == tuple(SHAPES)
     result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
@@ -234,8 +235,8 @@ def test_bench_checks_every_option_before_any_work(tokenized, runner, monkeypatc
     def no_work(*a, **k):
         raise AssertionError("work started before the options were checked")
 
-    monkeypatch.setattr("moe_prefetch.loading.load", no_work)
-    monkeypatch.setattr("moe_prefetch.bench.run_bench", no_work)
+    monkeypatch.setattr("moe_prefetch.model.loading.load", no_work)
+    monkeypatch.setattr("moe_prefetch.evidence.bench.run_bench", no_work)
     result = runner.invoke(app, ["bench", "--model", str(tokenized), "--predictors", "none", *args])
     assert_one_line_error(result, needle)
 

@@ -189,7 +189,7 @@ def test_simulate_missing_file_is_one_line(tmp_path):
 
 
 def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):
-    import moe_prefetch.m2r2 as m2r2
+    import moe_prefetch.predict.m2r2 as m2r2
 
     ckpt, data, _ = setup
     out = tmp_path / "adapters.safetensors"

@@ -10,10 +10,10 @@ from test_exactness import assert_same_generation
 from tiny_models import interface_model_types, make_model, prompt
 
 import moe_prefetch
-from moe_prefetch import compression
-from moe_prefetch.compression import compress_experts, make_codec, round_trip
 from moe_prefetch.errors import ConfigError
-from moe_prefetch.layout import SUPPORTED, ExpertSpec, find_moe_layers, spec_of
+from moe_prefetch.experts import compression
+from moe_prefetch.experts.compression import compress_experts, make_codec, round_trip
+from moe_prefetch.experts.layout import SUPPORTED, ExpertSpec, find_moe_layers, spec_of
 
 SPEC = ExpertSpec(names=("gate_up_proj", "down_proj", "bias"), shapes=((96, 80), (80, 48), (96,)), dtype=torch.float32)
 
@@ -117,7 +117,7 @@ def test_m2r2_with_int4_on_the_demo_matches_the_int4_reference():
     precision) over int4 experts, against the demo with the same int4 experts all resident."""
     from transformers import AutoModelForCausalLM
 
-    from moe_prefetch.folders import resolve_path
+    from moe_prefetch.model.folders import resolve_path
 
     stock = AutoModelForCausalLM.from_pretrained(resolve_path("demo"), dtype=torch.float32)
     reference = compress_experts(stock, "int4")
@@ -168,7 +168,7 @@ def test_demo_int4_moves_at_most_a_third_of_bf16_bytes():
 def test_placement_charges_the_host_lane_for_decoding():
     """A compressed expert moves fewer bytes over the link, but the host lane reads it, writes
     the decoded copy and reads that again: the placement's host time must count all three."""
-    from moe_prefetch.placement import DEFAULT_COSTS, Placement
+    from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
 
     plain, packed = make_codec(SPEC, "auto"), make_codec(SPEC, "int4")
     assert packed.host_bytes > packed.nbytes + 2 * SPEC.nbytes  # plus the decode's temporaries
@@ -237,7 +237,7 @@ def test_bench_simulates_each_experts_dtype_at_its_sizes(tmp_path):
 def test_measured_bench_with_int4_leaves_the_model_as_it_was():
     """Each run attaches and detaches; detach hands back decoded experts, so the bench restores
     the originals: every run starts from the same weights and the caller's model is unchanged."""
-    from moe_prefetch.bench import run_bench
+    from moe_prefetch.evidence.bench import run_bench
 
     model = make_model("mixtral")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_prefetch.compression import compress_experts, make_codec
-from moe_prefetch.heldout import heldout_ids, heldout_loss
-from moe_prefetch.layout import find_moe_layers, spec_of
-from moe_prefetch.loading import resolve_path
+from moe_prefetch.experts.compression import compress_experts, make_codec
+from moe_prefetch.experts.layout import find_moe_layers, spec_of
+from moe_prefetch.model.loading import resolve_path
+from moe_prefetch.predict.heldout import heldout_ids, heldout_loss
 
 BARS = {"int8": 0.005, "int4": 0.03}
 
@@ -86,8 +86,8 @@ def test_weight_error_no_worse_than_round_to_nearest(demo, experts_dtype):
 
 def test_int4_group_follows_the_module_setting(monkeypatch):
     """compression_quality.py measures other group sizes by setting `compression.INT4_GROUP`."""
-    from moe_prefetch import compression
-    from moe_prefetch.layout import ExpertSpec
+    from moe_prefetch.experts import compression
+    from moe_prefetch.experts.layout import ExpertSpec
 
     spec = ExpertSpec(names=("w",), shapes=((8, 256),), dtype=torch.float32)
     for group in (32, 128):

@@ -9,10 +9,10 @@ import torch
 from tiny_models import make_model, prompt
 
 import moe_prefetch
-from moe_prefetch import store as store_mod
-from moe_prefetch.layout import ExpertSpec
-from moe_prefetch.loader import CudaStreamLoader
-from moe_prefetch.store import HostStore
+from moe_prefetch.experts.layout import ExpertSpec
+from moe_prefetch.runtime import store as store_mod
+from moe_prefetch.runtime.loader import CudaStreamLoader
+from moe_prefetch.runtime.store import HostStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

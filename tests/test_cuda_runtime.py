@@ -78,7 +78,7 @@ def test_decode_has_no_synchronisation_beyond_the_routing_read():
 def test_compressed_experts_on_cuda_match_their_reference(experts_dtype, on_miss):
     """Compressed slots on the device, decoded there before the kernel (and on the host lane by
     the CPU): the same greedy tokens as the all-resident compressed model on the same GPU."""
-    from moe_prefetch.compression import compress_experts
+    from moe_prefetch.experts.compression import compress_experts
 
     stock = make_model("mixtral")
     reference = compress_experts(copy.deepcopy(stock), experts_dtype).cuda()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import moe_prefetch
 from moe_prefetch.cli.main import app
 from moe_prefetch.errors import ModelNotFoundError
-from moe_prefetch.folders import DEMO_DIR, DEMOS, resolve_path
+from moe_prefetch.model.folders import DEMO_DIR, DEMOS, resolve_path
 
 DEMO_NAMES = sorted(DEMOS)
 

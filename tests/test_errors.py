@@ -179,7 +179,7 @@ def test_moe_outside_the_experts_interface_is_unsupported():
 def test_expert_of_the_wrong_shape_is_named_before_anything_is_allocated(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    import moe_prefetch.loading as loading
+    import moe_prefetch.model.loading as loading
 
     save_model("mixtral", tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))

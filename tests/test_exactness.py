@@ -9,7 +9,7 @@ import transformers
 from tiny_models import interface_model_types, pinned_version, prompt
 
 import moe_prefetch
-from moe_prefetch.layout import SUPPORTED, find_moe_layers
+from moe_prefetch.experts.layout import SUPPORTED, find_moe_layers
 
 ATOL = 1e-4
 

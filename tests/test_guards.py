@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import moe_prefetch
 from moe_prefetch import AttachedModelError
-from moe_prefetch.layout import find_moe_layers
+from moe_prefetch.experts.layout import find_moe_layers
 
 
 def _attach(model, **options):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moe_prefetch import profiles as hw
 from moe_prefetch.cli.main import app
-from moe_prefetch.config import RuntimeConfig, config_for
 from moe_prefetch.errors import ConfigError
-from moe_prefetch.placement import LaneCosts
+from moe_prefetch.runtime import profiles as hw
+from moe_prefetch.runtime.config import RuntimeConfig, config_for
+from moe_prefetch.runtime.placement import LaneCosts
 
 SHIPPED_HOSTS = ("ddr4-3200-2ch", "ddr5-6000-2ch", "server-ddr5-8ch", "jetson-unified")
 

@@ -10,7 +10,7 @@ import torch
 from tiny_models import make_model, prompt
 
 import moe_prefetch
-from moe_prefetch.cache import ExpertCache
+from moe_prefetch.runtime.cache import ExpertCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -94,11 +94,11 @@ def test_at_most_one_device_to_host_read_per_moe_layer_in_decode(arch, predictor
 
 
 def test_m2r2_guesses_ride_on_the_routing_read(tmp_path):
-    from moe_prefetch.m2r2 import Adapters, TrainSettings, save_adapters
+    from moe_prefetch.predict.m2r2 import Adapters, TrainSettings, save_adapters
 
     stock = make_model("mixtral")
     model = copy.deepcopy(stock)
-    from moe_prefetch.layout import find_moe_layers
+    from moe_prefetch.experts.layout import find_moe_layers
 
     layers = find_moe_layers(model)
     settings = TrainSettings(lookahead=1, rank=4, steps=1)

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
-from moe_prefetch.placement import DEFAULT_COSTS, Placement
+from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
 
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # w1, w3, w2
 
@@ -49,9 +49,9 @@ def test_bench_refuses_an_unknown_placement():
 
 
 def test_with_misses_on_the_host_a_prefetch_that_cannot_land_in_time_is_skipped():
-    from moe_prefetch.cache import ExpertCache
-    from moe_prefetch.placement import LaneCosts
-    from moe_prefetch.scheduler import Scheduler
+    from moe_prefetch.runtime.cache import ExpertCache
+    from moe_prefetch.runtime.placement import LaneCosts
+    from moe_prefetch.runtime.scheduler import Scheduler
 
     class Link:  # records what would be copied
         def __init__(self):
@@ -85,8 +85,8 @@ def test_host_lane_threads_leave_a_core_on_cuda_and_follow_the_setting():
     from tiny_models import make_model
 
     import moe_prefetch
-    from moe_prefetch.config import RuntimeConfig
-    from moe_prefetch.integration import host_threads_for
+    from moe_prefetch.model.integration import host_threads_for
+    from moe_prefetch.runtime.config import RuntimeConfig
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert host_threads_for(RuntimeConfig(), cuda, 8) == 7, "physical cores minus one on CUDA"
@@ -130,7 +130,7 @@ def test_measured_bench_hit_rate_counts_host_experts():
     that ran on the host are not hits (it read 100% when they were left out)."""
     from tiny_models import make_model, prompt
 
-    from moe_prefetch.bench import run_bench
+    from moe_prefetch.evidence.bench import run_bench
 
     result = run_bench(make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host")
     row = next(r for r in result["rows"] if r["predictor"] == "none")
@@ -144,7 +144,7 @@ def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place(
     split once it is paid."""
     import torch
 
-    from moe_prefetch.runtime import CPU_SPLIT_CALL_S, default_costs
+    from moe_prefetch.runtime.runtime import CPU_SPLIT_CALL_S, default_costs
 
     costs = default_costs(torch.device("cpu"))
     assert costs.split_call_s == CPU_SPLIT_CALL_S > 0

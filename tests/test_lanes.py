@@ -11,8 +11,10 @@ import torch
 from tiny_models import paced_mixtral
 
 import moe_prefetch
-from moe_prefetch import lanes, report_html, report_text
-from moe_prefetch.profiling import RunRecorder, build_run, model_record
+from moe_prefetch.report import html as report_html
+from moe_prefetch.report import text as report_text
+from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
+from moe_prefetch.runtime import lanes
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_prefetch.errors import LoaderError
-from moe_prefetch.loader import DEMAND, ThreadLoader, make_loader
+from moe_prefetch.runtime.loader import DEMAND, ThreadLoader, make_loader
 
 
 def test_copies_land_and_are_recorded():

@@ -5,10 +5,10 @@ import torch
 from tiny_models import make_model, prompt
 
 import moe_prefetch
-from moe_prefetch.evaluate import evaluate_predictors, format_table
-from moe_prefetch.layout import find_moe_layers
-from moe_prefetch.m2r2 import Adapter, TrainSettings, load_adapters, save_adapters, train_adapters
-from moe_prefetch.residuals import collect
+from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.predict.evaluate import evaluate_predictors, format_table
+from moe_prefetch.predict.m2r2 import Adapter, TrainSettings, load_adapters, save_adapters, train_adapters
+from moe_prefetch.predict.residuals import collect
 
 SETTINGS = TrainSettings(lookahead=1, rank=4, steps=60, batch_tokens=128)
 

@@ -18,11 +18,11 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.quantizers.auto import AutoHfQuantizer
 
 import moe_prefetch
-from moe_prefetch import compression
-from moe_prefetch.compression import compress_experts
 from moe_prefetch.errors import CheckpointError
-from moe_prefetch.layout import find_moe_layers
-from moe_prefetch.native import MXFP4, FP8Block, _block_fp8_dequantize
+from moe_prefetch.experts import compression
+from moe_prefetch.experts.compression import compress_experts
+from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.experts.native import MXFP4, FP8Block, _block_fp8_dequantize
 
 # name -> (writer, experts_dtype the checkpoint loads as)
 FIXTURES = {
@@ -184,7 +184,7 @@ def test_a_block_grid_that_does_not_decode_is_stored_dequantized(tmp_path, caplo
     where a 128-row block grid of the fused 128 rows is 1 x 1, so gate_up_proj cannot stay FP8;
     it is stored as transformers dequantizes it, with a warning, and the model still matches."""
     reference = fp8_checkpoint("qwen3_moe", tmp_path / "fp8", block=(128, 128))
-    with caplog.at_level(logging.WARNING, logger="moe_prefetch.native"):
+    with caplog.at_level(logging.WARNING, logger="moe_prefetch.experts.native"):
         model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", cache_slots=4)
     try:
         assert "gate_up_proj: the checkpoint's fp8 layout does not decode" in caplog.text
@@ -278,7 +278,7 @@ def test_native_with_predictors(fixtures, name, predictor):
 def test_sizing_counts_the_native_bytes(tmp_path, kind):
     """`inspect` and profile sizing (model_size) see the experts as `load` stores them: packed,
     not at the model dtype's size, so slots and fits are counted right for quantized checkpoints."""
-    from moe_prefetch.profiles import model_size
+    from moe_prefetch.evidence.plan import model_size
 
     if kind == "mxfp4":
         mxfp4_checkpoint(tmp_path)
@@ -297,7 +297,7 @@ def test_sizing_counts_the_native_bytes(tmp_path, kind):
 def test_quantize_a_native_checkpoint_ahead_of_time(tmp_path, monkeypatch):
     """`moe-prefetch quantize` opens a quantized checkpoint as `load` does (its quantizer in
     dequantize mode): an MXFP4 checkpoint quantizes to int4, and load then reads that copy."""
-    from moe_prefetch import quantized_copy
+    from moe_prefetch.model import quantized_copy
 
     mxfp4_checkpoint(tmp_path)
     info = quantized_copy.quantize(tmp_path, "int4", device="cpu")

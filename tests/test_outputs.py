@@ -8,8 +8,8 @@ import torch
 from tiny_models import CLASSIC, make_model, prompt
 
 import moe_prefetch
-from moe_prefetch.layout import find_moe_layers
-from moe_prefetch.m2r2 import Adapters, TrainSettings, pairs, save_adapters
+from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.predict.m2r2 import Adapters, TrainSettings, pairs, save_adapters
 
 PREDICTORS = ["none", "previous-token", "next-gate", "m2r2-router-input", "m2r2-residual", "oracle"]
 LOOKAHEAD = 2

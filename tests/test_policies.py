@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from moe_prefetch.cache import ExpertCache, LFRUPolicy, LFUPolicy, LRUPolicy, SlotState, make_policy
 from moe_prefetch.cli.main import app
-from moe_prefetch.config import CACHE_POLICIES, RuntimeConfig
 from moe_prefetch.errors import ConfigError
+from moe_prefetch.runtime.cache import ExpertCache, LFRUPolicy, LFUPolicy, LRUPolicy, SlotState, make_policy
+from moe_prefetch.runtime.config import CACHE_POLICIES, RuntimeConfig
 
 KEYS = [(0, e) for e in range(10)]
 

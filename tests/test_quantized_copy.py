@@ -11,9 +11,9 @@ import torch
 from tiny_models import make_model, prompt, save_model
 
 import moe_prefetch
-from moe_prefetch import quantized_copy
-from moe_prefetch.compression import Codec
-from moe_prefetch.layout import find_moe_layers
+from moe_prefetch.experts.compression import Codec
+from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.model import quantized_copy
 
 
 @pytest.fixture()
@@ -67,7 +67,7 @@ def _same(a, b):
 
 
 def test_second_load_reads_the_copy_and_computes_the_same(ckpt, encodes, caplog):
-    caplog.set_level(logging.INFO, logger="moe_prefetch.quantized_copy")
+    caplog.set_level(logging.INFO, logger="moe_prefetch.model.quantized_copy")
     first = _load(ckpt)
     assert len(encodes) == 2 * 8  # every expert of both MoE layers
     (copy,) = _copies(ckpt)
@@ -151,7 +151,7 @@ def test_corrupt_copy_is_ignored_and_rewritten(ckpt, encodes, caplog, damage):
     (copy,) = _copies(ckpt)
     damage(copy)
     encodes.clear()
-    with caplog.at_level(logging.WARNING, logger="moe_prefetch.quantized_copy"):
+    with caplog.at_level(logging.WARNING, logger="moe_prefetch.model.quantized_copy"):
         second = _load(ckpt)
     assert f"ignoring the quantized copy at {copy}" in caplog.text
     assert len(encodes) == 16
@@ -202,7 +202,7 @@ def test_no_room_beside_uses_the_cache_and_no_place_still_loads(ckpt, encodes, m
     assert not (ckpt / "moe_prefetch").exists() and list((tmp_path / "cache").glob("*/int4-*"))
     monkeypatch.setattr(quantized_copy, "_free_bytes", lambda p: 1000)
     encodes.clear()
-    with caplog.at_level(logging.WARNING, logger="moe_prefetch.quantized_copy"):
+    with caplog.at_level(logging.WARNING, logger="moe_prefetch.model.quantized_copy"):
         _load(ckpt, "int8")
     assert len(encodes) == 16 and "no writable place with room" in caplog.text
     assert not list((tmp_path / "cache").glob("*/int8-*")) and not (ckpt / "moe_prefetch").exists()
@@ -211,7 +211,7 @@ def test_no_room_beside_uses_the_cache_and_no_place_still_loads(ckpt, encodes, m
 def test_shipped_demo_copies_go_to_the_cache_not_the_package(monkeypatch, tmp_path):
     """The demos live inside the installed package: a copy of their experts is data, and goes to
     the cache folder even where the package folder is writable (a venv, a dev checkout)."""
-    from moe_prefetch.folders import resolve_path
+    from moe_prefetch.model.folders import resolve_path
 
     monkeypatch.setenv(quantized_copy.CACHE_ENV, str(tmp_path))
     demo = resolve_path("demo")

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moe_prefetch import profiling, report_html
 from moe_prefetch.cli.main import app
+from moe_prefetch.report import html as report_html
+from moe_prefetch.report import profiling
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")

@@ -5,10 +5,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moe_prefetch import routing
-from moe_prefetch.bench import SHAPES, shape_sizes
 from moe_prefetch.cli.main import app
-from moe_prefetch.sim import Roofline, simulate
+from moe_prefetch.evidence import routing
+from moe_prefetch.evidence.bench import SHAPES, shape_sizes
+from moe_prefetch.evidence.sim import Roofline, simulate
 
 # A 2-layer, 8-expert top-2 recording: 1 prefill step (3 tokens) and 3 decode steps.
 RECORDING = {

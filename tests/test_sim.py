@@ -10,9 +10,9 @@ import torch
 from tiny_models import paced_mixtral
 
 import moe_prefetch
-from moe_prefetch.loader import DEMAND
-from moe_prefetch.placement import LaneCosts, Placement
-from moe_prefetch.sim import Clock, SimLoader, simulate
+from moe_prefetch.evidence.sim import Clock, SimLoader, simulate
+from moe_prefetch.runtime.loader import DEMAND
+from moe_prefetch.runtime.placement import LaneCosts, Placement
 
 FREE = float("inf")  # a lane cost that does not count
 

@@ -14,9 +14,9 @@ from tiny_models import make_model, prompt, sized_config
 from transformers import AutoModelForCausalLM
 
 import moe_prefetch
-from moe_prefetch import store as store_mod
-from moe_prefetch.layout import ExpertSpec, find_moe_layers, spec_of
-from moe_prefetch.store import PAGE, HostStore
+from moe_prefetch.experts.layout import ExpertSpec, find_moe_layers, spec_of
+from moe_prefetch.runtime import store as store_mod
+from moe_prefetch.runtime.store import PAGE, HostStore
 
 MiB = 2**20
 
@@ -114,7 +114,7 @@ def test_pinning_failure_falls_back_to_pageable_and_says_so(monkeypatch, caplog)
     monkeypatch.setattr(store_mod, "_cuda_register", registry.register)
     monkeypatch.setattr(store_mod, "_cuda_unregister", registry.unregister)
     store = HostStore(_spec(2000), _keys(3, 2), pin=True)
-    with caplog.at_level(logging.WARNING, logger="moe_prefetch.store"):
+    with caplog.at_level(logging.WARNING, logger="moe_prefetch.runtime.store"):
         for layer in range(3):
             store.fill(layer, ((e, {"w": torch.ones(2000)}) for e in range(2)))
     assert not store.pinned

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from moe_prefetch.cache import ExpertCache
-from moe_prefetch.loader import Loader
-from moe_prefetch.placement import DEFAULT_COSTS, LaneCosts, Placement
-from moe_prefetch.scheduler import UPLOAD_WINDOW_LAYERS, Scheduler
+from moe_prefetch.runtime.cache import ExpertCache
+from moe_prefetch.runtime.loader import Loader
+from moe_prefetch.runtime.placement import DEFAULT_COSTS, LaneCosts, Placement
+from moe_prefetch.runtime.scheduler import UPLOAD_WINDOW_LAYERS, Scheduler
 
 EXPERT_BYTES = 10_000_000
 # A 1 GB/s link and a 1 GB/s host lane: a 10 MB expert takes 10 ms either way, on a device 1000x faster.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_prefetch import profiles as hw
+from moe_prefetch.runtime import profiles as hw
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -74,6 +74,20 @@ def test_wheel_imports_the_installed_package_not_the_checkout(installed):
     out = _run(installed, str(installed["bin"] / "python"), "-c", "import moe_prefetch; print(moe_prefetch.__file__)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(installed["site"])), out.stdout
+
+
+def test_wheel_ships_every_package(installed):
+    """Every module of the checkout, in every package, is in the wheel and imports there (a
+    package missing from pyproject's `packages` would be left out of the wheel)."""
+    names = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "moe_prefetch").rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    assert len(names) > 40, names
+    code = f"import importlib; [importlib.import_module(n) for n in {names!r}]; print('ok')"
+    out = _run(installed, str(installed["bin"] / "python"), "-c", code)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_wheel_lists_every_shipped_profile(installed):

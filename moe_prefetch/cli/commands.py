@@ -19,10 +19,13 @@ import typer
 from rich import box
 from rich.table import Table
 
-from moe_prefetch import profiles as hw
-from moe_prefetch import profiling, report_text
-from moe_prefetch.config import CACHE_POLICIES, EXPERTS_DTYPES, PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError
+from moe_prefetch.evidence import plan
+from moe_prefetch.experts.dtypes import EXPERTS_DTYPES
+from moe_prefetch.report import profiling
+from moe_prefetch.report import text as report_text
+from moe_prefetch.runtime import profiles as hw
+from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
 
 from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
 from .generate import GenerationSettings
@@ -108,7 +111,7 @@ def run(
     ] = False,
 ):
     """Generate text with experts offloaded, streaming it after the prompt, then summarise what the cache did."""
-    from moe_prefetch.folders import read_config, resolve_path
+    from moe_prefetch.model.folders import read_config, resolve_path
 
     from .generate import IdsAsText, check_ids, load_tokenizer, parse_ids, read_prompt, record_run
 
@@ -154,8 +157,8 @@ def run(
             raise ConfigError(f"the prompt {text[:40]!r} became 0 tokens; give a longer prompt or --prompt-ids 1,2,3")
         check_ids(ids, vocab_size, f"the tokenizer of {tokenizer or folder}")
     if profile is not None:
-        size = hw.model_size(folder).for_dtype(runtime_config.experts_dtype)  # slots of the compressed size
-        options["cache_slots"] = hw.slots_on(hw.load_profile(profile), size)
+        size = plan.model_size(folder).for_dtype(runtime_config.experts_dtype)  # slots of the compressed size
+        options["cache_slots"] = plan.slots_on(hw.load_profile(profile), size)
     note = DEMO_NOTE if model == "demo" else None
     if note and not (quiet or json_out):
         stderr().print(note, style="dim", markup=False, highlight=False)
@@ -327,7 +330,7 @@ def calibrate(
     and this GPU (pinned H2D bandwidth by copy size, free memory, ...) into a profile when there is one."""
     import torch
 
-    from moe_prefetch.calibration import calibrate_host
+    from moe_prefetch.evidence import calibration
 
     if out is not None and name is not None and out.stem != name:
         raise ConfigError(f"--name {name!r} must match the file name of --out ({out.stem!r}); drop one of them")
@@ -338,8 +341,9 @@ def calibrate(
     # The GPU part runs when there is a GPU, or was asked for (then a CPU-only machine is an error).
     gpu = torch.cuda.is_available() or device is not None or out is not None
     if gpu and (not torch.cuda.is_available() or not (device or "cuda").startswith("cuda")):
-        hw.calibrate(device=device or "cuda")  # raises the one-line "needs a CUDA device" error, before any work
-    host, host_measured = calibrate_host(
+        # raises the one-line "needs a CUDA device" error, before any work
+        calibration.calibrate(device=device or "cuda")
+    host, host_measured = calibration.calibrate_host(
         size=host_size, dtype=host_dtype, name=None if host_out is None else host_out.stem, threads=host_threads
     )
     host_path = hw.write_host_profile(host, host_out or hw.user_dir() / "host" / f"{host.name}.toml")
@@ -357,7 +361,7 @@ def calibrate(
     if not gpu:
         console.print("no CUDA device: measured the host lane only", markup=False, highlight=False)
         return
-    profile, measured = hw.calibrate(device=device or "cuda", name=name)
+    profile, measured = calibration.calibrate(device=device or "cuda", name=name)
     path = hw.write_profile(profile, out if out is not None else hw.user_dir() / f"{profile.name}.toml")
     table = Table(title=f"pinned host->device copies on {measured['device']}")
     table.add_column("copy size", justify="right")
@@ -384,12 +388,12 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Describe a model's experts and the cache it needs, without loading its weights."""
-    size = hw.model_size(model)
+    size = plan.model_size(model)
     slots, why = size.recommended_slots
     profiles = hw.list_profiles()
-    fits = [hw.fit(p, size) for p in profiles]
+    fits = [plan.fit(p, size) for p in profiles]
     # Per experts_dtype: what fits on each profile with experts of that size.
-    by_dtype = {d: [hw.fit(p, size.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
+    by_dtype = {d: [plan.fit(p, size.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
     if json_out:
         typer.echo(
             json.dumps(
@@ -452,7 +456,7 @@ def inspect(
     out.print(dtypes)
 
 
-def _fit_cell(f: hw.Fit, total: int) -> str:
+def _fit_cell(f: plan.Fit, total: int) -> str:
     if f.verdict == "all resident":
         return f"all {total}"
     return f"{f.slots} of {total}" if f.verdict == "offloaded" else "does not fit"
@@ -473,7 +477,7 @@ def quantize(
     that folder is read-only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from moe_prefetch.quantized_copy import quantize as quantize_experts
+    from moe_prefetch.model.quantized_copy import quantize as quantize_experts
 
     RuntimeConfig(**given(experts_dtype=experts_dtype, device=device))  # a bad value fails before any work
     progress = Progress(

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.text import Text
 
 from moe_prefetch.errors import CheckpointError, ConfigError
-from moe_prefetch.profiling import RunRecorder, build_run, model_record
+from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
 
 TOKENIZER_FIX = (
     "save the model's tokenizer beside its weights (tokenizer.save_pretrained(FOLDER)), "

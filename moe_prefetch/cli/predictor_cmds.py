@@ -15,16 +15,16 @@ from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moe_prefetch.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
 from moe_prefetch.errors import ConfigError, ReportError
-from moe_prefetch.placement import ON_MISS
+from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
+from moe_prefetch.runtime.placement import ON_MISS
 
 from .app import EXIT_INTERRUPTED, Command, app, stderr, stdout
 
 # `--data` names for the demo model's own text: the Python standard library split as the demo
-# was trained (moe_prefetch.corpus), written once to a cache file, so a fresh clone needs no files.
+# was trained (moe_prefetch.predict.corpus), written once to a cache file, so a fresh clone needs no files.
 DATA_SPLITS = {"demo-train": "train", "demo-heldout": "heldout"}
-# moe_prefetch.bench.SHAPES' names, restated so `bench --help` does not load torch (a test keeps them equal).
+# moe_prefetch.evidence.bench.SHAPES' names, restated so `bench --help` does not load torch (a test keeps them equal).
 SHAPE_NAMES = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "gpt-oss-20b")
 
 
@@ -45,7 +45,7 @@ def _csv(value: str, cast=str) -> list:
 
 def _data_files(data: list[Path]) -> list[Path]:
     """--data values: text files, or demo-train / demo-heldout (the demo's corpus splits)."""
-    from moe_prefetch.corpus import split_file
+    from moe_prefetch.predict.corpus import split_file
 
     return [split_file(DATA_SPLITS[str(d)]) if str(d) in DATA_SPLITS else d for d in data]
 
@@ -68,7 +68,7 @@ def train_predictor(
     ] = "router-input",
 ):
     """Train M2R2 adapters for a model on text; resumes if a previous run was interrupted."""
-    from moe_prefetch.training import train_predictor as train
+    from moe_prefetch.model.offline import train_predictor as train
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -129,8 +129,8 @@ def eval_predictor(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON here.")] = None,
 ):
     """Recall of the router's actual top-k per predictor, per distance and per layer."""
-    from moe_prefetch.evaluate import eval_predictor as evaluate
-    from moe_prefetch.evaluate import format_table
+    from moe_prefetch.model.offline import eval_predictor as evaluate
+    from moe_prefetch.predict.evaluate import format_table
 
     result = evaluate(
         model,
@@ -157,7 +157,7 @@ BENCH_LEGEND = (
 
 def _check_bench_options(model: str, preds: list[str], fractions: list[float], tokens: int, lookahead: int, device):
     """Every option, before the first configuration runs: a typo must not cost a run."""
-    from moe_prefetch.loading import resolve_path
+    from moe_prefetch.model.loading import resolve_path
 
     unknown = [p for p in preds if p not in PREDICTORS]
     if unknown or not preds:
@@ -240,7 +240,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
     """Every predictor at every cache size, measured side by side, plus simulated profiles."""
-    from moe_prefetch import profiles as hw
+    from moe_prefetch.runtime import profiles as hw
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
     host_profile = None if host is None else hw.load_host_profile(host)
@@ -263,8 +263,8 @@ def bench(
 
     import torch
 
-    from moe_prefetch.bench import run_bench, run_routed_bench, shape_model
-    from moe_prefetch.loading import load
+    from moe_prefetch.evidence.bench import run_bench, run_routed_bench, shape_model
+    from moe_prefetch.model.loading import load
 
     predictor_path = None
     out = stdout()
@@ -382,7 +382,7 @@ def bench(
 
 def _shape(model: str) -> str:
     """'shape:NAME' -> NAME, checked."""
-    from moe_prefetch.bench import SHAPES
+    from moe_prefetch.evidence.bench import SHAPES
 
     name = model.split(":", 1)[1]
     if name not in SHAPES:
@@ -392,7 +392,7 @@ def _shape(model: str) -> str:
 
 def _check_routing(model: str, routing: str | None) -> bool:
     """True when `routing` asks for a demo's recorded routing on a shape."""
-    from moe_prefetch.routing import ROUTINGS
+    from moe_prefetch.evidence.routing import ROUTINGS
 
     if routing is None:
         return False
@@ -426,7 +426,7 @@ def simulate(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Replay a recorded run (or a shape with demo or random routing) through the scheduler on a profile."""
-    from moe_prefetch import profiles as hw
+    from moe_prefetch.runtime import profiles as hw
 
     if (trace is None) == (shape is None):
         raise ConfigError("give --trace RUN_JSON or --shape NAME (with --routing), one of the two")
@@ -469,9 +469,9 @@ def simulate(
 
 
 def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead, lanes) -> dict:
-    from moe_prefetch.bench import shape_replay, shape_routing
-    from moe_prefetch.routing import PREDICTORS, RECORDED
-    from moe_prefetch.sim import simulate_replay
+    from moe_prefetch.evidence.bench import shape_replay, shape_routing
+    from moe_prefetch.evidence.routing import PREDICTORS, RECORDED
+    from moe_prefetch.evidence.sim import simulate_replay
 
     name = _shape(f"shape:{name}")
     _check_routing(f"shape:{name}", routing)
@@ -488,8 +488,8 @@ def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, look
 
 
 def _simulate_trace(trace, profile, cache_slots, predictor, lanes) -> dict:
-    from moe_prefetch.profiling import load_run
-    from moe_prefetch.sim import simulate_replay
+    from moe_prefetch.evidence.sim import simulate_replay
+    from moe_prefetch.report.profiling import load_run
 
     if predictor not in ("recorded", "none", "previous-token", "oracle"):
         raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")

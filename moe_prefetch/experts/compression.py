@@ -1,0 +1,381 @@
+"""Compressed experts: how an expert is stored in the host store and the device slots, and
+turned back into the model's dtype just before its kernel runs.
+
+At batch-1 decode every lane an offloaded expert touches costs its bytes (the link, host DRAM
+on the host lane, the device slot), so the store and the slots hold the compressed bytes and
+the link moves them. The kernel is still the model's own: a layer's routed experts are decoded
+into the pool's working buffer (device) or a host buffer (host lane), in the model's dtype,
+and the stock kernel runs on them. Why decode rather than a packed kernel:
+- exactness: the reference for a compressed model is the same model with the same decoded
+  experts all resident (`compress_experts`); decoding with one function everywhere makes the
+  offloaded model compute exactly that, on every architecture, with every kernel;
+- the packed kernels torch ships (`_weight_int4pack_mm`, `_weight_int8pack_mm`) are plain
+  matmuls: the model's expert arithmetic (gating, activations, biases, clamps) would have to
+  be rewritten per architecture. `scripts/bench_compression.py` measures both on this machine.
+  The one exception: on the host lane of a half-precision model, int8 experts are read as
+  stored by torch's int8 kernel around the module's own gating (host_kernels.py), 13x faster.
+
+Formats (`experts_dtype`):
+- "bf16" (or "fp16"/"fp32"): a plain cast;
+- "int8": symmetric, one fp32 scale per row of the last dimension (per channel);
+- "int4": asymmetric, groups of `INT4_GROUP` along the last dimension, fp16 scale and minimum
+  per group, two values per byte;
+- "auto": the checkpoint's own format (the model's dtype, or a native quantized format).
+Parameters with fewer than two dimensions per expert (biases) stay in the model's dtype.
+
+A `Codec` lays an expert's parts out as bytes in one flat uint8 row (`Codec.stored`, an
+`ExpertSpec` of uint8 parts), so the store, the pool, the loader and the cache handle a
+compressed expert exactly like a plain one: a row of `stored.nbytes` bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import ConfigError
+from .dtypes import EXPERTS_DTYPES
+from .layout import ExpertSpec
+
+_CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Group size for int4. On the demo every size from 32 to 128 keeps the held-out loss within 0.05%
+# (the bar is 3%), so 64 was chosen on weight error: 0.078 / 0.090 / 0.100 relative RMS at
+# 32 / 64 / 128 for +11% / 0 / -6% bytes (docs/benchmarks.md, section 8).
+INT4_GROUP = 64
+# Decode at most this many elements at once: bounds the fp32 scratch (`_scratch`; a Mixtral
+# expert matrix is 58M values, 235 MB in fp32) at a few launches more per expert.
+_DECODE_ELEMS = 1 << 24
+
+
+class ParamFormat:
+    """How one parameter of one expert is stored: named parts, each a tensor of fixed shape
+    and dtype, and the function that rebuilds the parameter from them."""
+
+    name = "raw"
+    # Memory bytes decoding moves per value, beyond reading the stored bytes and writing and
+    # re-reading the decoded copy (what the placement and the simulator charge a decoding call).
+    # Host: the fp32 scratch path, from its measured time on one core (scripts/bench_compression.py,
+    # at ~10 GB/s: int8 into bf16 3.6 ms, int4 10.1 ms for 7.3M values). Device: the single-pass
+    # path, counted from its ops (int4 unpacks its nibbles first). The native formats are taken
+    # as int4. A fused dequantizing matmul would move none of it (docs/benchmarks.md, section 8).
+    host_decode_bytes_per_value = 14
+    device_decode_bytes_per_value = 3
+
+    def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Write one expert's parameter into `out` (its shape, the model's dtype) from `parts`."""
+        raise NotImplementedError
+
+
+class Cast(ParamFormat):
+    host_decode_bytes_per_value = device_decode_bytes_per_value = 0  # one pass: the decoded copy's write
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = str(dtype).removeprefix("torch.")
+
+    def parts(self, shape, dtype):
+        return {"w": (shape, self.dtype)}
+
+    def encode(self, w):
+        return {"w": w.to(self.dtype)}
+
+    def decode(self, parts, out):
+        out.copy_(parts["w"])
+
+
+class Int8(ParamFormat):
+    """Symmetric per-channel int8: w = q * scale, one scale per row of the last dimension."""
+
+    name = "int8"
+    host_decode_bytes_per_value = 5
+    device_decode_bytes_per_value = 0
+
+    def parts(self, shape, dtype):
+        return {"q": (shape, torch.int8), "scale": ((*shape[:-1], 1), torch.float32)}
+
+    def encode(self, w):
+        w = w.float()
+        scale = w.abs().amax(dim=-1, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale}
+
+    def decode(self, parts, out):
+        q, scale, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(out)
+        if _single_pass(o.device):  # q * scale in fp32, rounded once into the output
+            torch.mul(q, scale, out=o)
+            return
+        for sl in _row_chunks(o.shape[0], o.shape[1]):
+            rows = q[sl].shape[0]
+            # fp32 arithmetic (q * scale, one rounding), in place in fp32 output or in scratch.
+            f = o[sl] if o.dtype == torch.float32 else _scratch(o.device, "f32", rows * o.shape[1]).view(rows, -1)
+            f.copy_(q[sl]).mul_(scale[sl])
+            if o.dtype != torch.float32:
+                o[sl].copy_(f)
+
+
+class Int4(ParamFormat):
+    """Asymmetric group-wise int4 along the last dimension: w = q * scale + low, q in 0..15,
+    fp16 scale and low per group, two values per byte (low nibble first). A last dimension
+    that is not a multiple of the group is padded in the store and cut off when decoding."""
+
+    name = "int4"
+
+    def __init__(self, group: int | None = None):
+        # Read at construction, not bound at import: scripts/compression_quality.py measures
+        # other group sizes by setting `compression.INT4_GROUP`.
+        group = INT4_GROUP if group is None else group
+        if group % 2:
+            raise ConfigError(f"int4 group size {group} must be even (two values per byte)")
+        self.group = group
+
+    def _groups(self, shape):
+        return -(-shape[-1] // self.group)
+
+    def parts(self, shape, dtype):
+        groups = self._groups(shape)
+        return {
+            "q": ((*shape[:-1], groups * self.group // 2), torch.uint8),
+            "scale": ((*shape[:-1], groups), torch.float16),
+            "low": ((*shape[:-1], groups), torch.float16),
+        }
+
+    def encode(self, w):
+        shape, groups = w.shape, self._groups(w.shape)
+        w = w.float()
+        pad = groups * self.group - shape[-1]
+        if pad:
+            w = torch.nn.functional.pad(w, (0, pad), value=float(w.flatten()[0]) if w.numel() else 0.0)
+        g = w.reshape(*shape[:-1], groups, self.group)
+        low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        # Scale and low are rounded to fp16 first and q computed against the rounded values, so
+        # decoding (which only sees the fp16 ones) lands on the nearest level.
+        low = low.half().float()
+        scale = ((high - low) / 15).half().float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((g - low) / scale).clamp_(0, 15).to(torch.uint8).reshape(*shape[:-1], -1)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)
+        return {"q": packed, "scale": scale.squeeze(-1).half(), "low": low.squeeze(-1).half()}
+
+    def decode(self, parts, out):
+        q, scale, low, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(parts["low"]), _rows(out)
+        padded = q.shape[1] * 2
+        for sl in _row_chunks(o.shape[0], padded):
+            packed = q[sl]
+            rows = packed.shape[0]
+            nibbles = _scratch(o.device, "u8", rows * padded, torch.uint8).view(rows, -1, 2)
+            torch.bitwise_and(packed, 15, out=nibbles[..., 0])
+            torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
+            if _single_pass(o.device) and padded == o.shape[1]:  # low + q * scale, into the output
+                groups = (rows, -1, self.group)
+                torch.addcmul(
+                    low[sl].float().unsqueeze(-1),
+                    nibbles.view(groups),
+                    scale[sl].float().unsqueeze(-1),
+                    out=o[sl].view(groups),
+                )
+                continue
+            # q * scale + low in fp32 (two roundings, as the reference computes it), in place:
+            # in the fp32 output itself when it has no padding, else in scratch.
+            direct = o.dtype == torch.float32 and padded == o.shape[1]
+            f = o[sl] if direct else _scratch(o.device, "f32", rows * padded).view(rows, -1)
+            g = f.view(rows, -1, self.group)
+            g.copy_(nibbles.view(rows, -1, self.group))
+            g.mul_(scale[sl].unsqueeze(-1)).add_(low[sl].unsqueeze(-1))
+            if not direct:
+                o[sl].copy_(f[:, : o.shape[1]])
+
+
+def _row_chunks(rows: int, per_row: int):
+    """Row slices that keep each decode step under `_DECODE_ELEMS` values."""
+    step = max(1, _DECODE_ELEMS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
+
+
+def _single_pass(device: torch.device) -> bool:
+    """Decode in one mixed-dtype op per format (int8 -> output; int4 nibbles -> output) where that
+    is fastest: on CUDA, where the cast on load is free and every extra pass costs HBM traffic.
+    On the CPU those mixed-dtype kernels are not vectorised (int8 into bf16: 30 ms against 3.6 ms
+    for the scratch path), so the host keeps the fp32 scratch path. Both give the same values on
+    the CPU (tested by forcing this path there); on CUDA a fused multiply-add may round int4's
+    last bit differently, within the model dtype's rounding."""
+    return device.type == "cuda"
+
+
+_SCRATCH: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused flat buffer of at least `numel` values, per device: decoding allocates nothing per
+    call (fresh multi-MB temporaries cost a page fault per 4 KiB on the host, more than the
+    arithmetic). At most `_DECODE_ELEMS` values each (64 MiB in fp32), as decode chunks."""
+    key = (str(device), name)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as rows of its last dimension: a view (never a copy, which would drop writes to `out`);
+    `Codec.decode` hands the formats one expert at a time, whose parts and outputs are contiguous."""
+    return t.view(-1, t.shape[-1])
+
+
+class Codec:
+    """The stored layout of one expert for one `experts_dtype`, over the model's `spec`."""
+
+    def __init__(self, spec: ExpertSpec, name: str, formats: Mapping[str, ParamFormat]):
+        self.spec = spec
+        self.name = name
+        self.formats = dict(formats)
+        self.identity = all(isinstance(f, Cast) and f.dtype == spec.dtype for f in self.formats.values())
+        if self.identity:
+            self.stored = spec
+            self._parts = {}
+            return
+        names, shapes, parts = [], [], {}
+        for pname, shape in zip(spec.names, spec.shapes):
+            for part, (pshape, pdtype) in self.formats[pname].parts(shape, spec.dtype).items():
+                names.append(f"{pname}.{part}")
+                shapes.append((math.prod(pshape) * pdtype.itemsize,))
+                parts[f"{pname}.{part}"] = (pname, part, pshape, pdtype)
+        self.stored = ExpertSpec(names=tuple(names), shapes=tuple(shapes), dtype=torch.uint8)
+        self._parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one expert as stored, moved over the link and held in a slot."""
+        return self.stored.nbytes
+
+    @property
+    def host_bytes(self) -> int:
+        """DRAM bytes one host-lane call on this expert touches when it is decoded first: the
+        stored bytes, the decode's temporaries, and the decoded copy written and then read by the
+        kernel. So a compressed expert is cheaper on the link but dearer on the host lane than a
+        plain one, unless a packed kernel reads it as stored (host_kernels.py)."""
+        if self.identity:
+            return self.nbytes
+        return self._decoding_bytes("host_decode_bytes_per_value")
+
+    @property
+    def device_bytes(self) -> int:
+        """The same for one device call: the stored bytes read from the slot, the single-pass
+        decode's extra traffic, and the decoded copy written and read by the stock kernel."""
+        return self._decoding_bytes("device_decode_bytes_per_value")
+
+    def _decoding_bytes(self, per_value: str) -> int:
+        if self.identity:
+            return self.nbytes
+        traffic = sum(
+            math.prod(shape) * getattr(self.formats[name], per_value)
+            for name, shape in zip(self.spec.names, self.spec.shapes)
+        )
+        return self.nbytes + traffic + 2 * self.spec.nbytes
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's parameters (the model's names and shapes) as its stored parts, each a
+        flat uint8 tensor (`stored`'s names), or unchanged for the identity codec."""
+        if self.identity:
+            return dict(tensors)
+        out = {}
+        for pname in self.spec.names:
+            for part, tensor in self.formats[pname].encode(tensors[pname]).items():
+                out[f"{pname}.{part}"] = tensor.contiguous().reshape(-1).view(torch.uint8)
+        return out
+
+    def typed(self, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Views of stored rows `[..., stored.numel]` as each parameter's typed parts."""
+        lead = rows.shape[:-1]
+        typed: dict[str, dict[str, torch.Tensor]] = {}
+        for key, view in self.stored.views(rows).items():
+            pname, part, pshape, pdtype = self._parts[key]
+            typed.setdefault(pname, {})[part] = view.view(pdtype).view(*lead, *pshape)
+        return typed
+
+    def decode(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decode stored rows `[n, stored.numel]` into `out` `[n, spec.numel]` (the model's dtype)."""
+        if self.identity:
+            return out.copy_(rows)
+        views = self.spec.views(out)
+        for pname, parts in self.typed(rows).items():
+            for i in range(rows.shape[0]):  # one expert at a time: its views are contiguous
+                self.formats[pname].decode({k: v[i] for k, v in parts.items()}, views[pname][i])
+        return out
+
+    def expand(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One stored expert decoded into new tensors, by parameter name (the model's shapes)."""
+        if self.identity:
+            return self.spec.views(row)
+        out = torch.empty(1, self.spec.numel, dtype=self.spec.dtype, device=row.device)
+        self.decode(row.unsqueeze(0), out)
+        return {name: view[0] for name, view in self.spec.views(out).items()}
+
+    def describe(self) -> str:
+        kinds = sorted({f.name for f in self.formats.values()})
+        return self.name if len(kinds) <= 1 else f"{self.name} ({', '.join(kinds)})"
+
+
+def make_codec(spec: ExpertSpec, experts_dtype: str = "auto", native: Mapping[str, ParamFormat] | None = None) -> Codec:
+    """The codec for `experts_dtype` over `spec`. `native`: formats the checkpoint stores its
+    experts in (used by "auto"), by parameter name."""
+    if experts_dtype not in EXPERTS_DTYPES:
+        raise ConfigError(f"experts_dtype={experts_dtype!r} is not one of {', '.join(EXPERTS_DTYPES)}")
+    formats: dict[str, ParamFormat] = {}
+    for pname, shape in zip(spec.names, spec.shapes):
+        if experts_dtype == "auto":
+            fmt = (native or {}).get(pname) or Cast(spec.dtype)
+        elif len(shape) < 2:
+            fmt = Cast(spec.dtype)  # biases: a few KiB, kept exact
+        elif experts_dtype in _CASTS:
+            fmt = Cast(_CASTS[experts_dtype])
+        elif experts_dtype == "int8":
+            fmt = Int8()
+        else:
+            fmt = Int4()
+        formats[pname] = fmt
+    name = experts_dtype if experts_dtype != "auto" else _auto_name(spec, formats)
+    return Codec(spec, name, formats)
+
+
+def _auto_name(spec: ExpertSpec, formats: Mapping[str, ParamFormat]) -> str:
+    kinds = [f.name for f in formats.values() if not isinstance(f, Cast)]
+    return kinds[0] if kinds else str(spec.dtype).removeprefix("torch.")
+
+
+def round_trip(codec: Codec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the runtime computes with for an expert: its parameters encoded then decoded."""
+    if codec.identity:
+        return dict(tensors)
+    row = torch.empty(codec.stored.numel, dtype=torch.uint8)
+    encoded = codec.encode(tensors)
+    for name, view in codec.stored.views(row).items():
+        view.copy_(encoded[name])
+    return codec.expand(row)
+
+
+def compress_experts(model, experts_dtype: str) -> object:
+    """The reference for a compressed model: replace every expert of `model` (in place) by what
+    the runtime computes with for `experts_dtype`, all resident. An offloaded model with the same
+    `experts_dtype` generates the same tokens as this one. Returns the model."""
+    from .layout import find_moe_layers, spec_of
+
+    layers = find_moe_layers(model)
+    codec = make_codec(spec_of(layers), experts_dtype)
+    with torch.no_grad():
+        for layer in layers:
+            params = dict(layer.experts.named_parameters(recurse=False))
+            for e in range(layer.num_experts):
+                decoded = round_trip(codec, {n: p[e].detach().cpu() for n, p in params.items()})
+                for name, param in params.items():
+                    param[e].copy_(decoded[name])
+    return model

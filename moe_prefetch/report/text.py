@@ -1,0 +1,184 @@
+"""A run as text: headline rows shared by the terminal and the HTML page, notes, rich tables.
+
+Reads only the run dict (`profiling.build_run` / run.json); imports neither torch nor the
+runtime, so `moe-prefetch report` is quick.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from ..runtime.lanes import ran as lanes_ran
+from ..runtime.sizing import small_cache_warning
+
+MEASURED_ON = {
+    "cuda": "Measured on CUDA. Stalls are timed with CUDA events on the compute stream; single copies are not "
+    "timed, so H2D bandwidth is bytes moved over the generation's wall time (a lower bound).",
+    "cpu": "Measured on CPU. A worker thread copies experts and the stall is the time the compute thread waited "
+    "for it. This shows the scheduling (hits, prefetches, stalls), not GPU speeds.",
+    "simulated": "Simulated, not measured: a recorded routing trace replayed through the cache and scheduler "
+    "with a hardware profile's bandwidths.",
+}
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{unit}"
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.2f}"
+
+
+def ran_text(ran: dict | None) -> str:
+    """Where routed experts ran (`lanes.ran`), in words; "-" for a run recorded without it."""
+    if not ran:
+        return "-"
+    return (
+        f"device hit {ran['device']}, uploaded then hit {ran['uploaded']}, "
+        f"waited for the link {ran['waited']}, host {ran['host']}"
+    )
+
+
+def lanes_text(lanes: dict | None) -> str:
+    """Seconds per lane (`lanes.mean_lanes`) in ms; "-" for a run recorded without them."""
+    if not lanes:
+        return "-"
+    return (
+        f"device {ms(lanes['device_s'])} ms, host {ms(lanes['host_s'])} ms, link {ms(lanes['link_s'])} ms; "
+        f"exposed {ms(lanes['exposed_s'])} ms"
+    )
+
+
+def summary_rows(run: dict) -> list[tuple[str, str]]:
+    s = run["summary"]
+    rows = [
+        ("measured on", run["measured_on"] + (" (interrupted)" if s.get("interrupted") else "")),
+        ("tokens generated", str(s["tokens_generated"])),
+        ("time to first token", num(s["time_to_first_token_s"], ".3f", " s")),
+        ("decode speed", num(s["decode_tokens_per_s"], ".2f", " tok/s")),
+        ("hit rate (all / decode)", f"{pct(s['hit_rate'])} / {pct(s['decode_hit_rate'])}"),
+        (
+            "misses on the host lane",
+            f"{s.get('host_experts', 0)} experts, {num(s.get('host_seconds'), '.3f', ' s')} "
+            f"(on_miss {s.get('on_miss')})",
+        ),
+        ("where routed experts ran (decode)", ran_text(s.get("decode_ran"))),
+        ("lanes per decode token", lanes_text(s.get("decode_lanes_per_token"))),
+        ("prefetch precision", pct(s["prefetch_precision"])),
+        ("prefetch recall", pct(s["prefetch_recall"])),
+        ("time stalled (decode)", f"{pct(s['stall_share'])} ({num(s['decode_stall_s'], '.3f', ' s')})"),
+        (
+            "H2D bandwidth",
+            num(
+                None if s["h2d_bytes_per_s"] is None else s["h2d_bytes_per_s"] / 1e9, ".2f", f" GB/s ({s['h2d_basis']})"
+            ),
+        ),
+        ("bytes loaded", fmt_bytes(s["bytes_loaded"])),
+        ("experts", _experts(run)),
+        (
+            "device memory",
+            f"{fmt_bytes(s['device_bytes'])} = pool {fmt_bytes(s['device_pool_bytes'])} "
+            f"+ non-expert {fmt_bytes(s['non_expert_bytes'])}",
+        ),
+        ("host memory", f"store {fmt_bytes(s['host_store_bytes'])}, process RSS {fmt_bytes(s['rss_bytes'])}"),
+    ]
+    if s.get("device_peak_bytes") is not None:
+        rows.append(("device peak allocated", fmt_bytes(s["device_peak_bytes"])))
+    return rows
+
+
+def _experts(run: dict) -> str:
+    """Which experts_dtype ran and its bytes per expert (runs recorded before it say "-")."""
+    s, model = run["summary"], run.get("model", {})
+    if s.get("experts_dtype") is None:
+        return "-"
+    text = f"{s['experts_dtype']}, {fmt_bytes(s.get('stored_expert_bytes'))} per expert as stored and moved"
+    if model.get("expert_bytes") and model["expert_bytes"] != s.get("stored_expert_bytes"):
+        text += f" ({fmt_bytes(model['expert_bytes'])} decoded to {model.get('dtype', '?')})"
+    return text
+
+
+def setup_rows(run: dict) -> list[tuple[str, str]]:
+    st = collections.defaultdict(lambda: "?", run["stats"])  # a simulated run has no host memory
+    return [
+        ("device", f"{st['device']} ({st['device_reason']})"),
+        ("loader", f"{st['loader']} ({st['loader_reason']})"),
+        ("host memory", f"{st['host_memory']} ({st['host_memory_reason']})"),
+        ("stall timing", run["stall_timing"]),
+        ("lane timing", run.get("lane_basis", {}).get("summary", "not recorded in this run")),
+        (
+            "cache",
+            f"{st['cache_slots']} slots of {fmt_bytes(st['expert_bytes'])} for {st['num_experts']} experts "
+            f"in {st['moe_layers']} MoE layers",
+        ),
+        ("predictor", f"{st['predictor']} (lookahead {st['lookahead']})"),
+    ]
+
+
+def notes(run: dict) -> list[str]:
+    """What a reader should know before trusting the numbers: a cache too small to reuse
+    anything, layers that never hit. One line each."""
+    model, slots = run.get("model", {}), run.get("stats", {}).get("cache_slots")
+    out = []
+    if slots is not None and model.get("top_k") and model.get("moe_layers"):
+        total = model.get("experts_per_layer", 0) * model["moe_layers"] or slots
+        warning = small_cache_warning(slots, model["top_k"], model["moe_layers"], total)
+        if warning is not None:
+            out.append(warning)
+    cold = [str(r["layer_idx"]) for r in run.get("layers", []) if r["hits"] == 0 and r["misses"] > 0]
+    if cold:
+        out.append(f"MoE layer(s) {', '.join(cold)} had a 0% hit rate: every expert they used was copied in on demand")
+    return out
+
+
+def tables(run: dict) -> list:
+    """Rich tables: summary, setup (with the reason for each automatic choice), per layer, and
+    per layer where the routed experts ran and the time on each lane."""
+    from rich.table import Table
+
+    summary = Table(title=f"run: {run['model'].get('path', '?')}", show_header=False)
+    for name, value in summary_rows(run):
+        summary.add_row(name, value)
+    setup = Table(title="where it ran", show_header=False)
+    for name, value in setup_rows(run):
+        setup.add_row(name, value)
+    per_layer = Table(title="per MoE layer (prefetches: issued, used, wasted)")
+    for col in ("layer", "hits", "misses", "host", "hit rate", "issued", "used", "wasted", "stall ms", "loaded"):
+        per_layer.add_column(col, justify="right", no_wrap=True)
+    for row in run["layers"]:
+        per_layer.add_row(
+            str(row["layer_idx"]),
+            str(row["hits"]),
+            str(row["misses"]),
+            str(row.get("host_experts", 0)),
+            pct(row["hit_rate"]),
+            str(row["prefetch_issued"]),
+            str(row["prefetch_used"]),
+            str(row["prefetch_wasted"]),
+            f"{1e3 * row['stall_seconds']:.2f}",
+            fmt_bytes(row["bytes_loaded"]),
+        )
+    split = Table(title="per MoE layer: where routed experts ran, and ms on each lane over the run")
+    for col in ("layer", "device hit", "uploaded hit", "waited", "host", "device", "host lane", "link", "exposed"):
+        split.add_column(col, justify="right", no_wrap=True)
+    for row in run["layers"]:
+        ran, lanes = row.get("ran") or lanes_ran(row), row.get("lanes") or {}  # older runs: no lanes
+        split.add_row(
+            str(row["layer_idx"]),
+            *(str(ran[k]) for k in ("device", "uploaded", "waited", "host")),
+            *(ms(lanes.get(k)) for k in ("device_s", "host_s", "link_s", "exposed_s")),
+        )
+    return [summary, setup, per_layer, split]
