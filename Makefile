@@ -19,10 +19,11 @@ install:
 	$(BIN)/pip install -q -c $(PIN) torch
 	$(BIN)/pip install -q -c $(PIN) -e ".[test]"
 
+# `run` prints the summary and writes runs/demo/{run.json,report.html}; `moe-prefetch report runs/demo`
+# shows every table again later.
 demo: install
 	printf $(DEMO_PROMPT) | $(BIN)/moe-prefetch run --model demo --max-new-tokens 64 \
 		--cache-slots 24 --predictor m2r2 --lookahead 2 --device auto --report runs/demo
-	$(BIN)/moe-prefetch report runs/demo/run.json
 
 test: install chromium
 	$(BIN)/python -m pytest

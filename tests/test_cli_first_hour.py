@@ -4,8 +4,13 @@ clone, through typer's CliRunner (user mistakes: exit 2, one line, no traceback)
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,8 @@ from typer.testing import CliRunner
 from moe_prefetch.cli.main import app
 from moe_prefetch.report import html as report_html
 from moe_prefetch.report import profiling
+from moe_prefetch.report import text as report_text
+from moe_prefetch.runtime.config import train_adapters_hint
 
 BASE = ["run", "--device", "cpu", "--max-new-tokens", "4"]
 
@@ -244,3 +251,223 @@ def test_bench_checks_every_option_before_any_work(tokenized, runner, monkeypatc
 def test_bench_without_adapters_refuses_m2r2_first(tokenized, runner):
     result = runner.invoke(app, ["bench", "--model", str(tokenized), "--predictors", "none,m2r2", "--tokens", "2"])
     assert_one_line_error(result, "m2r2 needs trained adapters", "train-predictor")
+
+
+# == Issue 22, a new user's trial: items 2-10, 13-15 ===================================================
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- 2. inspect's smallest budget is the one the budget check applies --------------------------------
+def test_smallest_budget_is_what_run_accepts(runner):
+    """The demo is float16 on a GPU and float32 on a CPU device; either way a budget pays for the
+    working buffer before any slot, and inspect says so with the figure run's check uses."""
+    data = json.loads(runner.invoke(app, ["inspect", "--model", "demo", "--json"]).stdout)["model"]
+    top_k, expert, work = data["min_slots"], data["expert_bytes"], data["work_bytes"]
+    assert work == top_k * expert and data["smallest_budget"] == top_k * expert + work  # uncompressed
+    smallest = data["smallest_budget_on_cpu"]
+    assert smallest == 2 * data["smallest_budget"]  # float32 on the CPU, float16 on a GPU
+    text = " ".join(runner.invoke(app, ["inspect", "--model", "demo"]).stdout.split())
+    assert f"smallest --cache-budget │ {report_text.fmt_bytes(data['smallest_budget'])}" in text
+    assert f"{report_text.fmt_bytes(smallest)} on a CPU device (float32)" in text
+    args = [*BASE, "--max-new-tokens", "1", "--prompt", "import os", "--quiet"]
+    refused = runner.invoke(app, [*args, "--cache-budget", str(smallest - 1)])
+    assert_one_line_error(
+        refused,
+        f"--cache-budget {smallest - 1} ({report_text.fmt_bytes(smallest - 1)}) holds 1 slot but one layer needs 2",
+        f"working buffer of top_k experts decoded for the kernel takes {report_text.fmt_bytes(smallest // 2)} first",
+        f"the smallest budget is {report_text.fmt_bytes(smallest)}",
+    )
+    assert not re.search(r"\d bytes\b", refused.stderr), "every size in one style (fmt_bytes)"
+    assert runner.invoke(app, [*args, "--cache-budget", str(smallest)]).exit_code == 0
+
+
+# -- 3, 5, 6. bench on a checkpoint without adapters, with its own defaults --------------------------
+@pytest.fixture(scope="module")
+def benched(tokenized, tmp_path_factory):
+    """bench's defaults on a checkpoint without adapters, at a cache below top_k x MoE layers (0.125
+    of 16 experts: 2 slots) and at it (0.25)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = ["bench", "--model", str(tokenized), "--cache-fractions", "0.125,0.25", "--tokens", "3"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text())
+
+
+def test_bench_defaults_leave_m2r2_out_with_a_note(benched, tokenized):
+    result, data = benched
+    assert {r["predictor"] for r in data["rows"] if r["tokens_per_s"] is not None} == {
+        "none",
+        "previous-token",
+        "next-gate",
+        "oracle",
+    }
+    adapters = tokenized / "m2r2_adapters.safetensors"
+    note = " ".join(result.stderr.split())
+    assert f"note: m2r2 left out: no adapters at {adapters}; {train_adapters_hint(adapters, str(tokenized))}" in note
+
+
+def test_bench_says_what_the_weights_are(benched, runner):
+    assert "(weights as loaded from the folder; measured on cpu)" in benched[0].stdout
+    assert "trained" not in benched[0].stdout
+    demo = runner.invoke(
+        app,
+        ["bench", "--predictors", "none", "--cache-fractions", "0.5", "--tokens", "2", "--profiles", "h200"]
+        + ["--device", "cpu"],
+    )
+    assert demo.exit_code == 0 and "bench demo (trained weights: a shipped demo; measured on cpu)" in demo.stdout
+
+
+def test_bench_table_fits_and_explains_only_its_columns(benched):
+    result, data = benched
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    measured = [r for r in data["rows"] if r["tokens_per_s"] is not None]
+    for row in data["rows"]:  # every row on one line, its numbers whole
+        cells = [f" {row['predictor']} ", *(f" {report_text.rate(v)}" for v in row["simulated"].values())]
+        assert any(all(c in line for c in cells) for line in lines), cells
+    for row in measured:
+        if row["predictor"] == "none":  # nothing predicted: precision and recall do not apply
+            line = next(line for line in lines if line.split()[:3] == ["wait", "none", f"{row['cache_fraction']:g}"])
+            assert line.split()[5:7] == ["-", "-"], line
+    legend = " ".join(lines[lines.index(next(line for line in lines if "on miss:" in line)) :])
+    assert "three-lane" not in legend and "bound PROFILE" not in legend  # no bound column, no bound legend
+    for term in ("pf prec:", "pf recall:", "sim PROFILE:", "rtx3060-12gb", "all-resident:", "tok/s:"):
+        assert term in legend, term
+    # the small-cache warning: once for the whole bench, not once per configuration
+    assert " ".join(result.stderr.split()).count("below top_k x MoE layers") == 1, result.stderr
+
+
+# -- 4. the README's simulate --shape command runs as written ------------------------------------------
+def test_readme_simulate_shape_command_runs(runner):
+    command = re.search(r"`moe-prefetch (simulate --shape [^`]+)`", (ROOT / "README.md").read_text())[1]
+    result = runner.invoke(app, command.split())
+    assert result.exit_code == 0, result.output
+    assert "predictor m2r2" in result.stdout  # a demo's routing: its own trained predictor
+    args = ["simulate", "--shape", "olmoe-1b-7b", "--profile", "h200", "--tokens", "2"]
+    random = runner.invoke(app, args)  # random routing has no recorded predictions: none
+    assert random.exit_code == 0 and "predictor none" in random.stdout, random.output
+
+
+# -- 7. inspect --experts-dtype -------------------------------------------------------------------------
+def test_inspect_sizes_the_experts_dtype_asked_for(tokenized, runner):
+    plain = json.loads(runner.invoke(app, ["inspect", "--model", str(tokenized), "--json"]).stdout)
+    result = runner.invoke(app, ["inspect", "--model", str(tokenized), "--experts-dtype", "int4", "--json"])
+    assert result.exit_code == 0, result.output
+    int4 = json.loads(result.stdout)
+    by_dtype = plain["model"]["expert_bytes_by_dtype"]
+    assert int4["model"]["expert_bytes"] == by_dtype["int4"] < plain["model"]["expert_bytes"] == by_dtype["auto"]
+    assert int4["model"]["experts_dtype"] == "int4"
+    assert int4["model"]["all_miss_bytes_per_token"] == 2 * 2 * by_dtype["int4"]  # top-2, 2 MoE layers
+    assert [f["slots"] for f in int4["profiles"]] == [f["by_experts_dtype"]["int4"]["slots"] for f in int4["profiles"]]
+    text = " ".join(
+        runner.invoke(app, ["inspect", "--model", str(tokenized), "--experts-dtype", "int4"]).stdout.split()
+    )
+    assert "experts as int4" in text and f"{report_text.fmt_bytes(by_dtype['int4'])} (int4, decoded to float32" in text
+    assert_one_line_error(runner.invoke(app, ["inspect", "--experts-dtype", "int3"]), "--experts-dtype int3")
+
+
+# -- 8. a config.json path names its folder ---------------------------------------------------------------
+def test_run_takes_the_config_json_of_a_folder(tokenized, runner):
+    result = runner.invoke(app, [*BASE, "--model", str(tokenized / "config.json"), "--prompt", "def f(x):", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"]
+    weights = next(tokenized.glob("*.safetensors"))
+    assert_one_line_error(
+        runner.invoke(app, [*BASE, "--model", str(weights), "--prompt", "x"]),
+        "is a file, not a model folder",
+        "the folder that holds config.json",
+    )
+
+
+# -- 9. a dense model says so before anything about its tokenizer -------------------------------------------
+def test_dense_model_without_tokenizer_is_called_dense(runner, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for args in (["--prompt", "x"], ["--prompt-ids", "1,2"]):
+        assert_one_line_error(runner.invoke(app, [*BASE, "--model", str(tmp_path), *args]), "'llama' is dense")
+
+
+def test_missing_tokenizer_names_the_files_looked_for(bare, runner):
+    result = runner.invoke(app, [*BASE, "--model", str(bare), "--prompt", "x"])
+    assert_one_line_error(result, "no usable tokenizer (none of tokenizer.json, tokenizer.model", "--prompt-ids")
+    assert "one of: )" not in result.stderr
+
+
+# -- 10. the report's lanes axis and a run without a predictor ---------------------------------------------
+def test_report_axis_ticks_are_round_and_no_predictor_says_so(small_cache_run, runner):
+    out = small_cache_run[1]
+    run = profiling.load_run(out)
+    assert run["stats"]["predictor"] == "none"
+    shown = " ".join(runner.invoke(app, ["report", str(out)]).stdout.split())
+    assert "prefetch precision │ - (no predictor)" in shown and "prefetch recall │ - (no predictor)" in shown
+    page = (out / "report.html").read_text()
+    lanes = page[page.index("<h2>Lanes per token</h2>") : page.index("<h2>Loads against compute</h2>")]
+    assert "time per token (ms)" in lanes and "seconds per token" not in lanes
+    ticks = [float(t) for t in re.findall(r'text-anchor="end" class="tick">([0-9.]+) ms</text>', lanes)]
+    assert len(ticks) == 5 and ticks[0] == 0
+    step = ticks[1]
+    assert ticks == pytest.approx([i * step for i in range(5)])
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert round(mantissa, 6) in (1, 1.5, 2, 2.5, 3, 4, 5), ticks  # a round step, not 3.35
+    tallest = max(v for t in run["tokens"][1:] for v in t["lanes"].values() if v is not None)
+    assert 1e3 * tallest <= ticks[-1] < 2.5 * 1e3 * tallest  # the bars fit, and fill a fair share
+
+
+# -- 13. options are checked before torch loads ---------------------------------------------------------------
+def test_bad_options_answer_before_torch_loads():
+    """Each mistake is refused (exit 2) with torch still unimported: no seconds spent loading it."""
+    cases = [
+        ["run", "--cache-slots", "0"],
+        ["run", "--lookahead", "9"],
+        ["run", "--predictor", "nextgate"],
+        ["run", "--model", "/no/such/folder"],
+        ["inspect", "--experts-dtype", "int3"],
+        ["bench", "--predictors", "nextgate"],
+        ["bench", "--lookahead", "9"],
+        ["simulate", "--shape", "mixtral-8x7b", "--profile", "h200", "--predictor", "nextgate"],
+        ["simulate", "--trace", "nowhere", "--profile", "h200", "--predictor", "nextgate"],
+    ]
+    script = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from moe_prefetch.cli.main import app\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    out.append([args, result.exit_code, 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, env=env, check=True
+    )
+    for args, code, torch_loaded in json.loads(done.stdout):
+        assert code == 2 and not torch_loaded, (args, code, torch_loaded)
+
+
+# -- 14. one hint for missing adapters ----------------------------------------------------------------------
+def test_missing_adapters_hint_is_the_same_everywhere(tokenized, runner, tmp_path):
+    adapters = tokenized / "m2r2_adapters.safetensors"
+    bench = runner.invoke(app, ["bench", "--model", str(tokenized), "--predictors", "none,m2r2"])
+    assert_one_line_error(bench, train_adapters_hint(adapters, str(tokenized)), "--data FILE")
+    missing = tmp_path / "adapters.safetensors"
+    result = runner.invoke(
+        app,
+        [*BASE, "--model", str(tokenized), "--prompt", "x", "--predictor", "m2r2", "--predictor-path", str(missing)],
+    )
+    assert_one_line_error(result, train_adapters_hint(missing))
+
+
+# -- 15. make demo prints the summary once ----------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_runs_once_and_writes_the_report():
+    dry = subprocess.run(
+        ["make", "-n", "-o", "install", "-C", str(ROOT), "demo"], capture_output=True, text=True, check=True
+    ).stdout
+    calls = re.findall(r"moe-prefetch (\w+)", dry)
+    assert calls == ["run"], dry  # `run` prints the summary; a `report` after it would print it again
+    assert "--report runs/demo" in dry  # which writes runs/demo/run.json and report.html

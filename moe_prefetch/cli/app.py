@@ -132,6 +132,21 @@ def given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
+class _Once(logging.Filter):
+    """Passes each distinct message once per command: the same words again add nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library decides.")] = False):
     from rich.logging import RichHandler
@@ -141,6 +156,7 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log wha
         logger.removeHandler(handler)
     handler = RichHandler(console=stderr(), show_time=False, show_path=False)
     handler._moe_prefetch_cli = True
+    handler.addFilter(_Once())  # a bench attaches many times: its small-cache warning is said once
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     # transformers' generation chatter is not ours to show. Importing transformers here would add

@@ -25,6 +25,7 @@ from moe_prefetch.experts.dtypes import EXPERTS_DTYPES
 from moe_prefetch.report import profiling
 from moe_prefetch.report import text as report_text
 from moe_prefetch.runtime import profiles as hw
+from moe_prefetch.runtime import sizing
 from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
 
 from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
@@ -111,10 +112,6 @@ def run(
     ] = False,
 ):
     """Generate text with experts offloaded, streaming it after the prompt, then summarise what the cache did."""
-    from moe_prefetch.model.folders import read_config, resolve_path
-
-    from .generate import IdsAsText, check_ids, load_tokenizer, parse_ids, read_prompt, record_run
-
     chosen = [
         n
         for n, v in (("--cache-budget", cache_budget), ("--cache-slots", cache_slots), ("--profile", profile))
@@ -141,8 +138,17 @@ def run(
     if host is not None:
         hw.load_host_profile(host)  # an unknown name fails here, naming the known ones
     settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    # Every option is checked: only now load torch and transformers (seconds), the model's
+    # path first (torch-free), then whether it is a MoE at all, before its tokenizer.
+    from moe_prefetch.model.folders import read_config, resolve_path
+
     folder = resolve_path(model)
+    from moe_prefetch.model.skeleton import check_moe
+
+    from .generate import IdsAsText, check_ids, load_tokenizer, parse_ids, read_prompt, record_run
+
     hf_config = read_config(folder)
+    check_moe(hf_config)
     vocab_size = getattr(hf_config.get_text_config(), "vocab_size", None)
     if prompt_ids is not None:
         ids = parse_ids(prompt_ids)
@@ -385,15 +391,24 @@ INSPECT_DTYPES = ("auto", "bf16", "int8", "int4")
 @app.command(cls=Command)
 def inspect(
     model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    experts_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Size the experts as `run --experts-dtype` would store them: {', '.join(EXPERTS_DTYPES)} "
+            f"{_default('experts_dtype')}."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Describe a model's experts and the cache it needs, without loading its weights."""
-    size = plan.model_size(model)
+    dtype = RuntimeConfig(**given(experts_dtype=experts_dtype)).experts_dtype  # checked before torch loads
+    whole = plan.model_size(model)
+    size = whole.for_dtype(dtype)
     slots, why = size.recommended_slots
     profiles = hw.list_profiles()
     fits = [plan.fit(p, size) for p in profiles]
     # Per experts_dtype: what fits on each profile with experts of that size.
-    by_dtype = {d: [plan.fit(p, size.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
+    by_dtype = {d: [plan.fit(p, whole.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
     if json_out:
         typer.echo(
             json.dumps(
@@ -403,6 +418,9 @@ def inspect(
                         "total_experts": size.total_experts,
                         "expert_total_bytes": size.expert_total_bytes,
                         "min_slots": size.min_slots,
+                        "smallest_budget": size.smallest_budget(),
+                        "smallest_budget_on_cpu": size.smallest_budget(cpu=True),
+                        "work_bytes": size.work_bytes,
                         "recommended_slots": slots,
                         "recommended_reason": why,
                         "all_miss_bytes_per_token": size.all_miss_bytes_per_token,
@@ -423,14 +441,17 @@ def inspect(
         )
         return
     b = report_text.fmt_bytes
-    table = Table(title=f"{size.architecture} ({size.model_type}) at {size.path}", show_header=False)
+    stored = size.dtype if dtype == "auto" else f"{dtype}, decoded to {size.dtype} for the kernel"
+    title = f"{size.architecture} ({size.model_type}) at {size.path}, experts as {dtype}"
+    table = Table(title=title, show_header=False)
     for key, value in (
         ("layers / MoE layers", f"{size.num_layers} / {size.moe_layers}"),
         ("experts per layer, top-k", f"{size.experts_per_layer}, top-{size.top_k}"),
-        ("bytes per expert", f"{b(size.expert_bytes)} ({size.dtype})"),
+        ("bytes per expert", f"{b(size.expert_bytes)} ({stored})"),
         ("all experts", f"{size.total_experts} = {b(size.expert_total_bytes)}"),
         ("non-expert weights", b(size.non_expert_bytes)),
         ("smallest cache", f"{size.min_slots} slots = {b(size.min_slots * size.expert_bytes)} (top_k)"),
+        ("smallest --cache-budget", _smallest_budget(size)),
         ("recommended cache", f"{slots} slots = {b(slots * size.expert_bytes)} ({why})"),
         ("all-miss bytes per token", b(size.all_miss_bytes_per_token)),
     ):
@@ -454,6 +475,20 @@ def inspect(
     out.print(table)
     out.print(per_profile)
     out.print(dtypes)
+
+
+def _smallest_budget(size: plan.ModelSize) -> str:
+    """The smallest budget `run --cache-budget` accepts, with what it pays for, on a GPU and on a
+    CPU device (float32 there): the figures load's check uses (sizing.budget_shortfall)."""
+    b = report_text.fmt_bytes
+    text = (
+        f"{b(size.smallest_budget())} = {size.min_slots} slots ({b(size.min_slots * size.expert_bytes)}) + "
+        f"{sizing.WORK_BUFFER} ({b(size.work_bytes)}), in {size.dtype}"
+    )
+    on_cpu = size.smallest_budget(cpu=True)
+    if on_cpu != size.smallest_budget():
+        text += f"; {b(on_cpu)} on a CPU device (float32)"
+    return text
 
 
 def _fit_cell(f: plan.Fit, total: int) -> str:

@@ -19,6 +19,8 @@ from rich.text import Text
 from moe_prefetch.errors import CheckpointError, ConfigError
 from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
 
+# Files a tokenizer folder holds one of (fast, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 TOKENIZER_FIX = (
     "save the model's tokenizer beside its weights (tokenizer.save_pretrained(FOLDER)), "
     "pass --tokenizer FOLDER_OR_TOKENIZER_JSON, or give token ids with --prompt-ids 1,2,3"
@@ -66,6 +68,13 @@ def load_tokenizer(source: Path, *, required: bool = True):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = Path(source).expanduser()
+    if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        # transformers' own message for this case names no file ("... from one of: )")
+        if required:
+            raise CheckpointError(
+                f"{source} has no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); {TOKENIZER_FIX}"
+            )
+        return None
     try:
         if source.is_file():
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source))

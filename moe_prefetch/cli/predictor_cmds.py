@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from moe_prefetch.errors import ConfigError, ReportError
-from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
+from moe_prefetch.report import text as report_text
+from moe_prefetch.runtime.config import CACHE_POLICIES, M2R2_FILENAME, PREDICTORS, RuntimeConfig, train_adapters_hint
 from moe_prefetch.runtime.placement import ON_MISS
 
 from .app import EXIT_INTERRUPTED, Command, app, stderr, stdout
@@ -146,21 +146,17 @@ def eval_predictor(
         _write_json(json_out, result)
 
 
-BENCH_LEGEND = (
-    "hit rate: hits / (hits + misses), every token; decode hits: the same without the first token (prefill); "
-    "prefetch P (precision): prefetches used / issued; prefetch R (recall): demand accesses served by a prefetched "
-    "expert / all demand accesses; stall: share of decode time spent waiting for copies; "
-    "sim NAME tok/s: tokens/s simulated on that hardware profile; bound NAME tok/s: the three-lane bound of the "
-    "row (each token's misses split ideally between the host lane and the link)"
-)
+def _check_bench_options(
+    model: str, preds: list[str] | None, fractions: list[float], tokens: int, lookahead: int, device
+) -> tuple[Path | None, list[str], str | None]:
+    """Every option, before the first configuration runs: a typo must not cost a run. Returns the
+    checkpoint folder (None for a shape), the predictors to run and a note on any left out:
+    `preds` None is the default, every predictor, m2r2 only where there are adapters to run it."""
+    from moe_prefetch.model.folders import DEMOS, resolve_path
 
-
-def _check_bench_options(model: str, preds: list[str], fractions: list[float], tokens: int, lookahead: int, device):
-    """Every option, before the first configuration runs: a typo must not cost a run."""
-    from moe_prefetch.model.loading import resolve_path
-
-    unknown = [p for p in preds if p not in PREDICTORS]
-    if unknown or not preds:
+    chosen = list(PREDICTORS) if preds is None else preds
+    unknown = [p for p in chosen if p not in PREDICTORS]
+    if unknown or not chosen:
         raise ConfigError(
             f"unknown predictor(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PREDICTORS)}"
         )
@@ -173,15 +169,27 @@ def _check_bench_options(model: str, preds: list[str], fractions: list[float], t
     if model.startswith("shape:"):
         if model.split(":", 1)[1] not in SHAPE_NAMES:
             raise ConfigError(f"unknown shape {model.split(':', 1)[1]!r}; choose one of {', '.join(SHAPE_NAMES)}")
-        return None
+        return None, chosen, None
     folder = resolve_path(model)
-    adapters = folder / "m2r2_adapters.safetensors"
-    if "m2r2" in preds and not adapters.is_file():
-        raise ConfigError(
-            f"m2r2 needs trained adapters at {adapters}; train them with `moe-prefetch train-predictor "
-            f"--model {model} --out {adapters}` or leave m2r2 out of --predictors"
-        )
-    return folder
+    adapters = folder / M2R2_FILENAME
+    if "m2r2" not in chosen or adapters.is_file():
+        return folder, chosen, None
+    hint = train_adapters_hint(adapters, model if model in DEMOS else str(folder))
+    if preds is not None:  # asked for by name: say how to get it
+        raise ConfigError(f"m2r2 needs trained adapters at {adapters}; {hint}, or leave m2r2 out of --predictors")
+    return folder, [p for p in chosen if p != "m2r2"], f"m2r2 left out: no adapters at {adapters}; {hint}"
+
+
+def _weights_note(model: str, folder: Path | None) -> str:
+    """What the weights are, as far as this command knows: the shipped demos are trained; any
+    other folder's weights are whatever it holds (a model saved from a random init looks alike)."""
+    from moe_prefetch.model.folders import DEMOS
+
+    if folder is None:
+        return "random weights: routing is random, numbers show expert-size effects only"
+    if folder.resolve() in {d.resolve() for d in DEMOS.values()}:
+        return "trained weights: a shipped demo"
+    return "weights as loaded from the folder"
 
 
 @app.command(cls=Command)
@@ -195,8 +203,12 @@ def bench(
         ),
     ] = "demo",
     predictors: Annotated[
-        str, typer.Option(help=f"Comma-separated predictors, from {', '.join(PREDICTORS)}.")
-    ] = "none,previous-token,next-gate,m2r2,oracle",
+        str | None,
+        typer.Option(
+            help=f"Comma-separated predictors, from {', '.join(PREDICTORS)} (default: all; m2r2 only where the "
+            "model has trained adapters)."
+        ),
+    ] = None,
     cache_fractions: Annotated[
         str, typer.Option(help="Comma-separated shares of all experts held on the device.")
     ] = "0.125,0.25,0.5",
@@ -244,9 +256,9 @@ def bench(
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
     host_profile = None if host is None else hw.load_host_profile(host)
-    preds = _csv(predictors)
     fractions = _csv(cache_fractions, float)
-    folder = _check_bench_options(model, preds, fractions, tokens, lookahead, device)
+    given_preds = None if predictors is None else _csv(predictors)
+    folder, preds, left_out = _check_bench_options(model, given_preds, fractions, tokens, lookahead, device)
     placements = _csv(on_miss)
     for placement in placements:
         RuntimeConfig(on_miss=placement)  # the runtime's own check and message
@@ -260,6 +272,15 @@ def bench(
         raise ConfigError("--experts-dtype is empty; give one or more of auto, bf16, int8, int4")
     for dtype in dtypes:
         RuntimeConfig(experts_dtype=dtype)
+    routed = _check_routing(model, routing)
+    if folder is None and not routed and "m2r2" in preds:
+        preds.remove("m2r2")
+        left_out = "m2r2 left out: a random-weight shape has no adapters (--routing demo replays the demo's m2r2)"
+    if not preds:
+        raise ConfigError("no predictor left to bench; add none or next-gate to --predictors")
+    out = stdout()
+    if left_out:
+        stderr().print(f"note: {left_out}", style="yellow", markup=False, highlight=False)
 
     import torch
 
@@ -267,8 +288,6 @@ def bench(
     from moe_prefetch.model.loading import load
 
     predictor_path = None
-    out = stdout()
-    routed = _check_routing(model, routing)
     if routed:
         routed = run_routed_bench(
             _shape(model),
@@ -291,19 +310,17 @@ def bench(
         )
         note = f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
     elif folder is None:
-        if "m2r2" in preds:
-            preds.remove("m2r2")  # random weights: no adapters to train
         stock = shape_model(model.split(":", 1)[1], layers=shape_layers)
         ids = torch.randint(0, stock.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-        note = "random weights: routing is random, numbers show expert-size effects only"
+        note = _weights_note(model, folder)
     else:
         from transformers import AutoTokenizer
 
         stock, runtime = load(folder, device="cpu", cache_slots=None)  # materialise, then bench attaches
         stock = runtime.detach()
         ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
-        predictor_path = str(folder / "m2r2_adapters.safetensors")
-        note = "trained weights"
+        predictor_path = str(folder / M2R2_FILENAME)
+        note = _weights_note(model, folder)
     result = routed or run_bench(
         stock,
         ids,
@@ -319,7 +336,7 @@ def bench(
         experts_dtype=dtypes[0],
         progress=lambda row: out.print(
             f"  {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
-            f"hit {row['hit_rate']:.1%}  {row['tokens_per_s']:.1f} tok/s"
+            f"hit {row['hit_rate']:.1%}  {report_text.rate(row['tokens_per_s'])} tok/s"
         ),
     )
     result["meta"].update(
@@ -333,49 +350,10 @@ def bench(
     # TODO(issue 10): pass host=host_profile to run_bench once it simulates the host lane; until then
     # the host is recorded, not used.
     result["meta"]["host"] = None if host_profile is None else host_profile.name
-    table = Table(
-        title=f"bench {model} ({note}; measured on {result['meta']['measured_on']})",
-        caption=BENCH_LEGEND,
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    # Labels are never cut ("previous-token", "bandwidth-bound-on-demand"); headers wrap at their
-    # newlines, and a number folds onto a second line rather than losing digits to an ellipsis.
-    table.add_column("on miss", no_wrap=True)
-    compared = len(policies) > 1  # one policy: the column would repeat it (and narrow the rest)
-    if compared:
-        table.add_column("policy", no_wrap=True)
-    formats = len(dtypes) > 1 or dtypes != ["auto"]
-    if formats:
-        table.add_column("experts", no_wrap=True)
-    table.add_column("predictor", no_wrap=True)
-    for column in ("cache\nshare", "hit\nrate", "decode\nhits", "prefetch\nP", "prefetch\nR", "stall", "tok/s"):
-        table.add_column(column, justify="right", overflow="fold")
-    for p in profs:
-        table.add_column(f"sim\n{p.name}\ntok/s", justify="right", overflow="fold")
-    bounded = any("bound" in row for row in result["rows"])
-    for p in profs if bounded else []:
-        table.add_column(f"bound\n{p.name}\ntok/s", justify="right", overflow="fold")
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for row in result["rows"]:
-        bound = row.get("bound", {})
-        table.add_row(
-            row.get("on_miss", "-"),
-            *([row.get("policy", "-")] if compared else []),
-            *([row.get("experts_dtype", "-")] if formats else []),
-            row["predictor"],
-            f"{row['cache_fraction']:g}",
-            fmt(row["hit_rate"], ".1%"),
-            fmt(row.get("decode_hit_rate"), ".1%"),
-            fmt(row["prefetch_precision"], ".1%"),
-            fmt(row["prefetch_recall"], ".1%"),
-            fmt(row.get("stall_share"), ".1%"),
-            fmt(row["tokens_per_s"], ".1f"),
-            *[fmt(row["simulated"].get(p.name), ".1f") for p in profs],
-            *[fmt(bound.get(p.name), ".1f") for p in profs if bounded],
-        )
-    out.print(table)
+    measured_on = result["meta"]["measured_on"]
+    title = f"bench {model} ({note}; {'simulated' if measured_on == 'simulated' else f'measured on {measured_on}'})"
+    # one policy or the model's own format: the column would repeat it (and narrow the rest)
+    out.print(report_text.bench_table(result, title, policies=len(policies) > 1, formats=dtypes != ["auto"]))
     if json_out is not None:
         _write_json(json_out, result)
 
@@ -412,9 +390,12 @@ def simulate(
     ] = None,
     cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run; shapes: 1/4).")] = None,
     predictor: Annotated[
-        str,
-        typer.Option(help="recorded (the run's own), none, previous-token or oracle; shapes: also next-gate, m2r2."),
-    ] = "recorded",
+        str | None,
+        typer.Option(
+            help="recorded (the run's own), none, previous-token or oracle; shapes: also next-gate, m2r2 "
+            "(default: recorded; with --shape, m2r2 on a demo's routing and none on random routing)."
+        ),
+    ] = None,
     shape: Annotated[str | None, typer.Option(help="Simulate this reference shape instead of --trace.")] = None,
     routing: Annotated[str, typer.Option(help="With --shape: demo, demo-fine or random.")] = "random",
     tokens: Annotated[int, typer.Option(help="With --shape: decode tokens to replay.")] = 32,
@@ -435,9 +416,10 @@ def simulate(
     device = hw.load_profile(profile)
     lanes = dict(on_miss=on_miss, costs=hw.default_lane_costs(device, host_profile), policy=cache_policy)
     if shape is not None:
+        predictor = predictor or ("none" if routing == "random" else "m2r2")  # a demo's routing: its own m2r2
         result = _simulate_shape(shape, routing, device, cache_slots, predictor, tokens, lookahead, lanes)
     else:
-        result = _simulate_trace(trace, device, cache_slots, predictor, lanes)
+        result = _simulate_trace(trace, device, cache_slots, predictor or "recorded", lanes)
     result["host"] = None if host_profile is None else host_profile.name
     if json_out:
         stdout().print_json(json.dumps(result))
@@ -469,16 +451,19 @@ def simulate(
 
 
 def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead, lanes) -> dict:
-    from moe_prefetch.evidence.bench import shape_replay, shape_routing
     from moe_prefetch.evidence.routing import PREDICTORS, RECORDED
-    from moe_prefetch.evidence.sim import simulate_replay
 
-    name = _shape(f"shape:{name}")
+    if name not in SHAPE_NAMES:
+        raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPE_NAMES)}")
     _check_routing(f"shape:{name}", routing)
     if predictor not in PREDICTORS:
         raise ConfigError(f"with --shape, --predictor is one of {', '.join(PREDICTORS)}; got {predictor!r}")
     if routing == "random" and predictor in RECORDED:
         raise ConfigError(f"random routing has no {predictor} predictions; use --routing demo-fine (or demo)")
+
+    from moe_prefetch.evidence.bench import shape_replay, shape_routing  # torch: only once every option is checked
+    from moe_prefetch.evidence.sim import simulate_replay
+
     sizes, mapped, _ = shape_routing(name, routing, [predictor], tokens, lookahead=lookahead)
     total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
     slots = cache_slots or max(sizes["top_k"], round(0.25 * total))
@@ -488,11 +473,12 @@ def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, look
 
 
 def _simulate_trace(trace, profile, cache_slots, predictor, lanes) -> dict:
-    from moe_prefetch.evidence.sim import simulate_replay
     from moe_prefetch.report.profiling import load_run
 
     if predictor not in ("recorded", "none", "previous-token", "oracle"):
         raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
+    from moe_prefetch.evidence.sim import simulate_replay  # torch: only once the options are checked
+
     payload = load_run(trace)  # a file or the report folder, as `report` takes
     if not payload.get("replay"):
         raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")

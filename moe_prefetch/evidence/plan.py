@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import CacheCapacityError
 from ..runtime.profiles import Profile
-from ..runtime.sizing import RECOMMENDED_REASON, recommended_slots
+from ..runtime.sizing import RECOMMENDED_REASON, recommended_slots, smallest_budget, work_bytes
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,28 @@ class ModelSize:
     # Bytes of one expert as stored and moved, by experts_dtype (compression.make_codec); "auto" is
     # the checkpoint's own format. Not hashed: a dict.
     expert_bytes_by_dtype: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+    # The pool's working buffer by experts_dtype (sizing.work_bytes): a cache budget pays it first.
+    work_bytes_by_dtype: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+    # On a CPU device the model runs in float32 (folders.default_dtype), so its sizes differ:
+    # (bytes per expert, working buffer) by experts_dtype there.
+    cpu_bytes_by_dtype: dict[str, tuple[int, int]] = field(default_factory=dict, hash=False, compare=False)
+    experts_dtype: str = "auto"  # the experts_dtype expert_bytes is given for
 
     def for_dtype(self, experts_dtype: str) -> ModelSize:
         """The same model with its experts stored as `experts_dtype`: slots and fits use those bytes."""
-        return dataclasses.replace(self, expert_bytes=self.expert_bytes_by_dtype[experts_dtype])
+        return dataclasses.replace(
+            self, expert_bytes=self.expert_bytes_by_dtype[experts_dtype], experts_dtype=experts_dtype
+        )
+
+    @property
+    def work_bytes(self) -> int:
+        return self.work_bytes_by_dtype.get(self.experts_dtype, 0)
+
+    def smallest_budget(self, cpu: bool = False) -> int:
+        """The smallest cache_budget that runs (top_k slots and the working buffer), as load
+        checks it: on a GPU in `dtype`, or on a CPU device (`cpu`) in float32."""
+        slot, work = self.cpu_bytes_by_dtype[self.experts_dtype] if cpu else (self.expert_bytes, self.work_bytes)
+        return smallest_budget(self.min_slots, slot, work)
 
     @property
     def total_experts(self) -> int:
@@ -83,7 +101,15 @@ def model_size(path: str | Path) -> ModelSize:
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     native = expected_formats(config, spec)  # a quantized checkpoint's experts keep its format
-    by_dtype = {d: make_codec(spec, d, native).nbytes for d in EXPERTS_DTYPES}
+    top_k = max(layer.top_k for layer in layers)
+
+    def sizes(spec) -> dict[str, tuple[int, int]]:
+        """(stored bytes, working buffer) per experts_dtype for experts decoded to spec.dtype."""
+        codecs = {d: make_codec(spec, d, native) for d in EXPERTS_DTYPES}
+        return {d: (c.nbytes, work_bytes(top_k, spec.nbytes, c.nbytes, not c.identity)) for d, c in codecs.items()}
+
+    on_gpu = sizes(spec)
+    by_dtype = {d: stored for d, (stored, _) in on_gpu.items()}
     expert_params = {id(p) for layer in layers for p in layer.experts.parameters(recurse=False)}
     non_expert = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     return ModelSize(
@@ -94,10 +120,12 @@ def model_size(path: str | Path) -> ModelSize:
         num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
         moe_layers=len(layers),
         experts_per_layer=max(layer.num_experts for layer in layers),
-        top_k=max(layer.top_k for layer in layers),
+        top_k=top_k,
         expert_bytes=by_dtype["auto"],  # as load stores them by default: native formats stay packed
         non_expert_bytes=int(non_expert),
         expert_bytes_by_dtype=by_dtype,
+        work_bytes_by_dtype={d: work for d, (_, work) in on_gpu.items()},
+        cpu_bytes_by_dtype=sizes(dataclasses.replace(spec, dtype=torch.float32)),
     )
 
 

@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig
 
 from ..errors import CheckpointError, DeviceError, ModelNotFoundError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers load inside the functions that need them: the CLI resolves the model
+# path (a typo, a file for a folder) before paying seconds for them.
 
 PACKAGE_DIR = Path(__file__).parents[1]  # moe_prefetch/: the demos are data beside its subpackages
 DEMO_DIR = PACKAGE_DIR / "demo"
@@ -36,14 +41,22 @@ def resolve_path(path: str | Path) -> Path:
         raise ModelNotFoundError(
             f"model path {str(path)!r} does not exist; pass a checkpoint folder, 'demo' or 'demo-fine'"
         )
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if path.is_file() and path.name == "config.json":
+        return path.parent  # the folder it describes
+    if path.is_file():
         raise ModelNotFoundError(
-            f"{str(path)!r} is not a model folder (no config.json); pass a Hugging Face checkpoint folder"
+            f"{str(path)!r} is a file, not a model folder; pass the folder that holds config.json and the weights"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{str(path)!r} is not a model folder (it has no config.json); pass a Hugging Face checkpoint folder"
         )
     return path
 
 
 def read_config(path: Path):
+    from transformers import AutoConfig
+
     try:
         json.loads((path / "config.json").read_text())
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -92,6 +105,8 @@ def _open(file: str):
 
 
 def default_dtype(config, device: torch.device, dtype) -> torch.dtype:
+    import torch
+
     if dtype is not None:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

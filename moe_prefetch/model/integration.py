@@ -32,7 +32,7 @@ from ..runtime.config import RuntimeConfig, config_for, parse_size
 from ..runtime.loader import make_loader
 from ..runtime.pool import SlotPool
 from ..runtime.runtime import Runtime
-from ..runtime.sizing import warn_if_small_cache
+from ..runtime.sizing import budget_shortfall, fmt_bytes, warn_if_small_cache, work_bytes
 from ..runtime.store import HostStore
 from . import guards
 
@@ -123,7 +123,7 @@ def resolve_slots(
     top_k = max(layer.top_k for layer in layers)
     codec = codec or make_codec(spec)
     slot_bytes = codec.nbytes
-    work_bytes = top_k * (spec.nbytes + (0 if codec.identity else codec.nbytes))
+    work = work_bytes(top_k, spec.nbytes, codec.nbytes, compressed=not codec.identity)
     total = sum(layer.num_experts for layer in layers)
     if config.cache_slots is not None:
         slots = config.cache_slots
@@ -133,20 +133,24 @@ def resolve_slots(
             budget = parse_size(config.cache_budget, total=free, name="cache_budget")
             if budget > free:
                 raise CacheCapacityError(
-                    f"cache_budget={config.cache_budget!r} is {budget / 2**30:.2f} GiB, larger than the "
-                    f"{free / 2**30:.2f} GiB free on {device}; lower cache_budget"
+                    f"cache_budget={config.cache_budget!r} is {fmt_bytes(budget)}, larger than the "
+                    f"{fmt_bytes(free)} free on {device}; lower cache_budget"
                 )
         else:
             budget = int(free * (1 - config.safety_margin))
-        slots = min(total, max(0, budget - work_bytes) // slot_bytes)
+        slots = min(total, max(0, budget - work) // slot_bytes)
     if slots < top_k:
-        need = f"one layer needs {top_k} slots of {slot_bytes / 2**20:.2f} MiB ({top_k * slot_bytes} bytes)"
         if config.cache_slots is not None:
+            need = f"one layer needs {top_k} slots of {fmt_bytes(slot_bytes)} ({codec.name})"
             fix = f"cache_slots={slots} is below top_k={top_k}: {need}; raise cache_slots to >= {top_k}"
-        elif config.cache_budget is not None:
-            fix = f"cache_budget={config.cache_budget!r} holds {slots} slots but {need}; raise cache_budget"
         else:
-            fix = f"the free memory on {device} holds {slots} slots but {need}; free device memory or use the CPU"
+            what = (
+                f"cache_budget={config.cache_budget!r} ({fmt_bytes(budget)})"
+                if config.cache_budget is not None
+                else f"the free memory on {device} ({fmt_bytes(budget)} after the safety margin)"
+            )
+            fix = budget_shortfall(what, slots, top_k, slot_bytes, work, codec.name)
+            fix += "; raise cache_budget" if config.cache_budget is not None else "; free device memory or use the CPU"
         raise CacheCapacityError(fix)
     return min(slots, total)
 

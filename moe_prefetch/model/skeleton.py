@@ -29,17 +29,28 @@ class Skeleton:
     dtype: torch.dtype
 
 
+def _empty_model(hf_config, dtype):
+    with init_empty_weights(include_buffers=False):
+        try:
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        except ValueError as err:
+            raise UnsupportedModelError(f"transformers cannot build this model: {str(err).splitlines()[0]}") from None
+
+
+def check_moe(hf_config) -> None:
+    """Raise UnsupportedModelError for a config that builds a dense model (or experts outside the
+    experts interface), as `load` would, without reading a weight: callers check it before
+    anything that would fail for a lesser reason first (a missing tokenizer)."""
+    find_moe_layers(_empty_model(hf_config, torch.float32))
+
+
 def open_skeleton(folder: Path, target: torch.device, dtype=None) -> Skeleton:
     """The model of `folder` for `target` (dtype as `load` picks it), with no weights read."""
     hf_config = read_config(folder)
     native = NativeExperts(hf_config)  # a quantized checkpoint: its experts stay in its format
     dtype = default_dtype(hf_config, target, dtype)
     keys = checkpoint_files(folder)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        except ValueError as err:
-            raise UnsupportedModelError(f"transformers cannot build this model: {str(err).splitlines()[0]}") from None
+    model = _empty_model(hf_config, dtype)
     model.eval()
     layers = find_moe_layers(model)
     checkpoint = Checkpoint(model, keys, _open, quantizer=native.quantizer)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import PredictorError
 from ..experts.layout import MoELayer
+from ..runtime.config import M2R2_FILENAME, train_adapters_hint
 from .predictors import NextGatePredictor
 from .residuals import Residuals
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "moe-prefetch/m2r2"
 VERSION = "1"
-FILENAME = "m2r2_adapters.safetensors"
+FILENAME = M2R2_FILENAME
 SOURCES = ("router-input", "residual")
 DATA_KEY = {"router-input": "router_in", "residual": "hidden"}  # Residuals field per source
 
@@ -303,7 +304,7 @@ def save_adapters(
 def load_adapters(path: str | Path, model, layers: list[MoELayer]) -> tuple[Adapters, dict]:
     """Read adapters and check they were made for this model."""
     path = Path(path)
-    hint = f"train them with `moe-prefetch train-predictor --model MODEL --data FILE --out {path}`"
+    hint = train_adapters_hint(path)
     if not path.is_file():
         raise PredictorError(f"no M2R2 adapters at {path}; {hint}")
     try:
@@ -354,8 +355,7 @@ class M2R2Predictor(NextGatePredictor):
     def from_config(cls, config, runtime, **kwargs):
         if config.predictor_path is None:
             raise PredictorError(
-                f"predictor 'm2r2' needs adapters: pass predictor_path= ({FILENAME}) or "
-                "train them with `moe-prefetch train-predictor`"
+                f"predictor 'm2r2' needs adapters: pass predictor_path= ({FILENAME}) or {train_adapters_hint(FILENAME)}"
             )
         adapters, meta = load_adapters(config.predictor_path, runtime.model, runtime.layers)
         return cls(runtime, adapters, meta["settings"].lookahead, **kwargs)

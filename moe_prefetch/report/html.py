@@ -8,6 +8,7 @@ on CPU, or simulated. Built from a run dict (`profiling.build_run` / run.json).
 from __future__ import annotations
 
 import html
+import math
 
 from ..runtime.lanes import RAN
 from ..runtime.lanes import ran as lanes_ran
@@ -59,6 +60,26 @@ def _svg(body: list[str], height: int = _H, legend: list[tuple[str, str]] = ()) 
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" '
         f'viewBox="0 0 {_W} {height}">{"".join(items)}{"".join(body)}</svg>'
     )
+
+
+# Tick steps an axis may use, times a power of ten: each reads as a round number.
+_NICE_STEPS = (1, 1.5, 2, 2.5, 3, 4, 5, 10)
+
+
+def nice_max(value: float, ticks: int = 4) -> float:
+    """The smallest axis top at or above `value` whose `ticks` equal steps are round numbers:
+    10.04 -> 12 (0, 3, 6, 9, 12), 3.35 -> 4, 0.9 -> 1."""
+    if value <= 0:
+        return 1.0
+    step = value / ticks
+    power = 10 ** math.floor(math.log10(step))
+    mult = next(m for m in _NICE_STEPS if m * power >= step * (1 - 1e-9))
+    return ticks * mult * power
+
+
+def tick_label(value: float, unit: str = "") -> str:
+    """A tick of a `nice_max` axis with the digits it needs: 0, 2.5, 7.5, 12 (no float noise)."""
+    return f"{value:.6g} {unit}".strip()
 
 
 def _y_axis(y_max: float, fmt, title: str, height: int = _H) -> list[str]:
@@ -139,8 +160,8 @@ def _stall_chart(run: dict) -> str:
     return _stacked_bars(
         [t["step"] for t in tokens],
         [("stalled", C_STALL, stall), ("computing", C_BUSY, other)],
-        max((s + o for s, o in zip(stall, other)), default=1.0) * 1.05,
-        lambda v: f"{v:.1f} ms",
+        nice_max(max((s + o for s, o in zip(stall, other)), default=1.0)),
+        lambda v: tick_label(v, "ms"),
         "token wall time (ms)",
         "token step",
     )
@@ -154,8 +175,8 @@ def _lanes_chart(run: dict) -> str:
     if not tokens:
         return _NOT_RECORDED
     n, plot_w, plot_h = len(tokens), _W - _L - _R, _H - _T - _B
-    y_max = 1.05 * max((v for t in tokens for v in t["lanes"].values() if v is not None), default=0.0) or 1e-3
-    step, body = plot_w / n, _y_axis(1e3 * y_max, lambda v: f"{v:.2f} ms", "seconds per token (ms)")
+    y_max = nice_max(1e3 * max((v for t in tokens for v in t["lanes"].values() if v is not None), default=0.0)) / 1e3
+    step, body = plot_w / n, _y_axis(1e3 * y_max, lambda v: tick_label(v, "ms"), "time per token (ms)")
     width, every = step * 0.8 / len(LANE_SERIES), max(1, n // 24)
     for i, token in enumerate(tokens):
         x, bars = _L + i * step + step * 0.1, []

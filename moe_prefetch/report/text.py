@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 
 from ..runtime.lanes import ran as lanes_ran
-from ..runtime.sizing import small_cache_warning
+from ..runtime.sizing import fmt_bytes, small_cache_warning
 
 MEASURED_ON = {
     "cuda": "Measured on CUDA. Stalls are timed with CUDA events on the compute stream; single copies are not "
@@ -19,15 +19,6 @@ MEASURED_ON = {
     "simulated": "Simulated, not measured: a recorded routing trace replayed through the cache and scheduler "
     "with a hardware profile's bandwidths.",
 }
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def pct(x: float | None) -> str:
@@ -77,8 +68,7 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
         ),
         ("where routed experts ran (decode)", ran_text(s.get("decode_ran"))),
         ("lanes per decode token", lanes_text(s.get("decode_lanes_per_token"))),
-        ("prefetch precision", pct(s["prefetch_precision"])),
-        ("prefetch recall", pct(s["prefetch_recall"])),
+        *_prefetch_rows(run),
         ("time stalled (decode)", f"{pct(s['stall_share'])} ({num(s['decode_stall_s'], '.3f', ' s')})"),
         (
             "H2D bandwidth",
@@ -98,6 +88,15 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
     if s.get("device_peak_bytes") is not None:
         rows.append(("device peak allocated", fmt_bytes(s["device_peak_bytes"])))
     return rows
+
+
+def _prefetch_rows(run: dict) -> list[tuple[str, str]]:
+    """Precision and recall, or "no predictor" for both when none ran: with nothing prefetched
+    precision has no value and a recall of 0.0% would read as a predictor that missed."""
+    s = run["summary"]
+    if run.get("stats", {}).get("predictor") == "none":
+        return [("prefetch precision", "- (no predictor)"), ("prefetch recall", "- (no predictor)")]
+    return [("prefetch precision", pct(s["prefetch_precision"])), ("prefetch recall", pct(s["prefetch_recall"]))]
 
 
 def _experts(run: dict) -> str:
@@ -182,3 +181,107 @@ def tables(run: dict) -> list:
             *(ms(lanes.get(k)) for k in ("device_s", "host_s", "link_s", "exposed_s")),
         )
     return [summary, setup, per_layer, split]
+
+
+# -- bench -------------------------------------------------------------------------------------
+# What the two bound rows of a measured bench are (bench._bounds).
+BOUND_ROWS = {
+    "all-resident": "every expert on the device: compute only",
+    "bandwidth-bound-on-demand": "each token's routed experts copied in over the link, nothing cached or predicted",
+}
+
+
+def rate(tokens_per_s: float | None) -> str:
+    """Tokens/s in a narrow column: 116513, 5053.6, 0.61."""
+    if tokens_per_s is None:
+        return "-"
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 1000 else f"{tokens_per_s:.{1 if tokens_per_s >= 1 else 2}f}"
+
+
+def stacked(name: str, width: int = 8) -> str:
+    """A profile name broken after its hyphens into lines of at most `width` characters, for a
+    column header ('rtx3060-12gb' -> 'rtx3060-' / '12gb'): its numbers set the column's width."""
+    lines: list[str] = []
+    for part in name.replace("-", "-\n").split("\n"):
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
+    """`moe-prefetch bench`'s rows as one rich table, narrow enough for 120 columns with two
+    profiles: short headers, whole labels and numbers, a column only where a row has a value
+    (a simulated bench measures no tok/s) and a legend for the columns shown. `policies` and
+    `formats` add the eviction policy and expert format columns (when compared)."""
+    from rich import box
+    from rich.table import Table
+
+    rows, meta = result["rows"], result["meta"]
+    profiles = meta.get("profiles") or sorted({n for r in rows for n in r.get("simulated", {})})
+    predicts = lambda r: r["predictor"] not in ("none", *BOUND_ROWS)  # noqa: E731  (P and R apply)
+    # (header, legend, cells, is a label): labels are always shown, other columns where a row has a value
+    columns = [
+        ("on\nmiss", "on miss: where a missed expert ran (wait: for its upload, host, auto)", "on_miss", True),
+        ("policy", "policy: the cache's eviction policy", "policy", True) if policies else None,
+        ("experts", "experts: how experts were stored (--experts-dtype)", "experts_dtype", True) if formats else None,
+        ("predictor", None, "predictor", True),
+        ("cache", "cache: device slots as a share of all experts", "cache_fraction", False),
+        ("hit", "hit: hits / (hits + misses), every token", "hit_rate", False),
+        ("decode\nhit", "decode hit: the same without the first token (prefill)", "decode_hit_rate", False),
+        ("pf\nprec", "pf prec: prefetch precision, prefetches used / issued", "prefetch_precision", False),
+        (
+            "pf\nrecall",
+            "pf recall: prefetch recall, demand accesses served by a prefetched expert / all demand accesses",
+            "prefetch_recall",
+            False,
+        ),
+        ("stall", "stall: share of decode time spent waiting for copies", "stall_share", False),
+        ("tok/s", f"tok/s: decode tokens/s measured on {meta.get('measured_on', '?')}", "tokens_per_s", False),
+    ]
+    cells = {
+        "cache_fraction": lambda r: f"{r['cache_fraction']:g}",
+        "prefetch_precision": lambda r: pct(r.get("prefetch_precision")) if predicts(r) else "-",
+        "prefetch_recall": lambda r: pct(r.get("prefetch_recall")) if predicts(r) else "-",
+        "tokens_per_s": lambda r: rate(r.get("tokens_per_s")),
+    }
+
+    def cell(row: dict, key: str, label: bool) -> str:
+        if key in cells:
+            return cells[key](row)
+        return str(row.get(key, "-")) if label else pct(row.get(key))
+
+    shown, legend = [], []
+    for column in filter(None, columns):
+        header, text, key, label = column
+        values = [cell(r, key, label) for r in rows]
+        if label or any(v != "-" for v in values):
+            shown.append((header, values, label))
+            legend += [text] if text else []
+    for kind, key, text in (
+        ("sim", "simulated", "decode tokens/s simulated on that hardware profile"),
+        ("bound", "bound", "the row's three-lane bound in tokens/s (misses split ideally between host lane and link)"),
+    ):
+        values = {p: [rate(r.get(key, {}).get(p)) for r in rows] for p in profiles}
+        names = [p for p in profiles if any(v != "-" for v in values[p])]
+        shown += [(f"{kind}\n{stacked(p)}", values[p], False) for p in names]
+        legend += [f"{kind} PROFILE: {text} ({', '.join(names)})"] if names else []
+    bounds = [name for name in BOUND_ROWS if any(r["predictor"] == name for r in rows)]
+    legend += [f"{name}: {BOUND_ROWS[name]}" for name in bounds]
+    legend.append("-: does not apply here, or not measured")
+    table = Table(
+        title=title,
+        caption="; ".join(legend),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),  # with the box's blank rule: two spaces between columns
+    )
+    for header, _, label in shown:
+        # Labels are never cut; a number folds onto a second line rather than lose digits (only
+        # when the terminal is narrower than the table; headers already break at their newlines).
+        table.add_column(header, justify="left" if label else "right", no_wrap=label, overflow="fold")
+    for i in range(len(rows)):
+        table.add_row(*(values[i] for _, values, _ in shown))
+    return table

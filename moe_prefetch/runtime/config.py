@@ -12,6 +12,14 @@ from ..experts.dtypes import EXPERTS_DTYPES
 PREDICTORS = ("none", "previous-token", "next-gate", "m2r2", "oracle")
 DEVICES = ("auto", "cuda", "cpu")
 CACHE_POLICIES = ("lru", "lfu", "lfru")  # eviction order: moe_prefetch.runtime.cache.make_policy
+# predictor="m2r2" reads trained adapters: predictor_path, or this file in the checkpoint folder.
+M2R2_FILENAME = "m2r2_adapters.safetensors"
+
+
+def train_adapters_hint(out, model: str = "MODEL") -> str:
+    """How to make the m2r2 adapters file `out`, the one hint every missing-adapters message gives."""
+    return f"train them with `moe-prefetch train-predictor --model {model} --data FILE --out {out}`"
+
 
 _UNITS = {
     "": 1,
