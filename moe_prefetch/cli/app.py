@@ -31,7 +31,18 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Library messages name settings as keywords (`cache_budget='1KB'`, `device='cpu'`), which is
 # right for `attach`/`load` callers; here the same settings are options, so say it that way.
-_KEYWORDS = ("cache_slots", "cache_budget", "predictor_path", "device", "predictor", "lookahead", "experts_dtype")
+_KEYWORDS = (
+    "cache_slots",
+    "cache_budget",
+    "predictor_path",
+    "device",
+    "predictor",
+    "lookahead",
+    "experts_dtype",
+    "max_new_tokens",
+    "temperature",
+    "seed",
+)
 _ASSIGNED = re.compile(rf"\b({'|'.join(_KEYWORDS)})=('[^']*'|\S+?)(?=[\s:;,)]|$)")
 _BARE = re.compile(r"\b(cache_slots|cache_budget|predictor_path)\b")
 

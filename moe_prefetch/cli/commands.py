@@ -22,14 +22,15 @@ from rich.table import Table
 from moe_prefetch.errors import ConfigError
 from moe_prefetch.evidence import plan
 from moe_prefetch.experts.dtypes import EXPERTS_DTYPES
+from moe_prefetch.generation import GenerationSettings
 from moe_prefetch.report import profiling
 from moe_prefetch.report import text as report_text
 from moe_prefetch.runtime import profiles as hw
 from moe_prefetch.runtime import sizing
-from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
+from moe_prefetch.runtime.config import RuntimeConfig
 
+from . import options
 from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
-from .generate import GenerationSettings
 
 # Shown before the demo's text, so odd output reads as a small model's, not as a bug.
 DEMO_NOTE = (
@@ -39,70 +40,36 @@ DEMO_NOTE = (
 
 
 # -- run -------------------------------------------------------------------------------
-def _default(name: str, owner=RuntimeConfig) -> str:
-    """The library's default, for help texts (the CLI never restates it)."""
-    return f"(default {getattr(owner, name)})"
-
-
 @app.command(cls=Command)
 def run(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo' for the shipped demo model.")] = "demo",
+    model: options.Model = "demo",
     prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this file.")] = None,
     prompt_ids: Annotated[
         str | None, typer.Option(help="Prompt as token ids, e.g. 1,2,3 (for checkpoints without a tokenizer).")
     ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(help="Tokenizer folder or tokenizer.json, when the model folder has none (default: the model's)."),
-    ] = None,
+    tokenizer: options.Tokenizer = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help=f"Tokens to generate {_default('max_new_tokens', GenerationSettings)}.")
+        int | None, typer.Option(help=f"Tokens to generate {options.default('max_new_tokens', GenerationSettings)}.")
     ] = None,
     temperature: Annotated[
         float | None,
-        typer.Option(help=f"Sampling temperature; 0 is greedy {_default('temperature', GenerationSettings)}."),
+        typer.Option(help=f"Sampling temperature; 0 is greedy {options.default('temperature', GenerationSettings)}."),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help=f"Random seed for sampling {_default('seed', GenerationSettings)}.")
+        int | None, typer.Option(help=f"Random seed for sampling {options.default('seed', GenerationSettings)}.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help=f"auto, cuda, cuda:N or cpu {_default('device')}.")] = None,
-    cache_budget: Annotated[
-        str | None, typer.Option(help="Cache size: '6GiB', '512MB' or '75%' of free memory.")
-    ] = None,
-    cache_slots: Annotated[
-        int | None,
-        typer.Option(
-            help="Expert slots in the device cache, at least top_k (default: as many as free device memory allows)."
-        ),
-    ] = None,
-    profile: Annotated[
-        str | None, typer.Option(help="Size the cache as on this hardware profile (`profiles`).")
-    ] = None,
-    cache_policy: Annotated[
-        str | None, typer.Option(help=f"Eviction policy: {', '.join(CACHE_POLICIES)} {_default('cache_policy')}.")
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
-    ] = None,
-    predictor: Annotated[str | None, typer.Option(help=f"{', '.join(PREDICTORS)} {_default('predictor')}.")] = None,
-    lookahead: Annotated[
-        int | None, typer.Option(help=f"Layers ahead to prefetch, 1..8 {_default('lookahead')}.")
-    ] = None,
-    predictor_path: Annotated[Path | None, typer.Option(help="Trained predictor file (m2r2 adapters).")] = None,
-    on_miss: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Where a non-resident expert runs: wait (for its upload), host, auto {_default('on_miss')}."
-        ),
-    ] = None,
-    experts_dtype: Annotated[
-        str | None,
-        typer.Option(
-            help=f"How experts are stored, moved and cached: {', '.join(EXPERTS_DTYPES)}; int8/int4 quantize "
-            f"once and keep a copy (`quantize`) {_default('experts_dtype')}."
-        ),
-    ] = None,
+    device: options.Device = None,
+    cache_budget: options.CacheBudget = None,
+    cache_slots: options.CacheSlots = None,
+    profile: options.Profile = None,
+    cache_policy: options.CachePolicy = None,
+    host: options.Host = None,
+    predictor: options.Predictor = None,
+    lookahead: options.Lookahead = None,
+    predictor_path: options.PredictorPath = None,
+    on_miss: options.OnMiss = None,
+    experts_dtype: options.ExpertsDtype = None,
     report: Annotated[Path | None, typer.Option(help="Write run.json and report.html into this folder.")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only the generated text, no prompt, status or summary.")
@@ -112,31 +79,22 @@ def run(
     ] = False,
 ):
     """Generate text with experts offloaded, streaming it after the prompt, then summarise what the cache did."""
-    chosen = [
-        n
-        for n, v in (("--cache-budget", cache_budget), ("--cache-slots", cache_slots), ("--profile", profile))
-        if v is not None
-    ]
-    if len(chosen) > 1:
-        raise ConfigError(f"give one of --cache-budget, --cache-slots or --profile, not {' and '.join(chosen)}")
-    texts = [n for n, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompt-ids", prompt_ids)) if v]
-    if len(texts) > 1:
-        raise ConfigError(f"give one of --prompt, --prompt-file or --prompt-ids, not {' and '.join(texts)}")
-    options = given(
+    load_options, runtime_config = options.runtime_options(
         device=device,
         cache_budget=cache_budget,
         cache_slots=cache_slots,
+        profile=profile,
         cache_policy=cache_policy,
+        host=host,
         predictor=predictor,
         lookahead=lookahead,
-        predictor_path=None if predictor_path is None else str(predictor_path),
+        predictor_path=predictor_path,
         on_miss=on_miss,
-        host_profile=host,
         experts_dtype=experts_dtype,
     )
-    runtime_config = RuntimeConfig(**options)  # validate every option before anything slow
-    if host is not None:
-        hw.load_host_profile(host)  # an unknown name fails here, naming the known ones
+    texts = [n for n, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompt-ids", prompt_ids)) if v]
+    if len(texts) > 1:
+        raise ConfigError(f"give one of --prompt, --prompt-file or --prompt-ids, not {' and '.join(texts)}")
     settings = GenerationSettings(**given(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
     # Every option is checked: only now load torch and transformers (seconds), the model's
     # path first (torch-free), then whether it is a MoE at all, before its tokenizer.
@@ -162,16 +120,14 @@ def run(
         if not ids:
             raise ConfigError(f"the prompt {text[:40]!r} became 0 tokens; give a longer prompt or --prompt-ids 1,2,3")
         check_ids(ids, vocab_size, f"the tokenizer of {tokenizer or folder}")
-    if profile is not None:
-        size = plan.model_size(folder).for_dtype(runtime_config.experts_dtype)  # slots of the compressed size
-        options["cache_slots"] = plan.slots_on(hw.load_profile(profile), size)
+    load_options = options.size_for_profile(load_options, runtime_config, profile, folder)
     note = DEMO_NOTE if model == "demo" else None
     if note and not (quiet or json_out):
         stderr().print(note, style="dim", markup=False, highlight=False)
     show_status = not (quiet or json_out) and sys.stderr.isatty()
     record = record_run(
         folder,
-        options,
+        load_options,
         tok,
         text,
         ids,
@@ -395,7 +351,7 @@ def inspect(
         str | None,
         typer.Option(
             help=f"Size the experts as `run --experts-dtype` would store them: {', '.join(EXPERTS_DTYPES)} "
-            f"{_default('experts_dtype')}."
+            f"{options.default('experts_dtype')}."
         ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

@@ -9,37 +9,22 @@ freely written text) and printed in full once generation ends.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from moe_prefetch.errors import CheckpointError, ConfigError
+from moe_prefetch import generation
+from moe_prefetch.errors import ConfigError
+from moe_prefetch.generation import GenerationSettings
 from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
 
-# Files a tokenizer folder holds one of (fast, sentencepiece, BPE and WordPiece vocabularies).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 TOKENIZER_FIX = (
     "save the model's tokenizer beside its weights (tokenizer.save_pretrained(FOLDER)), "
     "pass --tokenizer FOLDER_OR_TOKENIZER_JSON, or give token ids with --prompt-ids 1,2,3"
 )
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How `run` samples. temperature 0 means greedy decoding."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 1_000_000:
-            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be in 1..1000000")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ConfigError(f"--temperature {self.temperature} must be in [0, 100]; 0 is greedy")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, ask) -> str:
@@ -62,33 +47,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, ask) -> str:
 
 
 def load_tokenizer(source: Path, *, required: bool = True):
-    """The tokenizer in a folder (or a tokenizer.json file). A folder without one fails, or
-    gives None when not `required`; transformers may return an empty tokenizer for a folder
-    that has none, which would turn every prompt into zero tokens, so that counts as none."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    source = Path(source).expanduser()
-    if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
-        # transformers' own message for this case names no file ("... from one of: )")
-        if required:
-            raise CheckpointError(
-                f"{source} has no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); {TOKENIZER_FIX}"
-            )
-        return None
-    try:
-        if source.is_file():
-            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source))
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        usable = bool(tokenizer("def x", add_special_tokens=False)["input_ids"])
-        reason = "it turns text into zero tokens"
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        usable, reason = False, str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
-    if usable:
-        return tokenizer
-    if required:
-        raise CheckpointError(f"{source} has no usable tokenizer ({reason}); {TOKENIZER_FIX}")
-    return None
+    """The tokenizer in a folder or tokenizer.json (generation.load_tokenizer), naming run's options as the fix."""
+    return generation.load_tokenizer(source, required=required, fix=TOKENIZER_FIX)
 
 
 def parse_ids(value: str) -> list[int]:
@@ -209,23 +169,16 @@ def _streamer(tokenizer, recorder: RunRecorder, view: LiveView):
 def generate(model, runtime, tokenizer, ids: list[int], settings: GenerationSettings, view: LiveView) -> RunRecorder:
     """Generate from prompt token `ids` with streaming, recording every token. Ctrl-C stops at
     once and returns what ran, `recorder.interrupted` set. `tokenizer` may be `IdsAsText`."""
-    import torch
-
-    input_ids = torch.tensor([ids], device=runtime.device)
     recorder = RunRecorder(runtime)
     streamer = _streamer(tokenizer, recorder, view)
-    kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.temperature > 0}
-    if settings.temperature > 0:
-        kwargs["temperature"] = settings.temperature
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(settings.seed)
     recorder.start()
     try:
-        model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            **kwargs,
-            pad_token_id=pad,
+        generation.generate(
+            model,
+            ids,
+            settings,
+            device=runtime.device,
+            pad_token_id=generation.pad_token_id(tokenizer),
             streamer=streamer,
         )
     except KeyboardInterrupt:
