@@ -117,7 +117,7 @@ class Handler(BaseHTTPRequestHandler):
                 if sampling.stream:
                     self._stream(reply, ids, sampling, new_tokens)
                 else:
-                    outcome = self._run(ids, sampling, new_tokens, on_text=lambda _: None)
+                    outcome = self._run(ids, sampling, new_tokens, on_text=lambda _: None, gone=self._client_gone)
                     if outcome.ended == "shutdown":
                         raise _shutdown(outcome)
                     counts = schema.usage(outcome.prompt_tokens, outcome.completion_tokens)
@@ -136,12 +136,12 @@ class Handler(BaseHTTPRequestHandler):
         except Gone:
             self.close_connection = True  # left while waiting: nothing to answer
 
-    def _run(self, ids, sampling, new_tokens, on_text):
+    def _run(self, ids, sampling, new_tokens, on_text, gone):
         """Generate while holding the turn, counting tokens live and the runtime's state after."""
         server = self.server
         try:
             outcome = server.engine.generate(
-                ids, sampling, new_tokens, on_text=on_text, gone=self._client_gone, on_token=server.metrics.token
+                ids, sampling, new_tokens, on_text=on_text, gone=gone, on_token=server.metrics.token
             )
         finally:
             server.metrics.runtime(server.engine.stats())  # only the turn's holder reads the runtime
@@ -176,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:  # the client left: generation stops at its next token (gone() says so)
                 state["broken"] = True
 
-        outcome = self._run(ids, sampling, new_tokens, on_text)
+        outcome = self._run(ids, sampling, new_tokens, on_text, gone=lambda: state["broken"] or self._client_gone())
         if state["broken"] or outcome.ended == "disconnected":
             self.close_connection = True
             return
