@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -82,16 +83,15 @@ def serve(
     if chat_template is not None and not chat_template.expanduser().is_file():
         raise ConfigError(f"--chat-template {chat_template} is not a file; pass a Jinja template file")
     load_options = options.size_for_profile(load_options, runtime_config, profile, resolve_path(model))
+    _check_port(bind, port)  # before loading, which can take minutes
     err = stderr()
     err.print(f"loading {model} ...", style="dim", markup=False, highlight=False)
     engine = Engine.load(model, load_options, tokenizer=tokenizer, chat_template=chat_template)
     try:
         server = Server(engine, bind=bind, port=port, api_key=api_key, max_waiting=queue, max_body=max_body)
-    except OSError as error:
+    except OSError as error:  # taken while the model loaded
         engine.close()
-        raise ConfigError(
-            f"cannot listen on {bind}:{port} ({error.strerror or error}); pick another --port or --bind"
-        ) from None
+        raise _cannot_listen(bind, port, error) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start()
@@ -114,6 +114,22 @@ def serve(
     err.print("stopping: finishing open responses ...", style="dim", markup=False, highlight=False)
     server.close()
     err.print("stopped", markup=False, highlight=False)
+
+
+def _check_port(bind: str, port: int) -> None:
+    """Fail now, not after loading the model, when the address cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise _cannot_listen(bind, port, error) from None
+
+
+def _cannot_listen(bind: str, port: int, error: OSError) -> ConfigError:
+    reason = error.strerror or str(error)
+    return ConfigError(f"cannot listen on {bind}:{port} ({reason}); pick another --port, or another --bind")
 
 
 def _loopback(bind: str) -> bool:
