@@ -260,3 +260,18 @@ def test_a_disconnect_mid_stream_stops_generation_and_frees_the_model(client, se
     assert metric(server, "generations_total", '{finish="disconnected"}') == cut + 1
     # the left generation stopped early: far fewer than its 480 tokens were made
     assert metric(server, "generated_tokens_total") - tokens - 2 < 240
+
+
+def test_a_failure_in_generation_is_a_500_and_the_server_goes_on(client, server, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fell off")
+
+    monkeypatch.setattr(server.engine, "generate", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="demo", prompt=PROMPT, max_tokens=2)
+    assert err.value.status_code == 500 and err.value.body["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="the server failed"):
+        list(client.completions.create(model="demo", prompt=PROMPT, max_tokens=2, stream=True))
+    assert "device fell off" in caplog.text  # the log has the cause
+    monkeypatch.undo()
+    assert client.completions.create(model="demo", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2

@@ -50,6 +50,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, routes: dict) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self.endpoint = path if path in routes else "other"
+        self.streaming = False  # a streamed response has sent its status and headers
         self.unread = self.headers.get("Content-Length", "0").strip() not in ("", "0")
         try:
             route = routes.get(path)
@@ -73,6 +74,18 @@ class Handler(BaseHTTPRequestHandler):
             self._send_error(err)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left; nothing more to say to it
+        except Exception:  # a bug or a device error: the client hears of it, the log has the traceback
+            log.exception("%s %s failed", self.command, path)
+            self.close_connection = True
+            failed = ApiError(500, "the server failed on this request; its log says why", type="server_error")
+            try:
+                if self.streaming:  # the 200 and some events are out: end the stream with the error
+                    self._event(failed.body())
+                    self._chunk(b"")
+                else:
+                    self._send_error(failed)
+            except OSError:
+                pass
 
     def _check_key(self) -> None:
         key = self.server.api_key
@@ -164,6 +177,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.streaming = True
         self.server.metrics.request(self.endpoint, 200)
         state = {"first": True, "broken": False}
 
