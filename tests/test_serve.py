@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
-from moe_prefetch.serve import Engine, Server
+from moe_prefetch.serve.engine import Engine
+from moe_prefetch.serve.server import Server
 
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install -e '.[test]'")
 httpx = pytest.importorskip("httpx2", reason="comes with openai")

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from moe_prefetch.errors import ConfigError
+from moe_prefetch.serve.server import DEFAULT_MAX_BODY, DEFAULT_QUEUE  # stdlib only: --help stays quick
 
 from . import options
 from .app import Command, app, stderr
@@ -37,12 +38,12 @@ def serve(
     ] = None,
     queue: Annotated[
         int, typer.Option(help="Requests that may wait while one generates; more get 503 with Retry-After.")
-    ] = 8,
+    ] = DEFAULT_QUEUE,
     chat_template: Annotated[
         Path | None,
         typer.Option(help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)."),
     ] = None,
-    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger gets 413.")] = 4 * 2**20,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger gets 413.")] = DEFAULT_MAX_BODY,
     tokenizer: options.Tokenizer = None,
     device: options.Device = None,
     cache_budget: options.CacheBudget = None,
@@ -59,7 +60,8 @@ def serve(
     """Serve the model over HTTP, compatible with OpenAI's API: /v1/completions, /v1/chat/completions
     (streamed or not), /v1/models, plus /metrics (Prometheus) and /health. One generation at a time."""
     from moe_prefetch.folders import resolve_path
-    from moe_prefetch.serve import Engine, Server
+    from moe_prefetch.serve.engine import Engine
+    from moe_prefetch.serve.server import Server
 
     load_options, runtime_config = options.runtime_options(
         device=device,

@@ -1,13 +1,8 @@
-"""`moe-prefetch serve`: one offloaded model behind an OpenAI-compatible HTTP endpoint.
+"""`moe-prefetch serve`: one offloaded model behind an OpenAI-compatible HTTP endpoint, on the
+standard library's http.server. Bottom-up: `schema` (the OpenAI wire format), `text` (token ids
+to streamed text, stop sequences), `queue` (one generation at a time, a bounded line),
+`metrics` (Prometheus text), `engine` (the model, its prompts, generation as `run` does it),
+`routes` (the HTTP handler), `server` (listening, shutting down).
 
-Built on the standard library's http.server (nothing more to install). Read bottom-up:
-schema.py (the OpenAI wire format), text.py (token ids to streamed text, stop sequences),
-queue.py (one generation at a time, a bounded line), metrics.py (Prometheus text), engine.py
-(the model, its prompts and generation through `moe_prefetch.generation`, as `run` does),
-routes.py (the HTTP handler), server.py (listening and shutting down).
+Layer: above the public face (`moe_prefetch.load`) and everything below it; never imports cli.
 """
-
-from .engine import Engine
-from .server import Server
-
-__all__ = ["Engine", "Server"]
