@@ -216,6 +216,11 @@ class Engine:
         )
         ended = time.perf_counter()
         cut = state["ended"] if state["ended"] in ("disconnected", "shutdown") else None
+        if cut is None and not text.stopped:
+            tail = text.finish()  # generation ended on a rule of the model's own (its last token released it already)
+            if tail:
+                parts.append(tail)
+                on_text(tail)
         at_length = len(tokens) >= max_new_tokens and not text.stopped and tokens[-1] not in self.eos
         finish = "length" if at_length else "stop"
         return Outcome(
