@@ -28,6 +28,7 @@ LAYERS = (
     "evidence",  # simulator, bench, routing replay, plan, calibration
     "report",  # run.json, text, HTML
     "face",  # moe_prefetch/__init__.py: the public names (`moe_prefetch.load`, ...)
+    "serve",  # the model behind an HTTP endpoint, through the public names
     "cli",  # the command line (and __main__, which runs it)
 )
 # What moe_prefetch/ itself holds besides the packages of LAYERS: the demo models are data.

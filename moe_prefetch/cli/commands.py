@@ -22,7 +22,7 @@ from rich.table import Table
 from moe_prefetch.errors import ConfigError
 from moe_prefetch.evidence import plan
 from moe_prefetch.experts.dtypes import EXPERTS_DTYPES
-from moe_prefetch.generation import GenerationSettings
+from moe_prefetch.model.generation import GenerationSettings
 from moe_prefetch.report import profiling
 from moe_prefetch.report import text as report_text
 from moe_prefetch.runtime import profiles as hw

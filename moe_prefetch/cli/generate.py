@@ -16,9 +16,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from moe_prefetch import generation
 from moe_prefetch.errors import ConfigError
-from moe_prefetch.generation import GenerationSettings
+from moe_prefetch.model import generation
+from moe_prefetch.model.generation import GenerationSettings
 from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
 
 TOKENIZER_FIX = (

@@ -59,7 +59,7 @@ def serve(
 ):
     """Serve the model over HTTP, compatible with OpenAI's API: /v1/completions, /v1/chat/completions
     (streamed or not), /v1/models, plus /metrics (Prometheus) and /health. One generation at a time."""
-    from moe_prefetch.folders import resolve_path
+    from moe_prefetch.model.folders import resolve_path
     from moe_prefetch.serve.engine import Engine
     from moe_prefetch.serve.server import Server
 

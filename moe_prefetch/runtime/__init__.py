@@ -4,5 +4,5 @@ uploads, the settings (`config`, `sizing`), what predictors hand the runtime (`p
 the hardware profiles the placement prices lanes with (`profiles` and the shipped
 `hardware_profiles/` files), the lane accounting (`lanes`) and the `Runtime` itself.
 
-Layer: above `experts` and `errors`; imports nothing from predict, model, evidence, report or cli.
+Layer: above `experts` and `errors`; imports nothing from predict, model, evidence, report, serve or cli.
 """

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_prefetch import generation
-from moe_prefetch.generation import GenerationSettings
+from moe_prefetch.model import generation
+from moe_prefetch.model.generation import GenerationSettings
 
 from .schema import ApiError, ChatRequest, CompletionRequest, Sampling, invalid
 from .text import TextStream
@@ -73,7 +73,7 @@ class Engine:
         """Load `model` (a folder, 'demo' or 'demo-fine') with `load`'s keyword `options`."""
         import moe_prefetch
         from moe_prefetch.errors import ConfigError
-        from moe_prefetch.folders import resolve_path
+        from moe_prefetch.model.folders import resolve_path
 
         folder = resolve_path(model)
         tok = generation.load_tokenizer(tokenizer or folder, fix=TOKENIZER_FIX)
