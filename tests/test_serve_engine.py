@@ -136,9 +136,10 @@ def test_prompt_checks_name_the_model_and_the_context():
     assert e.prompt_ids(schema.parse_completion({"model": "scripted", "prompt": "hi"})) == list(b"hi")
     assert e.new_tokens(10, sampling(None)) == 6  # no max_tokens: the rest of the context
     assert e.new_tokens(10, sampling(6)) == 6
-    for prompt, max_tokens, param in ((10, 7, "max_tokens"), (16, None, "messages"), (20, 4, "prompt")):
+    cases = ((10, 7, "prompt", "max_tokens"), (16, None, "messages", "messages"), (20, 4, "prompt", "prompt"))
+    for prompt, max_tokens, prompt_param, param in cases:
         with pytest.raises(schema.ApiError) as err:
-            e.new_tokens(prompt, sampling(max_tokens))
+            e.new_tokens(prompt, sampling(max_tokens), prompt_param)
         assert err.value.code == "context_length_exceeded" and err.value.param == param
         assert "context is 16 tokens" in err.value.message
 

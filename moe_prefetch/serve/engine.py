@@ -139,9 +139,10 @@ class Engine:
             raise invalid("messages", "the messages became 0 tokens through the chat template")
         return ids
 
-    def new_tokens(self, prompt_tokens: int, sampling: Sampling) -> int:
+    def new_tokens(self, prompt_tokens: int, sampling: Sampling, prompt_param: str = "prompt") -> int:
         """How many tokens to generate: `max_tokens`, or up to the end of the context; a prompt
-        (plus max_tokens) past the context is a 400, as OpenAI answers it."""
+        (plus max_tokens) past the context is a 400, as OpenAI answers it, naming `max_tokens` or,
+        when the prompt alone is too long, `prompt_param` (a chat's is "messages")."""
         if self.context_length is None:
             if sampling.max_tokens is None:
                 raise invalid("max_tokens", "this model names no context length; give 'max_tokens'")
@@ -151,7 +152,7 @@ class Engine:
         if room < 1 or wanted > room:
             asked = f" and max_tokens {sampling.max_tokens}" if sampling.max_tokens is not None else ""
             raise invalid(
-                "max_tokens" if room >= 1 else "messages" if sampling.max_tokens is None else "prompt",
+                "max_tokens" if room >= 1 else prompt_param,
                 f"this model's context is {self.context_length} tokens; the prompt has {prompt_tokens}{asked}, "
                 f"{prompt_tokens + max(wanted, 1)} in all; shorten the prompt or lower max_tokens",
                 code="context_length_exceeded",
@@ -170,7 +171,7 @@ class Engine:
         on_token: Callable[[], None] = lambda: None,
     ) -> Outcome:
         """Generate from `ids`, handing each token's text to `on_text` (one call per token, text
-        possibly ""). `gone()` is asked after every token; True ends generation there. Call only
+        possibly ""). `gone()` is asked after every token; True ends generation within the next. Call only
         while holding the turn."""
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)  # OpenAI: no seed, no repeat
         settings = GenerationSettings(

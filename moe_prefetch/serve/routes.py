@@ -123,7 +123,7 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, request, chat: bool) -> None:
         engine, sampling = self.server.engine, request.sampling
         ids = engine.prompt_ids(request)
-        new_tokens = engine.new_tokens(len(ids), sampling)
+        new_tokens = engine.new_tokens(len(ids), sampling, "messages" if chat else "prompt")
         reply = schema.Reply.new(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", engine.name, chat)
         try:
             with self.server.turns.turn(gone=self._client_gone):
