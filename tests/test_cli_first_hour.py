@@ -430,6 +430,10 @@ def test_bad_options_answer_before_torch_loads():
         ["bench", "--lookahead", "9"],
         ["simulate", "--shape", "mixtral-8x7b", "--profile", "h200", "--predictor", "nextgate"],
         ["simulate", "--trace", "nowhere", "--profile", "h200", "--predictor", "nextgate"],
+        ["serve", "--cache-slots", "0"],
+        ["serve", "--port", "70000"],
+        ["serve", "--model", "/no/such/folder"],
+        ["serve", "--chat-template", "/no/such/template.jinja"],
     ]
     script = (
         "import json, sys\n"
