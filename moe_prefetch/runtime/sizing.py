@@ -49,7 +49,8 @@ def budget_shortfall(what: str, slots: int, top_k: int, slot_bytes: int, work: i
     """Why `what` (e.g. "cache_budget='100KiB' (100.00 KiB)") holds only `slots` slots, with
     the smallest budget that runs, in one unit style. `fmt` names the stored format of a slot."""
     return (
-        f"{what} holds {slots} slot{'' if slots == 1 else 's'} but one layer needs {top_k}: {WORK_BUFFER} takes {fmt_bytes(work)} first, "
+        f"{what} holds {slots} slot{'' if slots == 1 else 's'} but one layer needs {top_k}: "
+        f"{WORK_BUFFER} takes {fmt_bytes(work)} first, "
         f"then each slot {fmt_bytes(slot_bytes)} ({fmt}), so the smallest budget is "
         f"{fmt_bytes(smallest_budget(top_k, slot_bytes, work))}"
     )
