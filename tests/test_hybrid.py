@@ -154,3 +154,21 @@ def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place(
     large = Placement(costs, 4 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
     assert large.on_host(tokens=1, in_flight=False)
     assert DEFAULT_COSTS.split_call_s == 0  # a GPU machine's lanes: the host lane runs beside the device
+
+
+def test_in_prefill_an_expert_behind_queued_copies_runs_on_the_host():
+    """What `auto` does in prefill (README, placement.py; issue 22 item 11): each expert is priced
+    behind the copies already queued in its layer call, so a cold layer's first misses wait for
+    their copies and the later ones, chosen by few tokens, run on the host; an expert that many
+    tokens share still waits. The demo's expert (0.75 MB) on a CPU device, and a Mixtral expert
+    on the default GPU costs."""
+    import torch
+
+    from moe_prefetch.runtime import default_costs
+
+    demo = Placement(default_costs(torch.device("cpu")), 786_432, 196_608, "auto")
+    assert not demo.on_host(tokens=3, in_flight=False, link_busy=2 * demo.link_s())
+    assert demo.on_host(tokens=3, in_flight=False, link_busy=3 * demo.link_s())
+    mixtral = Placement(DEFAULT_COSTS, 2 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
+    assert mixtral.on_host(tokens=3, in_flight=False, link_busy=mixtral.link_s())
+    assert not mixtral.on_host(tokens=512, in_flight=False, link_busy=mixtral.link_s())

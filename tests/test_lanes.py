@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import re
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -12,6 +15,7 @@ from tiny_models import paced_mixtral
 
 import moe_prefetch
 from moe_prefetch.report import html as report_html
+from moe_prefetch.report import profiling
 from moe_prefetch.report import text as report_text
 from moe_prefetch.report.profiling import RunRecorder, build_run, model_record
 from moe_prefetch.runtime import lanes
@@ -35,14 +39,26 @@ class Ticks:
         pass
 
 
-def recorded(on_miss: str, tokens: int = 16) -> dict:
-    """A run.json record of a tiny Mixtral on CPU whose copies are paced to 80 MB/s."""
+def recorded(on_miss: str, tokens: int = 16, one_off_s: float = 0.0) -> dict:
+    """A run.json record of a tiny Mixtral on CPU whose copies are paced to 80 MB/s. `one_off_s`:
+    the expert kernel's first call (step 0, the first MoE layer) takes that much longer, as a
+    first forward's one-off costs do (kernels' first calls, thread pools waking)."""
     logging.disable(logging.WARNING)
     model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model, device="cpu", cache_slots=8, predictor="next-gate", link_bandwidth=80e6, on_miss=on_miss
     )
     try:
+        if one_off_s:
+            kernel, calls = runtime.kernel, []
+
+            def first_call_is_slow(*args):
+                if not calls:
+                    time.sleep(one_off_s)
+                calls.append(1)
+                return kernel(*args)
+
+            runtime.kernel = first_call_is_slow
         recorder = RunRecorder(runtime)
         ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
         recorder.start()
@@ -100,12 +116,14 @@ def test_lanes_per_token_on_cpu(run):
     # The tokens' windows tile the recording: together they hold the copies' seconds, at most once.
     link = sum(t["lanes"]["link_s"] for t in tokens)
     assert 0 < link <= sum(e["end"] - e["start"] for e in run["loads"]) + 1e-9
-    # Each layer's row sums its tokens.
-    for layer in run["layers"]:
-        own = [p["lanes"] for t in tokens for p in t["per_layer"] if p["layer_idx"] == layer["layer_idx"]]
-        for key in lanes.LANES:
-            assert layer["lanes"][key] == pytest.approx(sum(p[key] for p in own))
+    # Each layer's row sums its decode tokens (step 0, the prefill, is left out), and counts where
+    # its routed experts ran in them.
     decode = tokens[1:]
+    for layer in run["layers"]:
+        own = [p for t in decode for p in t["per_layer"] if p["layer_idx"] == layer["layer_idx"]]
+        assert "lanes" not in layer and layer["decode_ran"] == {k: sum(p["ran"][k] for p in own) for k in lanes.RAN}
+        for key in lanes.LANES:
+            assert layer["decode_lanes"][key] == pytest.approx(sum(p["lanes"][key] for p in own))
     mean = run["summary"]["decode_lanes_per_token"]
     for key in lanes.LANES:
         assert mean[key] == pytest.approx(sum(t["lanes"][key] for t in decode) / len(decode))
@@ -175,5 +193,103 @@ def test_report_html_draws_the_lanes_of_every_token(run):
     assert len(rows) == len(run["layers"])
     for row, layer in zip(rows, run["layers"]):
         cells = re.findall(r"<td>(.*?)</td>", row)
-        assert [int(c) for c in cells[:5]] == [layer["layer_idx"], *(layer["ran"][k] for k in lanes.RAN)]
-        assert cells[5:] == [f"{1e3 * layer['lanes'][k]:.2f}" for k in lanes.LANES]
+        assert [int(c) for c in cells[:5]] == [layer["layer_idx"], *(layer["decode_ran"][k] for k in lanes.RAN)]
+        assert cells[5:] == [f"{1e3 * layer['decode_lanes'][k]:.2f}" for k in lanes.LANES]
+
+
+def test_summary_counts_the_host_lane_in_prefill_and_decode_apart(run):
+    """Issue 22, item 11: the host lane also serves prefill experts (placement.py), so the summary's
+    host-lane count and its "where routed experts ran" rows are split the same way and add up."""
+    s, tokens, stats = run["summary"], run["tokens"], run["stats"]
+    assert s["prefill_host_experts"] == tokens[0]["host_experts"] == s["prefill_ran"]["host"]
+    assert s["decode_host_experts"] == sum(t["host_experts"] for t in tokens[1:]) == s["decode_ran"]["host"]
+    assert s["prefill_host_experts"] + s["decode_host_experts"] == s["host_experts"] == stats["host_experts"]
+    assert s["prefill_host_seconds"] + s["decode_host_seconds"] == pytest.approx(stats["host_seconds"])
+    assert {k: s["prefill_ran"][k] + s["decode_ran"][k] for k in lanes.RAN} == stats["ran"]
+    rows = dict(report_text.summary_rows(run))
+    assert rows["misses on host (prefill / decode)"].startswith(
+        f"{s['prefill_host_experts']} / {s['decode_host_experts']} experts, "
+    )
+    assert rows["where routed experts ran (prefill)"] == report_text.ran_text(s["prefill_ran"])
+    assert rows["where routed experts ran (decode)"].endswith(f"host {s['decode_host_experts']}")
+    page = report_html.render_html(run)
+    assert "where routed experts ran (prefill)" in page and "misses on host (prefill / decode)" in page
+
+
+def test_summary_line_in_a_prefill_only_host_run_says_so():
+    """The demo's case: host-lane experts all in prefill, none in decode. The old summary said
+    "11 experts" beside "host 0" in decode; the split row says "11 / 0"."""
+    run = recorded("auto", tokens=3)
+    for token in run["tokens"][1:]:  # make it prefill-only whatever the placement chose in decode
+        token["host_experts"], token["host_seconds"] = 0, 0.0
+    run["tokens"][0]["host_experts"], run["tokens"][0]["host_seconds"] = 11, 0.01
+    run["stats"]["host_experts"], run["stats"]["host_seconds"] = 11, 0.01
+    run["summary"] = profiling.summarize(run)
+    rows = dict(report_text.summary_rows(run))
+    assert rows["misses on host (prefill / decode)"] == "11 / 0 experts, 0.010 / 0.000 s (on_miss auto)"
+    assert rows["where routed experts ran (prefill)"].endswith("host 11")
+    assert rows["where routed experts ran (decode)"].endswith("host 0")
+
+
+def test_a_one_off_cost_in_the_first_step_stays_out_of_the_per_layer_lanes():
+    """Issue 22, item 16: the per-layer lane table once showed the first forward's warm-up in the
+    first MoE layer (223 ms against 20-50 ms). Each layer's lanes are over decode tokens now."""
+    slow = 0.3
+    run = recorded("wait", tokens=4, one_off_s=slow)
+    first = run["layers"][0]
+    prefill_part = next(p for p in run["tokens"][0]["per_layer"] if p["layer_idx"] == first["layer_idx"])
+    assert prefill_part["lanes"]["device_s"] >= slow  # the cost happened, in step 0
+    assert first["decode_lanes"]["device_s"] < slow / 3
+    split = report_text.tables(run)[-1]
+    device = [float(c) for c in split.columns[5]._cells]
+    assert device[0] < 1e3 * slow / 3, "the terminal's per-layer table shows decode time"
+    table = re.search(r'<table class="split">(.*?)</table>', report_html.render_html(run), flags=re.S).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", re.findall(r"<tr>((?:<td>.*?</td>)+)</tr>", table)[0])
+    assert float(cells[5]) < 1e3 * slow / 3, "and so does the page's"
+
+
+def test_prefetch_recall_is_over_the_experts_not_already_resident(run):
+    """Issue 22, item 12: a run's prefetch recall and a predictor's recall@k are different measures,
+    named apart. Prefetch recall: of the routed experts that were not resident (uploaded, waited,
+    host), the share a prefetch or upload had staged."""
+    ran, s = run["stats"]["ran"], run["summary"]
+    assert ran["uploaded"] > 0
+    assert s["prefetch_recall"] == pytest.approx(ran["uploaded"] / (ran["uploaded"] + ran["waited"] + ran["host"]))
+    assert s["prefetch_recall"] == lanes.prefetch_recall(run["stats"])
+    rows = dict(report_text.summary_rows(run))
+    expected = f"{100 * s['prefetch_recall']:.1f}% of routed experts not already resident had been staged"
+    assert rows["prefetch recall"] == expected
+    page = report_html.render_html(run)
+    assert "Prefetch recall = routed experts a prefetch or upload had staged" in page and "recall@k" in page
+    assert lanes.prefetch_recall({"hits": 3, "prefetch_used": 0, "misses": 0}) is None  # all resident: no ratio
+
+
+def test_eval_predictor_names_its_measure_recall_at_k():
+    from moe_prefetch.evaluate import format_table
+
+    row = {"recall": 0.9, "precision_at_k_plus_margin": 0.5, "recall_at_k_plus_margin": 0.95}
+    result = {"tokens": 10, "margin": 2, "predictors": {"m2r2": {"by_distance": {1: row}, "by_pair": []}}}
+    text = format_table(result)
+    assert "predictor recall@k" in text and "prefetch recall" not in text
+
+
+def test_report_reads_a_version_1_run_in_this_version_s_terms(run, tmp_path):
+    """run.json is versioned: a v1 run (prefetch recall over every demand access, whole-run lanes
+    per layer, no prefill/decode split) is derived again from its records when read."""
+    old = copy.deepcopy(run)
+    old["version"] = 1
+    stats = old["stats"]
+    old["summary"]["prefetch_recall"] = stats["prefetch_used"] / (stats["hits"] + stats["misses"])
+    for key in ("prefill_ran", "prefill_host_experts", "decode_host_experts"):
+        del old["summary"][key]
+    for layer in old["layers"]:
+        layer["lanes"] = lanes.layer_totals(old["tokens"], layer["layer_idx"])
+        del layer["decode_ran"], layer["decode_lanes"]
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    again = profiling.load_run(tmp_path)
+    assert again["version"] == profiling.VERSION and again["upgraded_from"] == 1
+    assert again["summary"] == run["summary"]
+    for layer, new in zip(again["layers"], run["layers"]):
+        assert "lanes" not in layer and layer["decode_ran"] == new["decode_ran"]
+        assert layer["decode_lanes"] == pytest.approx(new["decode_lanes"])
+    assert report_text.tables(again)

@@ -103,8 +103,8 @@ def train_predictor(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     table = Table(title=f"M2R2 adapters -> {out}")
     table.add_column("d")
-    table.add_column("next-gate recall (val)")
-    table.add_column("m2r2 recall (val)")
+    table.add_column("next-gate recall@k (val)")
+    table.add_column("m2r2 recall@k (val)")
     val = metrics.get("val_recall", {})
     for d in sorted(val.get("m2r2", {})):
         table.add_row(str(d), f"{val['next-gate'][d]:.3f}", f"{val['m2r2'][d]:.3f}")
@@ -128,7 +128,7 @@ def eval_predictor(
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full result as JSON here.")] = None,
 ):
-    """Recall of the router's actual top-k per predictor, per distance and per layer."""
+    """Predictor recall@k: the share of the router's actual top-k each predictor named, per distance and per layer."""
     from moe_prefetch.model.offline import eval_predictor as evaluate
     from moe_prefetch.predict.evaluate import format_table
 

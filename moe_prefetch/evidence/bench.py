@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..experts.compression import make_codec
 from ..experts.layout import dense_bytes, find_moe_layers, spec_of
 from ..model.integration import attach
+from ..runtime.lanes import prefetch_recall
 from .sim import Roofline, expert_traffic, replay_payload, simulate_replay
 
 logger = logging.getLogger(__name__)
@@ -437,7 +438,6 @@ def run_bench(
 
 
 def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
-    demand = stats["hits"] + stats["misses"]
     decode_wall = starts[-1] - starts[1] if len(starts) > 2 else wall
     # The stall as measured per step: CUDA events on CUDA (host time in acquire never blocks
     # there), host wait on CPU.
@@ -450,8 +450,8 @@ def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
         "hit_rate": stats["hit_rate"],
         "decode_hit_rate": _decode_hit_rate(trace),
         "prefetch_precision": stats["prefetch_precision"],
-        # share of would-be misses that a prefetch covered
-        "prefetch_recall": stats["prefetch_used"] / (stats["prefetch_used"] + stats["misses"]) if demand else 0.0,
+        # of the routed experts not already resident, the share a prefetch staged (lanes.prefetch_recall)
+        "prefetch_recall": prefetch_recall(stats) or 0.0,
         "stall_share": decode_wait / decode_wall if decode_wall else 0.0,
         "tokens_per_s": _decode_tokens_per_s(starts),
         "median_token_s": statistics.median(b - a for a, b in zip(starts[1:], starts[2:])) if len(starts) > 2 else 0,

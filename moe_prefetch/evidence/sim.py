@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..experts.layout import dense_bytes
 from ..runtime.cache import ExpertCache, make_policy
+from ..runtime.lanes import prefetch_recall
 from ..runtime.loader import CHUNK_BYTES, DEMAND, Loader
 from ..runtime.placement import LaneCosts, Placement
 from ..runtime.scheduler import Scheduler
@@ -314,7 +315,10 @@ def simulate(
         # decode only (the prefill touches nearly every expert), with the bench's definitions
         "decode_hit_rate": decode_hits / routed_decode if routed_decode else 0.0,
         "decode_prefetch_precision": decode_used / decode_issued if decode_issued else 0.0,
-        "decode_prefetch_recall": decode_used / (decode_used + decode_misses) if decode_used + decode_misses else 0.0,
+        "decode_prefetch_recall": prefetch_recall(
+            {"hits": decode_hits, "misses": decode_misses, "prefetch_used": decode_used, "host_experts": decode_host}
+        )
+        or 0.0,
         "prefetch_issued": totals.prefetch_issued,
         "prefetch_used": totals.prefetch_used,
         "bytes_loaded": totals.bytes_loaded,

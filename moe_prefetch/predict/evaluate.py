@@ -1,7 +1,9 @@
 """Score predictors offline against the router's actual choices on held-out text.
 
-recall(d): share of the router's top-k that a predictor named, for target layers d MoE
-layers ahead of the layer the prediction was made at. With `margin` m, predictors also
+recall(d), shown as "predictor recall@k": share of the router's top-k that a predictor named,
+for target layers d MoE layers ahead of the layer the prediction was made at. Offline, on text:
+not a run's "prefetch recall" (`lanes.prefetch_recall`: the routed experts a prefetch had
+actually staged, which also depends on the cache, the link and timing). With `margin` m, predictors also
 name k + m experts (next by router score, or by recency for previous-token) and we report
 precision and recall of that larger set: what prefetching k + m per layer would buy.
 The run from a checkpoint folder (load, collect, score) is `model.offline.eval_predictor`.
@@ -99,7 +101,10 @@ def format_table(result: dict) -> str:
     preds = result["predictors"]
     ds = sorted({d for r in preds.values() for d in r["by_distance"]})
     m = result["margin"]
-    lines = [f"held-out tokens: {result['tokens']}   recall of the router's top-k (k+{m}: precision / recall)"]
+    lines = [
+        f"held-out tokens: {result['tokens']}   predictor recall@k: share of the router's top-k named "
+        f"(k+{m}: precision / recall)"
+    ]
     w = max(len(name) for name in [*preds, "predictor"]) + 2
     lines.append(f"{'predictor':<{w}}" + "".join(f"{'d=' + str(d):>24}" for d in ds))
     for name, r in preds.items():
@@ -113,7 +118,7 @@ def format_table(result: dict) -> str:
                 f"{row['recall_at_k_plus_margin']:.2f})"
             )
         lines.append(f"{name:<{w}}" + "".join(f"{c:>24}" for c in cells))
-    lines += ["", "recall per target MoE layer (predicted d layers ahead)"]
+    lines += ["", "predictor recall@k per target MoE layer (predicted d layers ahead)"]
     targets = sorted({p["target"] for r in preds.values() for p in r["by_pair"]})
     lines.append(f"{'predictor':<{w}}{'d':>3}" + "".join(f"{'L' + str(t):>8}" for t in targets))
     for name, r in preds.items():

@@ -11,8 +11,7 @@ import html
 import math
 
 from ..runtime.lanes import RAN
-from ..runtime.lanes import ran as lanes_ran
-from .text import MEASURED_ON, fmt_bytes, ms, notes, pct, setup_rows, summary_rows
+from .text import MEASURED_ON, decode_split, fmt_bytes, ms, notes, pct, setup_rows, summary_rows
 
 # -- HTML ----------------------------------------------------------------------------
 _W, _H, _L, _R, _T, _B = 960, 240, 84, 24, 28, 40  # chart size and margins (px)
@@ -201,10 +200,10 @@ def _lanes_chart(run: dict) -> str:
 
 
 def _split_rows(run: dict) -> str:
-    """Per MoE layer: where its routed experts ran and its ms on each lane ("-": not recorded)."""
+    """Per MoE layer in decode: where its routed experts ran and its ms on each lane ("-": not recorded)."""
     rows = []
     for r in run["layers"]:
-        ran, lanes = r.get("ran") or lanes_ran(r), r.get("lanes") or {}
+        ran, lanes = decode_split(r)
         cells = [r["layer_idx"], *(ran[k] for k in RAN), *(ms(lanes.get(k)) for _, k, _ in LANE_SERIES)]
         rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     return "".join(rows)
@@ -382,17 +381,21 @@ from run.json "trace" and {n_loads} copies from "loads"; {_esc(copies)}.</p>
 each token (run.json "occupancy").</p>
 <h2>Per MoE layer</h2><table><tr><th>layer</th><th>hits</th><th>misses</th><th>hit rate</th><th>prefetched</th>
 <th>used</th><th>wasted</th><th>stall ms</th><th>loaded</th></tr>{layer_rows}</table>
-<h2>Where routed experts ran, and time per lane, per MoE layer</h2>
+<h2>Where routed experts ran, and time per lane, per MoE layer in decode</h2>
 <table class="split"><tr><th>layer</th><th>device hit</th><th>uploaded then hit</th><th>waited for the link</th>
 <th>host</th><th>device ms</th><th>host lane ms</th><th>link ms</th><th>exposed ms</th></tr>{_split_rows(run)}</table>
-<p class="note">Counts and seconds over the whole run (run.json "layers"[].ran and .lanes). {_esc(lane_layer_note)}</p>
+<p class="note">Counts and seconds over the decode tokens (run.json "layers"[].decode_ran and .decode_lanes): step 0
+holds the prefill and the first forward's one-off costs, which would land in whichever layer ran first; the table above
+counts the whole run. {_esc(lane_layer_note)}</p>
 {generated}
 <h2>Definitions</h2><p class="note">Where a routed expert ran: a device hit on an expert already resident;
 uploaded then hit, on one a prefetch or an upload brought in; waited, a miss that waited for its copy over the link;
 host, computed on the host CPU from the host store.
 Hit rate = hits / (hits + misses + host experts).
 Prefetch precision = prefetched experts that were used / prefetches issued.
-Prefetch recall = demand accesses served by a prefetched expert / all demand accesses.
+Prefetch recall = routed experts a prefetch or upload had staged / routed experts not already resident (staged, waited
+or host), over the run; not a predictor's recall@k (eval-predictor: the share of the router's top-k it named, offline on
+held-out text), since a right guess that lands late or is evicted before its layer runs counts here as a miss.
 Time stalled = decode stall / decode wall time (decode = every token after the first).
 H2D bandwidth = {_esc(summary["h2d_basis"])}.</p>
 </body></html>

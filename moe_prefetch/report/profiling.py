@@ -31,7 +31,11 @@ from .text import MEASURED_ON
 logger = logging.getLogger(__name__)
 
 SCHEMA = "moe-prefetch/run"
-VERSION = 1
+# 2: summary.prefetch_recall counts over the routed experts not already resident (it was over every
+# demand access), the summary splits the host lane into prefill and decode, and each layer's lanes
+# and split are over decode tokens (layers[].decode_lanes, .decode_ran; v1 had whole-run "lanes").
+# `load_run` derives all of it again from a v1 run's records.
+VERSION = 2
 REQUIRED = (
     "measured_on",
     "stall_timing",
@@ -158,7 +162,7 @@ def memory_record(runtime) -> dict:
 
 
 def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | None = None) -> dict:
-    """The whole run as one JSON-ready dict (schema moe-prefetch/run, version 1)."""
+    """The whole run as one JSON-ready dict (schema moe-prefetch/run, version `VERSION`)."""
     runtime = recorder.runtime
     stats = runtime.stats()
     measured_on = "cuda" if runtime.device.type == "cuda" else "cpu"
@@ -180,8 +184,9 @@ def build_run(recorder: RunRecorder, *, model: dict, config: dict, text: str | N
             "top_k": layer_info[row["layer_idx"]].top_k,
             **{k: row[k] for k in COUNTERS},
             "hit_rate": _ratio(row["hits"], row["hits"] + row["misses"] + row["host_experts"]),
-            "ran": lanes.ran(row),
-            "lanes": lanes.layer_totals(recorder.tokens, row["layer_idx"]),
+            "ran": lanes.ran(row),  # over the whole run, as the counters beside it
+            # decode only: step 0 holds the prefill and the first forward's one-off costs
+            **lanes.layer_decode(recorder.tokens, row["layer_idx"]),
         }
         for row in stats["per_layer"]
     ]
@@ -230,11 +235,13 @@ def _ratio(a: float, b: float) -> float | None:
 def summarize(run: dict) -> dict:
     """Headline numbers, each derived from the run's records.
 
-    prefetch_recall: share of demand accesses (hits + misses) served by an expert that was
-    resident because it was prefetched. stall_share: decode stall over decode wall time.
-    Decode = every token after the first (the first one includes prefill)."""
+    prefetch_recall: of the routed experts not already on the device, the share a prefetch or
+    upload had staged (`lanes.prefetch_recall`; not a predictor's offline recall@k).
+    stall_share: decode stall over decode wall time. Prefill = the first token (its forward
+    runs the prompt), decode = every token after it; where experts ran and the host lane are
+    counted for each apart."""
     stats, tokens, loads = run["stats"], run["tokens"], run["loads"]
-    decode = tokens[1:]
+    prefill, decode = tokens[:1], tokens[1:]
     decode_wall = tokens[-1]["t"] - tokens[0]["t"] if len(tokens) > 1 else 0.0
     decode_stall = sum(t["stall_seconds"] for t in decode)
     decode_hits, decode_misses = sum(t["hits"] for t in decode), sum(t["misses"] for t in decode)
@@ -257,12 +264,19 @@ def summarize(run: dict) -> dict:
         "decode_hit_rate": _ratio(decode_hits, decode_hits + decode_misses + decode_host),
         "host_experts": host_experts,
         "host_seconds": stats.get("host_seconds", 0.0),
-        # decode: where the routed experts ran, and each lane's mean seconds per token
+        # the host lane serves prefill experts too (placement.py: behind a queue of copies, an
+        # expert few tokens chose finishes first there), so each phase is counted apart
+        "prefill_host_experts": sum(t.get("host_experts", 0) for t in prefill),
+        "decode_host_experts": decode_host,
+        "prefill_host_seconds": sum(t.get("host_seconds", 0.0) for t in prefill),
+        "decode_host_seconds": sum(t.get("host_seconds", 0.0) for t in decode),
+        # where the routed experts ran, and (decode) each lane's mean seconds per token
+        "prefill_ran": lanes.total_ran(prefill),
         "decode_ran": lanes.total_ran(decode),
         "decode_lanes_per_token": lanes.mean_lanes(decode),
         "on_miss": stats.get("on_miss", "wait"),
         "prefetch_precision": _ratio(stats["prefetch_used"], stats["prefetch_issued"]),
-        "prefetch_recall": _ratio(stats["prefetch_used"], stats["hits"] + stats["misses"]),
+        "prefetch_recall": lanes.prefetch_recall(stats),
         "decode_stall_s": decode_stall,
         "stall_share": _ratio(decode_stall, decode_wall),
         "bytes_loaded": stats["bytes_loaded"],
@@ -336,4 +350,16 @@ def load_run(path: str | Path) -> dict:
     missing = [k for k in REQUIRED if k not in run]
     if missing or run["measured_on"] not in MEASURED_ON:
         raise ReportError(f"{path} is incomplete or corrupt (missing {', '.join(missing) or 'a valid measured_on'})")
+    return upgrade(run)
+
+
+def upgrade(run: dict) -> dict:
+    """A run of an older schema version in this version's terms, derived again from its records
+    (tokens, stats, loads), so `report` shows old and new runs alike. Returns `run`, changed in place."""
+    if run["version"] < 2:
+        for layer in run["layers"]:
+            layer.pop("lanes", None)  # v1: over the whole run, prefill and warm-up included
+            layer.update(lanes.layer_decode(run["tokens"], layer["layer_idx"]))
+        run["summary"] = summarize(run)
+        run["upgraded_from"], run["version"] = run["version"], 2
     return run

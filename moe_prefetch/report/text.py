@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 
-from ..runtime.lanes import ran as lanes_ran
 from ..runtime.sizing import fmt_bytes, small_cache_warning
 
 MEASURED_ON = {
@@ -61,11 +60,8 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
         ("time to first token", num(s["time_to_first_token_s"], ".3f", " s")),
         ("decode speed", num(s["decode_tokens_per_s"], ".2f", " tok/s")),
         ("hit rate (all / decode)", f"{pct(s['hit_rate'])} / {pct(s['decode_hit_rate'])}"),
-        (
-            "misses on the host lane",
-            f"{s.get('host_experts', 0)} experts, {num(s.get('host_seconds'), '.3f', ' s')} "
-            f"(on_miss {s.get('on_miss')})",
-        ),
+        ("misses on host (prefill / decode)", _host_lane(s)),
+        ("where routed experts ran (prefill)", ran_text(s.get("prefill_ran"))),
         ("where routed experts ran (decode)", ran_text(s.get("decode_ran"))),
         ("lanes per decode token", lanes_text(s.get("decode_lanes_per_token"))),
         *_prefetch_rows(run),
@@ -96,7 +92,21 @@ def _prefetch_rows(run: dict) -> list[tuple[str, str]]:
     s = run["summary"]
     if run.get("stats", {}).get("predictor") == "none":
         return [("prefetch precision", "- (no predictor)"), ("prefetch recall", "- (no predictor)")]
-    return [("prefetch precision", pct(s["prefetch_precision"])), ("prefetch recall", pct(s["prefetch_recall"]))]
+    return [
+        ("prefetch precision", pct(s["prefetch_precision"])),
+        (
+            # not a predictor's recall@k (eval-predictor, offline): see lanes.prefetch_recall
+            "prefetch recall",
+            f"{pct(s['prefetch_recall'])} of routed experts not already resident had been staged",
+        ),
+    ]
+
+
+def _host_lane(s: dict) -> str:
+    """Host-lane experts and seconds, prefill / decode (a v2 summary; `profiling.upgrade`)."""
+    experts = f"{s.get('prefill_host_experts', 0)} / {s.get('decode_host_experts', 0)} experts"
+    seconds = f"{num(s.get('prefill_host_seconds'), '.3f')} / {num(s.get('decode_host_seconds'), '.3f')} s"
+    return f"{experts}, {seconds} (on_miss {s.get('on_miss')})"
 
 
 def _experts(run: dict) -> str:
@@ -143,6 +153,12 @@ def notes(run: dict) -> list[str]:
     return out
 
 
+def decode_split(layer: dict) -> tuple[dict, dict]:
+    """One layer's decode figures (run.json "layers"[]): where its routed experts ran and its
+    seconds per lane ({} where a run has no decode tokens)."""
+    return layer["decode_ran"], layer.get("decode_lanes") or {}
+
+
 def tables(run: dict) -> list:
     """Rich tables: summary, setup (with the reason for each automatic choice), per layer, and
     per layer where the routed experts ran and the time on each lane."""
@@ -170,11 +186,13 @@ def tables(run: dict) -> list:
             f"{1e3 * row['stall_seconds']:.2f}",
             fmt_bytes(row["bytes_loaded"]),
         )
-    split = Table(title="per MoE layer: where routed experts ran, and ms on each lane over the run")
+    split = Table(
+        title="per MoE layer in decode (after the first token): where routed experts ran, and ms on each lane"
+    )
     for col in ("layer", "device hit", "uploaded hit", "waited", "host", "device", "host lane", "link", "exposed"):
         split.add_column(col, justify="right", no_wrap=True)
     for row in run["layers"]:
-        ran, lanes = row.get("ran") or lanes_ran(row), row.get("lanes") or {}  # older runs: no lanes
+        ran, lanes = decode_split(row)
         split.add_row(
             str(row["layer_idx"]),
             *(str(ran[k]) for k in ("device", "uploaded", "waited", "host")),
@@ -233,7 +251,8 @@ def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
         ("pf\nprec", "pf prec: prefetch precision, prefetches used / issued", "prefetch_precision", False),
         (
             "pf\nrecall",
-            "pf recall: prefetch recall, demand accesses served by a prefetched expert / all demand accesses",
+            "pf recall: prefetch recall, of the routed experts not already resident the share a prefetch had staged "
+            "(not a predictor's offline recall@k)",
             "prefetch_recall",
             False,
         ),

@@ -14,6 +14,16 @@ Lanes, in seconds per token and per MoE layer (`lanes`):
              own work did not hide
 How each is measured depends on where the run was measured; `basis` says it in words, and the
 run keeps the sentence beside the numbers (run.json "lane_basis").
+
+Per layer, a run reports its lanes over decode tokens only (`layer_decode`): step 0 holds the
+prefill and every one-off cost of the first forward (the kernels' first calls, thread pools
+waking), which would otherwise land in whichever layer ran first.
+
+Prefetch recall (`prefetch_recall`), from the same split: of the routed experts that were not
+already on the device (uploaded, waited, host), the share a prefetch or upload had staged. It is
+not a predictor's recall@k (`evaluate.py`: the share of the router's top-k a predictor named,
+offline on held-out text): a right guess that landed too late, or evicted before its layer ran,
+counts here as a miss.
 """
 
 from __future__ import annotations
@@ -31,6 +41,14 @@ def ran(counters: dict) -> dict:
         "waited": counters.get("misses", 0),
         "host": counters.get("host_experts", 0),
     }
+
+
+def prefetch_recall(counters: dict) -> float | None:
+    """Of the routed experts in `counters` that were not already resident, the share a prefetch or
+    upload had brought in before their layer ran (None when every routed expert was resident)."""
+    r = ran(counters)
+    staged_or_not = r["uploaded"] + r["waited"] + r["host"]
+    return r["uploaded"] / staged_or_not if staged_or_not else None
 
 
 def basis(measured_on: str, link_bytes_per_s: float | None) -> dict:
@@ -127,10 +145,21 @@ def token_lanes(
             }
 
 
-def layer_totals(tokens: list[dict], layer_idx: int) -> dict:
-    """One layer's lanes summed over `tokens` (None where a lane is not timed per layer)."""
+def layer_totals(tokens: list[dict], layer_idx: int) -> dict | None:
+    """One layer's lanes summed over `tokens` (None without tokens with lanes; a lane None where
+    it is not timed per layer)."""
     rows = [p["lanes"] for t in tokens for p in t.get("per_layer", []) if p["layer_idx"] == layer_idx and "lanes" in p]
+    if not rows:
+        return None
     return {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) for k in LANES}
+
+
+def layer_decode(tokens: list[dict], layer_idx: int) -> dict:
+    """One layer over the decode tokens (every token after the first): where its routed experts
+    ran (`decode_ran`) and its seconds per lane (`decode_lanes`), for run.json's "layers"."""
+    decode = tokens[1:]
+    own = [p for t in decode for p in t.get("per_layer", []) if p["layer_idx"] == layer_idx]
+    return {"decode_ran": total_ran(own), "decode_lanes": layer_totals(decode, layer_idx)}
 
 
 def mean_lanes(tokens: list[dict]) -> dict | None:
@@ -143,7 +172,13 @@ def mean_lanes(tokens: list[dict]) -> dict | None:
 
 
 def total_ran(records: list[dict]) -> dict:
-    return {k: sum(r.get("ran", {}).get(k, 0) for r in records) for k in RAN}
+    """Where the routed experts of `records` (tokens or per-layer entries) ran, summed; from their
+    counters, so runs recorded before tokens carried "ran" give the same split."""
+    totals = dict.fromkeys(RAN, 0)
+    for record in records:
+        for k, v in ran(record).items():
+            totals[k] += v
+    return totals
 
 
 def _device_part(record: dict) -> float:

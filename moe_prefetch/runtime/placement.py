@@ -9,7 +9,10 @@ The choice is per expert and per layer call, by expected finish time (`on_miss="
 At batch-1 decode a cold expert is one token of work: reading it once from DRAM on the host
 costs a fraction of copying it over PCIe, so it runs on the host. A prefill chunk with many
 tokens on one expert is FLOP-bound: the device wins even after the copy, so it waits (and
-runs in waves when the pool is small). `on_miss="wait"` is the pre-hybrid behaviour (every
+runs in waves when the pool is small). Prefill is not decided as a whole, though: each expert
+is priced behind the copies already queued in its layer call, so in a cold layer that misses
+many experts at once, one that few tokens chose finishes first on the host and runs there (run
+reports count the host lane for prefill and decode apart). `on_miss="wait"` is the pre-hybrid behaviour (every
 miss waits for its copy); `"host"` sends every miss to the host.
 """
 
