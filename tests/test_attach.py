@@ -9,6 +9,7 @@ from tiny_models import make_model, prompt
 
 import moe_prefetch
 from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.model import guards
 
 
 def _snapshot(model):
@@ -37,6 +38,7 @@ def test_attach_detach_restores_parameters(arch):
         assert after[name] is param, f"{name} is a new Parameter object"
         assert torch.equal(param, value), name
     assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
+    assert not [v for m in model.modules() for v in m.__dict__.values() if getattr(v, guards.MARK, False)]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
 

@@ -164,7 +164,7 @@ def test_in_prefill_an_expert_behind_queued_copies_runs_on_the_host():
     on the default GPU costs."""
     import torch
 
-    from moe_prefetch.runtime import default_costs
+    from moe_prefetch.runtime.runtime import default_costs
 
     demo = Placement(default_costs(torch.device("cpu")), 786_432, 196_608, "auto")
     assert not demo.on_host(tokens=3, in_flight=False, link_busy=2 * demo.link_s())

@@ -265,7 +265,7 @@ def test_prefetch_recall_is_over_the_experts_not_already_resident(run):
 
 
 def test_eval_predictor_names_its_measure_recall_at_k():
-    from moe_prefetch.evaluate import format_table
+    from moe_prefetch.predict.evaluate import format_table
 
     row = {"recall": 0.9, "precision_at_k_plus_margin": 0.5, "recall_at_k_plus_margin": 0.95}
     result = {"tokens": 10, "margin": 2, "predictors": {"m2r2": {"by_distance": {1: row}, "by_pair": []}}}

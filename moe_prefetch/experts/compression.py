@@ -283,12 +283,12 @@ class Codec:
         return self.nbytes + traffic + 2 * self.spec.nbytes
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One expert's parameters (the model's names and shapes) as its stored parts, each a
-        flat uint8 tensor (`stored`'s names), or unchanged for the identity codec."""
+        """One expert's parameters (the model's names and shapes; all, or some of them) as their
+        stored parts, each a flat uint8 tensor (`stored`'s names), or unchanged for the identity codec."""
         if self.identity:
             return dict(tensors)
         out = {}
-        for pname in self.spec.names:
+        for pname in (name for name in self.spec.names if name in tensors):
             for part, tensor in self.formats[pname].encode(tensors[pname]).items():
                 out[f"{pname}.{part}"] = tensor.contiguous().reshape(-1).view(torch.uint8)
         return out

@@ -5,7 +5,8 @@
 and switches each of the model's experts modules to it. That function remaps expert ids to
 slot ids and runs the model's own (stock) expert kernel on the slot tensors, so the
 arithmetic is unchanged. Pre-hooks on the decoder layers hand the residual stream to the
-predictor. `Runtime.detach` undoes all of it, restoring the original parameters.
+predictor. `Runtime.detach` undoes all of it, restoring the original parameters; `copy.deepcopy`
+of an attached model gives what detach would give, leaving the original attached.
 
 The switch is made on a private copy of the config each experts module dispatches on, never
 on the model's config: models often share one config object (a reference copy, a draft
@@ -259,6 +260,7 @@ def wire(
         _refill(saved, store, layers)
         model.to(original_device)
         model.__dict__.pop("_moe_prefetch_runtime", None)
+        model.__dict__.pop("__deepcopy__", None)
 
     runtime = Runtime(
         model=model,
@@ -302,6 +304,33 @@ def wire(
         generation.disable_compile = True
         logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
     model.__dict__["_moe_prefetch_runtime"] = runtime
+
+    def deepcopy_detached(memo: dict):
+        """`copy.deepcopy(model)` while attached: a detached copy, as `runtime.detach()` would leave
+        the model (experts gathered back from the store, stock implementation, no hooks or guards),
+        while this model stays attached. The runtime is not copied: its loader thread, locks and
+        device pool belong to this model (deepcopy failed on them: "cannot pickle '_thread.lock'")."""
+        by_idx = {layer.layer_idx: layer for layer in layers}
+        memo[id(runtime)] = None  # `_moe_prefetch` entries copy as (None, layer); removed below
+        for layer_idx, name, param, shape, home in saved:
+            stock = store.stacked(layer_idx, name, by_idx[layer_idx].num_experts).to(home).reshape(shape)
+            memo[id(param)] = torch.nn.Parameter(stock, requires_grad=param.requires_grad)
+        for layer, original in zip(layers, configs):
+            memo[id(layer.experts.__dict__["config"])] = copy.deepcopy(original, memo)  # the private view
+        del model.__dict__["__deepcopy__"]  # else deepcopy would call this again
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            model.__dict__["__deepcopy__"] = deepcopy_detached
+        guards.strip(clone)
+        for module in clone.modules():
+            module.__dict__.pop("_moe_prefetch", None)
+        clone.__dict__.pop("_moe_prefetch_runtime", None)
+        if generation is not None:
+            clone.generation_config.disable_compile = compile_was
+        return clone.to(original_device)
+
+    model.__dict__["__deepcopy__"] = guards.mark(deepcopy_detached)
     if threads is not None and threads != threads_were:
         torch.set_num_threads(threads)
         logger.info("host lane: %d torch threads while attached (was %d)", threads, threads_were)
@@ -334,7 +363,7 @@ def _router_hook(runtime: Runtime, layer_idx: int):
         if args:
             runtime.on_router_input(layer_idx, args[0])
 
-    return hook
+    return guards.mark(hook)
 
 
 def _residual_hook(runtime: Runtime, layer_idx: int):
@@ -343,7 +372,7 @@ def _residual_hook(runtime: Runtime, layer_idx: int):
         if hidden is not None:
             runtime.on_layer_start(layer_idx, hidden)
 
-    return hook
+    return guards.mark(hook)
 
 
 def make_predictor(config: RuntimeConfig, runtime, trace: list[dict] | None = None) -> Predictor:

@@ -110,6 +110,9 @@ class Loader:
         stalls, self._step_stalls = dict(self._step_stalls), defaultdict(float)
         return stalls
 
+    def drain(self) -> None:
+        """Block until every queued copy has landed. Not a stall: no layer is waiting for it."""
+
     def close(self) -> None:
         pass
 
@@ -190,6 +193,12 @@ class _WorkerLoader(Loader):
                 raise LoaderError("the loader thread has stopped; detach and attach again")
         self._raise_if_failed()
         return time.perf_counter() - start
+
+    def drain(self) -> None:
+        with self._cv:
+            queued = list(self._pending)
+        for slot in queued:
+            self._await_issued(slot)  # on CPU a copy has landed once issued; CUDA waits below
 
     def _promote(self, slot: int) -> None:
         """A queued prefetch is needed now: move it ahead of everything else."""
@@ -388,6 +397,10 @@ class CudaStreamLoader(_WorkerLoader):
 
     def release(self, slot):
         self._released[slot].record(torch.cuda.current_stream(self.device))
+
+    def drain(self) -> None:
+        super().drain()
+        self.stream.synchronize()
 
     def take_stalls(self, flush: bool = False):
         """Drain the stall timings whose events have completed; with `flush`, wait for all."""

@@ -535,6 +535,23 @@ class Runtime:
             "kernel_calls": dict(self.kernel_calls),
         }
 
+    def replace_experts(self, encoded: dict) -> None:
+        """New weights for some experts: `{(layer_idx, expert_id): stored parts}` (`codec.encode` of
+        some or all of an expert's parameters), as an attached model's `load_state_dict` hands them
+        (guards.py). Every queued copy lands first, since none may read a host row while it is
+        rewritten, and the device finishes the kernels that read the slots; then the store is
+        rewritten and each slot holding one of these experts copied again. The cache keeps its
+        state and counters: the next forward computes with the new weights wherever it runs them."""
+        self.loader.drain()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.scheduler.reap()
+        for key, parts in encoded.items():
+            self.store.update(key, parts)
+            slot = self.cache.slot_of.get(key)
+            if slot is not None:
+                self.pool.slot(slot).copy_(self.store[key])
+
     def reset_stats(self) -> None:
         self._drain_stalls(flush=True)
         self.cache.reset_counters()

@@ -138,10 +138,16 @@ class HostStore(Mapping[Key, torch.Tensor]):
 
     def write_stored(self, key: Key, parts: Mapping[str, torch.Tensor]) -> None:
         """Fill one expert with its already encoded parts, by `layout` name (a quantized copy or a
-        checkpoint's native format): any dtype and shape, copied as bytes."""
-        for name, view in self.layout.views(self._index[key]).items():
-            part = parts[name]
-            view.copy_(part if self.codec.identity else part.contiguous().reshape(-1).view(torch.uint8))
+        checkpoint's native format): any dtype and shape, copied as bytes. Every part is needed."""
+        self.update(key, {name: parts[name] for name in self.layout.names})
+
+    def update(self, key: Key, parts: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite some of one expert's encoded parts (`codec.encode` of some of its parameters);
+        the others keep their bytes. No copy from the expert's row may be in flight (the caller,
+        `Runtime.replace_experts`, drains the loader first)."""
+        views = self.layout.views(self._index[key])
+        for name, part in parts.items():
+            views[name].copy_(part if self.codec.identity else part.contiguous().reshape(-1).view(torch.uint8))
 
     def fill(self, layer_idx: int, experts: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
         """Write `(expert_id, named tensors)` for every expert of one layer, then pin the layer."""
