@@ -314,7 +314,7 @@ def test_deepcopy_gives_a_detached_stock_copy(arch):
     clone = copy.deepcopy(model)
     # the copy: the stock weights (experts gathered from the store), the stock implementation,
     # none of attach's hooks or guards, and no runtime
-    assert "_moe_prefetch_runtime" not in clone.__dict__
+    assert "_moe_prefetch_runtime" not in clone.__dict__ and clone.config is not model.config
     assert not any(getattr(v, guards.MARK, False) for m in clone.modules() for v in m.__dict__.values())
     assert not any(h for m in clone.modules() for h in (m._forward_pre_hooks, m._state_dict_hooks))
     for layer in find_moe_layers(clone):

@@ -251,8 +251,7 @@ def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
         ("pf\nprec", "pf prec: prefetch precision, prefetches used / issued", "prefetch_precision", False),
         (
             "pf\nrecall",
-            "pf recall: prefetch recall, of the routed experts not already resident the share a prefetch had staged "
-            "(not a predictor's offline recall@k)",
+            "pf recall: prefetch recall, prefetched / routed experts not already resident (not a predictor's recall@k)",
             "prefetch_recall",
             False,
         ),
