@@ -263,3 +263,82 @@ def test_single_pass_decode_gives_the_scratch_path_values(monkeypatch, dtype, ou
     monkeypatch.setattr(compression, "_single_pass", lambda device: True)
     single = codec.expand(row)["w"]
     assert torch.equal(single, host)
+
+
+def _stored_rows(codec, n, seed=0, raw=()):
+    """`n` experts as stored rows `[n, stored.numel]`: encoded from random weights, except the
+    parts named in `raw` (e.g. "w.blocks"), filled with random bytes (every code and exponent)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(n, codec.stored.numel, dtype=torch.uint8)
+    for e in range(n):
+        weights = {name: torch.randn(shape, generator=g) for name, shape in zip(codec.spec.names, codec.spec.shapes)}
+        encoded = codec.encode(weights)
+        for name, view in codec.stored.views(rows[e]).items():
+            noise = torch.randint(0, 256, view.shape, generator=g, dtype=torch.uint8)
+            view.copy_(noise if name in raw else encoded[name])
+    return rows
+
+
+def assert_batched_decode_is_the_host_decode(monkeypatch, codec, rows, scratch_bytes=None):
+    """The device path (a wave at once, `decode_batch`), forced on the CPU, writes the host
+    path's values (one expert at a time) into a strided working buffer, also when its scratch
+    is small enough to split the wave into row chunks."""
+    n = rows.shape[0]
+    host = torch.full((n, codec.spec.numel), 7.0, dtype=codec.spec.dtype)
+    codec.decode(rows, host)
+    monkeypatch.setattr(compression, "_single_pass", lambda device: True)
+    small = compression.Scratch(torch.empty(scratch_bytes or 1 << 13, dtype=torch.uint8))
+    for scratch in (None, small):
+        work = torch.full((n + 1, codec.spec.numel), 7.0, dtype=codec.spec.dtype)  # one row more: strides as in a pool
+        codec.decode(rows, work[:n], scratch)
+        torch.testing.assert_close(work[:n], host, rtol=0, atol=0, equal_nan=True)
+        assert bool((work[n] == 7.0).all()), "wrote outside the wave"
+    assert small.overflows == 0
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("cols", [128, 80])  # 80: int4 groups padded to 128
+def test_batched_device_decode_gives_the_host_values(monkeypatch, dtype, out_dtype, cols):
+    spec = ExpertSpec(names=("w1", "w2", "b"), shapes=((96, cols), (cols, 64), (96,)), dtype=out_dtype)
+    codec = make_codec(spec, dtype)
+    assert_batched_decode_is_the_host_decode(monkeypatch, codec, _stored_rows(codec, 3))
+
+
+def test_device_decode_launches_do_not_grow_with_the_wave(monkeypatch):
+    """Issue 20: the device decoded one expert and one part at a time (about 4,000 launches per
+    token for Qwen3-30B-A3B in int4); a wave is now a few ops per parameter whatever its size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    spec = ExpertSpec(names=("w1", "w2"), shapes=((96, 128), (128, 64)), dtype=torch.bfloat16)
+    monkeypatch.setattr(compression, "_single_pass", lambda device: True)
+    for dtype in ("int8", "int4"):
+        codec = make_codec(spec, dtype)
+        counts = []
+        for n in (1, 8):
+            rows = _stored_rows(codec, n)
+            work = torch.empty(n, spec.numel, dtype=spec.dtype)
+            scratch = compression.Scratch(torch.empty(1 << 20, dtype=torch.uint8))
+            Count.ops = 0
+            with Count():
+                codec.decode(rows, work, scratch)
+            counts.append(Count.ops)
+        assert counts[0] == counts[1], f"{dtype}: {counts[0]} ops for one expert, {counts[1]} for eight"
+
+
+def test_decode_scratch_is_sized_for_a_wave_and_capped():
+    spec = ExpertSpec(names=("w1", "w2"), shapes=((96, 128), (128, 64)), dtype=torch.bfloat16)
+    assert compression.scratch_bytes(make_codec(spec, "bf16"), 8) == 0  # plain experts decode nothing
+    int4 = compression.scratch_bytes(make_codec(spec, "int4"), 8)
+    # 8 experts x 96 x 128 values x (1 byte of nibbles + 8 bytes per group of 64) x 1.25, + alignment
+    assert int4 == int(8 * 96 * 128 * (1 + 8 / 64) * 1.25) + 16 * 256
+    big = ExpertSpec(names=("w",), shapes=((14336, 4096),), dtype=torch.bfloat16)  # a Mixtral matrix
+    assert compression.scratch_bytes(make_codec(big, "int4"), 2) == compression.DECODE_SCRATCH_BYTES

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from moe_prefetch.errors import LoaderError
-from moe_prefetch.runtime.loader import DEMAND, ThreadLoader, make_loader
+from moe_prefetch.runtime.loader import (
+    CHUNK_BYTES,
+    DEMAND,
+    RING_SECONDS,
+    ThreadLoader,
+    cuda_device,
+    make_loader,
+    ring_depth,
+)
 
 
 def test_copies_land_and_are_recorded():
@@ -117,3 +125,31 @@ def test_a_preempted_copy_resumes_where_it_stopped_and_lands_whole():
     loader.wait(0, layer_idx=0)
     assert torch.equal(dst, src)
     loader.close()
+
+
+def test_the_cuda_ring_holds_two_milliseconds_of_link_time():
+    """Issue 20: two 8 MiB chunks were ~0.3 ms of copying at 50 GB/s, less than one layer's Python
+    on the thread that holds the GIL, so the link idled. The ring now holds >= 2 ms."""
+    mib = 2**20
+    assert RING_SECONDS >= 2e-3
+    # ceil(2 ms x rate / 8 MiB), by hand: 50 GB/s -> 100e6 / 8388608 = 11.92 -> 12 chunks
+    assert ring_depth(50e9, 8 * mib) == 12
+    assert ring_depth(25e9, 8 * mib) == 6  # 50e6 / 8388608 = 5.96
+    assert ring_depth(12e9, 8 * mib) == 3  # 24e6 / 8388608 = 2.86
+    assert ring_depth(1e9, 8 * mib) == 2  # never fewer than two: one moving, one behind it
+    assert ring_depth(50e9, 4 * mib) == 24
+    for rate in (12e9, 25e9, 50e9, 64e9):
+        depth = ring_depth(rate)
+        assert depth * CHUNK_BYTES / rate >= RING_SECONDS  # at least 2 ms queued ...
+        assert (depth - 1) * CHUNK_BYTES / rate < RING_SECONDS or depth == 2  # ... and no chunk more
+    with pytest.raises(ValueError, match="link_bytes_per_s"):
+        ring_depth(0)
+
+
+def test_a_bare_cuda_device_resolves_to_the_current_one(monkeypatch):
+    """Issue 20: the loader's worker thread would take a bare "cuda" as device 0; the index is
+    resolved on the compute thread (here: current device 1)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert cuda_device("cuda") == torch.device("cuda", 1)
+    assert cuda_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert cuda_device("cpu") == torch.device("cpu")

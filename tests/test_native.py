@@ -312,3 +312,38 @@ def test_quantize_a_native_checkpoint_ahead_of_time(tmp_path, monkeypatch):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     finally:
         runtime.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_batched_mxfp4_decode_gives_the_host_values(monkeypatch, dtype):
+    """The device's wave decode (bf16 lookup in a bf16 model, the power of two from its bits),
+    forced on the CPU: the host decode's values bit for bit, for every code and every exponent
+    byte, 0 (2**-127) and 255 (inf) included."""
+    from test_compression import _stored_rows, assert_batched_decode_is_the_host_decode
+
+    from moe_prefetch.compression import make_codec
+    from moe_prefetch.layout import ExpertSpec
+
+    spec = ExpertSpec(names=("gate_up_proj", "bias"), shapes=((64, 96), (96,)), dtype=dtype)
+    codec = make_codec(spec, "auto", native={"gate_up_proj": MXFP4()})
+    rows = _stored_rows(codec, 3, raw=("gate_up_proj.blocks", "gate_up_proj.scales"))
+    scales = codec.typed(rows)["gate_up_proj"]["scales"]
+    scales[0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    scales[1, 0, :2] = torch.tensor([1, 254], dtype=torch.uint8)
+    assert_batched_decode_is_the_host_decode(monkeypatch, codec, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, block", [((96, 64), (32, 32)), ((64, 96), (32, 16)), ((40, 64), (32, 32))])
+def test_batched_fp8_decode_gives_the_host_values(monkeypatch, dtype, shape, block):
+    """FP8 weights cast to the model's dtype (exact) times their block's fp32 scale, a wave at
+    once; a ragged grid (40 rows in blocks of 32) goes one expert at a time."""
+    from test_compression import _stored_rows, assert_batched_decode_is_the_host_decode
+
+    from moe_prefetch.compression import make_codec
+    from moe_prefetch.layout import ExpertSpec
+
+    spec = ExpertSpec(names=("w",), shapes=(shape,), dtype=dtype)
+    codec = make_codec(spec, "auto", native={"w": FP8Block(block)})
+    rows = _stored_rows(codec, 3, raw=("w.weight",))  # every e4m3 code, NaN included
+    assert_batched_decode_is_the_host_decode(monkeypatch, codec, rows, scratch_bytes=32 * 96 * 4 * 3 + 4096)

@@ -26,6 +26,13 @@ Parameters with fewer than two dimensions per expert (biases) stay in the model'
 A `Codec` lays an expert's parts out as bytes in one flat uint8 row (`Codec.stored`, an
 `ExpertSpec` of uint8 parts), so the store, the pool, the loader and the cache handle a
 compressed expert exactly like a plain one: a row of `stored.nbytes` bytes.
+
+Two decode paths give the same values. The host decodes one expert at a time through fp32
+scratch (`ParamFormat.decode`: cache-friendly, vectorised on a CPU). The device decodes a whole
+wave of experts at once (`ParamFormat.decode_batch`: a few ops per parameter whatever the
+number of experts, their temporaries carved from the pool's preallocated `Scratch`), since
+on CUDA every op is a kernel launch: per expert and per part, Qwen3-30B-A3B in int4 took
+about 4,000 launches per token.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ INT4_GROUP = 64
 # Decode at most this many elements at once: bounds the fp32 scratch (`_scratch`; a Mixtral
 # expert matrix is 58M values, 235 MB in fp32) at a few launches more per expert.
 _DECODE_ELEMS = 1 << 24
+# The device decode's scratch (`SlotPool.scratch`): at most this many bytes, preallocated with
+# the pool; a wave whose temporaries need more is decoded in row chunks that fit.
+DECODE_SCRATCH_BYTES = 64 << 20
+_ALIGN = 256  # byte alignment of each temporary carved from the scratch
 
 
 class ParamFormat:
@@ -62,6 +73,8 @@ class ParamFormat:
     # as int4. A fused dequantizing matmul would move none of it (docs/benchmarks.md, section 8).
     host_decode_bytes_per_value = 14
     device_decode_bytes_per_value = 3
+    # Bytes of device scratch per decoded value `decode_batch` needs for its temporaries.
+    scratch_bytes_per_value = 0.0
 
     def parts(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
@@ -72,6 +85,13 @@ class ParamFormat:
     def decode(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
         """Write one expert's parameter into `out` (its shape, the model's dtype) from `parts`."""
         raise NotImplementedError
+
+    def decode_batch(self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, scratch: Scratch) -> None:
+        """Write `n` experts' parameter into `out` `[n, *shape]` from `parts` `[n, *part shape]`,
+        in a few ops whatever `n` (the device path). `out` is a strided view of the working
+        buffer (its last dimension contiguous). Same values as `decode` per expert."""
+        for i in range(out.shape[0]):
+            self.decode({k: v[i] for k, v in parts.items()}, out[i])
 
 
 class Cast(ParamFormat):
@@ -88,6 +108,9 @@ class Cast(ParamFormat):
         return {"w": w.to(self.dtype)}
 
     def decode(self, parts, out):
+        out.copy_(parts["w"])
+
+    def decode_batch(self, parts, out, scratch):
         out.copy_(parts["w"])
 
 
@@ -120,6 +143,11 @@ class Int8(ParamFormat):
             f.copy_(q[sl]).mul_(scale[sl])
             if o.dtype != torch.float32:
                 o[sl].copy_(f)
+
+    def decode_batch(self, parts, out, scratch):
+        # q * scale in fp32 (int8 x fp32 promotes to fp32), rounded once into the output: what
+        # the host's scratch path computes. One op for every expert of the wave.
+        torch.mul(parts["q"], parts["scale"], out=out)
 
 
 class Int4(ParamFormat):
@@ -192,6 +220,90 @@ class Int4(ParamFormat):
             g.mul_(scale[sl].unsqueeze(-1)).add_(low[sl].unsqueeze(-1))
             if not direct:
                 o[sl].copy_(f[:, : o.shape[1]])
+
+    # the nibbles (one byte per value), fp32 scale and minimum per group; fp32 values when padded
+    scratch_bytes_per_value = 1 + 8 / 64
+
+    def decode_batch(self, parts, out, scratch):
+        q, scale, low = parts["q"], parts["scale"], parts["low"]  # [n, *lead, ...]: lead = rows
+        n, cols = out.shape[0], out.shape[-1]
+        q, scale, low, o = (_flat_rows(t) for t in (q, scale, low, out))
+        padded, groups = q.shape[-1] * 2, scale.shape[-1]
+        per_row = n * (padded * (1 if padded == cols else 5) + 8 * groups)
+        for sl in scratch.row_chunks(o.shape[1], per_row):
+            rows = q[:, sl].shape[1]
+            scratch.reset()
+            nibbles = scratch.take((n, rows, padded // 2, 2), torch.uint8)
+            torch.bitwise_and(q[:, sl], 15, out=nibbles[..., 0])
+            torch.bitwise_right_shift(q[:, sl], 4, out=nibbles[..., 1])
+            s = scratch.take((n, rows, groups, 1), torch.float32)
+            s.copy_(scale[:, sl].unsqueeze(-1))
+            m = scratch.take((n, rows, groups, 1), torch.float32)
+            m.copy_(low[:, sl].unsqueeze(-1))
+            shape = (n, rows, groups, self.group)
+            # low + q * scale in fp32: q * scale is exact (4 x 11 significant bits), so a fused
+            # multiply-add rounds once where the host rounds the sum once: the same value.
+            if padded == cols:
+                torch.addcmul(m, nibbles.view(shape), s, out=o[:, sl].view(shape))
+                continue
+            f = scratch.take(shape, torch.float32)
+            torch.addcmul(m, nibbles.view(shape), s, out=f)
+            o[:, sl].copy_(f.view(n, rows, padded)[..., :cols])
+
+
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """`[n, *lead, last]` as `[n, rows, last]` without a copy (the expert dimension may be
+    strided: a wave's experts are rows of the working buffer)."""
+    return t.view(t.shape[0], -1, t.shape[-1])
+
+
+class Scratch:
+    """Temporaries of the batched decode, carved in turn from one preallocated byte buffer (the
+    pool's), so the device decode allocates nothing per token. `reset` before each chunk: a
+    chunk's temporaries are dead once its last op is enqueued (one stream, in order). Without a
+    buffer (a test forcing the device path on the CPU) each temporary is a new tensor."""
+
+    def __init__(self, buffer: torch.Tensor | None = None, device: torch.device | None = None):
+        self.buffer = buffer
+        self.device = buffer.device if buffer is not None else device
+        self.capacity = buffer.numel() if buffer is not None else DECODE_SCRATCH_BYTES
+        self.used = 0
+        self.overflows = 0  # temporaries that did not fit and were allocated (a row wider than the buffer)
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = -(-self.used // _ALIGN) * _ALIGN
+        if self.buffer is None or start + nbytes > self.capacity:
+            self.overflows += self.buffer is not None
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        self.used = start + nbytes
+        return self.buffer[start : start + nbytes].view(dtype).view(shape)
+
+    def row_chunks(self, rows: int, bytes_per_row: float):
+        """Row slices whose temporaries (`bytes_per_row` each, plus alignment) fit the buffer."""
+        step = max(1, int((self.capacity - 8 * _ALIGN) // max(1.0, bytes_per_row)))
+        for start in range(0, rows, step):
+            yield slice(start, start + step)
+
+
+def scratch_bytes(codec: Codec, experts: int) -> int:
+    """Device scratch for decoding `experts` experts at once (capped at `DECODE_SCRATCH_BYTES`:
+    a larger wave is decoded in row chunks), 0 for plain experts."""
+    if codec.identity:
+        return 0
+    need = max(
+        math.prod(shape) * codec.formats[name].scratch_bytes_per_value * 1.25  # padding, alignment
+        for name, shape in zip(codec.spec.names, codec.spec.shapes)
+    )
+    return min(DECODE_SCRATCH_BYTES, int(experts * need) + 16 * _ALIGN)
+
+
+def release_scratch() -> None:
+    """Drop the host decode's reused buffers (`_scratch`), as detach does: up to 64 MiB each."""
+    _SCRATCH.clear()
 
 
 def _row_chunks(rows: int, per_row: int):
@@ -302,12 +414,19 @@ class Codec:
             typed.setdefault(pname, {})[part] = view.view(pdtype).view(*lead, *pshape)
         return typed
 
-    def decode(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Decode stored rows `[n, stored.numel]` into `out` `[n, spec.numel]` (the model's dtype)."""
+    def decode(self, rows: torch.Tensor, out: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """Decode stored rows `[n, stored.numel]` into `out` `[n, spec.numel]` (the model's dtype).
+        On the device, every expert at once per parameter (`decode_batch`), with temporaries
+        from `scratch` (the pool's; None: new tensors); on the host one expert at a time."""
         if self.identity:
             return out.copy_(rows)
         views = self.spec.views(out)
+        batched = _single_pass(out.device)
+        scratch = scratch if scratch is not None else Scratch(device=out.device)
         for pname, parts in self.typed(rows).items():
+            if batched:
+                self.formats[pname].decode_batch(parts, views[pname], scratch)
+                continue
             for i in range(rows.shape[0]):  # one expert at a time: its views are contiguous
                 self.formats[pname].decode({k: v[i] for k, v in parts.items()}, views[pname][i])
         return out

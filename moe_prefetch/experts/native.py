@@ -88,6 +88,42 @@ class MXFP4(ParamFormat):
             w.mul_(torch.exp2(scales[sl].reshape(-1, 1).float() - 127))
             out[:, sl].copy_(w.view(-1, groups * half * 2).t())
 
+    # the bytes as int32 indices (2 per value), the looked-up values (2 in bf16, 4 in fp32), the
+    # scale per block
+    scratch_bytes_per_value = 6.25
+    # beyond the stored bytes and the decoded copy: the indices written and read (2 + 2) and the
+    # looked-up values written and read (2 + 2, bf16)
+    device_decode_bytes_per_value = 8
+
+    def decode_batch(self, parts, out, scratch):
+        """A wave at once. In a bf16 model the lookup table and the power-of-two scale are bf16:
+        an E2M1 value (2 significant bits) times a power of two is exact in fp32, so the bf16
+        product rounds the same exact value once, as the fp32 path does, moving half the bytes.
+        Other dtypes look up fp32 values (fp16 cannot hold every scale)."""
+        blocks, scales = parts["blocks"], parts["scales"]  # [n, out, groups, 16], [n, out, groups]
+        n, n_out, groups, half = blocks.shape
+        dtype = torch.bfloat16 if out.dtype == torch.bfloat16 else torch.float32
+        pairs = _fp4_pairs(out.device, dtype)
+        out_t = out.transpose(1, 2)  # [n, out, in]: written in place, strided
+        per_row = n * groups * (half * 4 + half * 2 * dtype.itemsize + 4 + dtype.itemsize)
+        for sl in scratch.row_chunks(n_out, per_row):
+            rows = blocks[:, sl].shape[1]
+            scratch.reset()
+            index = scratch.take((n, rows, groups, half), torch.int32)
+            index.copy_(blocks[:, sl])
+            values = scratch.take((n * rows * groups * half, 2), dtype)
+            torch.index_select(pairs, 0, index.view(-1), out=values)
+            # 2 ** (scale - 127) built from its bits, exact (CUDA's exp2f is only within 2 ulp):
+            # the biased exponent is the E8M0 byte itself; byte 0 is the subnormal 2 ** -127
+            # (bits 0x400000), byte 255 is inf, as exp2(128) is in fp32.
+            bits = scratch.take((n, rows, groups, 1), torch.int32)
+            bits.copy_(scales[:, sl].unsqueeze(-1)).bitwise_left_shift_(23).clamp_min_(0x400000)
+            power = bits.view(torch.float32)
+            if dtype != torch.float32:
+                power = scratch.take((n, rows, groups, 1), dtype).copy_(power)
+            shape = (n, rows, groups, half * 2)
+            torch.mul(values.view(shape), power, out=out_t[:, sl].view(shape))
+
 
 class FP8Block(ParamFormat):
     """Block-scaled FP8: `weight` float8_e4m3fn of the parameter's shape `[out, in]` and
@@ -136,13 +172,36 @@ class FP8Block(ParamFormat):
             w = weight[sl].float().view(grid) * scale_inv[start // b0 : sl.stop // b0, None, :, None]
             out[sl].copy_(w.view(-1, cols))
 
+    scratch_bytes_per_value = 4.0  # the weights cast to the model's dtype (fp32 at most)
+    device_decode_bytes_per_value = 4  # that cast, written and read (bf16)
+
+    def decode_batch(self, parts, out, scratch):
+        """A wave at once: the FP8 weights cast to the model's dtype (exact: e4m3 fits bf16,
+        fp16 and fp32), times their block's fp32 scale in fp32, rounded once into the output
+        (float8 takes part in no type promotion, hence the cast)."""
+        weight, scale_inv = parts["weight"], parts["scale_inv"]
+        n, rows, cols = weight.shape
+        b0, b1 = self.block
+        if rows % b0 or cols % b1:  # ragged edge blocks: one expert at a time
+            return super().decode_batch(parts, out, scratch)
+        dtype = out.dtype if out.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        per_block_row = n * b0 * cols * dtype.itemsize
+        for sl in scratch.row_chunks(rows // b0, per_block_row):
+            blocks = scale_inv[:, sl]
+            lo, count = sl.start * b0, blocks.shape[1] * b0
+            scratch.reset()
+            w = scratch.take((n, count, cols), dtype)
+            w.copy_(weight[:, lo : lo + count])
+            grid = (n, blocks.shape[1], b0, cols // b1, b1)
+            torch.mul(w.view(grid), blocks[:, :, None, :, None], out=out[:, lo : lo + count].view(grid))
+
 
 @functools.cache
-def _fp4_pairs(device: torch.device) -> torch.Tensor:
-    """byte -> (value of its low nibble, value of its high nibble), fp32 `[256, 2]`, made once
-    per device (not a host-to-device copy per expert)."""
+def _fp4_pairs(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """byte -> (value of its low nibble, value of its high nibble), `[256, 2]` (exact in bf16
+    too), made once per device (not a host-to-device copy per expert)."""
     lut = torch.tensor(FP4_VALUES)
-    return torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1).to(device)
+    return torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1).to(device=device, dtype=dtype)
 
 
 def read_quantization(hf_config) -> dict | None:

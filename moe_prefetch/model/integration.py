@@ -236,7 +236,15 @@ def wire(
         slots, store.codec.nbytes, [layer.layer_idx for layer in layers], policy=make_policy(config.cache_policy)
     )
     t0 = time.perf_counter()  # one clock for the runtime's trace and the loader's copies
-    loader = make_loader(target, slots, link_bandwidth=config.link_bandwidth, t0=t0)
+    costs = lane_costs_for(config, target)
+    # The pool's device, with its index: the loader's worker thread must not take "cuda" as device 0.
+    loader = make_loader(
+        pool.buffer.device,
+        slots,
+        link_bandwidth=config.link_bandwidth,
+        t0=t0,
+        link_bytes_per_s=costs.link_bytes_per_s if costs is not None else None,
+    )
     kernel_name, kernel = stock_kernel(model, layers[0].experts)
     configs = [layer.experts.__dict__.get("config") for layer in layers]
     generation = getattr(model, "generation_config", None)
@@ -276,7 +284,7 @@ def wire(
         kernel=kernel,
         restore=restore,
         t0=t0,
-        costs=lane_costs_for(config, target),
+        costs=costs,
     )
     for layer in layers:
         layer.experts.__dict__["_moe_prefetch"] = (runtime, layer)

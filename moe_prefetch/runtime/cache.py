@@ -306,6 +306,10 @@ class Counters:
     evictions: int = 0
     bytes_loaded: int = 0
     stall_seconds: float = 0.0
+    # CUDA: host seconds the compute thread blocked until a copy's last chunk was on the copy
+    # stream (the stall, the compute stream's wait, is timed apart by events); 0 on CPU, where
+    # that block is the stall.
+    blocked_seconds: float = 0.0
     host_experts: int = 0  # routed experts computed on the host lane (not counted in hits/misses)
     host_seconds: float = 0.0
 

@@ -8,12 +8,17 @@ a whole speculative expert of hundreds of MiB. Because the thread feeds the link
 the link stays busy between the compute thread's visits.
 
 - `CudaStreamLoader`: the worker issues each chunk on a dedicated copy stream and keeps at most
-  `max_inflight` chunks on it (the byte budget in flight: it bounds how long a demand copy can
-  queue behind speculation). Before the first chunk into a slot the copy stream waits on the
-  slot's release event, recorded after the last kernel that read it, so a copy never races a
-  running kernel. After the last chunk it records the slot's copy event; the compute stream
-  waits on that event only when it needs the expert. That wait is the stall, timed with CUDA
-  events and drained without blocking once they have completed.
+  `max_inflight` chunks on it: a ring deep enough for `RING_SECONDS` of link time (`ring_depth`),
+  so the link stays busy while the worker waits for the GIL (it needs it once per chunk, and the
+  compute thread holds it for its per-layer Python), and no deeper, since the ring is also how
+  long a demand copy can queue behind speculation. Before the first chunk into a slot the copy
+  stream waits on the slot's release event, recorded after the last kernel that read it, so a
+  copy never races a running kernel. After the last chunk it records the slot's copy event; the
+  compute stream waits on that event only when it needs the expert. That wait is the stall,
+  timed with CUDA events and drained without blocking once they have completed. Before it, the
+  compute thread may block until the worker has issued the copy's last chunk (the event must be
+  recorded before a stream can wait on it): that host time is counted apart (`take_blocked`),
+  never as stall.
 - `ThreadLoader`: the worker copies synchronously (torch copies release the GIL). The same
   scheduling logic runs on CPU-only machines and CI; the stall is the time the compute thread
   blocks.
@@ -29,6 +34,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -41,8 +47,25 @@ from ..errors import LoaderError
 logger = logging.getLogger(__name__)
 
 DEMAND = 0.0
-CHUNK_BYTES = 8 << 20  # one chunk at PCIe 4.0 (~25 GB/s) is ~0.3 ms: the longest a demand copy queues
+CHUNK_BYTES = 8 << 20  # one chunk at PCIe 4.0 (~25 GB/s) is ~0.3 ms
 HISTORY = 4096  # copies kept in `events` unless recording is switched on
+# Link time kept queued on the copy stream. The worker thread needs the GIL to issue each chunk;
+# a ring of two 8 MiB chunks is ~0.3 ms at 50 GB/s, less than one layer's Python on the compute
+# thread, so the link idled whenever the worker waited for the GIL.
+RING_SECONDS = 2e-3
+# The ring is sized for at least this link speed (PCIe 5.0 x16, achieved), so that it holds
+# RING_SECONDS on any common link: the placement's default link speed (25 GB/s) is a
+# deliberately modest desktop, and a ring sized on it would hold under 1 ms on a faster card.
+RING_LINK_FLOOR = 50e9
+
+
+def ring_depth(link_bytes_per_s: float, chunk_bytes: int = CHUNK_BYTES, seconds: float = RING_SECONDS) -> int:
+    """Chunks the copy stream keeps in flight so that `seconds` of copying at `link_bytes_per_s`
+    is queued (at least two: one moving, one behind it). Bounds how long a demand copy can queue
+    behind prefetches already on the stream: about `seconds` on that link."""
+    if not link_bytes_per_s > 0 or math.isinf(link_bytes_per_s):
+        raise ValueError(f"link_bytes_per_s={link_bytes_per_s!r} must be a positive, finite bytes/s")
+    return max(2, math.ceil(seconds * link_bytes_per_s / chunk_bytes))
 
 
 @dataclass(order=True)
@@ -74,6 +97,7 @@ class Loader:
         self.step = -1
         self._stalls: dict[int, float] = defaultdict(float)
         self._step_stalls: dict[int, float] = defaultdict(float)
+        self._blocked: dict[int, float] = defaultdict(float)
         self._seq = itertools.count()
         self._error: BaseException | None = None
 
@@ -109,6 +133,13 @@ class Loader:
         """Stall seconds per step since the last call (filled as `take_stalls` drains)."""
         stalls, self._step_stalls = dict(self._step_stalls), defaultdict(float)
         return stalls
+
+    def take_blocked(self) -> dict[int, float]:
+        """Host seconds per layer since the last call that the compute thread spent blocked
+        until a copy's last chunk was issued, where that is not the stall itself (CUDA: the
+        stall is the compute stream's wait, timed by events; on CPU the block is the stall)."""
+        blocked, self._blocked = dict(self._blocked), defaultdict(float)
+        return blocked
 
     def drain(self) -> None:
         """Block until every queued copy has landed. Not a stall: no layer is waiting for it."""
@@ -329,8 +360,12 @@ class ThreadLoader(_WorkerLoader):
 
 class CudaStreamLoader(_WorkerLoader):
     """CUDA backend: the worker issues chunks on a dedicated copy stream, at most
-    `max_inflight` of them outstanding, so the link stays busy and a demand copy queues
-    behind at most that many chunks."""
+    `max_inflight` of them outstanding (`ring_depth` of `link_bytes_per_s` by default), so the
+    link stays busy and a demand copy queues behind at most that many chunks.
+
+    `time_copies`: record a pair of timing events on the copy stream around every copy (its
+    first chunk's start to its last chunk's end), kept in `copy_timings` as (tag, bytes, start,
+    end): what the copy itself took, not when it was queued (`submit` only queues it)."""
 
     kind = "cuda-stream"
 
@@ -340,22 +375,33 @@ class CudaStreamLoader(_WorkerLoader):
         device: torch.device,
         t0: float | None = None,
         chunk_bytes: int = CHUNK_BYTES,
-        max_inflight: int = 2,
+        max_inflight: int | None = None,
+        link_bytes_per_s: float = RING_LINK_FLOOR,
+        time_copies: bool = False,
     ):
         super().__init__(num_slots, t0=t0, chunk_bytes=chunk_bytes)
-        self.device = device
-        self.max_inflight = max_inflight
+        # The worker thread's current device is 0 whatever the compute thread's is: every CUDA
+        # call it makes names this device, with its index resolved here, on the compute thread.
+        self.device = cuda_device(device)
+        link = max(link_bytes_per_s, RING_LINK_FLOOR) if math.isfinite(link_bytes_per_s) else RING_LINK_FLOOR
+        self.max_inflight = max_inflight or ring_depth(link, chunk_bytes)
+        self.time_copies = time_copies
+        self.copy_timings: collections.deque = collections.deque(maxlen=HISTORY)
         self.reason = (
-            f"copy stream + per-slot events: CUDA device; {chunk_bytes >> 20} MiB chunks, {max_inflight} in flight"
+            f"copy stream + per-slot events: CUDA device {self.device}; {chunk_bytes >> 20} MiB chunks, "
+            f"{self.max_inflight} in flight ({self.max_inflight * chunk_bytes / link * 1e3:.1f} ms at "
+            f"{link / 1e9:.3g} GB/s)"
         )
-        self.stream = torch.cuda.Stream(device=device)
-        self._copied = [torch.cuda.Event() for _ in range(num_slots)]
-        self._released = [torch.cuda.Event() for _ in range(num_slots)]
-        # A ring of chunk events: the oldest is synchronized before it is reused, which is
-        # what bounds the chunks outstanding on the copy stream.
-        self._ring = [torch.cuda.Event() for _ in range(max_inflight)]
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(device=self.device)
+            self._copied = [torch.cuda.Event() for _ in range(num_slots)]
+            self._released = [torch.cuda.Event() for _ in range(num_slots)]
+            # A ring of chunk events: the oldest is synchronized before it is reused, which is
+            # what bounds the chunks outstanding on the copy stream.
+            self._ring = [torch.cuda.Event() for _ in range(self.max_inflight)]
         self._ring_pos = 0
         self._ring_used = 0
+        self._timing: dict[int, torch.cuda.Event] = {}  # slot -> start event of its copy under way
         self._stall_events: collections.deque = collections.deque()  # (step, layer_idx, start, end)
         self._thread.start()
 
@@ -367,6 +413,10 @@ class CudaStreamLoader(_WorkerLoader):
             if start == 0:
                 # Never overwrite a slot a kernel on the compute stream may still be reading.
                 self.stream.wait_event(self._released[ticket.slot])
+                if self.time_copies:  # after the wait: the copy's own start on the link
+                    began = torch.cuda.Event(enable_timing=True)
+                    began.record(self.stream)
+                    self._timing[ticket.slot] = began
             ticket.dst[start:end].copy_(ticket.src[start:end], non_blocking=True)
             event.record(self.stream)
         self._ring_pos = (self._ring_pos + 1) % self.max_inflight
@@ -377,15 +427,23 @@ class CudaStreamLoader(_WorkerLoader):
         # has not been recorded yet (waiting on an unrecorded event is a no-op in CUDA).
         with torch.cuda.device(self.device):
             self._copied[ticket.slot].record(self.stream)
+            began = self._timing.pop(ticket.slot, None)
+            if began is not None:
+                ended = torch.cuda.Event(enable_timing=True)
+                ended.record(self.stream)
+                nbytes = ticket.src.numel() * ticket.src.element_size()
+                self.copy_timings.append((ticket.tag, nbytes, began, ended))
 
     def done(self, slot):
         self._raise_if_failed()
         return self._issued[slot].is_set() and self._copied[slot].query()
 
     def wait(self, slot, layer_idx):
-        blocked = self._await_issued(slot)  # host time until the last chunk is on the stream
+        # Host time until the last chunk is on the stream: the compute thread blocked, the GPU
+        # perhaps still busy with queued work. Counted apart; the stall is the event-timed wait.
+        blocked = self._await_issued(slot)
         if blocked:
-            self._add_stall(layer_idx, self.step, blocked)
+            self._blocked[layer_idx] += blocked
         if self._copied[slot].query():
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -415,13 +473,29 @@ class CudaStreamLoader(_WorkerLoader):
         super().close()
         self.stream.synchronize()
         self._stall_events.clear()
+        self._timing.clear()
+
+
+def cuda_device(device: torch.device | str) -> torch.device:
+    """`device` with its index: a bare "cuda" is the compute thread's current device. Another
+    thread (the loader's worker) would take it as device 0."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def make_loader(
-    device: torch.device, num_slots: int, link_bandwidth: float | None = None, t0: float | None = None
+    device: torch.device,
+    num_slots: int,
+    link_bandwidth: float | None = None,
+    t0: float | None = None,
+    link_bytes_per_s: float | None = None,
 ) -> Loader:
     """The stream loader on CUDA, the thread loader elsewhere; `.reason` says why. Event
-    times count from `t0` (a `time.perf_counter()` value), the runtime's clock."""
+    times count from `t0` (a `time.perf_counter()` value), the runtime's clock.
+    `link_bandwidth` paces the CPU loader (tests); `link_bytes_per_s` sizes the CUDA loader's
+    ring (`ring_depth`, never below `RING_LINK_FLOOR`)."""
     if device.type == "cuda":
-        return CudaStreamLoader(num_slots, device, t0=t0)
+        return CudaStreamLoader(num_slots, device, t0=t0, link_bytes_per_s=link_bytes_per_s or RING_LINK_FLOOR)
     return ThreadLoader(num_slots, link_bandwidth=link_bandwidth, t0=t0)

@@ -8,7 +8,9 @@ when their slots are scattered over the pool (see runtime.py).
 
 Compressed experts (`compression.Codec`): the slots hold the stored bytes, and the working
 buffer holds decoded parameters in the model's dtype; `staging` receives the gathered
-stored rows, which the codec decodes into `work`.
+stored rows, which the codec decodes into `work`, its temporaries carved from `scratch` (on
+CUDA, where a wave is decoded in one batch: `compression.Scratch`). All of it is allocated
+here, once, and given back by `close`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CacheCapacityError
-from ..experts.compression import Codec, make_codec
+from ..experts.compression import Codec, Scratch, make_codec, scratch_bytes
 from ..experts.layout import ExpertSpec
 
 
@@ -31,11 +33,17 @@ class SlotPool:
         self.work_slots = work_slots
         self.device = device
         self.staging = None
+        self.scratch = None
+        # Only the device decodes a wave in one batch (compression._single_pass); the host decodes
+        # one expert at a time through its own small buffers.
+        scratch = scratch_bytes(self.codec, work_slots) if torch.device(device).type == "cuda" else 0
         try:
             self.buffer = torch.zeros(num_slots, layout.numel, dtype=layout.dtype, device=device)
             self.work = torch.zeros(work_slots, spec.numel, dtype=spec.dtype, device=device)
             if not self.codec.identity:
                 self.staging = torch.zeros(work_slots, layout.numel, dtype=layout.dtype, device=device)
+            if scratch:
+                self.scratch = Scratch(torch.empty(scratch, dtype=torch.uint8, device=device))
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
                 raise
@@ -54,10 +62,11 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
-        extra = [t for t in (self.work, self.staging) if t is not None]
+        extra = [t for t in (self.work, self.staging, self.scratch and self.scratch.buffer) if t is not None]
         return self.buffer.numel() * self.buffer.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
     def close(self) -> None:
-        """Drop the device tensors; the allocator can hand the memory to the next attach."""
+        """Drop the device tensors (slots, working buffer, staging, decode scratch); the
+        allocator can hand the memory to the next attach."""
         self.params = self.work_params = {}
-        self.buffer = self.work = self.staging = None
+        self.buffer = self.work = self.staging = self.scratch = None

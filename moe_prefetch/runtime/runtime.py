@@ -391,7 +391,7 @@ class Runtime:
             else:
                 staged = self.pool.staging[: len(slots)]
                 torch.index_select(self.pool.buffer, 0, index, out=staged)
-                self.codec.decode(staged, work)
+                self.codec.decode(staged, work, self.pool.scratch)  # a wave at once on CUDA
             proxy = self._proxy(layer, self.pool.work_params, 0, len(slots))
             local = list(range(len(slots)))
         else:
@@ -482,6 +482,8 @@ class Runtime:
             self.cache.add_stall(layer_idx, seconds)
         for step, seconds in self.loader.take_step_stalls().items():
             self.step_stalls[step] = self.step_stalls.get(step, 0.0) + seconds
+        for layer_idx, seconds in self.loader.take_blocked().items():
+            self.cache.counters[layer_idx].blocked_seconds += seconds
         while len(self.step_stalls) > self.history:
             del self.step_stalls[next(iter(self.step_stalls))]
 
