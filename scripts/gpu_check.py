@@ -1,164 +1,208 @@
-"""One short GPU check: CUDA tests, then a bench whose experts must stream over PCIe.
+"""The GPU check in one call: every CUDA figure this project needs, in at most 6 minutes.
 
-Prints, last, one table: measured tokens/s per predictor against all-resident and
-on-demand; H2D GB/s achieved against calibrated; share of time stalled; simulated against
-measured. Runs without network in well under 8 minutes on one GPU. Without CUDA it runs
-the same flow on CPU with a small shape (the CPU-safe parts), and says so. Exits non-zero when
-a test fails. Warnings (a host store that could not be pinned, above all) are shown, not hidden.
+    PYTHONPATH=. python3 scripts/gpu_check.py [--budget 330] [--only NAME ...] [--device cpu]
 
-    python scripts/gpu_check.py [--shape qwen3-30b-a3b] [--layers 4] [--tokens 24] [--skip-tests]
+Runs the checks of scripts/gpu_checks.py (exactness in bf16 against stock for each on_miss;
+compressed experts decoded on the device against the CPU's decode; synchronisations per MoE
+layer beyond stock; pinned link GB/s and copy/compute overlap inside the runtime; memory before
+attach, after a long generate and after detach; per-layer lane times beside the simulator's;
+a streaming decode bench; the CUDA tests), each in its own process under its own time cap, so
+one that fails, hangs or breaks the CUDA context does not stop the rest. Prints one line per
+check as it ends and writes everything as JSON to $OUT/gpu_check.json when OUT is set, else
+runs/gpu_check.json (rewritten after every check, so a run cut short keeps what it measured).
+
+Needs only torch and transformers (and psutil, numpy, safetensors) of the machine: nothing
+installed from this repository. Without CUDA each CUDA check is reported as skipped with the
+reason; `--device cpu` instead runs the checks that can run on a CPU, small (a dry run of
+their code). Exits 1 when a check failed, errored or ran out of time.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import os
+import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python3 scripts/gpu_check.py` from a bare checkout
+    sys.path.insert(0, str(ROOT))
 
-from moe_prefetch.evidence.bench import SHAPES, run_bench, shape_model
-from moe_prefetch.evidence.calibration import calibrate
-from moe_prefetch.experts.layout import decoder_layers
+SCHEMA = "moe-prefetch/gpu-check"
+VERSION = 1
+BUDGET_S = 330  # of the 6 minutes a device run gets; the rest for start-up and transfers
+MIN_START_S = 10  # a check is not started with less than this left
 
 
-class DecodeBytes:
-    """Bytes loaded at the start of each forward of the attached run (a pre-hook on decoder
-    layer 0, registered before attach's own), so H2D uses the bench's decode window: forwards
-    1..n-2, the ones `tokens_per_s` times. Prefill (forward 0) loads nearly every expert."""
+def _environment() -> dict:
+    import torch
+    import transformers
 
-    def __init__(self, model):
-        self.model = model
-        self.runtime = None
-        self.at_forward: list[int] = []
-        self.host_memory: set[str] = set()
-        decoder_layers(model)[0].register_forward_pre_hook(self._hook)
+    import moe_prefetch
 
-    def _hook(self, module, args):
-        runtime = self.model.__dict__.get("_moe_prefetch_runtime")
-        if runtime is None:
-            return
-        if runtime is not self.runtime:  # a new attach: a new run
-            self.runtime, self.at_forward = runtime, []
-            self.host_memory.add(runtime.store.pin_reason)
-        self.at_forward.append(runtime.cache.totals().bytes_loaded)
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "cuda_available": cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu_count": os.cpu_count(),
+        # where the package came from: this checkout, not an installed copy
+        "moe_prefetch_from": str(Path(moe_prefetch.__file__).resolve().parent),
+    }
 
-    def decode_window(self) -> tuple[int, int] | None:
-        """(bytes loaded, forwards) in the last run's decode window."""
-        if len(self.at_forward) < 3:
-            return None
-        return self.at_forward[-1] - self.at_forward[1], len(self.at_forward) - 2
+
+def _output_path() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) / "gpu_check.json" if out else ROOT / "runs" / "gpu_check.json"
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _run_one(name: str, device: str, small: bool, result: Path) -> int:
+    """Child process: one check, its result as JSON in `result`."""
+    import logging
+
+    import gpu_checks  # scripts/ is on sys.path: this file's folder
+    import torch
+
+    # The library's warnings stay visible (an unpinned store makes every link figure pageable);
+    # the small-cache warning is what these checks ask for, and transformers' chatter is noise.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for logger in ("transformers", "moe_prefetch.runtime.sizing"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+    fn, _ = gpu_checks.CHECKS[name]
+    began = time.perf_counter()
+    outcome = fn(torch.device(device), small)
+    outcome["seconds"] = time.perf_counter() - began
+    result.write_text(json.dumps(outcome, default=str))
+    return 0
+
+
+def _child(name: str, device: str, small: bool, cap: float) -> dict:
+    """Run check `name` in its own process (its own CUDA context) for at most `cap` seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--device", device]
+        command += ["--result", str(result)] + (["--small"] if small else [])
+        began = time.perf_counter()
+        # its own session: on a timeout the whole group goes (pytest's children too)
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            output, _ = proc.communicate(timeout=cap)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            timed_out = True
+        seconds = time.perf_counter() - began
+        text = output.decode(errors="replace")
+        if timed_out:
+            return {"status": "timeout", "summary": f"stopped at its cap of {cap:.0f} s", "seconds": seconds,
+                    "log": text[-3000:]}  # fmt: skip
+        if proc.returncode != 0 or not result.exists():
+            last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+            return {"status": "error", "summary": last[0][:300], "seconds": seconds, "log": text[-6000:]}
+        outcome = json.loads(result.read_text())
+        outcome["seconds"] = seconds  # with the process's start: what the budget pays
+        if text.strip():
+            outcome["log"] = text[-3000:]
+        return outcome
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default=None, choices=sorted(SHAPES))
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--fraction", type=float, default=0.25)
-    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all checks together")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these checks, in this order")
+    parser.add_argument("--device", default=None, help="cuda (the default when there is one) or cpu (a dry run)")
+    parser.add_argument("--small", action="store_true", help="small shapes (the default on a CPU)")
+    parser.add_argument(
+        "--cap-scale", type=float, default=None, help="multiply each check's time cap (default: 1 on CUDA, 5 on a CPU)"
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # Show the library's warnings (a store that could not be pinned makes every number below
-    # pageable-speed): only transformers' chatter is quieted.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    cuda = torch.cuda.is_available()
-    shape = args.shape or ("qwen3-30b-a3b" if cuda else "olmoe-1b-7b")
-    layers = args.layers or (4 if cuda else 2)
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    if args.child:
+        return _run_one(args.child, args.device, args.small, Path(args.result))
+
+    import gpu_checks
+    import torch
+
     started = time.perf_counter()
-    lines = []
-    tests_failed = False
-    if not args.skip_tests:
-        marker = "gpu" if cuda else "not slow and not gpu"
-        tests = (
-            ["tests/test_cuda.py", "tests/test_cuda_runtime.py", "tests/test_memory.py"]
-            if cuda
-            else ["tests/test_loader.py", "tests/test_sim.py", "tests/test_store.py"]
-        )
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-m", marker, *tests],
-            capture_output=True,
-            text=True,
-        )
-        summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-        print(proc.stdout[-6000:])
-        print(proc.stderr[-2000:], file=sys.stderr)
-        tests_failed = proc.returncode != 0  # failures, errors, or nothing collected (5)
-        verdict = f"FAILED (pytest exit {proc.returncode})" if tests_failed else "passed"
-        lines.append(f"tests ({'CUDA' if cuda else 'CPU-safe subset'}): {verdict}: {summary}")
-    if cuda:
-        calibrated, measured = calibrate("cuda")
-        h2d_cal = max(measured["h2d_by_mib"].values())
-    else:
-        calibrated, h2d_cal = None, None
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model = shape_model(shape, layers=layers, dtype=dtype)
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    device = "cuda" if cuda else "cpu"
-    profiles = [calibrated] if calibrated is not None else []
-    predictors = ["none", "previous-token", "next-gate", "oracle"]
-    watch = DecodeBytes(model)
-
-    def progress(row):
-        row["decode_bytes_loaded"], row["decode_forwards"] = watch.decode_window() or (0, 0)
-
-    result = run_bench(
-        model,
-        ids,
-        predictors,
-        [args.fraction, 1.0],
-        args.tokens,
-        device=device,
-        profiles=profiles,
-        lookahead=2,
-        progress=progress,
-    )
-    rows = [r for r in result["rows"] if r["tokens_per_s"] is not None]
-    resident = next(r for r in rows if r["cache_fraction"] == 1.0 and r["predictor"] == "none")
-    on_demand = next(r for r in rows if r["cache_fraction"] == args.fraction and r["predictor"] == "none")
-    meta = result["meta"]
-    print()
-    print(
-        f"gpu-check: {shape} shape, {layers} layers, random weights (routing is random), "
-        f"{meta['experts_total']} experts x {meta['expert_bytes'] / 2**20:.1f} MiB, "
-        f"cache {args.fraction:.0%}, {args.tokens} tokens, measured on {meta['measured_on']} "
-        f"({'CUDA events' if cuda else 'CPU, no GPU: the CPU-safe parts only'})"
-    )
-    head = (
-        f"{'predictor':<15}{'cache':>7}{'tok/s':>9}{'vs on-demand':>14}{'vs resident':>13}{'hit':>7}"
-        f"{'stall':>8}{'H2D GB/s':>10}{'sim tok/s':>11}{'sim/meas':>10}"
-    )
-    print(head)
-    for row in rows:
-        # decode bytes over decode time: the same forwards tokens_per_s counts
-        seconds = row["decode_forwards"] / row["tokens_per_s"] if row["tokens_per_s"] else 0.0
-        h2d_cell = f"{row['decode_bytes_loaded'] / seconds / 1e9:.2f}" if seconds else "-"  # "-": no decode window
-        sim = row["simulated"].get(calibrated.name) if calibrated is not None else None
-        tps = row["tokens_per_s"]
-        sim_cell = f"{sim:.2f}" if sim else "-"
-        ratio_cell = f"{sim / tps:.2f}" if sim and tps else "-"
-        print(
-            f"{row['predictor']:<15}{row['cache_fraction']:>7.3g}{tps:>9.2f}"
-            f"{tps / on_demand['tokens_per_s']:>13.2f}x{tps / resident['tokens_per_s']:>12.2f}x"
-            f"{row['hit_rate']:>7.3f}{row['stall_share']:>8.1%}{h2d_cell:>10}{sim_cell:>11}{ratio_cell:>10}"
-        )
-    for line in lines:
-        print(line)
-    for reason in sorted(watch.host_memory):
-        flag = "WARNING: " if cuda and not reason.startswith("pinned") else ""
-        print(f"{flag}host expert store: {reason}")
-    if h2d_cal:
-        print(
-            f"calibrated pinned H2D: {h2d_cal / 1e9:.2f} GB/s (H2D GB/s above is decode bytes loaded / decode wall "
-            "time, a lower bound on link use)"
-        )
-    print(f"gpu-check took {time.perf_counter() - started:.0f} s")
-    if tests_failed:
-        print("gpu-check FAILED: a test failed (output above)")
-        return 1
-    return 0
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda else None)
+    small = args.small or device == "cpu"
+    scale = args.cap_scale or (5.0 if device == "cpu" else 1.0)  # the caps are sized for the GPU machine
+    names = args.only or list(gpu_checks.CHECKS)
+    unknown = [n for n in names if n not in gpu_checks.CHECKS]
+    if unknown:
+        parser.error(f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(gpu_checks.CHECKS)}")
+    if device is not None and device.startswith("cuda") and not cuda:
+        parser.error(f"--device {device} but torch {torch.__version__} sees no CUDA device")
+    path = _output_path()
+    report = {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": device or "none",
+        "small": small,
+        "budget_s": args.budget,
+        "environment": _environment(),
+        "checks": {},
+    }
+    print(f"gpu-check: {report['environment']['gpu'] or 'no CUDA device'}, torch {torch.__version__}, "
+          f"transformers {report['environment']['transformers']}; writing {path}", flush=True)  # fmt: skip
+    failed = False
+    for name in names:
+        _, cap = gpu_checks.CHECKS[name]
+        cap *= scale
+        left = args.budget - (time.perf_counter() - started)
+        if device is None:
+            outcome = gpu_checks.skipped(f"no CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda})"
+                                         " sees none; run on a GPU machine, or --device cpu for a dry run")  # fmt: skip
+        elif device == "cpu" and name in gpu_checks.CUDA_ONLY:
+            outcome = gpu_checks.skipped(f"{name} measures CUDA behaviour; skipped in a dry run on the CPU")
+        elif left < MIN_START_S:
+            outcome = {"status": "timeout", "summary": f"not started: {left:.0f} s of the budget left", "seconds": 0}
+        else:
+            outcome = _child(name, device, small, min(cap, left))
+        report["checks"][name] = outcome
+        failed |= outcome["status"] in ("fail", "error", "timeout")
+        print(f"[{outcome['status']}] {name} ({outcome.get('seconds', 0):.0f} s): {outcome['summary']}", flush=True)
+        if outcome["status"] in ("error", "timeout") and outcome.get("log"):
+            print("    " + "\n    ".join(outcome["log"].strip().splitlines()[-15:]), flush=True)
+        report["seconds"] = time.perf_counter() - started
+        _write(path, report)
+    counts = {}
+    for outcome in report["checks"].values():
+        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+    report["seconds"] = time.perf_counter() - started
+    report["verdict"] = "failed" if failed else "passed"
+    _write(path, report)
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"gpu-check {report['verdict']} in {report['seconds']:.0f} s: {tally}; JSON in {path}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -315,7 +315,9 @@ def test_device_decode_launches_do_not_grow_with_the_wave(monkeypatch):
         ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
+            returns = func._schema.returns  # views and slices launch nothing: not counted
+            if not returns or any(r.alias_info is None or r.alias_info.is_write for r in returns):
+                Count.ops += 1
             return func(*args, **(kwargs or {}))
 
     spec = ExpertSpec(names=("w1", "w2"), shapes=((96, 128), (128, 64)), dtype=torch.bfloat16)
@@ -332,6 +334,7 @@ def test_device_decode_launches_do_not_grow_with_the_wave(monkeypatch):
                 codec.decode(rows, work, scratch)
             counts.append(Count.ops)
         assert counts[0] == counts[1], f"{dtype}: {counts[0]} ops for one expert, {counts[1]} for eight"
+        assert counts[1] <= 6 * len(spec.names), counts  # int4: two unpacks, two casts, one addcmul per parameter
 
 
 def test_decode_scratch_is_sized_for_a_wave_and_capped():

@@ -87,54 +87,78 @@ def test_a_failed_registration_leaves_cuda_usable():
     store.close()
 
 
-def _timed(fn, stream=None) -> float:
-    """Seconds `fn`'s work takes on `stream` (the current one by default), timed by CUDA events."""
-    stream = stream or torch.cuda.current_stream()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    fn()
-    end.record(stream)
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 def test_copy_overlaps_compute_and_pinned_bandwidth():
+    """The copy is timed by events the loader records on its copy stream around the copy itself
+    (`time_copies`): `submit` only queues it for the worker, so events around `submit` time
+    nothing. Overlap: the copy's interval against the matmuls' interval on the compute stream,
+    both measured from one origin event that completed before either was queued."""
     nbytes = 256 * MiB
     store = _filled_store(nbytes // 2, 1)  # copies come from the registered store, as in a run
     src = store[(0, 0)]
     dst = torch.zeros((1, src.numel()), dtype=torch.bfloat16, device="cuda")
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    loader = CudaStreamLoader(1, torch.device("cuda"))
+    loader = CudaStreamLoader(1, torch.device("cuda"), time_copies=True)
+    compute = torch.cuda.current_stream()
 
-    def copy():
-        loader.submit(0, src, dst[0], 0.0)
-
-    def matmuls(n):
+    def run(n: int, copy: bool) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """(copy interval, compute interval) in seconds after the origin, for a copy (if `copy`)
+        and `n` matmuls queued together."""
+        torch.cuda.synchronize()
+        origin = torch.cuda.Event(enable_timing=True)
+        origin.record(compute)
+        origin.synchronize()  # every later event completes after it: elapsed times are positive
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if copy:
+            loader.submit(0, src, dst[0], 0.0)
+        began.record(compute)
         for _ in range(n):
             a @ a
+        ended.record(compute)
+        if copy:
+            loader.wait(0, layer_idx=0)
+        torch.cuda.synchronize()
+        copied = None
+        if copy:
+            _, moved, start, end = loader.copy_timings[-1]
+            assert moved == nbytes
+            copied = (origin.elapsed_time(start) / 1e3, origin.elapsed_time(end) / 1e3)
+        computed = (origin.elapsed_time(began) / 1e3, origin.elapsed_time(ended) / 1e3) if n else None
+        return copied, computed
 
-    def both(n):
-        copy()
-        matmuls(n)
-        loader.wait(0, layer_idx=0)
+    def length(interval):
+        return interval[1] - interval[0]
 
     try:
-        _timed(copy, loader.stream)  # warm up: first copy, cuBLAS handle, kernels, clocks
-        _timed(lambda: matmuls(20))
-        copy_s = min(_timed(copy, loader.stream) for _ in range(3))
-        one = min(_timed(lambda: matmuls(10)) for _ in range(3)) / 10
-        n = max(1, round(copy_s / one))  # compute about as long as the copy: overlap then halves the time
-        compute_s = min(_timed(lambda: matmuls(n)) for _ in range(3))
-        both_s = min(_timed(lambda: both(n)) for _ in range(3))
+        run(0, copy=True)  # warm up: first copy, cuBLAS handle, kernels, clocks
+        run(20, copy=False)
+        copy_s = min(length(run(0, copy=True)[0]) for _ in range(3))
+        one = min(length(run(10, copy=False)[1]) for _ in range(3)) / 10
+        n = max(1, round(copy_s / one))  # compute about as long as the copy
+        shares = []
+        for _ in range(3):
+            copied, computed = run(n, copy=True)
+            overlap = max(0.0, min(copied[1], computed[1]) - max(copied[0], computed[0]))
+            shares.append(overlap / min(length(copied), length(computed)))
         gbps = nbytes / copy_s / 1e9
-        bound = max(copy_s, compute_s) + 0.2 * min(copy_s, compute_s)
         print(
-            f"pinned H2D {gbps:.1f} GB/s; copy {copy_s * 1e3:.2f} ms, compute {compute_s * 1e3:.2f} ms ({n} matmuls), "
-            f"together {both_s * 1e3:.2f} ms (bound {bound * 1e3:.2f} ms)"
+            f"pinned H2D {gbps:.1f} GB/s; copy {copy_s * 1e3:.2f} ms, {n} matmuls {n * one * 1e3:.2f} ms; "
+            f"overlap {max(shares):.0%} of the shorter (runs: {', '.join(f'{s:.0%}' for s in shares)})"
         )
         assert bool((dst[0] == 1).all()), "the copy did not land"
         assert gbps > 5, "pinned copies should run well above pageable speed"
-        assert both_s <= bound, "the copy stream did not overlap compute"
+        assert max(shares) >= 0.5, "the copy stream did not overlap compute"
     finally:
         loader.close()
         store.close()
+
+
+def test_the_loader_names_its_device_and_sizes_its_ring():
+    """The worker thread's current device is 0 whatever the compute thread's: the loader holds
+    the indexed device; its ring holds >= 2 ms of link time at 50 GB/s (issue 20)."""
+    loader = CudaStreamLoader(2, torch.device("cuda"))
+    try:
+        assert loader.device == torch.device("cuda", torch.cuda.current_device())
+        assert loader.max_inflight * loader.chunk_bytes / 50e9 >= 2e-3
+        assert loader.stream.device == loader.device
+    finally:
+        loader.close()

@@ -321,8 +321,8 @@ def test_batched_mxfp4_decode_gives_the_host_values(monkeypatch, dtype):
     byte, 0 (2**-127) and 255 (inf) included."""
     from test_compression import _stored_rows, assert_batched_decode_is_the_host_decode
 
-    from moe_prefetch.compression import make_codec
-    from moe_prefetch.layout import ExpertSpec
+    from moe_prefetch.experts.compression import make_codec
+    from moe_prefetch.experts.layout import ExpertSpec
 
     spec = ExpertSpec(names=("gate_up_proj", "bias"), shapes=((64, 96), (96,)), dtype=dtype)
     codec = make_codec(spec, "auto", native={"gate_up_proj": MXFP4()})
@@ -340,8 +340,8 @@ def test_batched_fp8_decode_gives_the_host_values(monkeypatch, dtype, shape, blo
     once; a ragged grid (40 rows in blocks of 32) goes one expert at a time."""
     from test_compression import _stored_rows, assert_batched_decode_is_the_host_decode
 
-    from moe_prefetch.compression import make_codec
-    from moe_prefetch.layout import ExpertSpec
+    from moe_prefetch.experts.compression import make_codec
+    from moe_prefetch.experts.layout import ExpertSpec
 
     spec = ExpertSpec(names=("w",), shapes=(shape,), dtype=dtype)
     codec = make_codec(spec, "auto", native={"w": FP8Block(block)})

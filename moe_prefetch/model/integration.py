@@ -16,6 +16,7 @@ model), and attaching or detaching one of them must not change what the others r
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 
@@ -24,10 +25,11 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..errors import CacheCapacityError, ConfigError, DeviceError, PredictorError
-from ..experts.compression import Codec, make_codec
+from ..experts.compression import Codec, make_codec, scratch_bytes
 from ..experts.layout import ExpertSpec, MoELayer, decoder_layers, find_moe_layers, spec_of, undecorated_forward
 from ..predict.m2r2 import M2R2Predictor
 from ..predict.predictors import NextGatePredictor, OraclePredictor, Predictor, PreviousTokenPredictor
+from ..runtime import sizing
 from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.config import RuntimeConfig, config_for, parse_size
 from ..runtime.loader import make_loader
@@ -117,15 +119,22 @@ def resolve_slots(
     device: torch.device,
     free_bytes: int | None = None,
     codec: Codec | None = None,
+    model_config=None,
+    widths: list[int | None] | None = None,
 ) -> int:
     """Number of slots from cache_slots, cache_budget, or free device memory. A budget
-    includes the pool's working buffer (top_k decoded experts, and their stored bytes when
-    compressed: see pool.py). A slot holds one expert as stored (`codec`)."""
+    includes the pool's working buffer (top_k decoded experts, and their stored bytes and the
+    decode scratch when compressed: see pool.py). A slot holds one expert as stored (`codec`).
+    Sized from free memory, the pool leaves the reserve of `sizing.reserve` free first (with
+    `model_config`: the KV cache of `config.max_batch` x `config.max_length` tokens, the
+    prefill's peak, cuBLAS's workspaces), then `config.safety_margin` of the rest."""
     top_k = max(layer.top_k for layer in layers)
     codec = codec or make_codec(spec)
     slot_bytes = codec.nbytes
-    work = work_bytes(top_k, spec.nbytes, codec.nbytes, compressed=not codec.identity)
+    scratch = scratch_bytes(codec, top_k) if device.type == "cuda" else 0  # the device decode's (pool.py)
+    work = work_bytes(top_k, spec.nbytes, codec.nbytes, compressed=not codec.identity) + scratch
     total = sum(layer.num_experts for layer in layers)
+    held = None  # the reserve, when the pool is sized from free memory
     if config.cache_slots is not None:
         slots = config.cache_slots
     else:
@@ -138,7 +147,12 @@ def resolve_slots(
                     f"{fmt_bytes(free)} free on {device}; lower cache_budget"
                 )
         else:
-            budget = int(free * (1 - config.safety_margin))
+            if model_config is not None:
+                held = sizing.reserve(
+                    model_config, spec.dtype.itemsize, top_k, spec.numel, config.max_length, config.max_batch, widths
+                )
+                logger.info("pool sized after %s", held.describe())
+            budget = int(max(0, free - (held.total if held else 0)) * (1 - config.safety_margin))
         slots = min(total, max(0, budget - work) // slot_bytes)
     if slots < top_k:
         if config.cache_slots is not None:
@@ -148,10 +162,18 @@ def resolve_slots(
             what = (
                 f"cache_budget={config.cache_budget!r} ({fmt_bytes(budget)})"
                 if config.cache_budget is not None
-                else f"the free memory on {device} ({fmt_bytes(budget)} after the safety margin)"
+                else f"the free memory on {device} ({fmt_bytes(budget)} after the reserve and the safety margin)"
             )
             fix = budget_shortfall(what, slots, top_k, slot_bytes, work, codec.name)
-            fix += "; raise cache_budget" if config.cache_budget is not None else "; free device memory or use the CPU"
+            if config.cache_budget is not None:
+                fix += "; raise cache_budget"
+            elif held is not None:
+                fix += (
+                    f"; {held.describe()}: lower max_length (now {held.max_length}) or max_batch, "
+                    "free device memory, or use the CPU"
+                )
+            else:
+                fix += "; free device memory or use the CPU"
         raise CacheCapacityError(fix)
     return min(slots, total)
 
@@ -226,7 +248,8 @@ def wire(
     try:
         model.to(target)
         # after the move: free memory is what is left
-        slots = resolve_slots(config, spec, layers, target, codec=store.codec)
+        widths = sizing.kv_widths(decoder_layers(model))
+        slots = resolve_slots(config, spec, layers, target, codec=store.codec, model_config=model.config, widths=widths)
         pool = SlotPool(spec, slots, target, work_slots=max(layer.top_k for layer in layers), codec=store.codec)
     except BaseException:
         _refill(saved, store, layers)  # refused: give the model its experts back, untouched
@@ -342,7 +365,10 @@ def wire(
     if threads is not None and threads != threads_were:
         torch.set_num_threads(threads)
         logger.info("host lane: %d torch threads while attached (was %d)", threads, threads_were)
-    unguard = guards.install(model, runtime)
+    undo_memory = _name_the_setting_on_oom(model, runtime)
+    undo_guards = guards.install(model, runtime)
+    unguard = lambda: (undo_guards(), undo_memory())  # noqa: E731
+
     warn_if_small_cache(runtime)  # attach and load both end here
     logger.info(
         "attached: %d MoE layers, %d slots of %.2f MiB (%s experts) on %s (%s); loader %s; host %s; stock kernel %s",
@@ -357,6 +383,53 @@ def wire(
         kernel_name,
     )
     return runtime
+
+
+def out_of_memory_message(runtime, err: BaseException) -> str:
+    """One line for an out-of-memory error in a forward of an attached model: the pool was sized
+    before the run and never grows, so the fix is a smaller pool, or (sized automatically) a
+    reserve for the run's real length."""
+    config = runtime.config
+    if config.cache_slots is not None:
+        fix = f"lower cache_slots (now {config.cache_slots})"
+    elif config.cache_budget is not None:
+        fix = f"lower cache_budget (now {config.cache_budget!r})"
+    else:
+        length = config.max_length or sizing.default_max_length(runtime.model.config)
+        fix = (
+            f"set max_length (the pool was sized for {config.max_batch} x {length} tokens) to the longest "
+            "prompt + new tokens, and max_batch to the batch, or give a smaller cache_budget"
+        )
+    pool = runtime.pool.nbytes if runtime.pool is not None else 0
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"out of device memory in a forward on {runtime.device} beside the expert pool "
+        f"({runtime.cache.num_slots} slots, {pool / 2**30:.2f} GiB): {fix} ({first})"
+    )
+
+
+def _name_the_setting_on_oom(model, runtime):
+    """An out-of-memory error in a forward (generate's too) becomes one CacheCapacityError
+    naming the setting to change. Through the instance's `forward`, restored on detach."""
+    had, previous = "forward" in model.__dict__, model.__dict__.get("forward")
+    forward = model.forward
+
+    @functools.wraps(forward)  # generate reads the forward's signature through __wrapped__
+    def guarded(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except torch.OutOfMemoryError as err:
+            raise CacheCapacityError(out_of_memory_message(runtime, err)) from err
+
+    model.__dict__["forward"] = guarded
+
+    def undo() -> None:
+        if had:
+            model.__dict__["forward"] = previous
+        else:
+            model.__dict__.pop("forward", None)
+
+    return undo
 
 
 def _refill(saved, store: HostStore, layers: list[MoELayer]) -> None:

@@ -77,7 +77,8 @@ class RuntimeConfig:
 
     `cache_slots` is the total number of expert slots in the one device pool shared by all
     MoE layers; `cache_budget` (bytes or "6GiB"/"75%") is turned into slots; with neither
-    the pool is sized from free device memory less `safety_margin`.
+    the pool is sized from free device memory less the reserve for a run of `max_batch`
+    sequences of `max_length` tokens (sizing.reserve) and less `safety_margin`.
     """
 
     device: str = "auto"
@@ -89,9 +90,14 @@ class RuntimeConfig:
     # Host profile (name or .toml path) for the placement cost model; None = profiles.default_lane_costs.
     # Checked where it is read (profiles.load_host_profile), which names the known host profiles.
     host_profile: str | None = None
-    # Share of free device memory left untouched when sizing the pool automatically
-    # (activations, KV cache, allocator fragmentation).
-    safety_margin: float = 0.15
+    # Share of free device memory left untouched when sizing the pool automatically, after the
+    # reserve for the KV cache, the prefill and cuBLAS (sizing.reserve): allocator fragmentation.
+    safety_margin: float = 0.05
+    # The longest sequence (prompt + generated tokens) and the most sequences at once the run
+    # will hold: when the pool is sized from free memory, their KV cache and the prefill of the
+    # whole prompt are left free first. None: the model's context, at most 4096 tokens.
+    max_length: int | None = None
+    max_batch: int = 1
     # Extra predicted experts per layer beyond top_k that may be prefetched.
     prefetch_margin: int = 0
     # Test option: pace every copy to this many bytes/s (CPU loader only); None = unthrottled.
@@ -129,6 +135,10 @@ class RuntimeConfig:
             raise ConfigError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
         if not isinstance(self.lookahead, int) or not 1 <= self.lookahead <= 8:
             raise ConfigError(f"lookahead={self.lookahead!r} must be an integer in 1..8")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length={self.max_length!r} must be a positive number of tokens (prompt + new)")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"max_batch={self.max_batch!r} must be a positive number of sequences")
         if not 0.0 <= self.safety_margin < 1.0:
             raise ConfigError(f"safety_margin={self.safety_margin!r} must be in [0, 1)")
         if self.prefetch_margin < 0:

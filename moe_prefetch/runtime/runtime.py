@@ -28,6 +28,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from ..errors import AttachedModelError
+from ..experts.compression import release_scratch
 from ..experts.host_kernels import packed_int8, run_int8
 from ..experts.layout import ExpertSpec, MoELayer
 from . import lanes
@@ -143,6 +145,7 @@ class Runtime:
         self._call_wait = self._call_host = 0.0  # this layer call's stall and host-lane seconds
         self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
         self._attached = True
+        self._cuda = device.type == "cuda"
         self._t0 = time.perf_counter() if t0 is None else t0
 
     @property
@@ -164,7 +167,19 @@ class Runtime:
         self.loader.record(on, self.history)
 
     # -- hooks called from the model -------------------------------------------
+    def _refuse_graph_capture(self) -> None:
+        """A CUDA graph records kernels, not the runtime's host work (routing read, cache,
+        copies): a replay would run the captured token's slots forever, whatever the cache
+        holds by then. Refused at the first hook of a captured forward, before any state moves."""
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            raise AttachedModelError(
+                "a CUDA graph is being captured through the moe-prefetch runtime, whose routing, slot table "
+                "and copies are host work a graph cannot replay; run the attached model eagerly, or "
+                "runtime.detach() before capturing"
+            )
+
     def on_layer_start(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        self._refuse_graph_capture()
         if layer_idx == 0:
             self.step += 1
             self.loader.step = self.step
@@ -180,6 +195,7 @@ class Runtime:
         """Prediction point of "router-input" predictors: MoE layer `layer_idx`'s router input."""
         # Predictors call routers without module hooks (predictors.silent), so this hook sees the
         # model's own router call only.
+        self._refuse_graph_capture()
         self._predict(layer_idx, normed)
 
     def _predict(self, layer_idx: int, hidden: torch.Tensor) -> None:
@@ -188,6 +204,7 @@ class Runtime:
             self._pending.append((layer_idx, guesses))
 
     def experts_forward(self, layer: MoELayer, hidden_states, top_k_index, top_k_weights):
+        self._refuse_graph_capture()
         start = time.perf_counter()
         layer_idx = layer.layer_idx
         counters = self.cache.counters[layer_idx]
@@ -578,8 +595,9 @@ class Runtime:
         self._shifted.clear()
         self._pending.clear()
         self.predictor = None
-        self.pool.close()
+        self.pool.close()  # slots, working buffer, the device decode's scratch
         self.pool = None
+        release_scratch()  # and the host decode's
         self.store.close()
         self._attached = False
         return self.model
