@@ -20,18 +20,20 @@ from transformers import MixtralConfig, MixtralForCausalLM
 import moe_prefetch
 
 
-def decode_times(model, tokens: int, seed: int, prompt_len: int = 16) -> list[float]:
+def decode_times(model, tokens: int, seed: int, prompt_len: int = 16, cpu: list | None = None) -> list[float]:
     """Seconds per decode step after a random prompt of `prompt_len` tokens (also used by
-    bench_scale.py)."""
+    bench_scale.py); with `cpu`, each step's process CPU seconds are appended to it."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     times = []
     with torch.no_grad():
         out = model(ids, use_cache=True)
         for _ in range(tokens):
             nxt = out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.process_time()
             out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
             times.append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.append(time.process_time() - began)
     return times
 
 

@@ -207,6 +207,8 @@ def record_run(
     The model is detached before returning."""
     import moe_prefetch
 
+    # The pool is sized after the KV cache and prefill of this run's length (sizing.reserve).
+    options = {"max_length": len(ids) + settings.max_new_tokens, **options}
     model, runtime = moe_prefetch.load(folder, **options)
     try:
         with LiveView(show_text=show_text, show_status=show_status, prompt=prompt if echo_prompt else "") as view:

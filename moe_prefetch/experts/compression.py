@@ -68,9 +68,11 @@ class ParamFormat:
     # Memory bytes decoding moves per value, beyond reading the stored bytes and writing and
     # re-reading the decoded copy (what the placement and the simulator charge a decoding call).
     # Host: the fp32 scratch path, from its measured time on one core (scripts/bench_compression.py,
-    # at ~10 GB/s: int8 into bf16 3.6 ms, int4 10.1 ms for 7.3M values). Device: the single-pass
-    # path, counted from its ops (int4 unpacks its nibbles first). The native formats are taken
-    # as int4. A fused dequantizing matmul would move none of it (docs/benchmarks.md, section 8).
+    # at ~10 GB/s: int8 into bf16 3.6 ms, int4 10.1 ms for 7.3M values; the native formats are
+    # taken as int4). Device: the batched path (`decode_batch`), counted from its ops, not yet
+    # timed on a GPU (scripts/gpu_check.py's decode check times a wave): int4 writes and reads
+    # its nibbles (2) and its scales; MXFP4 and FP8 count their own (native.py). A fused
+    # dequantizing matmul would move none of it (docs/benchmarks.md, section 8).
     host_decode_bytes_per_value = 14
     device_decode_bytes_per_value = 3
     # Bytes of device scratch per decoded value `decode_batch` needs for its temporaries.
