@@ -35,6 +35,7 @@ from moe_prefetch.experts import compression  # noqa: E402
 from moe_prefetch.experts.compression import Scratch, make_codec, scratch_bytes  # noqa: E402
 from moe_prefetch.experts.layout import ExpertSpec, decoder_layers, find_moe_layers  # noqa: E402
 from moe_prefetch.experts.native import MXFP4, FP8Block  # noqa: E402
+from moe_prefetch.runtime import sizing  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
 BF16_RTOL, BF16_ATOL = 1.6e-2, 1e-2  # logits of a bf16 model (torch's bf16 rtol; atol for logits near 0)
@@ -498,8 +499,6 @@ def memory(device: torch.device, small: bool) -> dict:
     runtime = moe_prefetch.attach(model, device=str(device), max_length=prompt_len + new, on_miss="auto")
     try:
         rows["after_attach"] = _memory(device)
-        from moe_prefetch.runtime import sizing
-
         held = sizing.reserve(
             model.config,
             2,
@@ -545,7 +544,10 @@ def memory(device: torch.device, small: bool) -> dict:
         run_peak = rows["after_generate"]["peak_allocated_bytes"] - rows["after_attach"]["allocated_bytes"]
         figures["peak_beyond_attach_bytes"] = run_peak
         figures["reserve_covers_peak"] = held.total >= run_peak
-        back = rows["after_detach"]["allocated_bytes"] <= rows["before_attach"]["allocated_bytes"] + 16 * MiB
+        # cuBLAS keeps its workspaces (allocated through torch's allocator) once a matmul has run
+        kept = rows["after_detach"]["allocated_bytes"] - rows["before_attach"]["allocated_bytes"]
+        back = kept <= sizing.CUBLAS_WORKSPACE_BYTES + 16 * MiB
+        figures["device_bytes_kept_after_detach"] = kept
         figures["device_memory_given_back"] = back
         ok = back and held.total >= run_peak
         summary = (
@@ -697,7 +699,7 @@ def bench(device: torch.device, small: bool) -> dict:
 
 
 # -- 8. the CUDA tests ------------------------------------------------------------------------------
-def tests(device: torch.device, small: bool, timeout: float = 150) -> dict:
+def tests(device: torch.device, small: bool, timeout: float = 140) -> dict:
     """tests/test_cuda.py and tests/test_cuda_runtime.py (the `gpu` marker) under pytest."""
     refused = cuda_only(device, "the CUDA tests")
     if refused:
