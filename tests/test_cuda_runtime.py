@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import make_model, prompt, save_model
+from tiny_models import make_model, prompt, save_model, sized_config
 
 import moe_prefetch
 from moe_prefetch.errors import AttachedModelError
@@ -40,7 +40,10 @@ def test_device_memory_is_reusable_after_detach():
 
 
 def test_stall_is_measured_with_cuda_events_per_step():
-    model = make_model("olmoe")
+    # Experts of 6 MiB (fp32): a demand copy is still on the link when the compute stream is told
+    # to wait for it, so the wait is a real stall. (The compute thread's block until the copy is
+    # issued is `blocked_seconds`, not stall: a tiny expert can land before it is needed.)
+    model = make_model("olmoe", config=sized_config("olmoe", hidden_size=256, intermediate_size=2048))
     runtime = moe_prefetch.attach(model, device="cuda", cache_slots=2, predictor="next-gate", lookahead=2)
     try:
         ids = prompt(1, 4).cuda()
