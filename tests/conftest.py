@@ -19,6 +19,20 @@ os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetc
 from tiny_models import save_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Each test starts from the same logging: `logging.disable` undone, and the package's logger
+    back to its level and handlers (the CLI sets both). Tests that read warnings must not depend
+    on which tests ran before them."""
+    disabled = logging.root.manager.disable
+    package = logging.getLogger("moe_prefetch")
+    level, handlers = package.level, list(package.handlers)
+    yield
+    logging.disable(disabled)
+    package.setLevel(level)
+    package.handlers[:] = handlers
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

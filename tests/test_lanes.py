@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import xml.etree.ElementTree as ET
 
@@ -37,7 +36,6 @@ class Ticks:
 
 def recorded(on_miss: str, tokens: int = 16) -> dict:
     """A run.json record of a tiny Mixtral on CPU whose copies are paced to 80 MB/s."""
-    logging.disable(logging.WARNING)
     model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model, device="cpu", cache_slots=8, predictor="next-gate", link_bandwidth=80e6, on_miss=on_miss

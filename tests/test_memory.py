@@ -58,12 +58,16 @@ def _assert_flat(name: str, values: list[int]) -> None:
 def test_attach_detach_cycles_hold_memory_steady(device):
     model = _model()
 
+    stores = []
+
     def cycle():
         runtime = moe_prefetch.attach(model, device=device, cache_slots=4, predictor="next-gate", lookahead=2)
         _generate(model, runtime.device)
+        stores.append(runtime.store.nbytes)
         runtime.detach()
 
     rss, reserved = _measure(cycle, device)
+    assert FLAT < min(stores), "the bound must let a store leaked on every detach show"
     _assert_flat("host RSS", rss)
     if device == "cuda":
         _assert_flat("CUDA reserved", reserved)
