@@ -6,6 +6,8 @@ running layer's routing proves stale are cancelled (queued) or demoted and count
 
 from __future__ import annotations
 
+import pytest
+
 from moe_prefetch.runtime.cache import ExpertCache
 from moe_prefetch.runtime.loader import DEMAND, Loader
 from moe_prefetch.runtime.scheduler import Scheduler
@@ -55,7 +57,9 @@ def serve(scheduler: Scheduler, layer_idx: int, experts: list[int]) -> None:
     host, waves = scheduler.plan(layer_idx, experts)
     assert host == []
     for wave in waves:
-        scheduler.release(scheduler.acquire(layer_idx, wave).values())
+        slots = scheduler.acquire(layer_idx, wave)
+        assert not set(slots.values()) & set(scheduler.loader.queued), "a layer read a slot before its copy landed"
+        scheduler.release(slots.values())
 
 
 def resident(scheduler: Scheduler) -> set[tuple[int, int]]:
@@ -63,20 +67,24 @@ def resident(scheduler: Scheduler) -> set[tuple[int, int]]:
 
 
 def test_a_prefetch_evicts_what_its_prediction_rules_out_not_what_served_the_latest_pass():
-    scheduler, link = scheduler_with(num_slots=4)
+    scheduler, link = scheduler_with(num_slots=5)
     scheduler.new_step()  # token 0
+    serve(scheduler, 0, [8])
     serve(scheduler, 3, [0])
     scheduler.new_step()  # token 1
     serve(scheduler, 0, [0])
     scheduler.prefetch(0, [(2, 2, [7])])
     link.land((2, 7))
     serve(scheduler, 1, [3])
-    # Least recently used first: (3, 0) served layer 3 last token, (0, 0) served layer 0 this
-    # token, then (2, 7), which the newer prediction for layer 2 rules out.
-    assert list(scheduler.cache.policy.victims()) == [(3, 0), (0, 0), (2, 7), (1, 3)]
+    # Least recently used first: (0, 8) served layer 0 last token but not this one, (3, 0) served
+    # layer 3 last token (its latest pass), (0, 0) served layer 0 this token, then (2, 7), which
+    # the newer prediction for layer 2 rules out.
+    assert list(scheduler.cache.policy.victims()) == [(0, 8), (3, 0), (0, 0), (2, 7), (1, 3)]
     scheduler.prefetch(1, [(2, 1, [4])])
-    assert resident(scheduler) == {(3, 0), (0, 0), (1, 3), (2, 4)}
+    assert resident(scheduler) == {(3, 0), (0, 0), (2, 7), (1, 3), (2, 4)}
     assert link.copies[-1] == ((2, 4), 1.0), "queued by its distance"
+    scheduler.prefetch(1, [(2, 1, [4, 5])])
+    assert resident(scheduler) == {(3, 0), (0, 0), (1, 3), (2, 4), (2, 5)}
     scheduler.cache.check()
 
 
@@ -97,17 +105,65 @@ def test_a_prefetch_keeps_the_layers_before_its_target_and_evicts_experts_idle_f
     assert resident(scheduler) == {(1, 2), (0, 4), (2, 6)} and link.copies[-1][0] == (2, 6)
 
 
-def test_an_upload_after_the_host_lane_keeps_what_the_next_layer_is_expected_to_use():
+def test_the_running_layer_is_kept_however_long_ago_its_experts_served():
     scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()  # token 0
+    serve(scheduler, 0, [9])
+    serve(scheduler, 3, [1])
     scheduler.new_step()
-    scheduler.prefetch(0, [(2, 2, [1])])  # expected at layer 2, not yet used
+    scheduler.new_step()  # token 2: layer 0 runs again, routed elsewhere than (0, 9) so far
+    assert list(scheduler.cache.policy.victims()) == [(0, 9), (3, 1)]
+    scheduler.prefetch(0, [(2, 2, [6])])
+    assert resident(scheduler) == {(0, 9), (2, 6)}, "(3, 1) goes: two tokens idle, beyond the target"
+
+
+def test_an_upload_after_the_host_lane_keeps_what_the_next_layer_is_expected_to_use():
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()  # token 0
+    scheduler.prefetch(0, [(2, 2, [5])])
+    link.land((2, 5))
+    scheduler.prefetch(0, [(2, 2, [1])])  # the newer prediction for layer 2: (2, 5) is no longer expected
     link.land((2, 1))
     serve(scheduler, 1, [0])
-    scheduler.new_step()  # token 1: layer 1 served expert 3 on the host; layer 2 is expected to use (2, 1)
-    scheduler.prefetch(1, [(2, 1, [1])])
-    scheduler.upload(1, [3])
-    assert resident(scheduler) == {(2, 1), (1, 3)}, "the upload evicts (1, 0), not what layer 2 expects"
+    assert list(scheduler.cache.policy.victims()) == [(2, 5), (2, 1), (1, 0)]
+    scheduler.upload(1, [3])  # layer 1 served expert 3 on the host
+    assert resident(scheduler) == {(2, 1), (1, 0), (1, 3)}, "the upload keeps what layer 2 expects"
     assert link.copies[-1] == ((1, 3), float(len(LAYERS) + 1)), "uploads go behind every prediction"
+    link.land((1, 3))
+    scheduler.new_step()  # token 1, nothing predicted yet: (2, 1) is expected no more
+    scheduler.upload(1, [7])
+    assert resident(scheduler) == {(1, 0), (1, 3), (1, 7)}
+
+
+def test_uploads_stay_within_their_budget_of_copies_in_flight():
+    scheduler, link = scheduler_with(num_slots=8)
+    assert scheduler.upload_budget == 2  # 2 x top_k
+    scheduler.new_step()
+    scheduler.upload(1, [0, 1, 2])
+    assert [key for key, _ in link.copies] == [(1, 0), (1, 1)]
+    scheduler.upload(1, [3])  # two copies in flight already
+    assert len(link.copies) == 2
+    link.land((1, 0))
+    scheduler.reap()
+    scheduler.upload(1, [3, 4])
+    assert [key for key, _ in link.copies] == [(1, 0), (1, 1), (1, 3)]
+
+
+def test_a_layer_with_a_placement_splits_host_and_device_and_counts_each_use():
+    """With misses on the host (`on_miss="host"`), plan() sends the routed experts that are not
+    resident and ready to the host lane; the rest run on the device, in waves of at most the pool."""
+    from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
+
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+    serve(scheduler, 1, [4, 5])
+    host_only = Placement(DEFAULT_COSTS, 100, 50, on_miss="host")
+    host, waves = scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, host_only)
+    assert (host, waves) == ([3, 6], [[4]])
+    assert scheduler.value.count((1, 4)) == pytest.approx(2.0) and scheduler.value.count((1, 6)) == pytest.approx(1.0)
+    wait = Placement(DEFAULT_COSTS, 100, 50, on_miss="wait")
+    assert scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, wait) == ([], [[4, 3], [6]]), "resident first"
+    assert scheduler.plan(1, [3, 6], {3: 1, 6: 1}, wait) == ([], [[3, 6]]), "one wave when the pool holds all"
 
 
 def test_stale_prefetches_are_cancelled_or_demoted_and_counted_wasted():
@@ -128,3 +184,15 @@ def test_stale_prefetches_are_cancelled_or_demoted_and_counted_wasted():
     assert resident(scheduler) == {(3, 0), (1, 6), (2, 0), (2, 1)}
     assert [p for _, p in link.copies[-2:]] == [DEMAND, DEMAND]
     scheduler.cache.check()
+
+
+def test_a_landed_prefetch_alone_is_demoted_too():
+    """Nothing of the layer in flight any more: its resident wrong predictions are still demoted."""
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()
+    serve(scheduler, 3, [0])
+    scheduler.prefetch(0, [(1, 1, [5])])
+    link.land((1, 5))
+    serve(scheduler, 1, [6])
+    assert scheduler.cache.counters[1].prefetch_wasted == 1
+    assert next(iter(scheduler.cache.policy.victims())) == (1, 5)
