@@ -23,8 +23,11 @@ class Link(Loader):
         self.copies: list[tuple[tuple[int, int], float]] = []  # (key, priority) in submission order
         self.cancelled: list[tuple[int, int]] = []
         self.queued: dict[int, tuple[int, int]] = {}  # slot -> key, copies not yet landed
+        self.waits: list[tuple[tuple[int, int] | None, int]] = []  # (key waited for, layer that waited)
+        self.released: list[int] = []
 
     def submit(self, slot, src, dst, priority, tag=None):
+        assert (src, dst) == (("src", tag), ("dst", slot)), "the copy of `tag` into `slot` from `source`"
         self.copies.append((tag, priority))
         self.queued[slot] = tag
 
@@ -37,7 +40,10 @@ class Link(Loader):
         return slot not in self.queued
 
     def wait(self, slot, layer_idx):
-        self.queued.pop(slot, None)
+        self.waits.append((self.queued.pop(slot, None), layer_idx))
+
+    def release(self, slot):
+        self.released.append(slot)
 
     def cancel(self, slot):
         key = self.queued.pop(slot, None)
@@ -49,17 +55,21 @@ class Link(Loader):
 def scheduler_with(num_slots: int) -> tuple[Scheduler, Link]:
     cache = ExpertCache(num_slots, expert_bytes=100, layer_ids=LAYERS)
     link = Link(num_slots)
-    return Scheduler(cache, link, lambda key, slot: (None, None), LAYERS, top_k=1), link
+    return Scheduler(cache, link, lambda key, slot: (("src", key), ("dst", slot)), LAYERS, top_k=1), link
 
 
 def serve(scheduler: Scheduler, layer_idx: int, experts: list[int]) -> None:
     """One MoE layer as the runtime drives it (no placement: every miss waits for its copy)."""
     host, waves = scheduler.plan(layer_idx, experts)
     assert host == []
+    link = scheduler.loader
     for wave in waves:
+        seen = len(link.waits)
         slots = scheduler.acquire(layer_idx, wave)
-        assert not set(slots.values()) & set(scheduler.loader.queued), "a layer read a slot before its copy landed"
+        assert not set(slots.values()) & set(link.queued), "a layer read a slot before its copy landed"
+        assert all(layer == layer_idx for _, layer in link.waits[seen:]), "a stall is the waiting layer's"
         scheduler.release(slots.values())
+        assert link.released[-len(slots) :] == list(slots.values())
 
 
 def resident(scheduler: Scheduler) -> set[tuple[int, int]]:
@@ -119,13 +129,12 @@ def test_the_running_layer_is_kept_however_long_ago_its_experts_served():
 
 def test_an_upload_after_the_host_lane_keeps_what_the_next_layer_is_expected_to_use():
     scheduler, link = scheduler_with(num_slots=3)
-    scheduler.new_step()  # token 0
-    scheduler.prefetch(0, [(2, 2, [5])])
-    link.land((2, 5))
-    scheduler.prefetch(0, [(2, 2, [1])])  # the newer prediction for layer 2: (2, 5) is no longer expected
-    link.land((2, 1))
+    scheduler.new_step()  # token 0: the predictions for layer 2 change their mind twice
+    for expert_id in (1, 5, 1):
+        scheduler.prefetch(0, [(2, 2, [expert_id])])
+        link.land((2, expert_id))
     serve(scheduler, 1, [0])
-    assert list(scheduler.cache.policy.victims()) == [(2, 5), (2, 1), (1, 0)]
+    assert list(scheduler.cache.policy.victims()) == [(2, 1), (2, 5), (1, 0)]
     scheduler.upload(1, [3])  # layer 1 served expert 3 on the host
     assert resident(scheduler) == {(2, 1), (1, 0), (1, 3)}, "the upload keeps what layer 2 expects"
     assert link.copies[-1] == ((1, 3), float(len(LAYERS) + 1)), "uploads go behind every prediction"
@@ -164,6 +173,16 @@ def test_a_layer_with_a_placement_splits_host_and_device_and_counts_each_use():
     wait = Placement(DEFAULT_COSTS, 100, 50, on_miss="wait")
     assert scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, wait) == ([], [[4, 3], [6]]), "resident first"
     assert scheduler.plan(1, [3, 6], {3: 1, 6: 1}, wait) == ([], [[3, 6]]), "one wave when the pool holds all"
+    assert scheduler.plan(1, [3], {3: 1}, host_only) == ([3], []), "no device wave when all run on the host"
+
+
+def test_speculation_stays_below_the_pool_less_top_k():
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()
+    scheduler.prefetch(0, [(1, 1, [1, 2, 3])])
+    assert [key for key, _ in link.copies] == [(1, 1), (1, 2)], "3 slots - top_k 1: two outstanding"
+    scheduler.prefetch(0, [(1, 1, [1, 2])])  # already there: no new copy, no new count
+    assert len(link.copies) == 2
 
 
 def test_stale_prefetches_are_cancelled_or_demoted_and_counted_wasted():
