@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,48 @@ os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetc
 from tiny_models import save_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Each test starts from the same logging: `logging.disable` undone, and the package's logger
+    back to its level and handlers (the CLI sets both). Tests that read warnings must not depend
+    on which tests ran before them."""
+    disabled = logging.root.manager.disable
+    package = logging.getLogger("moe_prefetch")
+    level, handlers = package.level, list(package.handlers)
+    yield
+    logging.disable(disabled)
+    package.setLevel(level)
+    package.handlers[:] = handlers
+
+
+# `make mutate`: each mutated module against its own tests (mutmut picks, per mutant, the tests of
+# its selection that reach the function; this narrows them to the module's own files, so a
+# survivor costs seconds, not the minutes of every end-to-end test that happens to pass through).
+OWN_TESTS = {
+    "moe_prefetch.runtime.scheduler": ("test_scheduler.py", "test_uploads.py"),
+    "moe_prefetch.runtime.cache": ("test_cache.py", "test_policies.py", "test_scheduler.py"),
+    "moe_prefetch.runtime.placement": ("test_hybrid.py", "test_uploads.py"),
+    "moe_prefetch.runtime.uploads": ("test_uploads.py",),
+    "moe_prefetch.predict.evaluate": ("test_evaluate.py", "test_m2r2.py"),
+    "moe_prefetch.predict.m2r2": ("test_m2r2.py",),
+    "moe_prefetch.report.profiling": ("test_profiling.py",),
+}
+
+
+def _keep_own_tests(config, items) -> None:
+    """Under mutmut (MUTANT_UNDER_TEST names the mutant), keep the mutated module's own tests."""
+    match = re.match(r"(.*?)\.x[_\u01c1]", os.environ.get("MUTANT_UNDER_TEST", ""))
+    own = OWN_TESTS.get(match.group(1)) if match else None
+    if own is None:
+        return
+    dropped = [item for item in items if item.path.name not in own]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item.path.name in own]
+
+
 def pytest_collection_modifyitems(config, items):
+    _keep_own_tests(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

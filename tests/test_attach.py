@@ -1,8 +1,8 @@
 """attach/detach are exact inverses; the host store and slot pool hold what they claim."""
 
 import gc
+import threading
 
-import psutil
 import pytest
 import torch
 from tiny_models import make_model, prompt
@@ -99,19 +99,15 @@ def test_auto_sized_pool_fits_free_memory():
     runtime.detach()
 
 
-def test_repeated_attach_detach_does_not_grow_memory():
+def test_repeated_attach_detach_leaves_no_thread_behind():
+    """Memory over many cycles is tests/test_memory.py's: its store is large enough (72 MiB) that
+    one leaked per cycle shows in RSS; this tiny store (under 1 MiB) is not."""
     model = make_model("mixtral")
-    process = psutil.Process()
-    for _ in range(3):
-        moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()
-    gc.collect()
-    baseline = process.memory_info().rss
-    threads = len(__import__("threading").enumerate())
+    moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()
+    threads = len(threading.enumerate())
     for _ in range(20):
         moe_prefetch.attach(model, device="cpu", cache_slots=2).detach()
-    gc.collect()
-    assert process.memory_info().rss - baseline < 20 * 2**20
-    assert len(__import__("threading").enumerate()) == threads
+    assert len(threading.enumerate()) == threads
 
 
 def _twin(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
@@ -125,16 +126,34 @@ def test_host_lane_runs_one_kernel_call_per_store_chunk():
         runtime.detach()
 
 
-def test_measured_bench_hit_rate_counts_host_experts():
-    """A measured bench row's decode hit rate is device hits over every routed expert: experts
-    that ran on the host are not hits (it read 100% when they were left out)."""
+def test_measured_bench_hit_rate_counts_host_experts(monkeypatch):
+    """A measured bench row's decode hit rate is device hits over every routed expert of the
+    decode steps, recomputed here from the trace the row was made from: experts that ran on the
+    host are not hits (it read 100% when they were left out), and the prefill (step 0) is not
+    decode."""
     from tiny_models import make_model, prompt
 
-    from moe_prefetch.evidence.bench import run_bench
+    from moe_prefetch.evidence import bench
 
-    result = run_bench(make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host")
+    traces = []
+
+    def replay_payload(runtime):
+        payload = real(runtime)
+        traces.append(payload["trace"])
+        return payload
+
+    real = bench.replay_payload
+    monkeypatch.setattr(bench, "replay_payload", replay_payload)
+    result = bench.run_bench(
+        make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host"
+    )
     row = next(r for r in result["rows"] if r["predictor"] == "none")
-    assert 0 <= row["decode_hit_rate"] < 1
+    (trace,) = traces
+    decode = [r for r in trace if r["step"] >= 1]
+    hits = sum(r["hits"] for r in decode)
+    routed = sum(r["hits"] + r["misses"] + len(r["host"]) for r in decode)
+    assert sum(len(r["host"]) for r in decode) > 0 and any(r["step"] == 0 for r in trace)
+    assert row["decode_hit_rate"] == pytest.approx(hits / routed, rel=1e-9)
 
 
 def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place():

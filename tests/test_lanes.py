@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -43,7 +42,6 @@ def recorded(on_miss: str, tokens: int = 16, one_off_s: float = 0.0) -> dict:
     """A run.json record of a tiny Mixtral on CPU whose copies are paced to 80 MB/s. `one_off_s`:
     the expert kernel's first call (step 0, the first MoE layer) takes that much longer, as a
     first forward's one-off costs do (kernels' first calls, thread pools waking)."""
-    logging.disable(logging.WARNING)
     model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model, device="cpu", cache_slots=8, predictor="next-gate", link_bandwidth=80e6, on_miss=on_miss

@@ -2,7 +2,6 @@
 bandwidth, replayed through the same scheduler on a virtual link of that bandwidth; with host
 execution, its host lane timed at what one expert on the host costs on this machine."""
 
-import logging
 import statistics
 
 import pytest
@@ -25,7 +24,6 @@ def paced_run(
     costs: LaneCosts | None = None,
     cache_slots: int = 12,
 ):
-    logging.disable(logging.WARNING)
     model = paced_mixtral()
     runtime = moe_prefetch.attach(
         model,

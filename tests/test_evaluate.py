@@ -1,0 +1,68 @@
+"""Offline recall (`evaluate.evaluate_predictors`) against recall counted by hand on a routing
+example small enough to read: four tokens, a router that picks the largest of the first eight
+hidden features, and the experts each token "actually" chose written out."""
+
+import pytest
+import torch
+from tiny_models import make_model
+
+from moe_prefetch.experts.layout import find_moe_layers
+from moe_prefetch.predict.evaluate import evaluate_predictors, format_table
+from moe_prefetch.predict.residuals import Residuals
+
+
+def _scores(*ranked: int, hidden: int = 32) -> torch.Tensor:
+    """A residual whose router scores rank `ranked` first, in that order (the rest score 0)."""
+    h = torch.zeros(hidden)
+    for place, expert_id in enumerate(ranked):
+        h[expert_id] = float(len(ranked) - place)
+    return h
+
+
+@pytest.fixture(scope="module")
+def example():
+    """Tiny Mixtral (2 layers, 8 experts, top-2); layer 1's router reads expert e's score from
+    hidden feature e, so next-gate from layer 0's residual predicts what `_scores` ranks first."""
+    model = make_model("mixtral")
+    layers = find_moe_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.norm.weight.fill_(1.0)  # RMS norm: a positive scale per token keeps the ranking
+            layer.router.weight.copy_(torch.eye(8, 32))
+    # Sequence 0 holds tokens 0-2, sequence 1 token 3 (it has no previous token).
+    ranked = [(1, 2, 3, 4), (1, 5, 6, 7), (2, 3, 4, 5), (0, 1, 6, 7)]
+    chosen_1 = [(1, 2), (5, 1), (4, 7), (4, 0)]  # what layer 1's router chose for each token
+    chosen_0 = [(0, 3), (3, 1), (1, 5), (2, 6)]
+    hidden = torch.stack([_scores(*r) for r in ranked])
+    data = Residuals(
+        hidden={0: [hidden], 1: [torch.zeros(4, 32)]},
+        router_in={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
+        chosen={0: [torch.tensor(chosen_0)], 1: [torch.tensor(chosen_1)]},
+        seq_ids=[torch.tensor([0, 0, 0, 1])],
+    )
+    return model, data
+
+
+def test_next_gate_recall_matches_a_count_by_hand(example):
+    model, data = example
+    result = evaluate_predictors(model, data, lookahead=1, margin=2, predictors=("next-gate",))
+    (pair,) = result["predictors"]["next-gate"]["by_pair"]
+    assert (pair["source"], pair["target"], pair["d"]) == (0, 1, 1)
+    # top-2 named vs chosen, per token: {1,2} vs (1,2): 2 hits; {1,5} vs (5,1): 2; {2,3} vs (4,7): 0;
+    # {0,1} vs (4,0): 1. Recall: hits over k, averaged over the 4 tokens.
+    assert pair["recall"] == pytest.approx((2 + 2 + 0 + 1) / 2 / 4)
+    # top-4 (k + margin 2): {1,2,3,4}: 2 hits; {1,5,6,7}: 2; {2,3,4,5}: 1 (4); {0,1,6,7}: 1
+    assert pair["recall_at_k_plus_margin"] == pytest.approx((2 + 2 + 1 + 1) / 2 / 4)
+    assert pair["precision_at_k_plus_margin"] == pytest.approx((2 + 2 + 1 + 1) / 4 / 4)
+    assert result["predictors"]["next-gate"]["by_distance"][1]["recall"] == pair["recall"]
+    assert result["tokens"] == 4 and "0.625" in format_table(result)
+
+
+def test_previous_token_recall_matches_a_count_by_hand(example):
+    model, data = example
+    result = evaluate_predictors(model, data, lookahead=1, margin=2, predictors=("previous-token",))
+    pairs = {p["target"]: p for p in result["predictors"]["previous-token"]["by_pair"]}
+    # Tokens 1 and 2 have a previous token in their sequence; token 3 starts sequence 1.
+    # layer 1: (5, 1) after (1, 2): 1 of 2; (4, 7) after (5, 1): 0 of 2.
+    assert list(pairs) == [1] and pairs[1]["recall"] == pytest.approx((1 + 0) / 2 / 2)
+    assert pairs[1]["recall_at_k_plus_margin"] >= pairs[1]["recall"]

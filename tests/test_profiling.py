@@ -1,0 +1,50 @@
+"""The report's rates are the records' rates: decode tokens/s, H2D bytes/s and the decode hit
+rate in run.json's summary, recomputed from the token, loader and trace records beside them."""
+
+import json
+
+import pytest
+from test_cli import make_checkpoint, run_args
+from typer.testing import CliRunner
+
+from moe_prefetch.cli.main import app
+
+
+@pytest.fixture(scope="module", params=["wait", "host"])
+def run(request, tmp_path_factory):
+    """A CLI run of a tiny Mixtral with 5 slots: misses wait for their copies, or run on the host."""
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("model"))
+    out = tmp_path_factory.mktemp("report")
+    args = run_args(ckpt, "--cache-slots", "5", "--predictor", "next-gate", "--on-miss", request.param)
+    result = CliRunner().invoke(app, [*args, "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "run.json").read_text())
+
+
+def test_decode_tokens_per_second_is_tokens_after_the_first_over_their_wall_time(run):
+    decode = run["tokens"][1:]
+    assert len(decode) > 2
+    wall = sum(token["wall_s"] for token in decode)  # each token's own time, not the clock `t`
+    assert run["summary"]["decode_tokens_per_s"] == pytest.approx(len(decode) / wall, rel=1e-9)
+    assert run["summary"]["decode_wall_s"] == pytest.approx(wall, rel=1e-9)
+
+
+def test_h2d_rate_on_cpu_is_bytes_copied_over_the_loader_busy_time(run):
+    loads = [e for e in run["loads"] if "start" in e and "end" in e]
+    copied = sum(e["bytes"] for e in loads)
+    assert run["measured_on"] == "cpu" and run["summary"]["h2d_basis"] == "bytes over loader busy time"
+    assert 0 < copied <= run["stats"]["bytes_loaded"]  # a copy still in flight at the end has no `end`
+    busy = sum(e["end"] - e["start"] for e in loads)
+    assert run["summary"]["h2d_bytes_per_s"] == pytest.approx(copied / busy, rel=1e-9)
+
+
+def test_decode_hit_rate_leaves_out_the_prefill(run):
+    """Device hits over every expert routed in steps 1.. (wherever it ran), from the trace; the
+    prefill (step 0) misses nearly everything and would pull the rate down."""
+    decode = [r for r in run["trace"] if r["step"] >= 1]
+    hits = sum(r["hits"] for r in decode)
+    routed = sum(r["hits"] + r["misses"] + len(r["host"]) for r in decode)
+    assert routed > 0
+    assert run["summary"]["decode_hit_rate"] == pytest.approx(hits / routed, rel=1e-9)
+    prefill = [r for r in run["trace"] if r["step"] == 0]
+    assert sum(r["misses"] + len(r["host"]) for r in prefill) > 0, "the prefill routes experts that are not resident"

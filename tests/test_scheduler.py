@@ -1,0 +1,217 @@
+"""The scheduler's prefetch rules on their own, with a link that records copies and lands them
+when told: a prefetch evicts only what its prediction rules out (never what the running or
+next layers will use, nor what served its layer in the latest pass), and prefetches that the
+running layer's routing proves stale are cancelled (queued) or demoted and counted wasted
+(resident)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_prefetch.runtime.cache import ExpertCache
+from moe_prefetch.runtime.loader import DEMAND, Loader
+from moe_prefetch.runtime.scheduler import Scheduler
+
+LAYERS = [0, 1, 2, 3]
+
+
+class Link(Loader):
+    """Records every copy; a copy lands when the test says so (`land`) or when a layer waits for it."""
+
+    def __init__(self, num_slots):
+        super().__init__(num_slots)
+        self.copies: list[tuple[tuple[int, int], float]] = []  # (key, priority) in submission order
+        self.cancelled: list[tuple[int, int]] = []
+        self.queued: dict[int, tuple[int, int]] = {}  # slot -> key, copies not yet landed
+        self.waits: list[tuple[tuple[int, int] | None, int]] = []  # (key waited for, layer that waited)
+        self.released: list[int] = []
+
+    def submit(self, slot, src, dst, priority, tag=None):
+        assert (src, dst) == (("src", tag), ("dst", slot)), "the copy of `tag` into `slot` from `source`"
+        self.copies.append((tag, priority))
+        self.queued[slot] = tag
+
+    def land(self, *keys) -> None:
+        for slot, key in list(self.queued.items()):
+            if key in keys:
+                del self.queued[slot]
+
+    def done(self, slot):
+        return slot not in self.queued
+
+    def wait(self, slot, layer_idx):
+        self.waits.append((self.queued.pop(slot, None), layer_idx))
+
+    def release(self, slot):
+        self.released.append(slot)
+
+    def cancel(self, slot):
+        key = self.queued.pop(slot, None)
+        if key is not None:
+            self.cancelled.append(key)
+        return key is not None
+
+
+def scheduler_with(num_slots: int) -> tuple[Scheduler, Link]:
+    cache = ExpertCache(num_slots, expert_bytes=100, layer_ids=LAYERS)
+    link = Link(num_slots)
+    return Scheduler(cache, link, lambda key, slot: (("src", key), ("dst", slot)), LAYERS, top_k=1), link
+
+
+def serve(scheduler: Scheduler, layer_idx: int, experts: list[int]) -> None:
+    """One MoE layer as the runtime drives it (no placement: every miss waits for its copy)."""
+    host, waves = scheduler.plan(layer_idx, experts)
+    assert host == []
+    link = scheduler.loader
+    for wave in waves:
+        seen = len(link.waits)
+        slots = scheduler.acquire(layer_idx, wave)
+        assert not set(slots.values()) & set(link.queued), "a layer read a slot before its copy landed"
+        assert all(layer == layer_idx for _, layer in link.waits[seen:]), "a stall is the waiting layer's"
+        scheduler.release(slots.values())
+        assert link.released[-len(slots) :] == list(slots.values())
+
+
+def resident(scheduler: Scheduler) -> set[tuple[int, int]]:
+    return set(scheduler.cache.slot_of)
+
+
+def test_a_prefetch_evicts_what_its_prediction_rules_out_not_what_served_the_latest_pass():
+    scheduler, link = scheduler_with(num_slots=5)
+    scheduler.new_step()  # token 0
+    serve(scheduler, 0, [8])
+    serve(scheduler, 3, [0])
+    scheduler.new_step()  # token 1
+    serve(scheduler, 0, [0])
+    scheduler.prefetch(0, [(2, 2, [7])])
+    link.land((2, 7))
+    serve(scheduler, 1, [3])
+    # Least recently used first: (0, 8) served layer 0 last token but not this one, (3, 0) served
+    # layer 3 last token (its latest pass), (0, 0) served layer 0 this token, then (2, 7), which
+    # the newer prediction for layer 2 rules out.
+    assert list(scheduler.cache.policy.victims()) == [(0, 8), (3, 0), (0, 0), (2, 7), (1, 3)]
+    scheduler.prefetch(1, [(2, 1, [4])])
+    assert resident(scheduler) == {(3, 0), (0, 0), (2, 7), (1, 3), (2, 4)}
+    assert link.copies[-1] == ((2, 4), 1.0), "queued by its distance"
+    scheduler.prefetch(1, [(2, 1, [4, 5])])
+    assert resident(scheduler) == {(3, 0), (0, 0), (1, 3), (2, 4), (2, 5)}
+    scheduler.cache.check()
+
+
+def test_a_prefetch_keeps_the_layers_before_its_target_and_evicts_experts_idle_for_two_tokens():
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()  # token 0
+    serve(scheduler, 3, [5])
+    scheduler.new_step()  # token 1: layer 3's expert 5 is now two passes old when token 2 predicts
+    scheduler.new_step()  # token 2
+    scheduler.prefetch(0, [(1, 1, [2])])  # never used yet: only its layer lying ahead protects it
+    link.land((1, 2))
+    serve(scheduler, 0, [4])
+    assert list(scheduler.cache.policy.victims()) == [(3, 5), (1, 2), (0, 4)]
+    scheduler.prefetch(0, [(2, 2, [6])])
+    assert resident(scheduler) == {(1, 2), (0, 4), (2, 6)}, "(3, 5) served no pass since token 0"
+    # Outstanding speculation is capped at num_slots - top_k = 2 slots: (1, 2) and (2, 6).
+    scheduler.prefetch(0, [(2, 2, [6, 7])])
+    assert resident(scheduler) == {(1, 2), (0, 4), (2, 6)} and link.copies[-1][0] == (2, 6)
+
+
+def test_the_running_layer_is_kept_however_long_ago_its_experts_served():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()  # token 0
+    serve(scheduler, 0, [9])
+    serve(scheduler, 3, [1])
+    scheduler.new_step()
+    scheduler.new_step()  # token 2: layer 0 runs again, routed elsewhere than (0, 9) so far
+    assert list(scheduler.cache.policy.victims()) == [(0, 9), (3, 1)]
+    scheduler.prefetch(0, [(2, 2, [6])])
+    assert resident(scheduler) == {(0, 9), (2, 6)}, "(3, 1) goes: two tokens idle, beyond the target"
+
+
+def test_an_upload_after_the_host_lane_keeps_what_the_next_layer_is_expected_to_use():
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()  # token 0: the predictions for layer 2 change their mind twice
+    for expert_id in (1, 5, 1):
+        scheduler.prefetch(0, [(2, 2, [expert_id])])
+        link.land((2, expert_id))
+    serve(scheduler, 1, [0])
+    assert list(scheduler.cache.policy.victims()) == [(2, 1), (2, 5), (1, 0)]
+    scheduler.upload(1, [3])  # layer 1 served expert 3 on the host
+    assert resident(scheduler) == {(2, 1), (1, 0), (1, 3)}, "the upload keeps what layer 2 expects"
+    assert link.copies[-1] == ((1, 3), float(len(LAYERS) + 1)), "uploads go behind every prediction"
+    link.land((1, 3))
+    scheduler.new_step()  # token 1, nothing predicted yet: (2, 1) is expected no more
+    scheduler.upload(1, [7])
+    assert resident(scheduler) == {(1, 0), (1, 3), (1, 7)}
+
+
+def test_uploads_stay_within_their_budget_of_copies_in_flight():
+    scheduler, link = scheduler_with(num_slots=8)
+    assert scheduler.upload_budget == 2  # 2 x top_k
+    scheduler.new_step()
+    scheduler.upload(1, [0, 1, 2])
+    assert [key for key, _ in link.copies] == [(1, 0), (1, 1)]
+    scheduler.upload(1, [3])  # two copies in flight already
+    assert len(link.copies) == 2
+    link.land((1, 0))
+    scheduler.reap()
+    scheduler.upload(1, [3, 4])
+    assert [key for key, _ in link.copies] == [(1, 0), (1, 1), (1, 3)]
+
+
+def test_a_layer_with_a_placement_splits_host_and_device_and_counts_each_use():
+    """With misses on the host (`on_miss="host"`), plan() sends the routed experts that are not
+    resident and ready to the host lane; the rest run on the device, in waves of at most the pool."""
+    from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
+
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+    serve(scheduler, 1, [4, 5])
+    host_only = Placement(DEFAULT_COSTS, 100, 50, on_miss="host")
+    host, waves = scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, host_only)
+    assert (host, waves) == ([3, 6], [[4]])
+    assert scheduler.value.count((1, 4)) == pytest.approx(2.0) and scheduler.value.count((1, 6)) == pytest.approx(1.0)
+    wait = Placement(DEFAULT_COSTS, 100, 50, on_miss="wait")
+    assert scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, wait) == ([], [[4, 3], [6]]), "resident first"
+    assert scheduler.plan(1, [3, 6], {3: 1, 6: 1}, wait) == ([], [[3, 6]]), "one wave when the pool holds all"
+    assert scheduler.plan(1, [3], {3: 1}, host_only) == ([3], []), "no device wave when all run on the host"
+
+
+def test_speculation_stays_below_the_pool_less_top_k():
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()
+    scheduler.prefetch(0, [(1, 1, [1, 2, 3])])
+    assert [key for key, _ in link.copies] == [(1, 1), (1, 2)], "3 slots - top_k 1: two outstanding"
+    scheduler.prefetch(0, [(1, 1, [1, 2])])  # already there: no new copy, no new count
+    assert len(link.copies) == 2
+
+
+def test_stale_prefetches_are_cancelled_or_demoted_and_counted_wasted():
+    scheduler, link = scheduler_with(num_slots=4)
+    scheduler.new_step()
+    serve(scheduler, 3, [0])
+    scheduler.new_step()
+    scheduler.prefetch(0, [(1, 1, [5, 6, 7])])
+    link.land((1, 5), (1, 6))  # (1, 7) is still queued when layer 1 routes
+    serve(scheduler, 1, [6])
+    assert link.cancelled == [(1, 7)] and (1, 7) not in resident(scheduler)
+    counters = scheduler.cache.counters[1]
+    assert (counters.prefetch_issued, counters.prefetch_used) == (3, 1)
+    assert (counters.prefetch_dropped, counters.prefetch_wasted) == (1, 2)
+    assert counters.bytes_loaded == 200, "a cancelled copy moves no bytes"
+    assert next(iter(scheduler.cache.policy.victims())) == (1, 5), "a wrong prediction goes first"
+    serve(scheduler, 2, [0, 1])  # one free slot (the cancelled copy's), then one eviction
+    assert resident(scheduler) == {(3, 0), (1, 6), (2, 0), (2, 1)}
+    assert [p for _, p in link.copies[-2:]] == [DEMAND, DEMAND]
+    scheduler.cache.check()
+
+
+def test_a_landed_prefetch_alone_is_demoted_too():
+    """Nothing of the layer in flight any more: its resident wrong predictions are still demoted."""
+    scheduler, link = scheduler_with(num_slots=3)
+    scheduler.new_step()
+    serve(scheduler, 3, [0])
+    scheduler.prefetch(0, [(1, 1, [5])])
+    link.land((1, 5))
+    serve(scheduler, 1, [6])
+    assert scheduler.cache.counters[1].prefetch_wasted == 1
+    assert next(iter(scheduler.cache.policy.victims())) == (1, 5)
