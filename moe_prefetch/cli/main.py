@@ -6,7 +6,7 @@ predictor_cmds.py and serve_cmd.py register their commands on it; this module im
 
 from __future__ import annotations
 
-from . import commands, predictor_cmds, serve_cmd  # noqa: F401  (importing registers their commands)
+from . import commands, plan_cmd, predictor_cmds, serve_cmd  # noqa: F401  (importing registers their commands)
 from .app import app
 
 __all__ = ["app", "main"]
