@@ -474,12 +474,14 @@ def config_bound(
     """Tokens/s no eviction policy, predictor or placement can beat on this trace with `slots`
     slots: `tokens` holds each measured decode token's routed (layer, expert) keys in order.
 
-    M = Belady's misses over the whole window (`belady_misses`); of them X run on the host lane,
-    the rest cross the link at any time in the window (prefetching can move a copy to any earlier
-    moment, so the link is charged over the window, not per token); the device reads the dense
-    part and every routed expert not on the host; every token takes at least its CPU time:
+    M = Belady's misses over the whole window (`belady_misses`). X of the R routed experts run on the
+    host lane (any of them: a placement may send an expert there that an ideal cache would have
+    held), and at most X of the M misses are served that way; the rest cross the link at any time in
+    the window (prefetching can move a copy to any earlier moment, so the link is charged over the
+    window, not per token); the device reads the dense part and every routed expert not on the
+    host; every token takes at least its CPU time:
 
-        window >= min over X of max(tokens x cpu, dense + (R - X) x device, X x host, (M - X) x link)"""
+        window >= min over X in 0..R of max(tokens x cpu, dense + (R - X) x device, X x host, max(0, M - X) x link)"""
     if not tokens:
         return 0.0
     accesses = [key for keys in tokens for key in keys]
@@ -490,8 +492,8 @@ def config_bound(
     host, link = lanes.host_s(1), lanes.link_s()
     floor = len(tokens) * cpu_token
     best = math.inf
-    for x in range(misses + 1):
-        best = min(best, max(floor, dense + (routed - x) * device, x * host, (misses - x) * link))
+    for x in range(routed + 1):
+        best = min(best, max(floor, dense + (routed - x) * device, x * host, max(0, misses - x) * link))
     return len(tokens) / best
 
 
