@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
+from moe_prefetch.evidence.bounds import three_lane_bound
 from moe_prefetch.evidence.routing import random_routing
-from moe_prefetch.evidence.sim import Clock, Roofline, SimLoader, simulate, three_lane_bound
+from moe_prefetch.evidence.sim import Clock, Roofline, SimLoader, simulate
 from moe_prefetch.runtime.placement import LaneCosts, Placement
 
 # 10 MB experts: 10 ms to read on the device (1 GB/s), 5 ms on the host (2 GB/s), 10 ms over the link.
@@ -141,7 +142,7 @@ def fewest_misses(accesses: list, slots: int) -> int:
 def test_belady_with_bypass_is_the_fewest_misses_any_cache_can_have():
     import random
 
-    from moe_prefetch.evidence.sim import belady_misses
+    from moe_prefetch.evidence.bounds import belady_misses
 
     rng = random.Random(0)
     for _ in range(40):
