@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from moe_prefetch import MoePrefetchError
 from moe_prefetch.cli.main import app
-from moe_prefetch.evidence import plan
+from moe_prefetch.evidence.anatomy import anatomy
 from moe_prefetch.evidence.calibration import measured_profile
 from moe_prefetch.report import profiling
 from moe_prefetch.report import text as report_text
@@ -217,11 +217,22 @@ def test_run_reads_prompt_from_stdin_and_file(ckpt, runner, tmp_path):
     assert json.loads(piped.stdout)["text"] == json.loads(from_file.stdout)["text"]  # greedy: same prompt, same text
 
 
+def reserved_bytes(ckpt, experts_dtype: str = "auto") -> int:
+    """What a profile must hold besides the slots: weights, KV cache at the default context, the
+    working buffer and the prefill peak (`fitting.fit`'s parts, each tested in test_fitting.py)."""
+    from moe_prefetch.evidence.anatomy import anatomy
+    from moe_prefetch.evidence.fitting import fit
+
+    sized = fit(anatomy(str(ckpt)), experts_dtype, hw.load_profile("h200"))
+    return sized.weights_bytes + sized.kv_bytes + sized.work_bytes + sized.prefill_bytes
+
+
 def test_run_with_profile_sizes_the_cache(ckpt, runner, tmp_path, monkeypatch):
-    size = plan.model_size(ckpt)
-    usable = size.non_expert_bytes + 3 * size.expert_bytes + size.expert_bytes // 2  # room for 3.5 experts
+    expert = anatomy(str(ckpt)).expert_bytes("auto")
+    reserved = reserved_bytes(ckpt)
+    usable = reserved + 3 * expert + expert // 2  # room for 3.5 experts
     folder = tmp_path / "profiles"
-    for name, memory in (("tiny-gpu", usable), ("too-small", size.non_expert_bytes)):
+    for name, memory in (("tiny-gpu", usable), ("too-small", reserved)):
         m = {
             "device": "Tiny",
             "free_bytes": memory,
@@ -235,8 +246,9 @@ def test_run_with_profile_sizes_the_cache(ckpt, runner, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_PREFETCH_PROFILES", str(folder))
     result = runner.invoke(app, run_args(ckpt, "--profile", "tiny-gpu", "--json"))
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["summary"]["device_pool_bytes"] == 3 * size.expert_bytes
+    assert json.loads(result.stdout)["summary"]["device_pool_bytes"] == 3 * expert
     assert_one_line_error(runner.invoke(app, run_args(ckpt, "--profile", "too-small")), "larger profile")
+    # With a longer context the KV cache takes more of the same card: fewer slots, said in the JSON of inspect.
 
 
 def test_ctrl_c_stops_generation_and_still_writes_the_report(ckpt, runner, tmp_path, monkeypatch):
@@ -365,11 +377,11 @@ def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, 
     for 5.5 int4 experts fits 5 of them (and fewer fp32 or bf16 ones), in inspect and in run."""
     ckpt = recorded_int4[0]  # not the shared checkpoint: an int4 run writes its quantized copy beside it
     int4 = profiling.load_run(recorded_int4[2])["stats"]["expert_bytes"]
-    size = plan.model_size(ckpt)
+    usable = reserved_bytes(ckpt, "int4") + 5 * int4 + int4 // 2
     m = {
         "device": "Tiny",
-        "free_bytes": size.non_expert_bytes + 5 * int4 + int4 // 2,
-        "total_bytes": size.non_expert_bytes + 5 * int4 + int4 // 2,
+        "free_bytes": usable,
+        "total_bytes": usable,
         "h2d_by_mib": {1: 1e9},
         "hbm_bytes_per_s": 1e11,
         "bf16_flops": 1e12,
@@ -382,12 +394,12 @@ def test_inspect_and_profiles_by_experts_dtype(recorded_int4, runner, tmp_path, 
     assert by_dtype["int4"] == int4 and by_dtype["auto"] == by_dtype["fp32"] == 18432
     assert int4 < by_dtype["int8"] < by_dtype["bf16"] < by_dtype["auto"]
     (tiny,) = [p for p in data["profiles"] if p["profile"] == "tiny-gpu"]
-    room = 5 * int4 + int4 // 2
-    assert tiny["by_experts_dtype"]["int4"] == {"slots": 5, "verdict": "offloaded"}
-    for dtype in ("auto", "bf16", "int8"):
+    assert tiny["by_experts_dtype"]["int4"] == {"slots": 5, "verdict": "offloaded", "fits": True}
+    for dtype in ("auto", "bf16", "int8"):  # each with its own working buffer beside the slots
+        room = usable - reserved_bytes(ckpt, dtype)
         assert tiny["by_experts_dtype"][dtype]["slots"] == room // by_dtype[dtype] < 5
     h200 = next(p for p in data["profiles"] if p["profile"] == "h200")
-    assert all(v == {"slots": 16, "verdict": "all resident"} for v in h200["by_experts_dtype"].values())
+    assert all(v["slots"] == 16 and v["verdict"] == "all resident" for v in h200["by_experts_dtype"].values())
     text = runner.invoke(app, ["inspect", "--model", str(ckpt)]).stdout
     assert "by --experts-dtype" in text and "5 of 16" in text and report_text.fmt_bytes(int4) in text
     result = runner.invoke(app, run_args(ckpt, "--profile", "tiny-gpu", "--experts-dtype", "int4", "--json"))

@@ -144,11 +144,16 @@ def test_bench_json_rows(setup, adapters, tmp_path):
     table = " ".join(result.stdout.split())
     for label in ("bandwidth-bound-on-demand", "next-gate", "decode hit:", "pf prec: prefetch precision"):
         assert label in table, label
-    assert "sim PROFILE: decode tokens/s simulated on that hardware profile (rtx3060-12gb)" in table
+    assert "sim PROFILE: steady-state decode tokens/s simulated on that hardware profile" in table
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.rstrip().endswith("rtx3060-"))  # the name, stacked
     assert lines[header - 1].rstrip().endswith("sim") and lines[header + 1].rstrip().endswith("12gb")
     assert "…" not in result.stdout
+    # Every row is sized to the profile: slots, fit, device and host bytes per profile.
+    for row in rows:
+        for key in ("cache_slots", "fits", "device_bytes", "host_bytes"):
+            assert set(row[key]) == {"rtx3060-12gb"}, key
+        assert row["fits"]["rtx3060-12gb"] is True  # a 16-expert toy fits any card
 
 
 def test_bench_unknown_shape_is_one_line():
@@ -162,9 +167,13 @@ def test_simulate_a_recorded_run(setup, tmp_path):
         app, run_args(ckpt, "--cache-slots", "4", "--predictor", "next-gate", "--report", str(report))
     )
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["simulate", "--trace", str(report / "run.json"), "--profile", "rtx4090-24gb"])
+    simulate = ["simulate", "--trace", str(report / "run.json"), "--profile", "rtx4090-24gb"]
+    result = CliRunner().invoke(app, [*simulate, "--warmup", "32"])
+    assert result.exit_code == 2 and "--warmup" in result.output, "a run too short to warm up and measure"
+    result = CliRunner().invoke(app, simulate)  # a short run warms up for half its decode tokens
     assert result.exit_code == 0, result.output
-    assert "tokens/s" in result.stdout and "exposed transfer" in result.stdout
+    assert "after 3 of warm-up" in " ".join(result.stdout.split())
+    assert "tokens/s" in result.stdout and "exposed transfer" in result.stdout and "CPU lane" in result.stdout
     result = CliRunner().invoke(
         app,
         [
@@ -177,6 +186,8 @@ def test_simulate_a_recorded_run(setup, tmp_path):
             "oracle",
             "--cache-slots",
             "6",
+            "--warmup",
+            "2",
             "--json",
         ],
     )

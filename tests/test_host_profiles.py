@@ -198,8 +198,12 @@ def test_calibrate_measures_the_host_into_a_loadable_profile(runner, tmp_path):
     assert "no CUDA device: measured the host lane only" in result.stdout and str(out) in result.stdout
     host = hw.load_host_profile(str(out))
     assert host.name == "this-box" and not host.unified_memory and host.compute_dtype == "bfloat16"
-    assert all(host.sources[key].startswith("MEASURED") for key in hw.HOST_NUMBERS)
+    measured = [key for key in hw.HOST_NUMBERS if key != "pinnable_fraction"]  # a share of RAM is a choice
+    assert all(host.sources[key].startswith("MEASURED") for key in measured)
+    assert host.sources["pinnable_fraction"].startswith("NOT MEASURED")
     assert host.dram_bandwidth_bytes_per_s <= host.dram_peak_bytes_per_s
+    assert host.memory_bytes > 2**30 and host.framework_layer_s > 0  # this machine's RAM and CPU lane
+    # `--host local` finds the newest measured host profile in the user folder.
     # It combines with a device profile like any shipped host.
     assert hw.lane_costs(hw.load_profile("rtx4090-24gb"), host).host_bytes_per_s == host.expert_bytes_per_s
     # Default place: the user folder's host/, where --host finds it by name.
@@ -207,6 +211,7 @@ def test_calibrate_measures_the_host_into_a_loadable_profile(runner, tmp_path):
     assert default.exit_code == 0, default.output
     (written,) = (tmp_path / "config" / "moe-prefetch" / "profiles" / "host").glob("*.toml")
     assert hw.load_host_profile(written.stem).path == written
+    assert hw.load_host_profile("local").path == written
 
 
 def test_calibrate_refuses_a_bad_host_size_before_measuring(runner, tmp_path):

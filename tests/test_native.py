@@ -276,20 +276,20 @@ def test_native_with_predictors(fixtures, name, predictor):
 
 @pytest.mark.parametrize("kind", ["mxfp4", "fp8"])
 def test_sizing_counts_the_native_bytes(tmp_path, kind):
-    """`inspect` and profile sizing (model_size) see the experts as `load` stores them: packed,
+    """`inspect` and profile sizing (the anatomy) see the experts as `load` stores them: packed,
     not at the model dtype's size, so slots and fits are counted right for quantized checkpoints."""
-    from moe_prefetch.evidence.plan import model_size
+    from moe_prefetch.evidence.anatomy import of_config
+    from moe_prefetch.model.folders import read_config
 
     if kind == "mxfp4":
         mxfp4_checkpoint(tmp_path)
     else:
         fp8_checkpoint("qwen3_moe", tmp_path)
-    size = model_size(tmp_path)
-    by_dtype = size.expert_bytes_by_dtype
-    assert size.expert_bytes == by_dtype["auto"] < 0.6 * by_dtype["bf16"]
+    size = of_config(read_config(tmp_path), str(tmp_path), torch.bfloat16)
+    assert size.expert_bytes("auto") < 0.6 * size.expert_bytes("bf16")
     model, runtime = moe_prefetch.load(tmp_path, device="cpu", cache_slots=3, dtype=torch.bfloat16)
     try:
-        assert runtime.stats()["expert_bytes"] == size.expert_bytes
+        assert runtime.stats()["expert_bytes"] == size.expert_bytes("auto")
     finally:
         runtime.detach()
 

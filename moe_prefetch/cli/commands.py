@@ -346,7 +346,9 @@ INSPECT_DTYPES = ("auto", "bf16", "int8", "int4")
 
 @app.command(cls=Command)
 def inspect(
-    model: Annotated[str, typer.Option(help="Checkpoint folder, or 'demo'.")] = "demo",
+    model: Annotated[
+        str, typer.Option(help="Checkpoint folder, 'demo', or shape:NAME (a real model's shape).")
+    ] = "demo",
     experts_dtype: Annotated[
         str | None,
         typer.Option(
@@ -354,17 +356,32 @@ def inspect(
             f"{options.default('experts_dtype')}."
         ),
     ] = None,
+    context: Annotated[
+        int | None, typer.Option(help="Tokens of KV cache to reserve on each device (default 4096).")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Host profile whose memory must hold the expert store (`profiles`).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Describe a model's experts and the cache it needs, without loading its weights."""
+    """Describe a model's experts and the cache it needs, and what fits on each profile (after its
+    weights, KV cache, buffers and prefill peak), without loading its weights."""
     dtype = RuntimeConfig(**given(experts_dtype=experts_dtype)).experts_dtype  # checked before torch loads
+    host_profile = None if host is None else hw.load_host_profile(host)
+    from moe_prefetch.evidence.anatomy import anatomy
+    from moe_prefetch.evidence.fitting import fit
+
     whole = plan.model_size(model)
     size = whole.for_dtype(dtype)
+    body = anatomy(model)
     slots, why = size.recommended_slots
     profiles = hw.list_profiles()
-    fits = [plan.fit(p, size) for p in profiles]
-    # Per experts_dtype: what fits on each profile with experts of that size.
-    by_dtype = {d: [plan.fit(p, whole.for_dtype(d)) for p in profiles] for d in INSPECT_DTYPES}
+    sizing_args = given(context=context)
+    # Per experts_dtype: what fits on each profile with experts of that size (fitting.fit).
+    by_dtype = {d: [fit(body, d, p, host_profile, **sizing_args) for p in profiles] for d in INSPECT_DTYPES}
+    fits = (
+        by_dtype[dtype] if dtype in by_dtype else [fit(body, dtype, p, host_profile, **sizing_args) for p in profiles]
+    )
     if json_out:
         typer.echo(
             json.dumps(
@@ -380,12 +397,22 @@ def inspect(
                         "recommended_slots": slots,
                         "recommended_reason": why,
                         "all_miss_bytes_per_token": size.all_miss_bytes_per_token,
+                        "vocab_size": body.vocab_size,
+                        "tied_head": body.tied,
+                        "kv_bytes_per_token": body.kv_bytes_per_token(),
                     },
                     "profiles": [
                         {
-                            **dataclasses.asdict(f),
+                            **f.as_dict(),
+                            "room_bytes": f.free_bytes,
+                            "slots": f.max_slots,
+                            "verdict": _verdict(f),
                             "by_experts_dtype": {
-                                d: {"slots": by_dtype[d][i].slots, "verdict": by_dtype[d][i].verdict}
+                                d: {
+                                    "slots": by_dtype[d][i].max_slots,
+                                    "verdict": _verdict(by_dtype[d][i]),
+                                    "fits": by_dtype[d][i].fits,
+                                }
                                 for d in INSPECT_DTYPES
                             },
                         }
@@ -405,32 +432,44 @@ def inspect(
         ("experts per layer, top-k", f"{size.experts_per_layer}, top-{size.top_k}"),
         ("bytes per expert", f"{b(size.expert_bytes)} ({stored})"),
         ("all experts", f"{size.total_experts} = {b(size.expert_total_bytes)}"),
-        ("non-expert weights", b(size.non_expert_bytes)),
+        (
+            "non-expert weights",
+            f"{b(body.non_expert_bytes)} (vocabulary {body.vocab_size}, {'tied' if body.tied else 'untied'} head)",
+        ),
+        ("KV cache", f"{b(body.kv_bytes_per_token())} per token; {b(fits[0].kv_bytes)} at context {fits[0].context}"),
         ("smallest cache", f"{size.min_slots} slots = {b(size.min_slots * size.expert_bytes)} (top_k)"),
         ("smallest --cache-budget", _smallest_budget(size)),
         ("recommended cache", f"{slots} slots = {b(slots * size.expert_bytes)} ({why})"),
         ("all-miss bytes per token", b(size.all_miss_bytes_per_token)),
     ):
         table.add_row(key, value)
-    per_profile = Table(title="on each hardware profile")
-    for col in ("profile", "room for experts", "slots", "fit", "all-miss ms/token"):
+    per_profile = Table(title=f"on each hardware profile (context {fits[0].context}, experts as {dtype})")
+    for col in ("profile", "usable", "weights + KV + buffers", "room for experts", "slots", "fit"):
         per_profile.add_column(col)
     for f in fits:
+        reserved = f.weights_bytes + f.kv_bytes + f.work_bytes + f.prefill_bytes
         per_profile.add_row(
-            f.profile, b(max(f.room_bytes, 0)), str(f.slots), f.verdict, f"{1e3 * f.all_miss_s_per_token:.3g}"
+            f.profile, b(f.usable_bytes), b(reserved), b(max(f.free_bytes, 0)), str(f.max_slots), _verdict(f)
         )
     dtypes = Table(title="by --experts-dtype: bytes per expert, and experts that fit on each profile")
     dtypes.add_column("", no_wrap=True)
     for d in INSPECT_DTYPES:
         dtypes.add_column(d if d != "auto" else f"auto ({size.dtype})", justify="right")
     dtypes.add_row("bytes per expert", *(b(size.expert_bytes_by_dtype[d]) for d in INSPECT_DTYPES))
-    dtypes.add_row("all experts", *(b(size.for_dtype(d).expert_total_bytes) for d in INSPECT_DTYPES))
+    dtypes.add_row("all experts (host store)", *(b(size.for_dtype(d).expert_total_bytes) for d in INSPECT_DTYPES))
     for i, p in enumerate(profiles):
-        dtypes.add_row(p.name, *(_fit_cell(by_dtype[d][i], size.total_experts) for d in INSPECT_DTYPES))
+        dtypes.add_row(p.name, *(_fit_cell(by_dtype[d][i]) for d in INSPECT_DTYPES))
     out = stdout()
     out.print(table)
     out.print(per_profile)
     out.print(dtypes)
+    if host_profile is not None:
+        out.print(
+            f"host {host_profile.name}: {b(fits[0].host_capacity)} pinnable; stores that fit: "
+            + (", ".join(d for d in INSPECT_DTYPES if by_dtype[d][0].fits_host) or "none"),
+            markup=False,
+            highlight=False,
+        )
 
 
 def _smallest_budget(size: plan.ModelSize) -> str:
@@ -447,10 +486,19 @@ def _smallest_budget(size: plan.ModelSize) -> str:
     return text
 
 
-def _fit_cell(f: plan.Fit, total: int) -> str:
-    if f.verdict == "all resident":
-        return f"all {total}"
-    return f"{f.slots} of {total}" if f.verdict == "offloaded" else "does not fit"
+def _verdict(f) -> str:
+    if f.max_slots < f.top_k:
+        return "does not fit"
+    if not f.fits_host:
+        return "host too small"
+    return "all resident" if f.max_slots >= f.total_experts else "offloaded"
+
+
+def _fit_cell(f) -> str:
+    verdict = _verdict(f)
+    if verdict == "all resident":
+        return f"all {f.total_experts}"
+    return f"{f.max_slots} of {f.total_experts}" if verdict == "offloaded" else verdict
 
 
 # -- quantize ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from moe_prefetch.errors import ConfigError
-from moe_prefetch.evidence import plan
 from moe_prefetch.experts.dtypes import EXPERTS_DTYPES
 from moe_prefetch.runtime import profiles as hw
 from moe_prefetch.runtime.config import CACHE_POLICIES, PREDICTORS, RuntimeConfig
@@ -105,8 +104,15 @@ def runtime_options(
 
 
 def size_for_profile(options: dict, config: RuntimeConfig, profile: str | None, folder: Path) -> dict:
-    """`options` with the cache sized as on `profile` (slots of the experts' stored size)."""
+    """`options` with the cache sized as on `profile`: the largest that fits after the weights,
+    the KV cache of the default context, the working buffers and the prefill peak (`fitting.fit`)."""
     if profile is None:
         return options
-    size = plan.model_size(folder).for_dtype(config.experts_dtype)
-    return {**options, "cache_slots": plan.slots_on(hw.load_profile(profile), size)}
+    from moe_prefetch.errors import CacheCapacityError
+    from moe_prefetch.evidence.anatomy import anatomy
+    from moe_prefetch.evidence.fitting import fit
+
+    sized = fit(anatomy(str(folder)), config.experts_dtype, hw.load_profile(profile))
+    if not sized.fits_device:
+        raise CacheCapacityError(f"{sized.why_not}; pick a larger profile or --experts-dtype int4")
+    return {**options, "cache_slots": sized.cache_slots}

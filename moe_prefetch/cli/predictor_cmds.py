@@ -1,4 +1,4 @@
-"""Commands for predictors and performance: train-predictor, eval-predictor, bench, simulate.
+"""Commands for predictors and performance: train-predictor, eval-predictor, bench (simulate: simulate_cmd.py).
 
 Wiring only: options in, library call, table or JSON out. Registered on `app` (app.py).
 """
@@ -14,12 +14,13 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moe_prefetch.errors import ConfigError, ReportError
+from moe_prefetch.errors import ConfigError
+from moe_prefetch.evidence.fitting import DEFAULT_CONTEXT
+from moe_prefetch.evidence.scenario import DEFAULT_WARMUP
 from moe_prefetch.report import text as report_text
 from moe_prefetch.runtime.config import CACHE_POLICIES, M2R2_FILENAME, PREDICTORS, RuntimeConfig, train_adapters_hint
-from moe_prefetch.runtime.placement import ON_MISS
 
-from .app import EXIT_INTERRUPTED, Command, app, stderr, stdout
+from .app import EXIT_INTERRUPTED, Command, app, given, stderr, stdout
 
 # `--data` names for the demo model's own text: the Python standard library split as the demo
 # was trained (moe_prefetch.predict.corpus), written once to a cache file, so a fresh clone needs no files.
@@ -161,8 +162,8 @@ def _check_bench_options(
             f"unknown predictor(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PREDICTORS)}"
         )
     bad = [f for f in fractions if not 0 < f <= 1]
-    if bad or not fractions:
-        raise ConfigError(f"--cache-fractions {bad or '(none given)'} must be shares in (0, 1], such as 0.125,0.25,0.5")
+    if bad:
+        raise ConfigError(f"--cache-fractions {bad} must be shares in (0, 1], such as 0.125,0.25,0.5")
     if tokens < 1:
         raise ConfigError(f"--tokens {tokens} must be at least 1")
     RuntimeConfig(device=device, lookahead=lookahead)  # the runtime's own checks, with its messages
@@ -192,14 +193,17 @@ def _weights_note(model: str, folder: Path | None) -> str:
     return "weights as loaded from the folder"
 
 
+# The measured bench's cache shares when none are given (of every expert of the model as it runs here).
+MEASURED_FRACTIONS = "0.125,0.25,0.5"
+
+
 @app.command(cls=Command)
 def bench(
     model: Annotated[
         str,
         typer.Option(
-            help="Checkpoint folder, 'demo', 'demo-fine', or shape:NAME for a model with a real model's expert "
-            "size (random weights; with --routing, a demo's recorded routing); "
-            f"NAME is one of {', '.join(SHAPE_NAMES)}."
+            help="Checkpoint folder, 'demo', 'demo-fine', or shape:NAME for a real model's shape at its real depth, "
+            f"simulated (NAME is one of {', '.join(SHAPE_NAMES)})."
         ),
     ] = "demo",
     predictors: Annotated[
@@ -209,31 +213,54 @@ def bench(
             "model has trained adapters)."
         ),
     ] = None,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help="shape:NAME: 'fit' (the largest cache that fits each profile after weights, KV cache, buffers and "
+            "the prefill peak; the default) or comma-separated shares of it, such as 0.5,fit."
+        ),
+    ] = None,
     cache_fractions: Annotated[
-        str, typer.Option(help="Comma-separated shares of all experts held on the device.")
-    ] = "0.125,0.25,0.5",
+        str | None,
+        typer.Option(
+            help=f"Measured benches: shares of all experts held on the device here (default {MEASURED_FRACTIONS}). "
+            "shape:NAME: what-if rows, a share of bf16 experts' memory, each saying whether it fits."
+        ),
+    ] = None,
     profiles: Annotated[
         str, typer.Option(help="Comma-separated hardware profiles to simulate.")
     ] = "rtx3060-12gb,rtx4090-24gb",
     host: Annotated[
-        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
+        str | None,
+        typer.Option(help="Host profile (CPU, DRAM, memory) for the host lane and the CPU lane (`profiles`)."),
     ] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens to generate per configuration.")] = 32,
+    host_memory: Annotated[
+        str | None, typer.Option(help="Installed host memory, such as 64GB (default: the host profile's).")
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option(help=f"Tokens of KV cache reserved on the device (default {DEFAULT_CONTEXT}).")
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Decode tokens measured per configuration.")] = 32,
+    warmup: Annotated[
+        int | None,
+        typer.Option(help=f"Decode tokens before measuring: the cold start (default {DEFAULT_WARMUP})."),
+    ] = None,
     prompt: Annotated[str, typer.Option(help="Prompt text (demo and checkpoints).")] = "import os\n\ndef main(",
     lookahead: Annotated[int, typer.Option(help="Layers ahead to prefetch.")] = 2,
-    shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME model.")] = 2,
+    shape_layers: Annotated[int, typer.Option(help="Decoder layers of a shape:NAME run with --routing measured.")] = 2,
     routing: Annotated[
         str | None,
         typer.Option(
-            help="shape:NAME only. demo or demo-fine: replay that demo's recorded routing and predictions over "
-            "the shape's real layers (simulated only); random: run the random-weight model (the default)."
+            help="shape:NAME only. random (the default): uniform routing; demo or demo-fine: replay that demo's "
+            "recorded routing and predictions over the shape's real layers (refused where it would expand the "
+            "trace); all simulated. measured: run the random-weight model here with --shape-layers layers."
         ),
     ] = None,
     on_miss: Annotated[
         str,
         typer.Option(
             help="Comma-separated placements of a non-resident expert: wait (for its upload), host, auto. "
-            "With --routing every one is simulated; a measured bench runs the first."
+            "shape:NAME: every one is simulated; a measured bench runs the first."
         ),
     ] = "wait",
     cache_policy: Annotated[
@@ -243,22 +270,31 @@ def bench(
     experts_dtype: Annotated[
         str,
         typer.Option(
-            help="Comma-separated expert formats: auto (the model's own), bf16, int8, int4. A cache share is then "
-            "of the memory bf16 experts would take, so compressed experts get more slots. With --routing every "
-            "one is simulated; a measured bench runs the first."
+            help="Comma-separated expert formats: auto (the model's own), bf16, int8, int4. shape:NAME: every one "
+            "is simulated; a measured bench runs the first."
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cuda, cuda:N or cpu.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows, meta} JSON here.")] = None,
 ):
-    """Every predictor at every cache size, measured side by side, plus simulated profiles."""
+    """Every predictor at every cache size, measured side by side, plus simulated profiles sized to their memory."""
+    from moe_prefetch.evidence.fitting import parse_bytes, parse_cache
     from moe_prefetch.runtime import profiles as hw
 
     profs = [hw.load_profile(name) for name in _csv(profiles)]
     host_profile = None if host is None else hw.load_host_profile(host)
+    memory = parse_bytes(host_memory)
+    routed = _check_routing(model, routing)
+    if cache_fractions is None:
+        cache_fractions = "" if routed else MEASURED_FRACTIONS  # shapes: what-ifs only when asked
     fractions = _csv(cache_fractions, float)
     given_preds = None if predictors is None else _csv(predictors)
     folder, preds, left_out = _check_bench_options(model, given_preds, fractions, tokens, lookahead, device)
+    caches = [parse_cache(c) for c in _csv(cache)] if cache is not None else []
+    if not routed and caches:
+        raise ConfigError("--cache applies to shape:NAME benches; a measured bench runs --cache-fractions here")
+    if routed and not caches and not fractions:
+        caches = [parse_cache(None)]
     placements = _csv(on_miss)
     for placement in placements:
         RuntimeConfig(on_miss=placement)  # the runtime's own check and message
@@ -272,8 +308,11 @@ def bench(
         raise ConfigError("--experts-dtype is empty; give one or more of auto, bf16, int8, int4")
     for dtype in dtypes:
         RuntimeConfig(experts_dtype=dtype)
-    routed = _check_routing(model, routing)
-    if folder is None and not routed and "m2r2" in preds:
+    sizing = given(warmup=warmup, context=context, host_memory=memory)
+    if sizing.get("warmup", 0) < 0:
+        raise ConfigError(f"--warmup {warmup} must be 0 or more tokens")
+    routing = routing or ("random" if routed else None)
+    if (folder is None and routing in ("random", "measured")) and "m2r2" in preds:
         preds.remove("m2r2")
         left_out = "m2r2 left out: a random-weight shape has no adapters (--routing demo replays the demo's m2r2)"
     if not preds:
@@ -289,11 +328,10 @@ def bench(
 
     predictor_path = None
     if routed:
-        routed = run_routed_bench(
-            _shape(model),
+        result = run_routed_bench(
+            model,
             routing,
             preds,
-            fractions,
             tokens,
             profs,
             prompt=prompt,
@@ -302,43 +340,53 @@ def bench(
             host=host_profile,
             policies=policies,
             experts_dtypes=dtypes,
+            caches=caches,
+            fractions=fractions,
             progress=lambda row: out.print(
                 f"  {row['experts_dtype']:<4} {row['on_miss']:<5} {row['policy']:<4} {row['predictor']:<15} "
-                f"cache {row['cache_fraction']:<6} "
-                f"decode hit {row['decode_hit_rate']:.1%} (simulated)"
+                f"cache {report_text.cache_label(row):<10} decode hit {report_text.pct(row['decode_hit_rate'])} "
+                "(simulated)"
             ),
+            **sizing,
         )
-        note = f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
-    elif folder is None:
-        stock = shape_model(model.split(":", 1)[1], layers=shape_layers)
-        ids = torch.randint(0, stock.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-        note = _weights_note(model, folder)
+        note = (
+            "uniform random routing, simulated"
+            if routing == "random"
+            else f"routing recorded from {routing}, repeated over the shape's layers: simulated only"
+        )
     else:
-        from transformers import AutoTokenizer
+        if folder is None:
+            stock = shape_model(model.split(":", 1)[1], layers=shape_layers)
+            ids = torch.randint(0, stock.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+            note = _weights_note(model, folder)
+        else:
+            from transformers import AutoTokenizer
 
-        stock, runtime = load(folder, device="cpu", cache_slots=None)  # materialise, then bench attaches
-        stock = runtime.detach()
-        ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
-        predictor_path = str(folder / M2R2_FILENAME)
-        note = _weights_note(model, folder)
-    result = routed or run_bench(
-        stock,
-        ids,
-        preds,
-        fractions,
-        tokens,
-        device=device,
-        profiles=profs,
-        predictor_path=predictor_path,
-        lookahead=lookahead,
-        on_miss=placements[0],
-        policies=policies,
-        experts_dtype=dtypes[0],
-        progress=lambda row: out.print(
-            f"  {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
-            f"hit {row['hit_rate']:.1%}  {report_text.rate(row['tokens_per_s'])} tok/s"
-        ),
-    )
+            stock, runtime = load(folder, device="cpu", cache_slots=None)  # materialise, then bench attaches
+            stock = runtime.detach()
+            ids = AutoTokenizer.from_pretrained(str(folder))(prompt, return_tensors="pt")["input_ids"]
+            predictor_path = str(folder / M2R2_FILENAME)
+            note = _weights_note(model, folder)
+        result = run_bench(
+            stock,
+            ids,
+            preds,
+            fractions,
+            tokens,
+            device=device,
+            profiles=profs,
+            predictor_path=predictor_path,
+            lookahead=lookahead,
+            on_miss=placements[0],
+            policies=policies,
+            experts_dtype=dtypes[0],
+            host=host_profile,
+            progress=lambda row: out.print(
+                f"  {row['policy']:<4} {row['predictor']:<15} cache {row['cache_fraction']:<6} "
+                f"hit {row['hit_rate']:.1%}  {report_text.rate(row['tokens_per_s'])} tok/s"
+            ),
+            **{"warmup": DEFAULT_WARMUP, **sizing},
+        )
     result["meta"].update(
         model=model,
         note=note,
@@ -346,14 +394,32 @@ def bench(
         profiles=[p.name for p in profs],
         policies=policies,
         experts_dtypes=dtypes,
+        host=None if host_profile is None else host_profile.name,
+        host_memory=memory,
     )
-    # TODO(issue 10): pass host=host_profile to run_bench once it simulates the host lane; until then
-    # the host is recorded, not used.
-    result["meta"]["host"] = None if host_profile is None else host_profile.name
     measured_on = result["meta"]["measured_on"]
     title = f"bench {model} ({note}; {'simulated' if measured_on == 'simulated' else f'measured on {measured_on}'})"
     # one policy or the model's own format: the column would repeat it (and narrow the rest)
     out.print(report_text.bench_table(result, title, policies=len(policies) > 1, formats=dtypes != ["auto"]))
+    capped = sorted(
+        {
+            (p, round(cap, 1))
+            for row in result["rows"]
+            for p, cap in (row.get("cpu_bound") or {}).items()
+            if cap and (row["simulated"].get(p) or 0) >= 0.95 * cap
+        }
+    )
+    if capped:
+        host_name = result["meta"]["host"] or "ddr4-3200-2ch (the default)"
+        out.print(
+            "note: simulated figures within 5% of "
+            + ", ".join(f"{cap} tok/s on {p}" for p, cap in capped)
+            + f" are the CPU lane's bound on host {host_name}: the framework's and the runtime's host time per "
+            "layer, not the device, set the speed there",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     if json_out is not None:
         _write_json(json_out, result)
 
@@ -369,123 +435,14 @@ def _shape(model: str) -> str:
 
 
 def _check_routing(model: str, routing: str | None) -> bool:
-    """True when `routing` asks for a demo's recorded routing on a shape."""
+    """True when the bench simulates a shape over `routing` (random, demo, demo-fine; the default
+    for shape:NAME is random); False when it measures a run here (checkpoints, --routing measured)."""
     from moe_prefetch.evidence.routing import ROUTINGS
 
-    if routing is None:
-        return False
-    if routing not in ROUTINGS:
-        raise ConfigError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if routing is not None and routing not in (*ROUTINGS, "measured"):
+        raise ConfigError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)} or measured")
     if not model.startswith("shape:"):
-        raise ConfigError(f"--routing applies to shape:NAME models; {model!r} routes by itself, drop --routing")
-    return routing != "random"
-
-
-@app.command(cls=Command)
-def simulate(
-    trace: Annotated[Path | None, typer.Option(help="run.json written by `run --report`, or its folder.")] = None,
-    profile: Annotated[str, typer.Option(help="Hardware profile to simulate (`profiles` lists them).")] = ...,
-    host: Annotated[
-        str | None, typer.Option(help="Host profile (CPU and DRAM) for placing missed experts (`profiles`).")
-    ] = None,
-    cache_slots: Annotated[int | None, typer.Option(help="Slots (default: as in the run; shapes: 1/4).")] = None,
-    predictor: Annotated[
-        str | None,
-        typer.Option(
-            help="recorded (the run's own), none, previous-token or oracle; shapes: also next-gate, m2r2 "
-            "(default: recorded; with --shape, m2r2 on a demo's routing and none on random routing)."
-        ),
-    ] = None,
-    shape: Annotated[str | None, typer.Option(help="Simulate this reference shape instead of --trace.")] = None,
-    routing: Annotated[str, typer.Option(help="With --shape: demo, demo-fine or random.")] = "random",
-    tokens: Annotated[int, typer.Option(help="With --shape: decode tokens to replay.")] = 32,
-    lookahead: Annotated[int, typer.Option(help="With --shape: layers ahead to prefetch.")] = 2,
-    on_miss: Annotated[
-        str, typer.Option(help=f"Where a non-resident expert runs: {', '.join(ON_MISS)} (wait: for its upload).")
-    ] = "auto",
-    cache_policy: Annotated[str, typer.Option(help=f"Eviction policy: {', '.join(CACHE_POLICIES)}.")] = "lru",
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-):
-    """Replay a recorded run (or a shape with demo or random routing) through the scheduler on a profile."""
-    from moe_prefetch.runtime import profiles as hw
-
-    if (trace is None) == (shape is None):
-        raise ConfigError("give --trace RUN_JSON or --shape NAME (with --routing), one of the two")
-    RuntimeConfig(on_miss=on_miss, cache_policy=cache_policy)  # the runtime's own checks and messages
-    host_profile = None if host is None else hw.load_host_profile(host)
-    device = hw.load_profile(profile)
-    lanes = dict(on_miss=on_miss, costs=hw.default_lane_costs(device, host_profile), policy=cache_policy)
-    if shape is not None:
-        predictor = predictor or ("none" if routing == "random" else "m2r2")  # a demo's routing: its own m2r2
-        result = _simulate_shape(shape, routing, device, cache_slots, predictor, tokens, lookahead, lanes)
-    else:
-        result = _simulate_trace(trace, device, cache_slots, predictor or "recorded", lanes)
-    result["host"] = None if host_profile is None else host_profile.name
-    if json_out:
-        stdout().print_json(json.dumps(result))
-        return
-    out = stdout()
-    tok = result["median_token_s"]
-    out.print(
-        f"simulated on {profile}: {result['tokens_per_s']:.1f} tokens/s over {result['decode_tokens']} decode "
-        f"tokens (median {tok * 1e3:.2f} ms/token), {result['cache_slots']} slots, predictor {result['predictor']}"
-    )
-    out.print(
-        f"  per token: compute {result['compute_s_per_token'] * 1e3:.3f} ms, exposed transfer "
-        f"{result['exposed_transfer_s_per_token'] * 1e3:.3f} ms ({result['stall_share']:.1%} of the time)"
-    )
-    out.print(
-        f"  hit rate {result['hit_rate']:.1%}, prefetches issued {result['prefetch_issued']}, "
-        f"used {result['prefetch_used']}, {result['bytes_loaded'] / 1e9:.3f} GB moved"
-    )
-    out.print(
-        f"  on miss {result['on_miss']}, policy {result['policy']}: host lane "
-        f"{result['host_s_per_token'] * 1e3:.3f} ms/token ({result['host_experts']} experts on the host)"
-    )
-    bound = result["bound_tokens_per_s"]
-    if bound:
-        out.print(
-            f"  three-lane bound {bound:.1f} tokens/s ({bound / result['tokens_per_s']:.2f}x the simulated speed): "
-            "each token's misses split ideally between the host lane and the link"
-        )
-
-
-def _simulate_shape(name, routing, profile, cache_slots, predictor, tokens, lookahead, lanes) -> dict:
-    from moe_prefetch.evidence.routing import PREDICTORS, RECORDED
-
-    if name not in SHAPE_NAMES:
-        raise ConfigError(f"unknown shape {name!r}; choose one of {', '.join(SHAPE_NAMES)}")
-    _check_routing(f"shape:{name}", routing)
-    if predictor not in PREDICTORS:
-        raise ConfigError(f"with --shape, --predictor is one of {', '.join(PREDICTORS)}; got {predictor!r}")
-    if routing == "random" and predictor in RECORDED:
-        raise ConfigError(f"random routing has no {predictor} predictions; use --routing demo-fine (or demo)")
-
-    from moe_prefetch.evidence.bench import shape_replay, shape_routing  # torch: only once every option is checked
-    from moe_prefetch.evidence.sim import simulate_replay
-
-    sizes, mapped, _ = shape_routing(name, routing, [predictor], tokens, lookahead=lookahead)
-    total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
-    slots = cache_slots or max(sizes["top_k"], round(0.25 * total))
-    replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
-    mode = "recorded" if predictor in RECORDED else predictor
-    return {**simulate_replay(replay, profile, predictor=mode, **lanes), "predictor": predictor, "routing": routing}
-
-
-def _simulate_trace(trace, profile, cache_slots, predictor, lanes) -> dict:
-    from moe_prefetch.report.profiling import load_run
-
-    if predictor not in ("recorded", "none", "previous-token", "oracle"):
-        raise ConfigError(f"cannot replay predictor {predictor!r}; use recorded, none, previous-token or oracle")
-    from moe_prefetch.evidence.sim import simulate_replay  # torch: only once the options are checked
-
-    payload = load_run(trace)  # a file or the report folder, as `report` takes
-    if not payload.get("replay"):
-        raise ReportError(f"{trace} has no replay section; record it again with `moe-prefetch run --report DIR`")
-    replay = {
-        **payload["replay"],
-        "trace": payload["trace"],
-        "predictions": payload.get("predictions", []),
-        "step_starts": payload.get("step_starts", []),
-    }
-    return simulate_replay(replay, profile, cache_slots=cache_slots, predictor=predictor, **lanes)
+        if routing is not None:
+            raise ConfigError(f"--routing applies to shape:NAME models; {model!r} routes by itself, drop --routing")
+        return False
+    return routing != "measured"

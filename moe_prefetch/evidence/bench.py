@@ -14,156 +14,37 @@ the first run's).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import statistics
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..experts.compression import make_codec
-from ..experts.layout import dense_bytes, find_moe_layers, spec_of
+from ..experts.layout import find_moe_layers, spec_of
 from ..model.integration import attach
 from ..runtime.lanes import prefetch_recall
-from .sim import Roofline, expert_traffic, replay_payload, simulate_replay
+from .anatomy import expert_traffic
+from .fitting import CACHE_FIT, DEFAULT_CONTEXT, fit
+from .scenario import DEFAULT_PROMPT, DEFAULT_WARMUP
+from .shapes import SHAPES, shape_config, shape_model  # noqa: F401  (bench.SHAPES: the shapes' home for callers)
+from .sim import CpuLane, Roofline, replay_payload, simulate_replay
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "import os\n\ndef main("
 SIM_EXPERTS_DTYPES = ("auto", "bf16", "int8", "int4")  # what a shape's rows may simulate
 
-# Public configs of the five reference shapes, with fewer layers so a CPU can run them. Their
-# weights are random, so their routing is random: say so next to every number they give.
-SHAPES = {
-    "mixtral-8x7b": dict(
-        model_type="mixtral",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        real_layers=32,
-    ),
-    "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe",
-        hidden_size=2048,
-        moe_intermediate_size=768,
-        intermediate_size=6144,
-        num_experts=128,
-        num_experts_per_tok=8,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        real_layers=48,
-    ),
-    "olmoe-1b-7b": dict(
-        model_type="olmoe",
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_experts=64,
-        num_experts_per_tok=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        real_layers=16,
-    ),
-    "deepseek-v2-lite": dict(
-        model_type="deepseek_v2",
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        first_k_dense_replace=1,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        kv_lora_rank=512,
-        q_lora_rank=None,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=128,
-        v_head_dim=128,
-        topk_method="greedy",
-        real_layers=27,
-    ),
-    "gpt-oss-20b": dict(
-        model_type="gpt_oss",
-        hidden_size=2880,
-        intermediate_size=2880,
-        num_local_experts=32,
-        num_experts_per_tok=4,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=64,
-        real_layers=24,
-    ),
-}
 
+def shape_sizes(name: str, layers: int | None = None) -> dict:
+    """What the simulator needs of a shape at its real depth (or `layers`), vocabulary and tying,
+    from a skeleton on the meta device (no memory, no weights): `anatomy.Anatomy.sim_sizes`."""
+    from .anatomy import anatomy, of_config
 
-def shape_config(name: str, layers: int = 2):
-    """The named shape's transformers config with `layers` decoder layers."""
-    spec = dict(SHAPES[name])
-    model_type = spec.pop("model_type")
-    spec.pop("real_layers")
-    extra = {"layer_types": ["full_attention"] * layers} if model_type == "gpt_oss" else {}
-    return AutoConfig.for_model(
-        model_type, vocab_size=4096, num_hidden_layers=layers, max_position_embeddings=512, **spec, **extra
-    )
-
-
-def shape_model(name: str, layers: int = 2, dtype=torch.bfloat16, seed: int = 0):
-    """A random-weight model with the named shape's real expert size and `layers` layers."""
-    config = shape_config(name, layers)
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    return model
-
-
-def shape_sizes(name: str, layers: int | None = None, itemsize: int = 2) -> dict:
-    """What the simulator needs of a shape at its real depth (or `layers`), weights at `itemsize`
-    bytes per parameter, from a skeleton on the meta device (no memory, no weights)."""
-    config = shape_config(name, layers or SHAPES[name]["real_layers"])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    moe = find_moe_layers(model)
-    scale = itemsize / 2
-    per_layer, head = dense_bytes(model, moe)
-    spec = spec_of(moe)
-    return {
-        # per experts_dtype: the bytes each lane moves or touches per expert (sim.expert_traffic)
-        "experts": {d: expert_traffic(make_codec(spec, d), moe[0].experts) for d in SIM_EXPERTS_DTYPES},
-        "moe_layer_ids": [layer.layer_idx for layer in moe],
-        "num_layers": config.num_hidden_layers,
-        "num_experts": moe[0].num_experts,
-        "top_k": max(layer.top_k for layer in moe),
-        "expert_params": spec_of(moe).numel,
-        "itemsize": itemsize,
-        "dense_bytes_per_layer": int(per_layer * scale),
-        "head_bytes": int(head * scale),
-    }
-
-
-def shape_routing(
-    name: str,
-    routing: str,
-    predictors: list[str],
-    tokens: int,
-    prompt: str = DEFAULT_PROMPT,
-    lookahead: int = 2,
-    layers: int | None = None,
-) -> tuple[dict, dict, dict | None]:
-    """(sizes, routing in the shape's ids, the recording or None) for shape `name` with
-    `routing`: 'random' (uniform, as random weights give) or a demo's recorded run."""
-    from . import routing as routes
-
-    sizes = shape_sizes(name, layers)
-    ids, experts, top_k = sizes["moe_layer_ids"], sizes["num_experts"], sizes["top_k"]
-    if routing == "random":
-        return sizes, routes.random_routing(ids, experts, top_k, tokens), None
-    recording = routes.record(routing, predictors, tokens, prompt, lookahead)
-    return sizes, routes.repeat_onto(recording, ids, experts, top_k), recording
+    if layers is None:
+        return anatomy(f"shape:{name}").sim_sizes()
+    return of_config(shape_config(name, layers, real=True), f"shape:{name}", torch.bfloat16).sim_sizes()
 
 
 def shape_replay(sizes: dict, mapped: dict, predictor: str, cache_slots: int, lookahead: int) -> dict:
@@ -179,104 +60,121 @@ def shape_replay(sizes: dict, mapped: dict, predictor: str, cache_slots: int, lo
 
 
 def run_routed_bench(
-    name: str,
+    model: str,
     routing: str,
     predictors: list[str],
-    fractions: list[float],
     tokens: int,
     profiles: list,
     prompt: str = DEFAULT_PROMPT,
     lookahead: int = 2,
-    layers: int | None = None,
     progress=None,
     on_miss: list[str] | tuple[str, ...] = ("wait",),
     host=None,
     policies: list[str] | tuple[str, ...] = ("lru",),
     experts_dtypes: list[str] | tuple[str, ...] = ("auto",),
+    caches: list | tuple = (CACHE_FIT,),
+    fractions: list[float] | tuple[float, ...] = (),
+    warmup: int = DEFAULT_WARMUP,
+    context: int = DEFAULT_CONTEXT,
+    host_memory: int | None = None,
 ) -> dict:
-    """Simulate shape `name` at its real depth on each profile, replaying the routing and
-    predictions recorded from the demo `routing` ('demo' or 'demo-fine'), repeated across the
-    shape's layers (rules: `moe_prefetch.evidence.routing`). Nothing is measured here: every row is
-    simulated; hit rates and prefetch precision/recall are the first profile's, decode steps only.
-    Each `on_miss` placement and cache eviction policy (`policies`) gets its rows; `host` (a
-    HostProfile) sets the host lane's speed. Each row carries its three-lane bound per profile
-    (`sim.three_lane_bound`) and the bound's ratio to the simulated tokens/s. Each of
-    `experts_dtypes` simulates the experts at that dtype's sizes ("auto": bf16, the shapes' own)."""
-    from ..runtime.profiles import default_lane_costs
-    from .routing import RECORDED
+    """Simulate `model` ('shape:NAME' at its real depth, or a checkpoint folder sized from its
+    config) on each profile, replaying `routing` ('random', or a demo's recorded routing and
+    predictions repeated across the model's layers: `scenario.routing_for`). Nothing is measured
+    here: every row is simulated, at the steady state after `warmup` decode tokens.
 
-    sizes, mapped, recording = shape_routing(name, routing, predictors, tokens, prompt, lookahead, layers)
-    total = sizes["num_experts"] * len(sizes["moe_layer_ids"])
-    top_k = sizes["top_k"]
+    Each row is sized to each profile (`fitting.fit`): `caches` are "fit" (the largest cache
+    that fits the device after weights, KV for `context`, buffers and the prefill peak) or shares
+    of it; `fractions` add what-if rows, a share of bf16 experts' memory, which say whether they fit.
+    Per profile a row carries cache_slots, fits, device_bytes, host_bytes, the simulated tokens/s
+    (None where the cache is below top_k), the cold start, the replay's three-lane bound and the
+    configuration's bound (Belady's MIN). `host` (a HostProfile; None: the shipped desktop) sets
+    the host lane, the CPU lane and the host memory (`host_memory` overrides it). Hit rates and
+    prefetch precision/recall are the first profile's."""
+    from .anatomy import anatomy as anatomy_of
+    from .scenario import routing_for, simulate_fit
+
+    body = anatomy_of(model)
+    mapped, recording = routing_for(body, routing, predictors, tokens, warmup, prompt, lookahead)
+    total, top_k = body.total_experts, body.top_k
+    choices = [(c, None) for c in caches] + [(None, f) for f in fractions]
     rows = []
-    for dtype, fraction, policy, placement, predictor in itertools.product(
-        experts_dtypes, fractions, policies, on_miss, predictors
+    for dtype, (cache, fraction), policy, placement, predictor in itertools.product(
+        experts_dtypes, choices, policies, on_miss, predictors
     ):
-        # A cache fraction is of the device memory bf16 experts would take: compressed experts get
-        # more slots in the same bytes, as a user's fixed cache_budget gives them.
-        plain = sizes["experts"]["bf16"]["bytes"]
-        slots = max(top_k, min(total, round(fraction * total * plain / sizes["experts"][dtype]["bytes"])))
-        replay = shape_replay(sizes, mapped, predictor, slots, lookahead)
-        mode = "recorded" if predictor in RECORDED else predictor
-        sims = {
-            p.name: simulate_replay(
-                replay,
+        fits = {
+            p.name: fit(
+                body,
+                dtype,
                 p,
-                predictor=mode,
-                itemsize=sizes["itemsize"],
-                on_miss=placement,
-                costs=default_lane_costs(p, host),
-                policy=policy,
-                experts=sizes["experts"][dtype],
+                host,
+                context,
+                cache=cache or CACHE_FIT,
+                cache_fraction=fraction,
+                host_memory=host_memory,
             )
             for p in profiles
         }
-        first = next(iter(sims.values()), None)
+        sims = {
+            p.name: simulate_fit(body, mapped, fits[p.name], p, host, predictor, placement, policy, warmup, lookahead)
+            for p in profiles
+        }
+        first = next((r for r in sims.values() if r is not None), None)
+        value = functools.partial(_per_profile, sims)
         row = {
             "on_miss": placement,
             "policy": policy,
             "experts_dtype": dtype,
-            "expert_bytes": sizes["experts"][dtype]["bytes"],
+            "expert_bytes": body.expert_bytes(dtype),
             "predictor": predictor,
-            "cache_fraction": fraction,
-            "cache_slots": slots,
+            "cache": cache if fraction is None else None,
+            "cache_fraction": fraction,  # a what-if: a share of bf16 experts' memory
+            "what_if": fraction is not None,
+            "cache_slots": {n: f.cache_slots for n, f in fits.items()},
+            "fits": {n: f.fits for n, f in fits.items()},
+            "device_bytes": {n: f.device_bytes for n, f in fits.items()},
+            "host_bytes": {n: f.host_bytes for n, f in fits.items()},
+            "why_not": {n: f.why_not for n, f in fits.items() if f.why_not},
             "hit_rate": first["hit_rate"] if first else None,
             "decode_hit_rate": first["decode_hit_rate"] if first else None,
             "prefetch_precision": first["decode_prefetch_precision"] if first else None,
             "prefetch_recall": first["decode_prefetch_recall"] if first else None,
             "stall_share": None,
             "tokens_per_s": None,  # nothing ran on this device
-            "simulated": {n: r["tokens_per_s"] for n, r in sims.items()},
-            "bound": {n: r["bound_tokens_per_s"] for n, r in sims.items()},
-            "bound_ratio": {n: r["bound_tokens_per_s"] / r["tokens_per_s"] for n, r in sims.items()},
-            "simulated_stall_share": {n: r["stall_share"] for n, r in sims.items()},
+            "simulated": value("tokens_per_s"),
+            "cold_start": value("cold_start_tokens_per_s"),
+            "bound": value("bound_tokens_per_s"),
+            "config_bound": value("config_bound_tokens_per_s"),
+            "bound_ratio": {
+                n: (r["bound_tokens_per_s"] / r["tokens_per_s"] if r and r["tokens_per_s"] else None)
+                for n, r in sims.items()
+            },
+            "simulated_decode_hit_rate": value("decode_hit_rate"),
+            "simulated_stall_share": value("stall_share"),
+            "cpu_bound": value("cpu_bound_tokens_per_s"),
             "simulated_host_experts_per_token": {
-                n: r["host_experts"] / max(1, r["decode_tokens"] + 1) for n, r in sims.items()
+                n: (r["host_experts"] / max(1, r["decode_tokens"] + warmup + 1) if r else None) for n, r in sims.items()
             },
         }
         rows.append(row)
         if progress is not None:
             progress(row)
-    expert_bytes = sizes["expert_params"] * sizes["itemsize"]
-    roof = _bounds(
-        profiles,
-        mapped["trace"],
-        sizes["moe_layer_ids"],
-        expert_bytes,
-        sizes["expert_params"],
-        sizes["dense_bytes_per_layer"],
-        sizes["head_bytes"],
-        top_k,
-        sizes["num_layers"],
-    )
+    dtype = experts_dtypes[0]
+    roof = _bounds(body, dtype, profiles, host, mapped["trace"], warmup, context, host_memory)
+    expert_bytes = body.expert_bytes("bf16")
     meta = {
         "experts_total": total,
         "top_k": top_k,
         "expert_bytes": expert_bytes,
         "simulated_expert_bytes": expert_bytes,
         "tokens": tokens,
-        "moe_layers": len(sizes["moe_layer_ids"]),
-        "layers": sizes["num_layers"],
+        "warmup": warmup,
+        "context": context,
+        "moe_layers": body.moe_layers,
+        "layers": body.num_layers,
+        "vocab_size": body.vocab_size,
+        "non_expert_bytes": body.non_expert_bytes,
+        "kv_bytes_per_token": body.kv_bytes_per_token(),
         "measured_on": "simulated",
         "loader": "simulated link",
         "stall_timing": "simulated",
@@ -291,6 +189,11 @@ def run_routed_bench(
         },
     }
     return {"rows": rows + roof, "meta": meta}
+
+
+def _per_profile(sims: dict, key: str) -> dict:
+    """{profile: sims[profile][key]}, None where nothing was simulated."""
+    return {n: (r[key] if r is not None else None) for n, r in sims.items()}
 
 
 def _decode_tokens_per_s(step_starts: list[float]) -> float:
@@ -315,8 +218,14 @@ def run_bench(
     on_miss: str = "wait",
     policies: list[str] | tuple[str, ...] = ("lru",),
     experts_dtype: str = "auto",
+    host=None,
+    warmup: int = 0,
+    context: int = DEFAULT_CONTEXT,
+    host_memory: int | None = None,
 ) -> dict:
     """Measure every (predictor, fraction, eviction policy) on `model`; returns {"rows": [...], "meta": {...}}.
+    Each configuration generates `warmup + tokens` tokens; the measured and simulated figures are
+    the last `tokens` (the steady state).
     `experts_dtype` compresses the experts for every run (a cache fraction is then of the device
     memory the model's own experts would need, so compressed experts get more slots), and the
     simulated profiles use the compressed sizes.
@@ -325,16 +234,21 @@ def run_bench(
 
     Simulated profiles see the model's weights at `sim_itemsize` bytes per parameter (2: bf16,
     as on a GPU) whatever dtype ran here (often fp32 on CPU)."""
+    from .anatomy import of_model
+    from .scenario import host_or_default
+
     layers = find_moe_layers(model)
     spec = spec_of(layers)
     total = sum(layer.num_experts for layer in layers)
     top_k = max(layer.top_k for layer in layers)
-    scale = sim_itemsize / spec.dtype.itemsize
-    per_layer_dense, head_bytes = (int(b * scale) for b in dense_bytes(model, layers))
-    expert_params = spec.numel  # padded numel, within 64 elements per matrix
     codec = make_codec(spec, experts_dtype)
-    sim_spec = dataclasses.replace(spec, dtype={1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}[sim_itemsize])
+    sim_dtype = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}[sim_itemsize]
+    sim_spec = dataclasses.replace(spec, dtype=sim_dtype)
     sim_experts = expert_traffic(make_codec(sim_spec, experts_dtype), layers[0].experts)
+    # The model as it ran, weighed as it would be on the profiles (at `sim_itemsize`): the
+    # simulated columns use the measured run's slots where they fit the profile.
+    body = of_model(model, "measured", dtype=sim_dtype)
+    cpu = CpuLane.of(host_or_default(host))
     # Detach gives back the decoded (lossy) experts: every run must start from the same weights.
     pristine = None if codec.identity else [p.detach().clone() for layer in layers for p in layer.experts.parameters()]
     rows, reference, oracle_trace = [], None, None
@@ -365,9 +279,9 @@ def run_bench(
                 out = model.generate(
                     prompt_ids.to(runtime.device),
                     attention_mask=mask.to(runtime.device),
-                    max_new_tokens=tokens,
+                    max_new_tokens=warmup + tokens,
                     do_sample=False,
-                    min_new_tokens=tokens,
+                    min_new_tokens=warmup + tokens,
                 )
                 wall = time.perf_counter() - start
                 sequence = out.cpu()
@@ -399,28 +313,44 @@ def run_bench(
                 "policy": policy,
                 "experts_dtype": stats["experts_dtype"],
                 "expert_bytes": stats["expert_bytes"],
-                **_row(predictor, fraction, slots, stats, starts, wall, trace),
+                **_row(predictor, fraction, slots, stats, starts, wall, trace, warmup),
             }
             row["same_tokens"] = same_tokens
-            row["simulated"] = {}
+            fits = {
+                p.name: fit(body, experts_dtype, p, host, context, cache_slots=slots, host_memory=host_memory)
+                for p in profiles or []
+            }
+            row.update(
+                cache_slots={n: f.cache_slots for n, f in fits.items()},
+                measured_cache_slots=slots,
+                fits={n: f.fits for n, f in fits.items()},
+                device_bytes={n: f.device_bytes for n, f in fits.items()},
+                host_bytes={n: f.host_bytes for n, f in fits.items()},
+                simulated={},
+                bound={},
+                config_bound={},
+                simulated_stall_share={},
+            )
             for profile in profiles or []:
-                sim = simulate_replay(replay, profile, itemsize=sim_itemsize, policy=policy, experts=sim_experts)
+                sim = simulate_replay(
+                    replay,
+                    profile,
+                    itemsize=sim_itemsize,
+                    policy=policy,
+                    experts=sim_experts,
+                    cpu=cpu,
+                    warmup=warmup,
+                    kv_bytes=body.kv_bytes(fits[profile.name].context),
+                )
                 row["simulated"][profile.name] = sim["tokens_per_s"]
-                row.setdefault("simulated_stall_share", {})[profile.name] = sim["stall_share"]
+                row["bound"][profile.name] = sim["bound_tokens_per_s"]
+                row["config_bound"][profile.name] = sim["config_bound_tokens_per_s"]
+                row["simulated_stall_share"][profile.name] = sim["stall_share"]
+                row.setdefault("cpu_bound", {})[profile.name] = sim["cpu_bound_tokens_per_s"]
             rows.append(row)
             if progress is not None:
                 progress(row)
-    rows += _bounds(
-        profiles or [],
-        oracle_trace or [],
-        layers,
-        sim_experts["bytes"],
-        expert_params,
-        per_layer_dense,
-        head_bytes,
-        top_k,
-        model.config.num_hidden_layers,
-    )
+    rows += _bounds(body, experts_dtype, profiles or [], host, oracle_trace or [], warmup, context, host_memory)
     meta = {
         "experts_total": total,
         "top_k": top_k,
@@ -428,6 +358,8 @@ def run_bench(
         "simulated_expert_bytes": sim_experts["bytes"],
         "experts_dtype": codec.name,
         "tokens": tokens,
+        "warmup": warmup,
+        "context": context,
         "moe_layers": len(layers),
         "layers": model.config.num_hidden_layers,
         "measured_on": str(runtime.device),
@@ -437,18 +369,20 @@ def run_bench(
     return {"rows": rows, "meta": meta}
 
 
-def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
+def _row(predictor, fraction, slots, stats, all_starts, wall, trace, warmup: int = 0) -> dict:
+    """A measured row over the decode steps after the warm-up (`warmup` tokens)."""
+    starts = all_starts[warmup:]  # starts[1] is the first measured step's
     decode_wall = starts[-1] - starts[1] if len(starts) > 2 else wall
     # The stall as measured per step: CUDA events on CUDA (host time in acquire never blocks
     # there), host wait on CPU.
     stalls = stats["stall_by_step"]
-    decode_wait = sum(stalls.get(step, 0.0) for step in range(1, len(starts) - 1))
+    decode_wait = sum(stalls.get(step, 0.0) for step in range(warmup + 1, len(all_starts) - 1))
     return {
         "predictor": predictor,
         "cache_fraction": fraction,
         "cache_slots": slots,
         "hit_rate": stats["hit_rate"],
-        "decode_hit_rate": _decode_hit_rate(trace),
+        "decode_hit_rate": _decode_hit_rate(trace, warmup),
         "prefetch_precision": stats["prefetch_precision"],
         # of the routed experts not already resident, the share a prefetch staged (lanes.prefetch_recall)
         "prefetch_recall": prefetch_recall(stats) or 0.0,
@@ -462,60 +396,76 @@ def _row(predictor, fraction, slots, stats, starts, wall, trace) -> dict:
     }
 
 
-def _decode_hit_rate(trace: list[dict]) -> float:
-    """Device hits over every routed expert of the decode steps, wherever it ran (as
-    `stats()["hit_rate"]`); step 0, the prefill, touches nearly every expert."""
-    decode = [r for r in trace if r["step"] >= 1]
+def _decode_hit_rate(trace: list[dict], warmup: int = 0) -> float:
+    """Device hits over every routed expert of the decode steps after the warm-up, wherever it
+    ran (as `stats()["hit_rate"]`); step 0, the prefill, touches nearly every expert."""
+    decode = [r for r in trace if r["step"] > warmup]
     hits = sum(r["hits"] for r in decode)
     routed = hits + sum(r["misses"] + len(r.get("host", ())) for r in decode)
     return hits / routed if routed else 0.0
 
 
-def _bounds(
-    profiles, trace, layers, expert_bytes, expert_params, per_layer_dense, head_bytes, top_k, num_layers
-) -> list[dict]:
-    """All-experts-resident tokens/s (compute only) and the on-demand bandwidth bound per profile:
+def _bounds(body, experts_dtype, profiles, host, trace, warmup, context, host_memory) -> list[dict]:
+    """Two reference rows per profile, with the CPU lane: every expert resident (where they all
+    fit the device; None elsewhere) and on-demand loading at the link's bandwidth (top_k slots):
     1 / max(compute, distinct experts per token x expert bytes / H2D bandwidth)."""
-    decode = [r for r in trace if r["step"] >= 1]
+    from .scenario import host_or_default
+
+    decode = [r for r in trace if r["step"] > warmup]
     steps = {r["step"] for r in decode} or {1}
     distinct = sum(len(r["experts"]) for r in decode) / len(steps)
-    resident, bound = {}, {}
+    traffic = body.experts[experts_dtype]
+    cpu = CpuLane.of(host_or_default(host))
+    rows = {"all-resident": {}, "bandwidth-bound-on-demand": {}}
+    fits = {"all-resident": {}, "bandwidth-bound-on-demand": {}}
     for profile in profiles:
+        resident = fit(
+            body, experts_dtype, profile, host, context, cache_slots=body.total_experts, host_memory=host_memory
+        )
+        smallest = fit(body, experts_dtype, profile, host, context, cache_slots=body.top_k, host_memory=host_memory)
         roofline = Roofline(
             profile.hbm_bandwidth_bytes_per_s,
             profile.peak_bf16_flops,
-            per_layer_dense,
-            expert_bytes,
-            expert_params,
-            head_bytes,
+            body.dense_bytes_per_layer,
+            traffic["device_bytes"],
+            body.expert_params,
+            body.head_read_bytes,
+            body.kv_bytes(resident.context) / body.num_layers,
         )
-        compute = (
-            num_layers * roofline.dense(1)
-            + head_bytes / profile.hbm_bandwidth_bytes_per_s
-            + sum(roofline.moe(1, top_k, top_k) for _ in layers)
+        moe = set(body.moe_layer_ids)
+        compute = sum(
+            max(
+                roofline.dense(1) + (roofline.moe(1, body.top_k, body.top_k) if i in moe else 0.0),
+                cpu.layer_s + (cpu.moe_layer_s if i in moe else 0.0),
+            )
+            for i in range(body.num_layers)
         )
-        transfer = distinct * expert_bytes / profile.h2d_bandwidth_bytes_per_s
-        resident[profile.name] = 1 / compute
-        bound[profile.name] = 1 / max(compute, transfer)
-    return [
-        {
-            "on_miss": "-",  # a bound, not a placement
-            "predictor": "all-resident",
-            "cache_fraction": 1.0,
-            "hit_rate": 1.0,
-            "prefetch_precision": None,
-            "prefetch_recall": None,
-            "tokens_per_s": None,
-            "simulated": resident,
-        },
-        {
-            "on_miss": "wait",
-            "predictor": "bandwidth-bound-on-demand",
-            "cache_fraction": 0.0,
-            "hit_rate": 0.0,
-            "prefetch_precision": None,
-            "prefetch_recall": None,
-            "tokens_per_s": None,
-            "simulated": bound,
-        },
-    ]
+        compute += body.head_read_bytes / profile.hbm_bandwidth_bytes_per_s + cpu.token_s
+        transfer = distinct * traffic["bytes"] / profile.h2d_bandwidth_bytes_per_s
+        rows["all-resident"][profile.name] = 1 / compute if resident.fits else None
+        rows["bandwidth-bound-on-demand"][profile.name] = 1 / max(compute, transfer) if smallest.fits else None
+        fits["all-resident"][profile.name] = resident
+        fits["bandwidth-bound-on-demand"][profile.name] = smallest
+    out = []
+    for name, on_miss, hit in (("all-resident", "-", 1.0), ("bandwidth-bound-on-demand", "wait", 0.0)):
+        sized = fits[name]
+        out.append(
+            {
+                "on_miss": on_miss,  # a bound, not a placement
+                "predictor": name,
+                "experts_dtype": experts_dtype,
+                "cache": None,
+                "cache_fraction": 1.0 if hit else 0.0,
+                "what_if": False,
+                "cache_slots": {n: f.cache_slots for n, f in sized.items()},
+                "fits": {n: f.fits for n, f in sized.items()},
+                "device_bytes": {n: f.device_bytes for n, f in sized.items()},
+                "host_bytes": {n: f.host_bytes for n, f in sized.items()},
+                "hit_rate": hit,
+                "prefetch_precision": None,
+                "prefetch_recall": None,
+                "tokens_per_s": None,
+                "simulated": rows[name],
+            }
+        )
+    return out

@@ -13,10 +13,12 @@ torch loads inside the functions that measure: listing and reading profiles must
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,7 +90,11 @@ def _measure(size: str, dt) -> dict:
     tiny_x = torch.randn(1, 64, generator=gen).to(dt)
     overhead_s = _host_timed(lambda: _swiglu(tiny_x, *tiny), budget_s=0.3, repeats=200)
     unified = bool(torch.cuda.is_available() and torch.cuda.get_device_properties(0).is_integrated)
+    import psutil
+
     return {
+        "memory_bytes": int(psutil.virtual_memory().total),
+        **cpu_lane(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
         "physical_cores": _physical_cores(),
@@ -126,6 +132,11 @@ def measured_host_profile(name: str, m: dict) -> HostProfile:
         expert_bytes_per_s=float(m["expert_bytes_per_s"]),
         host_flops=float(m["host_flops"]),
         expert_call_overhead_s=float(m["call_overhead_s"]),
+        memory_bytes=int(m["memory_bytes"]),
+        pinnable_fraction=PINNABLE_FRACTION,
+        framework_layer_s=float(m["framework_layer_s"]),
+        runtime_layer_s=float(m["runtime_layer_s"]),
+        framework_token_s=float(m["framework_token_s"]),
         compute_dtype=m["dtype"],
         unified_memory=bool(m["unified_memory"]),
         sources={
@@ -142,8 +153,110 @@ def measured_host_profile(name: str, m: dict) -> HostProfile:
             "expert_call_overhead_s": f"{tag}: median time of a batch-1 call of a 64x128 expert, whose bytes take "
             "no measurable time: op dispatch and thread wake-up.",
             "unified_memory": f"{tag}: torch.cuda device 0 is_integrated (false when there is no CUDA device).",
+            "memory_bytes": f"{tag}: psutil.virtual_memory().total.",
+            "pinnable_fraction": f"NOT MEASURED: {PINNABLE_FRACTION}, the desktop estimate of the shipped host "
+            "profiles (the OS and other programs keep the rest); lower it on a machine that runs much else.",
+            "framework_layer_s": f"{tag}: stock transformers' eager decode of a tiny {CPU_LANE_SHAPE} model on "
+            f"{m['lane_device']} ({m['lane_layers']} layers), a bare forward loop, per token per decoder layer: the "
+            "host time of a layer when its arithmetic costs nothing.",
+            "runtime_layer_s": f"{tag}: the same model with the runtime attached and every expert resident, the time "
+            "it adds per token per MoE layer (routing read, scheduler, bookkeeping).",
+            "framework_token_s": f"{tag}: generate() against the bare forward loop on the same model, per token.",
         },
     )
+
+
+def cpu_lane(device: str | None = None, tokens: int = 48) -> dict:
+    """The CPU side of a decode token on this machine: a tiny Qwen3-MoE-shaped model (arithmetic
+    that costs nothing), decoded at batch 1 on `device` (CUDA when there is one: kernel launches
+    count; else the CPU). Per decoder layer: stock transformers' eager forward; per MoE layer: what
+    the runtime adds with every expert resident; per token: generate's loop beyond the forwards."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..model.integration import attach
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = AutoConfig.for_model("qwen3_moe", **CPU_LANE_CONFIG)
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
+    attached = copy.deepcopy(stock)
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    runtime = attach(attached, device=device, cache_slots=config.num_hidden_layers * config.num_experts)
+    # Alternating rounds, medians: on a shared machine the load changes between measurements.
+    loops, runs, generated = [], [], []
+    try:
+        for _ in range(CPU_LANE_ROUNDS):
+            loops.append(_decode_s(stock, ids, tokens))
+            runs.append(_decode_s(attached, ids, tokens))
+            generated.append(_generate_s(stock, ids, tokens))
+    finally:
+        runtime.detach()
+    stock_loop, attached_loop, generate = (statistics.median(x) for x in (loops, runs, generated))
+    layers = config.num_hidden_layers
+    return {
+        "lane_device": device,
+        "lane_layers": layers,
+        "framework_layer_s": stock_loop / layers,
+        # a floor of 1 us: a difference below the noise is not a free runtime
+        "runtime_layer_s": max(1e-6, (attached_loop - stock_loop) / layers),
+        "framework_token_s": max(1e-6, generate - stock_loop),
+    }
+
+
+CPU_LANE_ROUNDS = 5
+# The tiny model `cpu_lane` times: Qwen3-MoE's layer structure (128 experts, top-8) with tiny matrices.
+CPU_LANE_SHAPE = "Qwen3-MoE-shaped (128 experts, top-8, hidden 64)"
+CPU_LANE_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
+# Share of installed memory a calibrated host profile lets the store pin (the shipped desktops' estimate).
+PINNABLE_FRACTION = 0.75
+
+
+def _decode_s(model, ids, tokens: int) -> float:
+    """Median seconds per token of a bare greedy forward loop with a KV cache (after a warm-up)."""
+    import torch
+
+    def one_pass() -> list[float]:
+        times = []
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(tokens):
+                start = time.perf_counter()
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                nxt.cpu()  # the token is read back, as generate does
+                times.append(time.perf_counter() - start)
+        return times
+
+    one_pass()
+    times = sorted(one_pass())
+    return times[len(times) // 2]
+
+
+def _generate_s(model, ids, tokens: int) -> float:
+    """Seconds per new token of generate(), prefill excluded (a one-token run is subtracted)."""
+    mask = ids.new_ones(ids.shape)
+
+    def timed(new: int) -> float:
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    return (timed(tokens + 1) - timed(1)) / tokens
 
 
 def _host_expert(hidden: int, inter: int, dtype, gen) -> tuple:

@@ -20,6 +20,19 @@ Mapping rules (documented in docs/benchmarks.md, "Routing-driven shapes"):
   its experts that rank highest in a fixed per-layer random order of the trace's experts
   (so two tokens sharing experts keep sharing them), predictions keep the same share of their
   experts by the same order; prefill records keep the union (they are not per token).
+
+What is refused (`check_expansion`): a trace never grows. A shape routing more experts per token
+than the trace recorded would replay the trace's top-k as its own (Qwen3's top-8 from the demo's
+top-2: each token reads a quarter of its experts, and hits read 98%), and a shape with more than
+MAX_WIDENING times the trace's experts per layer would route a sliver of its experts (the demo's
+8 on OLMoE's 64). Fine-grained shapes replay `demo-fine` (64 experts, top-8); its 64 experts on
+Qwen3's 128 per layer (2x) are allowed and said: the working set per layer is the trace's, so
+hit rates at caches above half of every expert read high.
+
+Repeating layers: a 6-layer trace over 48 layers gives 8 identical copies of each layer's routing,
+so a token's misses come in step across the copies (`novelty_correlation` measures it; docs/
+benchmarks.md section 5 compares a trace repeated with the whole): bursts the link sees at once,
+where a real model's layers change their experts more independently.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ import random
 logger = logging.getLogger(__name__)
 
 ROUTINGS = ("random", "demo", "demo-fine")
+# A shape may have at most this many times the trace's experts per layer: its working set per
+# layer is then at least half of what it would route (see the module docstring).
+MAX_WIDENING = 2
 # Predictors whose predictions come from the model's own computation, so a run records them;
 # none, previous-token and oracle are rebuilt from the trace by the simulator.
 RECORDED = ("next-gate", "m2r2")
@@ -92,6 +108,25 @@ def record(
     return out
 
 
+def check_expansion(recording: dict, num_experts: int, top_k: int, shape: str = "the shape") -> None:
+    """Refuse to replay `recording` onto more experts per token, or more than MAX_WIDENING times
+    its experts per layer: the replay would invent routing the trace never recorded."""
+    from ..errors import ConfigError
+
+    src_experts, src_top_k = recording["num_experts"], recording["top_k"]
+    name = recording.get("model", "the trace")
+    if top_k > src_top_k:
+        raise ConfigError(
+            f"{name} routes {src_top_k} experts per token and {shape} routes {top_k}: replaying it would read "
+            f"{src_top_k} of {top_k} experts per token; use --routing demo-fine (top-8) or --routing random"
+        )
+    if num_experts > MAX_WIDENING * src_experts:
+        raise ConfigError(
+            f"{name} has {src_experts} experts per layer and {shape} has {num_experts}: replaying it would route "
+            f"only {src_experts} of them; use --routing demo-fine (64 experts) or --routing random"
+        )
+
+
 def _priority(num_experts: int, seed: int) -> dict[int, int]:
     """A fixed random order of a layer's experts: expert id -> rank (0 first)."""
     order = list(range(num_experts))
@@ -117,7 +152,9 @@ def _map_experts(experts: list[int], num_experts: int, keep: int | None, rank: d
 def repeat_onto(recording: dict, moe_layer_ids: list[int], num_experts: int, top_k: int, seed: int = 0) -> dict:
     """Map a recording (`record`) onto a shape with these MoE layers, experts and top-k.
 
-    Returns {"trace", "predictions": {predictor: [...]}} in the shape's layer and expert ids."""
+    Returns {"trace", "predictions": {predictor: [...]}} in the shape's layer and expert ids.
+    Raises ConfigError when the shape would need routing the trace never recorded (`check_expansion`)."""
+    check_expansion(recording, num_experts, top_k)
     src_ids = list(recording["moe_layer_ids"])
     period = len(src_ids)
     index_of = {layer: i for i, layer in enumerate(src_ids)}

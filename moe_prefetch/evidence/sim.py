@@ -21,12 +21,15 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..experts.layout import dense_bytes
 from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.lanes import prefetch_recall
 from ..runtime.loader import CHUNK_BYTES, DEMAND, Loader
-from ..runtime.placement import LaneCosts, Placement
+from ..runtime.placement import LaneCosts, Placement, device_call_s
 from ..runtime.scheduler import Scheduler
+from .anatomy import kv_layers
+from .bounds import config_bound, three_lane_bound
 
 
 class Clock:
@@ -138,20 +141,40 @@ class Roofline:
     hbm_bandwidth: float
     peak_flops: float
     dense_bytes_per_layer: float  # attention, norms, router: read once per forward
-    expert_bytes: int
+    expert_bytes: int  # what one device call on an expert reads (stored bytes + decode traffic)
     expert_params: int
-    head_bytes: float = 0.0  # embeddings and LM head, once per forward
+    head_bytes: float = 0.0  # lm_head read + one embedding row, once per forward
+    kv_bytes_per_layer: float = 0.0  # KV cache a decode token's attention reads, per layer (mean)
 
     def moe(self, tokens: int, distinct: int, top_k: int) -> float:
-        bytes_read = distinct * self.expert_bytes
-        flops = 2 * tokens * top_k * self.expert_params
-        return max(bytes_read / self.hbm_bandwidth, flops / self.peak_flops)
+        return device_call_s(
+            self.expert_bytes, self.expert_params, tokens * top_k, self.hbm_bandwidth, self.peak_flops, distinct
+        )
 
     def dense(self, tokens: int) -> float:
         return max(
-            self.dense_bytes_per_layer / self.hbm_bandwidth,
+            (self.dense_bytes_per_layer + self.kv_bytes_per_layer) / self.hbm_bandwidth,
             2 * tokens * self.dense_bytes_per_layer / 2 / self.peak_flops,
         )
+
+
+@dataclass(frozen=True)
+class CpuLane:
+    """The CPU side of a decode token, the fourth lane (host profiles' `framework_layer_s`,
+    `runtime_layer_s`, `framework_token_s`): at batch 1 the routing read blocks every MoE layer,
+    so the CPU never runs ahead of the device; a layer takes at least its CPU time, and the
+    generate loop's own time comes after the head, while the device idles."""
+
+    layer_s: float = 0.0  # stock transformers' eager forward, per decoder layer
+    moe_layer_s: float = 0.0  # the runtime's own, per MoE layer
+    token_s: float = 0.0  # generate's loop, per token
+
+    @classmethod
+    def of(cls, host) -> CpuLane:
+        return cls(host.framework_layer_s, host.runtime_layer_s, host.framework_token_s)
+
+    def per_token(self, num_layers: int, moe_layers: int) -> float:
+        return num_layers * self.layer_s + moe_layers * self.moe_layer_s + self.token_s
 
 
 def simulate(
@@ -172,6 +195,8 @@ def simulate(
     host_overlaps: bool = True,
     lanes: Placement | None = None,
     policy: str = "lru",
+    cpu: CpuLane | None = None,
+    warmup: int = 0,
 ) -> dict:
     """Replay `trace` (runtime.trace records) and return per-token times and totals.
 
@@ -181,15 +206,23 @@ def simulate(
     background, exactly as the runtime's scheduler decides. None: every miss waits (pre-hybrid).
     `host_overlaps=False` when the replayed device is the host CPU itself (a CPU run): there the
     host lane shares the device's cores and runs after the layer's device part, as the runtime does.
+    `cpu` adds the CPU lane (`CpuLane`): no layer finishes before its CPU time, and each token
+    pays the generate loop's.
 
     `predictor`: "recorded" replays `predictions` as recorded; "none" prefetches nothing;
     "oracle" and "previous-token" are rebuilt from the trace itself.
     With `roofline` compute is modelled; without it the trace's measured compute is used
     (needs `step_starts`). `policy` names the cache's eviction policy (`cache.make_policy`).
 
-    With `roofline` and `lanes` (the lane speeds; default `placement`) the result also holds
-    the three-lane bound of this replay (`three_lane_bound`): tokens/s if each decode token's
-    misses were split ideally between the host lane and the link."""
+    `warmup`: the first `warmup` decode tokens are the cold start (the cache fills from the
+    prefill's state); the figures (`tokens_per_s`, hit rates) are the steady state after them,
+    and `cold_start_tokens_per_s` is the warm-up's own speed.
+
+    With `roofline` and `lanes` (the lane speeds; default `placement`) the result also holds two
+    bounds: `bound_tokens_per_s`, the three-lane bound of this replay (`three_lane_bound`), and
+    `config_bound_tokens_per_s`, the bound of the configuration (`config_bound`): Belady's MIN
+    eviction on the same trace and slots, its misses split ideally between the host lane and the
+    link, which no eviction policy or predictor beats."""
     lanes = lanes or placement
     clock = Clock()
     cache = ExpertCache(cache_slots, expert_bytes, moe_layer_ids, policy=make_policy(policy))
@@ -205,6 +238,13 @@ def simulate(
     host_exposed = host_busy = 0.0
     host_experts = 0
     steps = sorted(by_step)
+    if warmup and warmup >= len(steps) - 1:
+        raise ConfigError(
+            f"the trace has {len(steps) - 1} decode tokens and warmup is {warmup}: nothing is left to measure; "
+            "lower --warmup or record a longer run (--max-new-tokens)"
+        )
+    first_measured = steps[0] + warmup  # the last step not measured: the prefill and the warm-up
+    marks = {}
     for i, step in enumerate(steps):
         records = by_step[step]
         begin = clock.now
@@ -218,6 +258,7 @@ def simulate(
         at_start = {key: loader.left(slot) for key, slot in cache.slot_of.items()}
         routed, misses = 0, []
         for layer_idx in range(num_layers):
+            layer_start = clock.now
             scheduler.prefetch(layer_idx, said.get((step, layer_idx), []))
             record = by_layer.get(layer_idx)
             if roofline is not None:
@@ -225,6 +266,8 @@ def simulate(
             elif record is not None:
                 clock.now += max(0.0, record["start"] - prev_end)  # attention and the rest, as measured
             if record is None:
+                if cpu is not None:
+                    clock.now = max(clock.now, layer_start + cpu.layer_s)
                 continue
             scheduler.tick(clock.now)
             experts = list(record["experts"])
@@ -260,12 +303,17 @@ def simulate(
                 host_busy += host_s
                 host_experts += len(host)
                 scheduler.upload(layer_idx, host)
+            if cpu is not None:
+                # The CPU issues the layer and reads its routing: the layer ends no sooner.
+                clock.now = max(clock.now, layer_start + cpu.layer_s + cpu.moe_layer_s)
             if roofline is None:
                 prev_end = record["end"]
         if roofline is not None:
             clock.now += roofline.head_bytes / roofline.hbm_bandwidth
         elif i + 1 < len(steps) and steps[i + 1] < len(step_starts):
             clock.now += max(0.0, step_starts[steps[i + 1]] - prev_end)  # sampling, loop overhead
+        if cpu is not None and roofline is not None:
+            clock.now += cpu.token_s  # after the token is read back, before the next forward
         stall = sum(loader._stalls.values()) - stall_before
         work.append((routed, misses))
         tokens.append(
@@ -278,41 +326,56 @@ def simulate(
                 "host_experts": host_experts - host_before[2],
             }
         )
-        if i == 0:
-            after_first = cache.totals()  # step 0 is the prefill: decode counters start after it
-    decode = [t for t in tokens if t["step"] > 0] or tokens
-    if roofline is None and len(step_starts) <= steps[-1] + 1 and decode:
-        decode = decode[:-1] or decode  # the last step has no measured end
+        if step in (steps[0], first_measured):
+            marks[step] = (cache.totals(), host_experts)
+    measured = [t for t in tokens if t["step"] > first_measured] or [t for t in tokens if t["step"] > steps[0]]
+    cold = [t for t in tokens if steps[0] < t["step"] <= first_measured]
+    if roofline is None and len(step_starts) <= steps[-1] + 1 and measured:
+        measured = measured[:-1] or measured  # the last step has no measured end
     totals = cache.totals()
+    after, host_after = marks.get(first_measured, marks[steps[0]])
     demand = totals.hits + totals.misses + host_experts  # every routed expert, wherever it ran
-    decode_hits = totals.hits - after_first.hits
-    decode_misses = totals.misses - after_first.misses
-    decode_used = totals.prefetch_used - after_first.prefetch_used
-    decode_issued = totals.prefetch_issued - after_first.prefetch_issued
-    seconds = sum(t["seconds"] for t in decode)
-    stall = sum(t["stall_s"] for t in decode)
-    decode_host = sum(t["host_experts"] for t in tokens[1:])
+    decode_hits = totals.hits - after.hits
+    decode_misses = totals.misses - after.misses
+    decode_used = totals.prefetch_used - after.prefetch_used
+    decode_issued = totals.prefetch_issued - after.prefetch_issued
+    seconds = sum(t["seconds"] for t in measured)
+    stall = sum(t["stall_s"] for t in measured)
+    decode_host = host_experts - host_after
     routed_decode = decode_hits + decode_misses + decode_host
-    bound = None
+    bound = config = None
     if roofline is not None and lanes is not None:
-        kept = {id(t) for t in decode}
-        bound = three_lane_bound([w for t, w in zip(tokens, work) if id(t) in kept], roofline, lanes, num_layers)
+        kept = {id(t) for t in measured}
+        cpu_token = 0.0 if cpu is None else cpu.per_token(num_layers, len(moe_layer_ids))
+        bound = three_lane_bound(
+            [w for t, w in zip(tokens, work) if id(t) in kept], roofline, lanes, num_layers, cpu_token
+        )
+        window = {t["step"] for t in measured}
+        accesses = [
+            [(r["layer_idx"], e) for r in by_step[step] for e in r["experts"]] for step in steps if step in window
+        ]
+        config = config_bound(accesses, cache_slots, roofline, lanes, num_layers, cpu_token)
+    n = len(measured)
     return {
         "on_miss": placement.on_miss if placement is not None else "wait",
         "policy": policy,
         "bound_tokens_per_s": bound,
+        "config_bound_tokens_per_s": config,
+        "warmup": warmup,
+        "cold_start_tokens_per_s": len(cold) / sum(t["seconds"] for t in cold) if cold else None,
         "host_experts": sum(t["host_experts"] for t in tokens),
-        "host_s_per_token": sum(t["host_s"] for t in decode) / len(decode) if decode else 0.0,
-        "host_exposed_s_per_token": sum(t["host_exposed_s"] for t in decode) / len(decode) if decode else 0.0,
+        "host_s_per_token": sum(t["host_s"] for t in measured) / n if n else 0.0,
+        "host_exposed_s_per_token": sum(t["host_exposed_s"] for t in measured) / n if n else 0.0,
         "tokens": tokens,
-        "decode_tokens": len(decode),
-        "tokens_per_s": len(decode) / seconds if seconds else 0.0,
-        "median_token_s": statistics.median(t["seconds"] for t in decode) if decode else 0.0,
+        "decode_tokens": n,
+        "tokens_per_s": n / seconds if seconds else 0.0,
+        "median_token_s": statistics.median(t["seconds"] for t in measured) if measured else 0.0,
         "stall_share": stall / seconds if seconds else 0.0,
-        "compute_s_per_token": (seconds - stall) / len(decode) if decode else 0.0,
-        "exposed_transfer_s_per_token": stall / len(decode) if decode else 0.0,
+        "compute_s_per_token": (seconds - stall) / n if n else 0.0,
+        "exposed_transfer_s_per_token": stall / n if n else 0.0,
+        "cpu_bound_tokens_per_s": None if cpu is None else 1 / cpu.per_token(num_layers, len(moe_layer_ids)),
         "hit_rate": totals.hits / demand if demand else 0.0,
-        # decode only (the prefill touches nearly every expert), with the bench's definitions
+        # the measured decode tokens only (the prefill touches nearly every expert), with the bench's definitions
         "decode_hit_rate": decode_hits / routed_decode if routed_decode else 0.0,
         "decode_prefetch_precision": decode_used / decode_issued if decode_issued else 0.0,
         "decode_prefetch_recall": prefetch_recall(
@@ -323,41 +386,6 @@ def simulate(
         "prefetch_used": totals.prefetch_used,
         "bytes_loaded": totals.bytes_loaded,
     }
-
-
-def three_lane_bound(
-    work: list[tuple[int, list[float]]], roofline: Roofline, lanes: Placement, num_layers: int
-) -> float:
-    """Tokens/s if every token's misses were split ideally between the host lane and the link.
-
-    `work` holds, per decode token, (routed experts, misses): a miss is a routed expert that
-    was not on the device when the token began, given as the share of its copy still to move
-    then (1.0 if absent, less if its upload was under way). The device computes the dense part
-    and every routed expert not sent to the host; x misses run on the host (one decode call
-    each), the others' copies cross the link, the three lanes in parallel, never waiting on
-    each other. For each x the host takes the misses with the most copy left:
-
-        token >= min over x of max(dense + (routed - x) * device, x * host, link time of the rest)
-
-    Whatever a replay does within the token (placement, prefetches, waits), its misses take
-    these lanes at least this long, so the bound's tokens/s is at least the replay's; the ratio
-    is what placement and prefetching leave on the table given the pool each token starts with.
-    Uploads that shaped that pool in earlier tokens are not charged to it."""
-    if not work:
-        return 0.0
-    dense = num_layers * roofline.dense(1) + roofline.head_bytes / roofline.hbm_bandwidth
-    device = roofline.expert_bytes / roofline.hbm_bandwidth  # one expert read once (decode is bytes-bound)
-    host, link = lanes.host_s(1), lanes.link_s()
-    seconds = 0.0
-    for routed, misses in work:
-        shares = sorted(misses, reverse=True)
-        rest = sum(shares)  # link time (in copies) of the misses not on the host
-        best = max(dense + routed * device, rest * link)
-        for x, share in enumerate(shares, 1):
-            rest -= share
-            best = min(best, max(dense + (routed - x) * device, x * host, rest * link))
-        seconds += best
-    return len(work) / seconds
 
 
 def _predictions(
@@ -397,6 +425,8 @@ def replay_payload(runtime) -> dict:
         "head_bytes": head,
         "lookahead": runtime.config.lookahead,
         "predictor": getattr(runtime.predictor, "name", "none"),
+        # per layer with a KV cache: [bytes per token at 2 bytes a value, window or None]
+        "kv_layers": [list(x) for x in kv_layers(runtime.model.config, 2)],
     }
 
 
@@ -410,18 +440,24 @@ def simulate_replay(
     costs: LaneCosts | None = None,
     policy: str = "lru",
     experts: dict | None = None,
+    cpu: CpuLane | None = None,
+    warmup: int = 0,
+    kv_bytes: int = 0,
 ) -> dict:
     """Simulate a recorded run (`replay_payload`) on a hardware profile with roofline compute,
     with weights at `itemsize` bytes per parameter (2: bf16, as on a GPU) whatever ran here.
     `on_miss` other than "wait" adds the host lane, at `costs` (default: the profile's device
     and link with the shipped desktop host, `profiles.default_lane_costs`). `experts`: compressed
     experts (`expert_traffic`): the bytes the link moves, and the bytes the host lane and the
-    device touch per expert call (decoding included); None: plain experts at `itemsize`."""
+    device touch per expert call (decoding included); None: plain experts at `itemsize`.
+    `cpu`: the CPU lane (`CpuLane`; None: none, the device alone). `warmup`: decode tokens of
+    cold start before the steady state is measured. `kv_bytes`: the KV cache each decode token's
+    attention reads (`Anatomy.kv_bytes(context)`), spread over the layers."""
     scale = itemsize / replay.get("itemsize", itemsize)
     plain = replay["expert_params"] * itemsize
     experts = experts or {"bytes": plain, "host_bytes": plain, "device_bytes": plain}
     expert_bytes = experts["bytes"]
-    lanes = _lanes(on_miss, costs, profile, expert_bytes, replay["expert_params"], experts["host_bytes"])
+    lanes = _lanes(on_miss, costs, profile, experts, replay["expert_params"])
     roofline = Roofline(
         profile.hbm_bandwidth_bytes_per_s,
         profile.peak_bf16_flops,
@@ -429,6 +465,7 @@ def simulate_replay(
         experts["device_bytes"],
         replay["expert_params"],
         replay["head_bytes"] * scale,
+        kv_bytes / replay["num_layers"],
     )
     result = simulate(
         replay["trace"],
@@ -445,6 +482,8 @@ def simulate_replay(
         placement=lanes if on_miss != "wait" else None,
         lanes=lanes,
         policy=policy,
+        cpu=cpu,
+        warmup=warmup,
     )
     result.pop("tokens")
     return {
@@ -456,28 +495,11 @@ def simulate_replay(
     }
 
 
-def _lanes(
-    on_miss: str, costs: LaneCosts | None, profile, expert_bytes: int, expert_params: int, host_bytes: int | None = None
-) -> Placement:
+def _lanes(on_miss: str, costs: LaneCosts | None, profile, experts: dict, expert_params: int) -> Placement:
     """The runtime's placement rule on the simulated machine's lanes (for "wait" too: the
     three-lane bound needs the host lane's speed whatever the replay's own placement)."""
     if costs is None:
         from ..runtime.profiles import default_lane_costs
 
         costs = default_lane_costs(profile)
-    return Placement(costs, expert_bytes, expert_params, on_miss, host_bytes)
-
-
-def expert_traffic(codec, experts_module=None) -> dict:
-    """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
-    host-lane call touches (`host_bytes`: the stored bytes where the packed int8 kernel reads
-    them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
-    stored bytes, plus the single-pass decode's traffic when compressed)."""
-    from ..experts.host_kernels import packed_int8
-
-    packed = experts_module is not None and packed_int8(codec, experts_module)
-    return {
-        "bytes": codec.nbytes,
-        "host_bytes": codec.nbytes if packed else codec.host_bytes,
-        "device_bytes": codec.device_bytes,
-    }
+    return Placement(costs, experts["bytes"], expert_params, on_miss, experts["host_bytes"], experts["device_bytes"])

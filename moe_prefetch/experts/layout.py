@@ -196,16 +196,17 @@ def spec_of(layers: list[MoELayer]) -> ExpertSpec:
 
 
 def dense_bytes(model, layers) -> tuple[int, int]:
-    """(bytes per decoder layer outside the experts, embedding + head bytes)."""
+    """(bytes a decode token reads per decoder layer outside the experts, bytes it reads in the
+    head: the lm_head, plus the one embedding row it looks up). A tied head is one tensor."""
     expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
-    head = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if id(p) not in expert_ids and ("embed" in n or "lm_head" in n)
-    )
+    embed = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    head = embed if out is None else out.weight
+    tables = {id(embed), id(head)}
     rest = sum(
         p.numel() * p.element_size()
         for n, p in model.named_parameters()
-        if id(p) not in expert_ids and not ("embed" in n or "lm_head" in n)
+        if id(p) not in expert_ids and id(p) not in tables and not ("embed" in n or "lm_head" in n)
     )
-    return rest // model.config.num_hidden_layers, head
+    read = head.numel() * head.element_size() + embed.shape[-1] * embed.element_size()
+    return rest // model.config.num_hidden_layers, read

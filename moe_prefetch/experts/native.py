@@ -224,7 +224,7 @@ def read_quantization(hf_config) -> dict | None:
 
 def expected_formats(hf_config, spec) -> dict[str, ParamFormat]:
     """The native format each expert parameter of a quantized config will most likely keep, from
-    config.json alone (for sizing: `inspect`, `evidence.plan.model_size`). `load` checks each against
+    config.json alone (for sizing: `inspect`, `evidence.anatomy`). `load` checks each against
     the checkpoint (`NativeExperts.choose`) and may store some dequantized instead."""
     quant = getattr(hf_config, "quantization_config", None)
     if quant is None:

@@ -1,5 +1,5 @@
 """Checkpoint folders: the shipped demo names, config.json, which safetensors file holds each
-tensor, and the dtype a model runs in. No runtime here, so sizing (`evidence.plan.model_size`) and
+tensor, and the dtype a model runs in. No runtime here, so sizing (`evidence.anatomy`) and
 `load` can both use it without importing each other."""
 
 from __future__ import annotations

@@ -204,9 +204,20 @@ def tables(run: dict) -> list:
 # -- bench -------------------------------------------------------------------------------------
 # What the two bound rows of a measured bench are (bench._bounds).
 BOUND_ROWS = {
-    "all-resident": "every expert on the device: compute only",
+    "all-resident": "every expert on the device: compute and the CPU lane (only where every expert fits)",
     "bandwidth-bound-on-demand": "each token's routed experts copied in over the link, nothing cached or predicted",
 }
+
+
+def cache_label(row: dict) -> str:
+    """How a bench row's cache was chosen: 'fit' (the largest that fits each profile), a share of
+    that, a what-if share of bf16 experts' memory, or (measured benches) a share of every expert."""
+    if row.get("what_if"):
+        return f"{row['cache_fraction']:g} bf16?"
+    cache = row.get("cache")
+    if cache is None:
+        return f"{row['cache_fraction']:g}"
+    return "fit" if cache == "fit" else f"{cache:g} fit"
 
 
 def rate(tokens_per_s: float | None) -> str:
@@ -245,7 +256,13 @@ def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
         ("policy", "policy: the cache's eviction policy", "policy", True) if policies else None,
         ("experts", "experts: how experts were stored (--experts-dtype)", "experts_dtype", True) if formats else None,
         ("predictor", None, "predictor", True),
-        ("cache", "cache: device slots as a share of all experts", "cache_fraction", False),
+        (
+            "cache",
+            "cache: fit, the largest cache that fits each profile (SHARE fit: a share of it); measured benches: a "
+            "share of all experts; N bf16?: a what-if, a share of bf16 experts' memory",
+            "cache_fraction",
+            False,
+        ),
         ("hit", "hit: hits / (hits + misses), every token", "hit_rate", False),
         ("decode\nhit", "decode hit: the same without the first token (prefill)", "decode_hit_rate", False),
         ("pf\nprec", "pf prec: prefetch precision, prefetches used / issued", "prefetch_precision", False),
@@ -259,7 +276,7 @@ def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
         ("tok/s", f"tok/s: decode tokens/s measured on {meta.get('measured_on', '?')}", "tokens_per_s", False),
     ]
     cells = {
-        "cache_fraction": lambda r: f"{r['cache_fraction']:g}",
+        "cache_fraction": cache_label,
         "prefetch_precision": lambda r: pct(r.get("prefetch_precision")) if predicts(r) else "-",
         "prefetch_recall": lambda r: pct(r.get("prefetch_recall")) if predicts(r) else "-",
         "tokens_per_s": lambda r: rate(r.get("tokens_per_s")),
@@ -277,12 +294,33 @@ def bench_table(result: dict, title: str, *, policies: bool, formats: bool):
         if label or any(v != "-" for v in values):
             shown.append((header, values, label))
             legend += [text] if text else []
+    # A measured bench's slots are its own (the same on every profile, the cache column) and its
+    # bounds stay in the JSON: the table keeps to 120 columns with two profiles.
+    simulated = meta.get("measured_on") == "simulated"
+    fits = lambda r, p: (r.get("fits") or {}).get(p, True)  # noqa: E731
+    slots = lambda r, p: r["cache_slots"].get(p) if isinstance(r.get("cache_slots"), dict) else None  # noqa: E731
     for kind, key, text in (
-        ("sim", "simulated", "decode tokens/s simulated on that hardware profile"),
-        ("bound", "bound", "the row's three-lane bound in tokens/s (misses split ideally between host lane and link)"),
+        ("slots", None, "the cache on that profile, in expert slots"),
+        (
+            "sim",
+            "simulated",
+            "steady-state decode tokens/s simulated on that hardware profile (no fit: the "
+            "configuration does not fit its device or host memory, see --json)",
+        ),
+        (
+            "bound",
+            "config_bound",
+            "the configuration's bound in tokens/s (Belady's MIN on the same trace and slots, "
+            "the best host/link split, the CPU lane: no policy or predictor beats it)",
+        ),
     ):
-        values = {p: [rate(r.get(key, {}).get(p)) for r in rows] for p in profiles}
-        names = [p for p in profiles if any(v != "-" for v in values[p])]
+        if kind != "sim" and not simulated:
+            continue
+        if key is None:
+            values = {p: [str(slots(r, p)) if slots(r, p) is not None else "-" for r in rows] for p in profiles}
+        else:
+            values = {p: [rate(r.get(key, {}).get(p)) if fits(r, p) else "no fit" for r in rows] for p in profiles}
+        names = [p for p in profiles if any(v not in ("-", "no fit") for v in values[p])]
         shown += [(f"{kind}\n{stacked(p)}", values[p], False) for p in names]
         legend += [f"{kind} PROFILE: {text} ({', '.join(names)})"] if names else []
     bounds = [name for name in BOUND_ROWS if any(r["predictor"] == name for r in rows)]

@@ -53,6 +53,13 @@ DEFAULT_COSTS = LaneCosts(
 )
 
 
+def device_call_s(device_bytes: float, params: float, pairs: int, bytes_per_s: float, flops: float, experts: int = 1):
+    """The one device-time model for experts, shared by the placement and the simulator's
+    roofline: `experts` experts' bytes read once (stored bytes plus decode traffic) against the
+    FLOPs of `pairs` (token, expert) pairs on them, whichever takes longer."""
+    return max(experts * device_bytes / bytes_per_s, 2 * params * pairs / flops)
+
+
 class Placement:
     """Per-expert lane times for one expert size, and the on-miss rule."""
 
@@ -63,6 +70,7 @@ class Placement:
         expert_params: int,
         on_miss: str = "auto",
         host_bytes: int | None = None,
+        device_bytes: int | None = None,
     ):
         if on_miss not in ON_MISS:
             raise ValueError(f"on_miss={on_miss!r}; choose one of {', '.join(ON_MISS)}")
@@ -71,6 +79,9 @@ class Placement:
         # DRAM bytes one host-lane call touches: the stored expert, plus its decoded copy written
         # and read back when compressed (`compression.Codec.host_bytes`).
         self.host_bytes = expert_bytes if host_bytes is None else host_bytes
+        # Memory bytes one device call touches: the stored expert, plus the decode's traffic when
+        # compressed (`compression.Codec.device_bytes`); the simulator's roofline charges the same.
+        self.device_bytes = expert_bytes if device_bytes is None else device_bytes
         self.expert_params = expert_params
         self.on_miss = on_miss
 
@@ -80,7 +91,7 @@ class Placement:
 
     def device_s(self, tokens: int) -> float:
         c = self.costs
-        return max(self.expert_bytes / c.device_bytes_per_s, 2 * self.expert_params * tokens / c.device_flops)
+        return device_call_s(self.device_bytes, self.expert_params, tokens, c.device_bytes_per_s, c.device_flops)
 
     def link_s(self) -> float:
         return self.expert_bytes / self.costs.link_bytes_per_s

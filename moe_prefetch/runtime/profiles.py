@@ -125,8 +125,26 @@ def list_profiles() -> list[Profile]:
     return sorted(found.values(), key=lambda p: p.name)
 
 
+# The name that means "the profile `calibrate` measured on this machine".
+LOCAL = "local"
+
+
+def _newest_measured(folder: Path, what: str) -> Path:
+    """The newest profile in `folder` whose sources say it was measured (`calibrate` writes them)."""
+    found = [p for p in (sorted(folder.glob("*.toml")) if folder.is_dir() else []) if "MEASURED by" in p.read_text()]
+    if not found:
+        raise ConfigError(
+            f"no {what} profile measured on this machine in {folder}; run `moe-prefetch calibrate` first, "
+            "or name a shipped one (`moe-prefetch profiles`)"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def load_profile(name: str) -> Profile:
-    """A profile by name (searched in `profile_dirs`) or by path to a .toml file."""
+    """A profile by name (searched in `profile_dirs`), by path to a .toml file, or 'local': the
+    newest one `calibrate` measured on this machine."""
+    if name == LOCAL:
+        return read_profile(_newest_measured(user_dir(), "device"))
     if name.endswith(".toml") or os.sep in name:
         return read_profile(Path(name).expanduser())
     for folder in profile_dirs():
@@ -168,6 +186,11 @@ HOST_NUMBERS = (
     "expert_bytes_per_s",
     "host_flops",
     "expert_call_overhead_s",
+    "memory_bytes",
+    "pinnable_fraction",
+    "framework_layer_s",
+    "runtime_layer_s",
+    "framework_token_s",
 )
 HOST_KEYS = ("name", "description", *HOST_NUMBERS, "compute_dtype", "unified_memory")
 HOST_DTYPES = ("bfloat16", "float16", "float32")
@@ -190,6 +213,14 @@ class HostProfile:
     expert_bytes_per_s: float  # expert weight bytes/s one batch-1 expert call achieves
     host_flops: float  # achieved by expert matmuls with many tokens, in compute_dtype
     expert_call_overhead_s: float  # fixed cost of one expert call (op dispatch, thread wake-up)
+    memory_bytes: int  # installed DRAM
+    pinnable_fraction: float  # share of it the host store may pin (the OS and other programs keep the rest)
+    # The CPU side of a decode token, the fourth lane: the host time of one decoder layer of stock
+    # transformers' eager forward at batch 1 (Python and kernel launches), the runtime's own per
+    # MoE layer (routing read, scheduler, placement), and the generate loop's per token.
+    framework_layer_s: float
+    runtime_layer_s: float
+    framework_token_s: float
     compute_dtype: str
     unified_memory: bool
     sources: dict[str, str] = field(compare=False)
@@ -205,6 +236,12 @@ class HostProfile:
                 raise ConfigError(f"host profile {self.name!r}{where}: {key} = {value!r} must be a positive number")
         if not isinstance(self.physical_cores, int):
             raise ConfigError(f"host profile {self.name!r}{where}: physical_cores must be an integer")
+        if not isinstance(self.memory_bytes, int):
+            raise ConfigError(f"host profile {self.name!r}{where}: memory_bytes must be an integer byte count")
+        if not 0 < self.pinnable_fraction <= 1:
+            raise ConfigError(
+                f"host profile {self.name!r}{where}: pinnable_fraction = {self.pinnable_fraction} must be in (0, 1]"
+            )
         if self.dram_bandwidth_bytes_per_s > self.dram_peak_bytes_per_s:
             raise ConfigError(
                 f"host profile {self.name!r}{where}: dram_bandwidth_bytes_per_s (achieved) exceeds "
@@ -241,7 +278,8 @@ def read_host_profile(path: str | Path) -> HostProfile:
     missing = [k for k in (*HOST_KEYS, "sources") if k not in data]
     if missing:
         raise ConfigError(
-            f"host profile {path} lacks {', '.join(missing)}; see hardware_profiles/README.md for the schema"
+            f"host profile {path} lacks {', '.join(missing)}; see hardware_profiles/README.md for the schema "
+            "(a profile from an older `moe-prefetch calibrate`: run it again)"
         )
     if not isinstance(data["sources"], dict):
         raise ConfigError(f"host profile {path}: sources must be a table ([sources])")
@@ -265,7 +303,10 @@ def list_host_profiles() -> list[HostProfile]:
 
 
 def load_host_profile(name: str) -> HostProfile:
-    """A host profile by name (searched in `host_profile_dirs`) or by path to a .toml file."""
+    """A host profile by name (searched in `host_profile_dirs`), by path to a .toml file, or
+    'local': the newest one `calibrate` measured on this machine."""
+    if name == LOCAL:
+        return read_host_profile(_newest_measured(user_dir() / "host", "host"))
     if name.endswith(".toml") or os.sep in name:
         return read_host_profile(Path(name).expanduser())
     for folder in host_profile_dirs():
@@ -280,7 +321,10 @@ def host_to_toml(host: HostProfile) -> str:
     """The host profile in the schema of hardware_profiles/README.md."""
     lines = [f"{k} = {json.dumps(getattr(host, k))}" for k in ("name", "description")]
     lines.append(f"physical_cores = {host.physical_cores}")
-    lines += [f"{k} = {float(getattr(host, k)):.6g}".replace("e+", "e") for k in HOST_NUMBERS[1:]]
+    lines.append(f"memory_bytes = {host.memory_bytes}")
+    lines += [
+        f"{k} = {float(getattr(host, k)):.6g}".replace("e+", "e") for k in HOST_NUMBERS[1:] if k != "memory_bytes"
+    ]
     lines += [
         f"compute_dtype = {json.dumps(host.compute_dtype)}",
         f"unified_memory = {json.dumps(host.unified_memory)}",

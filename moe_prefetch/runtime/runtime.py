@@ -135,7 +135,12 @@ class Runtime:
         # The host lane reads packed int8 experts as stored; anything else compressed is decoded first.
         host_bytes = self.codec.nbytes if all(self._host_int8.values()) else self.codec.host_bytes
         self.placement = Placement(
-            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, host_bytes
+            costs or default_costs(device),
+            self.codec.nbytes,
+            spec.numel,
+            config.on_miss,
+            host_bytes,
+            device_bytes=self.codec.device_bytes,
         )
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
