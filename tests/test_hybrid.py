@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
@@ -154,3 +156,25 @@ def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place(
     large = Placement(costs, 4 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
     assert large.on_host(tokens=1, in_flight=False)
     assert DEFAULT_COSTS.split_call_s == 0  # a GPU machine's lanes: the host lane runs beside the device
+
+
+@pytest.mark.parametrize("predictor", ["none", "next-gate"])
+def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor):
+    """On a CPU device a use in a slot saves no host time (same cores, same memory): with
+    on_miss="host" neither host-served experts nor predictions are copied into slots, since each
+    copy only competes with the host lane for memory bandwidth (issue 19: ~280 MB per token)."""
+    import torch
+    from tiny_models import make_model, prompt
+
+    import moe_prefetch
+
+    model = make_model("qwen3_moe")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, on_miss="host", predictor=predictor)
+    try:
+        with torch.no_grad():
+            model.generate(prompt(1, 6), max_new_tokens=4, do_sample=False)
+        stats = runtime.stats()
+        assert stats["host_experts"] > 0
+        assert stats["uploads"] == 0 and stats["bytes_loaded"] == 0 and stats["prefetch_issued"] == 0
+    finally:
+        runtime.detach()

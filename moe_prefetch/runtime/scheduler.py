@@ -22,7 +22,8 @@ Rules:
   less; at most UPLOAD_WINDOW_LAYERS layers' worth of link time is queued. With
   on_miss="wait" the prefetch rules above apply unchanged; where a use on the device saves no
   host time (a CPU device), host-served experts are uploaded behind every prediction, within a
-  budget of copies in flight.
+  budget of copies in flight; with on_miss="host" there, nothing is copied at all (no copy
+  could pay: `_copies_cannot_pay`).
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -109,6 +110,8 @@ class Scheduler:
         if self._investing():
             self._invest([((t, e), d) for t, d, es in predictions if t > layer_idx for e in es])
             return
+        if self._copies_cannot_pay():
+            return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
         outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
@@ -173,8 +176,16 @@ class Scheduler:
         """Experts just served on the host: upload those worth their link time (`_invest`)."""
         if self._investing():
             self._invest([((layer_idx, e), None) for e in experts])
-        else:
+        elif not self._copies_cannot_pay():
             self._upload_recent(layer_idx, experts)
+
+    def _copies_cannot_pay(self) -> bool:
+        """Every miss runs on the host and a use on the device saves no host time (a CPU device:
+        both lanes are the same cores and the same memory): a copy into a slot only competes with
+        the host lane for memory bandwidth, so neither predictions nor host-served experts are
+        copied. Issue 19 measured ~89 such uploads per token (~280 MB) on a bf16 CPU run, none used."""
+        placement = self.placement
+        return placement is not None and placement.on_miss == "host" and _saving(placement) <= 0
 
     def _investing(self) -> bool:
         """Whether misses run on the host and a use on the device saves host time, so uploads are
