@@ -105,9 +105,10 @@ def test_host_lane_threads_leave_a_core_on_cuda_and_follow_the_setting():
     assert torch.get_num_threads() == before, "detach restores the thread count"
 
 
-def test_host_lane_runs_one_kernel_call_per_store_chunk():
-    """Several experts on the host in one layer call cost one stock-kernel call over the store's
-    chunk of that layer (its experts are consecutive there), not one call each."""
+def test_host_lane_runs_one_pass_per_layer_with_two_kernel_calls_per_expert():
+    """Several experts on the host in one layer call cost one host-lane pass: two matmuls per
+    host expert (up, down) and nothing for the layer's other experts (grouped_mm on a CPU pays a
+    matmul per group, empty ones included)."""
     import torch
     from tiny_models import make_model, prompt
 
@@ -120,8 +121,11 @@ def test_host_lane_runs_one_kernel_call_per_store_chunk():
             model(prompt(batch=2, length=6))
         calls = [r for r in runtime.trace if r["host"]]
         assert any(len(r["host"]) > 1 for r in calls)
-        assert runtime.kernel_calls["host_span"] == len(calls)  # one chunk per layer at this size
-        assert runtime.kernel_calls["host_packed"] == 0
+        stats = runtime.stats()
+        assert stats["host_passes"] == len(calls)
+        experts = sum(len(r["host"]) for r in calls)
+        assert stats["host_kernel_calls"] == {"dense": 2 * experts, "int8": 0, "int4": 0, "decode": 0}
+        assert stats["host_kernels"]["down_proj"].startswith("F.linear")
     finally:
         runtime.detach()
 

@@ -466,14 +466,14 @@ def _lanes(
 
 def expert_traffic(codec, experts_module=None) -> dict:
     """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
-    host-lane call touches (`host_bytes`: the stored bytes where the packed int8 kernel reads
+    host-lane call touches (`host_bytes`: the stored bytes where the host lane's kernels read
     them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
     stored bytes, plus the single-pass decode's traffic when compressed)."""
-    from ..experts.host_kernels import packed_int8
+    from ..experts.host_kernels import plan, reads_stored
 
-    packed = experts_module is not None and packed_int8(codec, experts_module)
+    stored = experts_module is not None and reads_stored(plan(codec, experts_module))
     return {
         "bytes": codec.nbytes,
-        "host_bytes": codec.nbytes if packed else codec.host_bytes,
+        "host_bytes": codec.nbytes if stored else codec.host_bytes,
         "device_bytes": codec.device_bytes,
     }
