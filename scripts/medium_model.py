@@ -44,7 +44,7 @@ def build(folder: Path) -> None:
     """Write the medium model (random, seed 0, bf16) and the demo's tokenizer into `folder`."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from moe_prefetch.folders import resolve_path
+    from moe_prefetch.model.folders import resolve_path
 
     if (folder / "config.json").exists():
         return
