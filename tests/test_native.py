@@ -316,7 +316,7 @@ def test_quantize_a_native_checkpoint_ahead_of_time(tmp_path, monkeypatch):
     calls = []
     encode = compression.Codec.encode
     monkeypatch.setattr(compression.Codec, "encode", lambda self, t: calls.append(1) or encode(self, t))
-    model, runtime = moe_prefetch.load(tmp_path, device="cpu", dtype=torch.float32, cache_slots=3, experts_dtype="int4")
+    model, runtime = moe_prefetch.load(tmp_path, device="cpu", cache_slots=3, experts_dtype="int4")
     try:
         assert calls == [] and runtime.stats()["experts_dtype"] == "int4"
         ids = prompt(batch=1, length=5)
