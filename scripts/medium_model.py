@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -116,6 +117,10 @@ def main() -> None:
             host_s_per_token=per_token,
             # expert bytes the host lane read per second of its own time
             expert_gb_s=stats["expert_bytes"] * stats["host_experts"] / stats["host_seconds"] / 1e9,
+            # the runtime's own CPU-side work per MoE layer (routing read, plan, bookkeeping): a
+            # layer call's time without its host lane (no expert runs elsewhere here)
+            runtime_us_per_layer=1e6
+            * statistics.median(r["end"] - r["start"] - r["host_s"] - r["wait_s"] for r in runtime.trace),
         )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
