@@ -40,6 +40,15 @@ class HostLane:
             self._projections[layer.layer_idx] = {
                 name: Projection(codec, name, kind, transposed) for name, kind in self.kinds[layer.layer_idx].items()
             }
+        # Half-precision matmuls on the stored weights go to torch's own gemv, not oneDNN: at
+        # batch 1 oneDNN's bf16 path costs ~18 us per call and reads a 3 MB expert at about half
+        # the speed (scripts/medium_model.py; docs/benchmarks.md, section 9). The switch is
+        # torch's one global flag, set only around the lane's matmuls and restored after; another
+        # thread's matmul in that window would take the same path (a speed, not a result, change).
+        half = codec.spec.dtype in (torch.bfloat16, torch.float16)
+        self._native_gemv = {
+            idx: half and any(k in ("dense", "decode") for k in kinds.values()) for idx, kinds in self.kinds.items()
+        }
         self._parts: dict[tuple[int, int], dict] = {}
         self.calls = dict.fromkeys(KERNEL_NAMES, 0)  # kernel calls per kind
         self.passes = 0
@@ -86,11 +95,28 @@ class HostLane:
         else:
             rows = torch.tensor([p // top_k for p in pairs])
             xs = hidden.index_select(0, rows).to(dtype).split(counts)
+        parts = [self._expert_parts(layer_idx, e) for e in experts]
+        native = self._native_gemv[layer_idx]
+        if native:
+            was = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        try:
+            out = self._experts(layer_idx, module, parts, xs, counts)
+        finally:
+            if native:
+                torch._C._set_mkldnn_enabled(was)
+        scale = weights.reshape(-1)[torch.tensor(pairs)].float().unsqueeze(-1)
+        if decode:
+            return (out.float() * scale).sum(0, keepdim=True)
+        acc = torch.zeros((hidden.shape[0], out.shape[-1]), dtype=torch.float32)
+        return acc.index_add_(0, rows, out.float() * scale)
+
+    def _experts(self, layer_idx: int, module, parts: list, xs, counts: list[int]) -> torch.Tensor:
+        """Up projection per expert, the gate once, down projection per expert: [P, D]."""
         projs = self._projections[layer_idx]
         up_name, down_name = projections(module)
         up, down = projs[up_name], projs[down_name]
         bias = getattr(module, "has_bias", False)
-        parts = [self._expert_parts(layer_idx, e) for e in experts]
         ups = [up(x, p[up_name]) for x, p in zip(xs, parts)]
         if bias:
             ups = [u + projs[f"{up_name}_bias"].bias(p[f"{up_name}_bias"]) for u, p in zip(ups, parts)]
@@ -99,16 +125,12 @@ class HostLane:
         downs = [down(x, p[down_name]) for x, p in zip(h.split(counts), parts)]
         if bias:
             downs = [d + projs["down_proj_bias"].bias(p["down_proj_bias"]) for d, p in zip(downs, parts)]
-        self.calls[up.kind] += len(experts)
-        self.calls[down.kind] += len(experts)
+        self.calls[up.kind] += len(parts)
+        self.calls[down.kind] += len(parts)
         out = torch.cat(downs) if len(downs) > 1 else downs[0]  # [P, D]
         if getattr(module, "has_post_expert_norm", False):
             out = module.post_expert_norm(out)
-        scale = weights.reshape(-1)[torch.tensor(pairs)].float().unsqueeze(-1)
-        if decode:
-            return (out.float() * scale).sum(0, keepdim=True)
-        acc = torch.zeros((hidden.shape[0], out.shape[-1]), dtype=torch.float32)
-        return acc.index_add_(0, rows, out.float() * scale)
+        return out
 
     def close(self) -> None:
         """Drop every view of the store (its memory goes back once none is left)."""
