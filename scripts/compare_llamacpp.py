@@ -77,7 +77,9 @@ def convert(llama_src: Path, folder: Path, out: Path, outtype: str) -> None:
         "script = sys.argv[1] + '/convert_hf_to_gguf.py'; sys.argv = [script] + sys.argv[2:];"
         "runpy.run_path(script, run_name='__main__')"
     )
-    run([sys.executable, "-c", code, str(llama_src), str(folder), "--outtype", outtype, "--outfile", str(out)])
+    partial = out.with_suffix(".partial")  # renamed once complete: an interrupted run is redone
+    run([sys.executable, "-c", code, str(llama_src), str(folder), "--outtype", outtype, "--outfile", str(partial)])
+    partial.rename(out)
 
 
 def quantize(llama_python: str, src: Path, out: Path, ftype: str) -> None:
@@ -89,7 +91,9 @@ def quantize(llama_python: str, src: Path, out: Path, ftype: str) -> None:
         f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{ftype.upper()};"
         "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p); sys.exit(rc)"
     )
-    run([llama_python, "-c", code, str(src), str(out)])
+    partial = out.with_suffix(".partial")
+    run([llama_python, "-c", code, str(src), str(partial)])
+    partial.rename(out)
 
 
 def copy_rate() -> float:
@@ -199,7 +203,11 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
     for model, threads, label in keys:
         cell = {}
         for engine in ("llama.cpp", "host lane", "stock"):
-            rows = [r for r in runs if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, engine)]
+            rows = [
+                r
+                for r in runs
+                if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, engine)
+            ]
             kept = [r for r in rows if r["cpu_per_wall"] >= 0.95]
             cell[engine] = (
                 statistics.median(r["tok_s"] for r in kept) if kept else None,

@@ -181,3 +181,41 @@ def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor):
         assert stats["uploads"] == 0 and stats["bytes_loaded"] == 0 and stats["prefetch_issued"] == 0
     finally:
         runtime.detach()
+
+
+def test_auto_sends_a_bf16_models_int4_decode_miss_to_the_host_where_it_wins():
+    """int4 experts the host lane reads as stored (torch's CPU int4 layout) cost their stored
+    bytes there, at the kernel's cost per byte, not a decode per use. On the shipped DDR4-3200
+    desktop host behind a PCIe 3.0 link (12 GB/s), a decode token's cold Mixtral-sized int4
+    expert now runs on the host; decoded first (as an fp32 model's still is) it cost ~8x more
+    there and always waited for the link. Behind PCIe 4.0 the link still wins for int4."""
+    import dataclasses
+
+    import torch
+
+    from moe_prefetch.experts import compression, host_kernels
+    from moe_prefetch.experts.compression import make_codec
+    from moe_prefetch.experts.layout import ExpertSpec
+    from moe_prefetch.runtime.profiles import default_lane_costs
+
+    if not compression.torch_int4_block():
+        pytest.skip("torch's CPU int4 kernel packs differently here")
+
+    class Experts:  # what the host lane's plan reads of an experts module
+        has_gate, is_transposed = True, False
+
+    pcie4 = default_lane_costs()
+    pcie3 = dataclasses.replace(pcie4, link_bytes_per_s=12e9)
+    shapes = ((2 * 14336, 4096), (4096, 14336))
+    placements = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        spec = ExpertSpec(names=("gate_up_proj", "down_proj"), shapes=shapes, dtype=dtype)
+        codec = make_codec(spec, "int4")
+        host_bytes = host_kernels.host_bytes(codec, Experts)
+        for name, costs in (("pcie3", pcie3), ("pcie4", pcie4)):
+            placements[dtype, name] = Placement(costs, codec.nbytes, spec.numel, "auto", host_bytes)
+    packed, decoded = placements[torch.bfloat16, "pcie3"], placements[torch.float32, "pcie3"]
+    assert packed.host_bytes < 2 * packed.expert_bytes and decoded.host_bytes > 8 * packed.host_bytes
+    assert packed.on_host(tokens=1, in_flight=False)
+    assert not decoded.on_host(tokens=1, in_flight=False)
+    assert not placements[torch.bfloat16, "pcie4"].on_host(tokens=1, in_flight=False)

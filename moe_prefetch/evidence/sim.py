@@ -252,7 +252,7 @@ def simulate(
             if host:
                 # The host lane runs beside the device's compute: the layer ends when both have.
                 # When the device is the host CPU itself, it runs after the device part instead.
-                host_s = sum(placement.host_s(per_expert) for _ in host)
+                host_s = placement.costs.host_layer_s + sum(placement.host_s(per_expert) for _ in host)
                 host_start = device_start if host_overlaps else clock.now
                 host_exposed += max(0.0, host_start + host_s - clock.now)
                 clock.now = max(clock.now, host_start + host_s)
@@ -466,14 +466,13 @@ def _lanes(
 
 def expert_traffic(codec, experts_module=None) -> dict:
     """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
-    host-lane call touches (`host_bytes`: the stored bytes where the host lane's kernels read
-    them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
-    stored bytes, plus the single-pass decode's traffic when compressed)."""
-    from ..experts.host_kernels import plan, reads_stored
+    host-lane call costs (`host_bytes`: the stored bytes at each kernel's cost per byte where the
+    host lane's kernels read them, else the decode's traffic too) and what a device call touches
+    (`device_bytes`: the stored bytes, plus the single-pass decode's traffic when compressed)."""
+    from ..experts.host_kernels import host_bytes
 
-    stored = experts_module is not None and reads_stored(plan(codec, experts_module))
     return {
         "bytes": codec.nbytes,
-        "host_bytes": codec.nbytes if stored else codec.host_bytes,
+        "host_bytes": codec.host_bytes if experts_module is None else host_bytes(codec, experts_module),
         "device_bytes": codec.device_bytes,
     }

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..experts.compression import Codec
-from ..experts.host_kernels import KERNEL_NAMES, Projection, plan, projections, reads_stored
+from ..experts.host_kernels import KERNEL_NAMES, Projection, plan, projections
 from ..experts.layout import MoELayer
 from .store import HostStore
 
@@ -52,10 +52,6 @@ class HostLane:
         self._parts: dict[tuple[int, int], dict] = {}
         self.calls = dict.fromkeys(KERNEL_NAMES, 0)  # kernel calls per kind
         self.passes = 0
-
-    def reads_stored(self) -> bool:
-        """Every layer's host lane reads stored bytes only (the placement's host bytes)."""
-        return all(reads_stored(kinds) for kinds in self.kinds.values())
 
     def describe(self) -> dict[str, str]:
         """Which kernel ran each parameter (the first layer's; all layers share one spec)."""

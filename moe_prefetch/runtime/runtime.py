@@ -28,6 +28,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from ..experts import host_kernels as kernels
 from ..experts.layout import ExpertSpec, MoELayer
 from . import lanes
 from .cache import ExpertCache, SlotState
@@ -131,8 +132,8 @@ class Runtime:
         self.kernel_calls = {"span": 0, "gathered": 0}
         self.host_lane = HostLane(store, self.codec, layers)
         # The host lane reads the stored bytes where a kernel reads them as stored (bf16 as is,
-        # packed int8 and int4); anything else is decoded first.
-        host_bytes = self.codec.nbytes if self.host_lane.reads_stored() else self.codec.host_bytes
+        # packed int8 and int4, each at its cost per byte); anything else is decoded first.
+        host_bytes = max(kernels.host_bytes(self.codec, layer.experts) for layer in layers)
         self.placement = Placement(
             costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, host_bytes
         )
