@@ -35,7 +35,8 @@ import json, sys, time
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
-path, threads, tokens, warmup, amx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+path, amx = sys.argv[1], sys.argv[5] == "1"
+threads, tokens, warmup = (int(a) for a in sys.argv[2:5])
 ids = json.loads(sys.argv[6])
 if amx:  # llama.cpp's AMX kernel crashed in MoE decode with q8_0/q4_0 (issue 19): no repacked buffers
     default = llama_cpp.llama_model_default_params
@@ -157,7 +158,7 @@ def main() -> None:
         ggufs[name] = {g: args.work / "gguf" / f"{name}-{g}.gguf" for g in GGUF_BITS}
     prompt = json.dumps(medium_model.PROMPT_IDS)
     runs = []
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for name in args.models.split(","):
             for threads in [int(t) for t in args.threads.split(",")]:
                 for label in args.formats.split(","):
@@ -220,14 +221,21 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         host_bits = 8 * stored[0] / (3 * c["hidden_size"] * c["moe_intermediate_size"]) if stored else 16.0
         llama, host, stock = cell["llama.cpp"][0], cell["host lane"][0], cell["stock"][0]
         ratio = f"**{host / llama:.2f}x**" if llama and host else "-"
-        gbs = lambda tok, bits: f"{tok * expert_bytes_per_token(configs[model], bits) / 1e9:.2f}" if tok else "-"  # noqa: E731
-        fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
+        per_token = {bits: expert_bytes_per_token(c, bits) for bits in (GGUF_BITS[gguf], host_bits)}
+        gbs = {
+            "llama": f"{llama * per_token[GGUF_BITS[gguf]] / 1e9:.2f}" if llama else "-",
+            "host": f"{host * per_token[host_bits] / 1e9:.2f}" if host else "-",
+        }
         lines.append(
-            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {fmt(llama)} | {fmt(host)} | {ratio} | {fmt(stock)} "
-            f"| {gbs(llama, GGUF_BITS[gguf])} | {gbs(host, host_bits)} | {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
+            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} "
+            f"| {_fmt(stock)} | {gbs['llama']} | {gbs['host']} | {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
             f"| {cell['llama.cpp'][2]} / {cell['host lane'][2]} |"
         )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value else "-"
 
 
 if __name__ == "__main__":
