@@ -192,7 +192,8 @@ def _cpu() -> str:
 
 def table(runs: list[dict], configs: dict, copy: float) -> str:
     """Markdown: per model, threads and format, median tok/s of the kept runs (CPU/wall >= 0.95)
-    of each engine, the ratio host lane / llama.cpp, and expert GB/s at each engine's bits."""
+    of each engine (of all runs, marked noisy, where none was kept), the ratio host lane /
+    llama.cpp, and expert GB/s at each engine's bits."""
     lines = [
         f"one-thread copy rate of this machine: {copy / 1e9:.1f} GB/s (bytes copied per second)",
         "",
@@ -210,8 +211,10 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
                 if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, engine)
             ]
             kept = [r for r in rows if r["cpu_per_wall"] >= 0.95]
+            # No run kept (a busy machine): the median of all runs, marked, so the table still
+            # shows what was measured and the CPU/wall column says how noisy it was.
             cell[engine] = (
-                statistics.median(r["tok_s"] for r in kept) if kept else None,
+                statistics.median(r["tok_s"] for r in kept or rows) if rows else None,
                 f"{len(kept)}/{len(rows)}",
                 "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows),
             )
@@ -220,7 +223,8 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         c = configs[model]
         host_bits = 8 * stored[0] / (3 * c["hidden_size"] * c["moe_intermediate_size"]) if stored else 16.0
         llama, host, stock = cell["llama.cpp"][0], cell["host lane"][0], cell["stock"][0]
-        ratio = f"**{host / llama:.2f}x**" if llama and host else "-"
+        noisy = any(cell[e][1].startswith("0/") for e in ("llama.cpp", "host lane"))
+        ratio = f"**{host / llama:.2f}x**{' (noisy)' if noisy else ''}" if llama and host else "-"
         per_token = {bits: expert_bytes_per_token(c, bits) for bits in (GGUF_BITS[gguf], host_bits)}
         gbs = {
             "llama": f"{llama * per_token[GGUF_BITS[gguf]] / 1e9:.2f}" if llama else "-",

@@ -40,11 +40,13 @@ class HostLane:
             self._projections[layer.layer_idx] = {
                 name: Projection(codec, name, kind, transposed) for name, kind in self.kinds[layer.layer_idx].items()
             }
-        # Half-precision matmuls on the stored weights go to torch's own gemv, not oneDNN: at
-        # batch 1 oneDNN's bf16 path costs ~18 us per call and reads a 3 MB expert at about half
-        # the speed (scripts/medium_model.py; docs/benchmarks.md, section 9). The switch is
-        # torch's one global flag, set only around the lane's matmuls and restored after; another
-        # thread's matmul in that window would take the same path (a speed, not a result, change).
+        # Half-precision matrix-vector products on the stored weights go to torch's own gemv, not
+        # oneDNN: at one row oneDNN's bf16 path costs ~18 us per call and reads a 3 MB expert at
+        # about half the speed (docs/benchmarks.md, section 9); from a few rows on oneDNN is
+        # several times faster (64 rows: 1.0 against 6.8 ms), so only one-row passes switch. The
+        # switch is torch's one global flag, set only around the lane's matmuls and restored
+        # after; another thread's matmul in that window would take the same path (a speed, not a
+        # result, change).
         half = codec.spec.dtype in (torch.bfloat16, torch.float16)
         self._native_gemv = {
             idx: half and any(k in ("dense", "decode") for k in kinds.values()) for idx, kinds in self.kinds.items()
@@ -92,7 +94,7 @@ class HostLane:
             rows = torch.tensor([p // top_k for p in pairs])
             xs = hidden.index_select(0, rows).to(dtype).split(counts)
         parts = [self._expert_parts(layer_idx, e) for e in experts]
-        native = self._native_gemv[layer_idx]
+        native = self._native_gemv[layer_idx] and max(counts) == 1  # one row per matmul: a gemv
         if native:
             was = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
