@@ -129,8 +129,8 @@ def expert_bytes_per_token(config: dict, bits: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "llamacpp")
-    parser.add_argument("--llama-python", required=True)
-    parser.add_argument("--llama-src", type=Path, required=True, help="vendor/llama.cpp of the sdist")
+    parser.add_argument("--llama-python")
+    parser.add_argument("--llama-src", type=Path, help="vendor/llama.cpp of the sdist")
     parser.add_argument("--models", default="medium,demo-fine")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--formats", default="bf16,8-bit,4-bit")
@@ -138,7 +138,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--no-stock", action="store_true", help="skip stock transformers (bf16)")
+    parser.add_argument("--table", type=Path, help="only print the table of an earlier compare.json")
     args = parser.parse_args()
+    if args.table:
+        summary = json.loads(args.table.read_text())
+        configs = {n: json.loads((Path(f) / "config.json").read_text()) for n, f in summary["folders"].items()}
+        print(table(summary["runs"], configs, summary["copy_bytes_per_s"]))
+        return
     sys.path.insert(0, str(ROOT / "scripts"))
     import medium_model
 
@@ -174,11 +180,12 @@ def main() -> None:
                         if engine != "llama.cpp":
                             cmd = [*cmd, "--tokens", str(args.tokens)]
                         result = json.loads(run(cmd, env).strip().splitlines()[-1])
-                        row = {"model": name, "threads": threads, "format": label, "engine": engine, **result}
+                        row = {**result, "model": name, "threads": threads, "format": label, "engine": engine}
                         runs.append(row)
                         print(json.dumps(row), flush=True)
     configs = {n: json.loads((folders[n] / "config.json").read_text()) for n in folders}
-    summary = {"copy_bytes_per_s": copy_rate(), "amx": amx, "runs": runs, "cpu": _cpu()}
+    folder_names = {n: str(f) for n, f in folders.items()}
+    summary = {"copy_bytes_per_s": copy_rate(), "amx": amx, "runs": runs, "cpu": _cpu(), "folders": folder_names}
     (args.work / "compare.json").write_text(json.dumps(summary, indent=1))
     print(table(runs, configs, summary["copy_bytes_per_s"]))
 
