@@ -161,8 +161,8 @@ def test_on_a_cpu_device_auto_copies_small_experts_and_runs_large_ones_in_place(
     assert DEFAULT_COSTS.split_call_s == 0  # a GPU machine's lanes: the host lane runs beside the device
 
 
-@pytest.mark.parametrize("predictor", ["none", "next-gate"])
-def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor):
+@pytest.mark.parametrize(("predictor", "experts_dtype"), [("none", "auto"), ("next-gate", "auto"), ("none", "int4")])
+def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor, experts_dtype):
     """On a CPU device a use in a slot saves no host time (same cores, same memory): with
     on_miss="host" neither host-served experts nor predictions are copied into slots, since each
     copy only competes with the host lane for memory bandwidth (issue 19: ~280 MB per token)."""
@@ -172,7 +172,9 @@ def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor):
     import moe_prefetch
 
     model = make_model("qwen3_moe")
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=4, on_miss="host", predictor=predictor)
+    runtime = moe_prefetch.attach(
+        model, device="cpu", cache_slots=4, on_miss="host", predictor=predictor, experts_dtype=experts_dtype
+    )
     try:
         with torch.no_grad():
             model.generate(prompt(1, 6), max_new_tokens=4, do_sample=False)

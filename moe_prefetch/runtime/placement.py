@@ -75,6 +75,7 @@ class Placement:
         expert_params: int,
         on_miss: str = "auto",
         host_bytes: int | None = None,
+        device_bytes: int | None = None,
     ):
         if on_miss not in ON_MISS:
             raise ValueError(f"on_miss={on_miss!r}; choose one of {', '.join(ON_MISS)}")
@@ -83,6 +84,10 @@ class Placement:
         # DRAM bytes one host-lane call touches: the stored expert, plus its decoded copy written
         # and read back when compressed (`compression.Codec.host_bytes`).
         self.host_bytes = expert_bytes if host_bytes is None else host_bytes
+        # Bytes one device-lane call touches, where that differs from the stored bytes: on a CPU
+        # device a compressed expert in a slot is decoded by the CPU (`Codec.host_bytes`), so a
+        # use there never costs less than on the host lane and no upload can pay.
+        self.device_bytes = expert_bytes if device_bytes is None else device_bytes
         self.expert_params = expert_params
         self.on_miss = on_miss
 
@@ -92,7 +97,7 @@ class Placement:
 
     def device_s(self, tokens: int) -> float:
         c = self.costs
-        return max(self.expert_bytes / c.device_bytes_per_s, 2 * self.expert_params * tokens / c.device_flops)
+        return max(self.device_bytes / c.device_bytes_per_s, 2 * self.expert_params * tokens / c.device_flops)
 
     def link_s(self) -> float:
         return self.expert_bytes / self.costs.link_bytes_per_s

@@ -134,8 +134,11 @@ class Runtime:
         # The host lane reads the stored bytes where a kernel reads them as stored (bf16 as is,
         # packed int8 and int4, each at its cost per byte); anything else is decoded first.
         host_bytes = max(kernels.host_bytes(self.codec, layer.experts) for layer in layers)
+        # On a CPU device the device lane decodes compressed experts on the CPU too (issue 19:
+        # int4 experts were uploaded there as investments, then decoded on every use).
+        device_bytes = self.codec.host_bytes if device.type == "cpu" else None
         self.placement = Placement(
-            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, host_bytes
+            costs or default_costs(device), self.codec.nbytes, spec.numel, config.on_miss, host_bytes, device_bytes
         )
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
