@@ -59,17 +59,21 @@ def build(folder: Path) -> None:
         shutil.copy(demo / name, folder / name)
 
 
-def decode(model, tokens: int, warmup: int = 8) -> dict:
-    """Greedy decode after the prompt: `warmup` tokens untimed, then `tokens` timed."""
+def decode(model, tokens: int, warmup: int = 8, onednn: bool = True) -> dict:
+    """Greedy decode after the prompt: `warmup` tokens untimed, then `tokens` timed (with
+    `onednn` False, oneDNN is off from the first decode step on, and on again after)."""
     ids = torch.tensor([PROMPT_IDS])
+    was = torch.backends.mkldnn.enabled
     with torch.no_grad():
         out = model(ids, use_cache=True)
+        torch.backends.mkldnn.enabled = was and onednn
         for i in range(warmup + tokens):
             if i == warmup:
                 wall, cpu = time.perf_counter(), time.process_time()
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    torch.backends.mkldnn.enabled = was
     return {"tokens": tokens, "tok_s": tokens / wall, "cpu_per_wall": cpu / wall / torch.get_num_threads()}
 
 
@@ -81,6 +85,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops")
+    parser.add_argument(
+        "--no-onednn",
+        action="store_true",
+        help="oneDNN off for the whole decode (the non-expert matmuls too; after the prompt): torch's own gemv",
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     if args.what == "build":
@@ -105,7 +114,7 @@ def main() -> None:
             experts_dtype=args.experts_dtype,
             host_threads=args.threads,
         )
-    result.update(decode(model, args.tokens))
+    result.update(decode(model, args.tokens, onednn=not args.no_onednn), onednn=not args.no_onednn)
     if runtime is not None:
         stats = runtime.stats()
         per_token = stats["host_seconds"] / max(1, stats["host_passes"]) * len(runtime.layers)
