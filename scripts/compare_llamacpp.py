@@ -208,7 +208,11 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         "| llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) | CPU/wall (llama / host) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = sorted({(r["model"], r["threads"], r["format"]) for r in runs}, key=lambda k: (k[0] != "medium", *k[1:]))
+    order = list(FORMATS)
+    keys = sorted(
+        {(r["model"], r["threads"], r["format"]) for r in runs},
+        key=lambda k: (k[0] != "medium", k[1], order.index(k[2])),
+    )
     for model, threads, label in keys:
         cell = {}
         for engine in ("llama.cpp", "host lane", "stock"):
@@ -226,7 +230,11 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
                 "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows),
             )
         gguf, dtype = FORMATS[label]
-        stored = [r["expert_bytes"] for r in runs if r["engine"] == "host lane" and r["experts_dtype"] == dtype]
+        stored = [
+            r["expert_bytes"]
+            for r in runs
+            if (r["model"], r["engine"], r.get("experts_dtype")) == (model, "host lane", dtype)
+        ]
         c = configs[model]
         host_bits = 8 * stored[0] / (3 * c["hidden_size"] * c["moe_intermediate_size"]) if stored else 16.0
         llama, host, stock = cell["llama.cpp"][0], cell["host lane"][0], cell["stock"][0]
