@@ -8,7 +8,7 @@ BIN = $(VENV)/bin
 PIN = constraints.txt
 LOWEST = constraints-lowest.txt
 
-.PHONY: install demo test test-lowest test-latest chromium quality bench gpu-check mutate
+.PHONY: install demo test test-lowest test-latest chromium quality bench gpu-check mutate compare-llamacpp
 # The demo model continues Python standard-library code (see moe_prefetch/demo/README.md):
 # the start of a codec class is text it has seen many times.
 DEMO_PROMPT = 'class Codec(codecs.Codec):\n    def encode(self, input, errors="strict"):'
@@ -79,3 +79,20 @@ mutate: install
 	$(BIN)/python scripts/known_mutations.py
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results
+
+# Not in CI: the host lane beside llama.cpp's CPU MoE path (issue 19; docs/benchmarks.md,
+# section 9). llama-cpp-python is built from PyPI's sdist in its own venv under build/llamacpp
+# (git-ignored: no llama.cpp code is committed; ~5 minutes on 2 cores, once); its sdist's
+# vendor/llama.cpp/convert_hf_to_gguf.py converts the models to GGUF.
+LLAMA = build/llamacpp
+LLAMA_CPP_PYTHON = 0.3.36
+LLAMA_SRC = $(LLAMA)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+compare-llamacpp: install
+	test -x $(LLAMA)/venv/bin/python || $(PY) -m venv $(LLAMA)/venv
+	$(LLAMA)/venv/bin/python -c "import llama_cpp" 2>/dev/null || \
+		nice $(LLAMA)/venv/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	test -d $(LLAMA_SRC) || ($(LLAMA)/venv/bin/pip download -q --no-binary :all: --no-deps -d $(LLAMA)/sdist \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) && mkdir -p $(LLAMA)/src && \
+		tar xzf $(LLAMA)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA)/src)
+	$(BIN)/python scripts/compare_llamacpp.py --work $(LLAMA) --llama-python $(LLAMA)/venv/bin/python \
+		--llama-src $(LLAMA_SRC)/vendor/llama.cpp

@@ -564,8 +564,9 @@ def lanes(device: torch.device, small: bool) -> dict:
     next-gate, on_miss auto) timed with CUDA events per decoder layer, beside the simulator's
     replay of the same trace on the profile calibrated here: per MoE layer per token, the device
     (layer time less stall), the stall, the host lane and the link, and tokens/s."""
+    from moe_prefetch.evidence.anatomy import expert_traffic
     from moe_prefetch.evidence.calibration import calibrate
-    from moe_prefetch.evidence.sim import expert_traffic, replay_payload, simulate_replay
+    from moe_prefetch.evidence.sim import replay_payload, simulate_replay
     from moe_prefetch.runtime.profiles import load_profile
 
     cuda = device.type == "cuda"

@@ -94,4 +94,4 @@ def test_int4_group_follows_the_module_setting(monkeypatch):
         monkeypatch.setattr(compression, "INT4_GROUP", group)
         codec = make_codec(spec, "int4")
         assert codec.formats["w"].group == group
-        assert dict(zip(codec.stored.names, codec.stored.shapes))["w.scale"] == (8 * (256 // group) * 2,)  # fp16
+        assert dict(zip(codec.stored.names, codec.stored.shapes))["w.sz"] == (8 * (256 // group) * 2 * 2,)  # fp16 pairs

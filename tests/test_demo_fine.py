@@ -37,7 +37,9 @@ def test_unbuilt_demo_names_the_script(monkeypatch, tmp_path):
 def test_load_by_name_matches_stock_with_eviction(name):
     stock = AutoModelForCausalLM.from_pretrained(resolve_path(name), dtype=torch.float32).eval()
     top_k = stock.config.num_experts_per_tok
-    model, runtime = moe_prefetch.load(name, device="cpu", cache_slots=top_k + 2, predictor="m2r2", lookahead=2)
+    model, runtime = moe_prefetch.load(
+        name, device="cpu", cache_slots=top_k + 2, predictor="m2r2", lookahead=2, dtype=torch.float32
+    )
     try:
         ids = torch.tensor([[5, 71, 300, 12, 999, 41, 7, 2048]])
         with torch.no_grad():
@@ -79,3 +81,20 @@ def test_cli_eval_predictor_and_bench_on_demo_fine(tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads(bench.read_text())["meta"]
     assert meta["experts_total"] == 6 * 64 and meta["top_k"] == 8
+
+
+def test_load_on_cpu_keeps_the_checkpoints_dtype():
+    """A bf16 checkpoint stays bf16 on a CPU device (its experts too): built in fp32 it read twice
+    the expert bytes and converted them on every use. float16 becomes fp32 there (CPU half
+    matmuls are emulated); a `dtype` given wins."""
+    model, runtime = moe_prefetch.load("demo-fine", device="cpu", cache_slots=16)
+    try:
+        assert model.dtype == torch.bfloat16 and runtime.spec.dtype == torch.bfloat16
+        assert runtime.stats()["experts_dtype"] == "bfloat16"
+    finally:
+        runtime.detach()
+    model, runtime = moe_prefetch.load("demo", device="cpu", cache_slots=16)  # saved as float16
+    try:
+        assert model.dtype == torch.float32 and runtime.spec.dtype == torch.float32
+    finally:
+        runtime.detach()

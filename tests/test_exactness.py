@@ -44,7 +44,10 @@ def _check(stock, model, runtime, batch, on_miss="wait"):
     assert_same_generation(stock, model, ids)
     stats = runtime.stats()
     assert stats["on_miss"] == on_miss
-    assert stats["evictions"] > 0, "the cache was large enough that nothing was evicted"
+    if on_miss == "host":  # on a CPU device nothing is copied then (no copy could pay)
+        assert stats["uploads"] == stats["evictions"] == 0
+    else:
+        assert stats["evictions"] > 0, "the cache was large enough that nothing was evicted"
     assert stats["bytes_loaded"] == stats["expert_bytes"] * stats["uploads"]
     if on_miss == "wait":
         assert stats["misses"] > 0 and stats["host_experts"] == 0

@@ -12,7 +12,7 @@ from moe_prefetch.cli.main import app
 from moe_prefetch.errors import ConfigError
 from moe_prefetch.runtime import profiles as hw
 from moe_prefetch.runtime.config import RuntimeConfig, config_for
-from moe_prefetch.runtime.placement import LaneCosts
+from moe_prefetch.runtime.placement import HOST_LAYER_S, LaneCosts
 
 SHIPPED_HOSTS = ("ddr4-3200-2ch", "ddr5-6000-2ch", "server-ddr5-8ch", "jetson-unified")
 
@@ -105,6 +105,7 @@ def test_lane_costs_take_the_link_and_device_from_the_device_and_the_host_lane_f
         host_call_s=40e-6,
         device_bytes_per_s=360.0e9,
         device_flops=25.5e12,
+        host_layer_s=HOST_LAYER_S,  # the lane's pass, the same on every host (placement.py)
     )
     server = hw.lane_costs(hw.load_profile("h100-80gb"), hw.load_host_profile("server-ddr5-8ch"))
     assert (server.link_bytes_per_s, server.host_bytes_per_s, server.host_call_s) == (50.0e9, 150.0e9, 60e-6)

@@ -105,9 +105,10 @@ def test_host_lane_threads_leave_a_core_on_cuda_and_follow_the_setting():
     assert torch.get_num_threads() == before, "detach restores the thread count"
 
 
-def test_host_lane_runs_one_kernel_call_per_store_chunk():
-    """Several experts on the host in one layer call cost one stock-kernel call over the store's
-    chunk of that layer (its experts are consecutive there), not one call each."""
+def test_host_lane_runs_one_pass_per_layer_with_two_kernel_calls_per_expert():
+    """Several experts on the host in one layer call cost one host-lane pass: two matmuls per
+    host expert (up, down) and nothing for the layer's other experts (grouped_mm on a CPU pays a
+    matmul per group, empty ones included)."""
     import torch
     from tiny_models import make_model, prompt
 
@@ -120,8 +121,11 @@ def test_host_lane_runs_one_kernel_call_per_store_chunk():
             model(prompt(batch=2, length=6))
         calls = [r for r in runtime.trace if r["host"]]
         assert any(len(r["host"]) > 1 for r in calls)
-        assert runtime.kernel_calls["host_span"] == len(calls)  # one chunk per layer at this size
-        assert runtime.kernel_calls["host_packed"] == 0
+        stats = runtime.stats()
+        assert stats["host_passes"] == len(calls)
+        experts = sum(len(r["host"]) for r in calls)
+        assert stats["host_kernel_calls"] == {"dense": 2 * experts, "int8": 0, "int4": 0, "decode": 0}
+        assert stats["host_kernels"]["down_proj"].startswith("F.linear")
     finally:
         runtime.detach()
 
@@ -191,3 +195,65 @@ def test_in_prefill_an_expert_behind_queued_copies_runs_on_the_host():
     mixtral = Placement(DEFAULT_COSTS, 2 * MIXTRAL_EXPERT_PARAMS, MIXTRAL_EXPERT_PARAMS, "auto")
     assert mixtral.on_host(tokens=3, in_flight=False, link_busy=mixtral.link_s())
     assert not mixtral.on_host(tokens=512, in_flight=False, link_busy=mixtral.link_s())
+
+
+@pytest.mark.parametrize(("predictor", "experts_dtype"), [("none", "auto"), ("next-gate", "auto"), ("none", "int4")])
+def test_with_misses_on_the_host_a_cpu_device_copies_nothing(predictor, experts_dtype):
+    """On a CPU device a use in a slot saves no host time (same cores, same memory): with
+    on_miss="host" neither host-served experts nor predictions are copied into slots, since each
+    copy only competes with the host lane for memory bandwidth (issue 19: ~280 MB per token)."""
+    import torch
+    from tiny_models import make_model, prompt
+
+    import moe_prefetch
+
+    model = make_model("qwen3_moe")
+    runtime = moe_prefetch.attach(
+        model, device="cpu", cache_slots=4, on_miss="host", predictor=predictor, experts_dtype=experts_dtype
+    )
+    try:
+        with torch.no_grad():
+            model.generate(prompt(1, 6), max_new_tokens=4, do_sample=False)
+        stats = runtime.stats()
+        assert stats["host_experts"] > 0
+        assert stats["uploads"] == 0 and stats["bytes_loaded"] == 0 and stats["prefetch_issued"] == 0
+    finally:
+        runtime.detach()
+
+
+def test_auto_sends_a_bf16_models_int4_decode_miss_to_the_host_where_it_wins():
+    """int4 experts the host lane reads as stored (torch's CPU int4 layout) cost their stored
+    bytes there, at the kernel's cost per byte, not a decode per use. On the shipped DDR4-3200
+    desktop host behind a PCIe 3.0 link (12 GB/s), a decode token's cold Mixtral-sized int4
+    expert now runs on the host; decoded first (as an fp32 model's still is) it cost ~8x more
+    there and always waited for the link. Behind PCIe 4.0 the link still wins for int4."""
+    import dataclasses
+
+    import torch
+
+    from moe_prefetch.experts import compression, host_kernels
+    from moe_prefetch.experts.compression import make_codec
+    from moe_prefetch.experts.layout import ExpertSpec
+    from moe_prefetch.runtime.profiles import default_lane_costs
+
+    if not compression.torch_int4_block():
+        pytest.skip("torch's CPU int4 kernel packs differently here")
+
+    class Experts:  # what the host lane's plan reads of an experts module
+        has_gate, is_transposed = True, False
+
+    pcie4 = default_lane_costs()
+    pcie3 = dataclasses.replace(pcie4, link_bytes_per_s=12e9)
+    shapes = ((2 * 14336, 4096), (4096, 14336))
+    placements = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        spec = ExpertSpec(names=("gate_up_proj", "down_proj"), shapes=shapes, dtype=dtype)
+        codec = make_codec(spec, "int4")
+        host_bytes = host_kernels.host_bytes(codec, Experts)
+        for name, costs in (("pcie3", pcie3), ("pcie4", pcie4)):
+            placements[dtype, name] = Placement(costs, codec.nbytes, spec.numel, "auto", host_bytes)
+    packed, decoded = placements[torch.bfloat16, "pcie3"], placements[torch.float32, "pcie3"]
+    assert packed.host_bytes < 2 * packed.expert_bytes and decoded.host_bytes > 8 * packed.host_bytes
+    assert packed.on_host(tokens=1, in_flight=False)
+    assert not decoded.on_host(tokens=1, in_flight=False)
+    assert not placements[torch.bfloat16, "pcie4"].on_host(tokens=1, in_flight=False)

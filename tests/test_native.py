@@ -129,7 +129,9 @@ def test_native_load_matches_reference(fixtures, name, on_miss):
     reference's tokens, with eviction."""
     folder, reference = fixtures(name)
     top_k = max(layer.top_k for layer in find_moe_layers(reference))
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=top_k + 1, on_miss=on_miss)
+    model, runtime = moe_prefetch.load(
+        folder, device="cpu", dtype=torch.float32, cache_slots=top_k + 1, on_miss=on_miss
+    )
     try:
         ids = prompt(batch=2, length=7)
         assert_same_generation(reference, model, ids)
@@ -170,7 +172,9 @@ def test_other_experts_dtype_reencodes_the_dequantized_experts(fixtures, name):
     as int4; the reference is the reference model with int4 experts."""
     folder, reference = fixtures(name)
     reference = compress_experts(copy.deepcopy(reference), "int4")
-    model, runtime = moe_prefetch.load(folder, device="cpu", cache_slots=3, experts_dtype="int4", on_miss="wait")
+    model, runtime = moe_prefetch.load(
+        folder, device="cpu", dtype=torch.float32, cache_slots=3, experts_dtype="int4", on_miss="wait"
+    )
     try:
         ids = prompt(batch=1, length=7)
         assert_same_generation(reference, model, ids)
@@ -185,7 +189,7 @@ def test_a_block_grid_that_does_not_decode_is_stored_dequantized(tmp_path, caplo
     it is stored as transformers dequantizes it, with a warning, and the model still matches."""
     reference = fp8_checkpoint("qwen3_moe", tmp_path / "fp8", block=(128, 128))
     with caplog.at_level(logging.WARNING, logger="moe_prefetch.experts.native"):
-        model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", cache_slots=4)
+        model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", dtype=torch.float32, cache_slots=4)
     try:
         assert "gate_up_proj: the checkpoint's fp8 layout does not decode" in caplog.text
         assert isinstance(runtime.store.codec.formats["down_proj"], FP8Block)
@@ -206,7 +210,7 @@ def test_unsupported_quant_method_is_a_clear_error(checkpoints, tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (gptq / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"quantization method 'gptq' .* not supported; supported: mxfp4 .*fp8"):
-        moe_prefetch.load(gptq, device="cpu", cache_slots=4)
+        moe_prefetch.load(gptq, device="cpu", dtype=torch.float32, cache_slots=4)
 
 
 def test_decode_in_chunks_gives_the_same_values(monkeypatch):
@@ -247,7 +251,7 @@ def test_ragged_fp8_checkpoint_loads_in_its_blocks(tmp_path):
     name = "model.layers.0.self_attn.q_a_proj.weight"
     stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp8"), dtype=torch.float32).state_dict()
     assert not torch.equal(stock[name], reference.state_dict()[name])
-    model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", cache_slots=3)
+    model, runtime = moe_prefetch.load(tmp_path / "fp8", device="cpu", dtype=torch.float32, cache_slots=3)
     try:
         assert torch.equal(model.state_dict()[name], reference.state_dict()[name])
         ids = prompt(batch=2, length=7)
@@ -264,7 +268,14 @@ def test_native_with_predictors(fixtures, name, predictor):
     (verify_slots), tokens equal to the reference's."""
     folder, reference = fixtures(name)
     model, runtime = moe_prefetch.load(
-        folder, device="cpu", cache_slots=3, predictor=predictor, lookahead=2, verify_slots=True, on_miss="wait"
+        folder,
+        device="cpu",
+        dtype=torch.float32,
+        cache_slots=3,
+        predictor=predictor,
+        lookahead=2,
+        verify_slots=True,
+        on_miss="wait",
     )
     try:
         ids = prompt(batch=1, length=7)

@@ -135,7 +135,7 @@ def _scramble_tensor_shape(copy):
     data = file.read_bytes()
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    name = next(k for k in header if k.endswith("down_proj.scale"))
+    name = next(k for k in header if k.endswith("down_proj.sz"))
     header[name]["shape"] = list(reversed(header[name]["shape"]))
     raw = json.dumps(header, separators=(",", ":")).encode()
     file.write_bytes(data[:8] + raw.ljust(length) + data[8 + length :])

@@ -123,9 +123,14 @@ def run(tmp_path_factory):
             "10",  # 16 experts, 4 per token: room to prefetch into, so every colour shows
             "--predictor",
             "next-gate",
-            # misses on the host lane: on a CPU device auto copies experts this small instead
+            # misses on the host lane: on a CPU device auto copies experts this small instead; with
+            # a desktop host profile's lanes (a use on the device saves host time) predictions and
+            # host-served experts are uploaded, so prefetched hits show too (on a CPU device's own
+            # lanes nothing would be copied with on_miss="host")
             "--on-miss",
             "host",
+            "--host",
+            "ddr4-3200-2ch",
             "--report",
             str(out),
         ],

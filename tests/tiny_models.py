@@ -206,15 +206,16 @@ def sized_config(model_type: str, **fields):
     return config
 
 
-def paced_mixtral():
+def paced_mixtral(intermediate_size: int = 256):
     """The Mixtral the simulator checks and the lane reports are measured on: 4 layers of 8
-    experts (262 kB each in fp32), big enough that a paced link and the host lane both show."""
+    experts (262 kB each in fp32), big enough that a paced link and the host lane both show
+    (the hybrid check takes 4x wider experts: the one-pass host lane is cheap at 262 kB)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
         vocab_size=256,
         hidden_size=128,
-        intermediate_size=256,
+        intermediate_size=intermediate_size,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,

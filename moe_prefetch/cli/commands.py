@@ -316,7 +316,9 @@ def calibrate(
         f"{m['size']} expert {m['expert_shape'][0]}x{m['expert_shape'][1]} {m['dtype']} "
         f"{m['expert_bytes_per_s'] / 1e9:.2f} GB/s ({m['expert_call_s'] * 1e3:.2f} ms/call), "
         f"copy {m['copy_bytes_per_s'] / 1e9:.2f} GB/s, {m['host_flops'] / 1e9:.1f} GFLOP/s at "
-        f"{m['flop_tokens']} tokens, {m['call_overhead_s'] * 1e6:.0f} us/call; wrote {host_path}",
+        f"{m['flop_tokens']} tokens, {m['call_overhead_s'] * 1e6:.0f} us/call; stored bytes/s per format: "
+        + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in m["format_bytes_per_s"].items())
+        + f"; wrote {host_path}",
         markup=False,
         highlight=False,
     )

@@ -254,14 +254,13 @@ def anatomy(model: str) -> Anatomy:
 
 def expert_traffic(codec, experts_module=None) -> dict:
     """Per-expert bytes of a codec for the simulator: what the link moves (`bytes`), what a
-    host-lane call touches (`host_bytes`: the stored bytes where the packed int8 kernel reads
-    them, else the decode's traffic too) and what a device call touches (`device_bytes`: the
-    stored bytes, plus the single-pass decode's traffic when compressed)."""
-    from ..experts.host_kernels import packed_int8
+    host-lane call costs (`host_bytes`: the stored bytes at each kernel's cost per byte where the
+    host lane's kernels read them, else the decode's traffic too) and what a device call touches
+    (`device_bytes`: the stored bytes, plus the single-pass decode's traffic when compressed)."""
+    from ..experts.host_kernels import host_bytes
 
-    packed = experts_module is not None and packed_int8(codec, experts_module)
     return {
         "bytes": codec.nbytes,
-        "host_bytes": codec.nbytes if packed else codec.host_bytes,
+        "host_bytes": codec.host_bytes if experts_module is None else host_bytes(codec, experts_module),
         "device_bytes": codec.device_bytes,
     }

@@ -83,6 +83,7 @@ def _measure(size: str, dt) -> dict:
     batch = torch.randn(HOST_FLOP_TOKENS, hidden, generator=gen).to(dt)
     flop_s = _host_timed(lambda: _swiglu(batch, *first), budget_s=1.0, repeats=3)
     pool = None  # free the copies before the copy test allocates
+    formats = _packed_rates(first, x, copies) if dt == torch.bfloat16 else {}
     src = torch.empty(max(expert_bytes, 1 << 20), dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     copy_s = _host_timed(lambda: dst.copy_(src), budget_s=0.5)
@@ -110,6 +111,9 @@ def _measure(size: str, dt) -> dict:
         "host_flops": 2 * 3 * hidden * inter * HOST_FLOP_TOKENS / flop_s,
         "call_overhead_s": overhead_s,
         "unified_memory": unified,
+        # the host lane's packed kernels on the same expert, in stored bytes per second
+        # (host_kernels.py): the placement charges a format its stored bytes at expert_bytes_per_s
+        "format_bytes_per_s": {"bfloat16": expert_bytes / call_s, **formats},
     }
 
 
@@ -145,9 +149,12 @@ def measured_host_profile(name: str, m: dict) -> HostProfile:
             "highest rate measured (a lower bound). Replace with channels x 8 bytes x MT/s from the board's manual.",
             "dram_bandwidth_bytes_per_s": f"{tag}: copy of {m['copy_bytes'] / 2**20:.0f} MiB, read + write bytes "
             "per second (STREAM's convention for a copy).",
-            "expert_bytes_per_s": f"{tag}: one batch-1 SwiGLU expert call (3 matrix-vector products), weight bytes "
+            "expert_bytes_per_s": f"{tag}: one batch-1 SwiGLU expert call as the host lane runs it (2 matrix-vector "
+            "products, gate_up then down), weight bytes "
             f"/ median call time ({m['expert_call_s'] * 1e3:.2f} ms for {m['expert_bytes'] / 1e6:.1f} MB), cycling "
-            "through copies of the expert so its weights come from DRAM, not cache.",
+            "through copies of the expert so its weights come from DRAM, not cache. The host lane's packed kernels on "
+            "the same expert, stored bytes/s: "
+            + (", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in m.get("format_bytes_per_s", {}).items()) or "-"),
             "host_flops": f"{tag}: the same expert on {m['flop_tokens']} tokens at once, 6 x hidden x intermediate "
             f"x tokens FLOPs / median time, in {m['dtype']}.",
             "expert_call_overhead_s": f"{tag}: median time of a batch-1 call of a 64x128 expert, whose bytes take "
@@ -262,15 +269,61 @@ def _generate_s(model, ids, tokens: int) -> float:
 def _host_expert(hidden: int, inter: int, dtype, gen) -> tuple:
     import torch
 
-    # As transformers stores a SwiGLU expert: gate and up [intermediate, hidden], down [hidden, intermediate].
-    shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
+    # As transformers stores a SwiGLU expert: gate_up [2 x intermediate, hidden], down [hidden, intermediate].
+    shapes = ((2 * inter, hidden), (hidden, inter))
     return tuple((torch.randn(*s, generator=gen) / hidden**0.5).to(dtype) for s in shapes)
 
 
-def _swiglu(x, gate, up, down):
+def _swiglu(x, gate_up, down):
+    """One expert as the host lane runs it (runtime/host_lane.py): two matmuls on the stored
+    weights, torch's own gemv for half precision (oneDNN off, as the lane sets it)."""
+    import torch
     import torch.nn.functional as F
 
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(x.dtype == torch.float32 and was)
+    try:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down)
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
+
+def _packed_rates(expert: tuple, x, copies: int) -> dict[str, float]:
+    """Stored bytes per second of the host lane's int8 and int4 kernels on `expert` (bf16), each
+    cycling through `copies` encoded copies so the bytes come from DRAM."""
+    import torch
+
+    from ..experts.compression import make_codec
+    from ..experts.host_kernels import Projection, kind_of
+    from ..experts.layout import ExpertSpec
+
+    spec = ExpertSpec(names=("gate_up_proj", "down_proj"), shapes=tuple(tuple(w.shape) for w in expert), dtype=x.dtype)
+    rates = {}
+    for dtype in ("int8", "int4"):
+        codec = make_codec(spec, dtype)
+        encoded = codec.encode(dict(zip(spec.names, expert)))
+        row = torch.empty(codec.stored.numel, dtype=torch.uint8)
+        for name, view in codec.stored.views(row).items():
+            view.copy_(encoded[name])
+        rows = [row] + [row.clone() for _ in range(1, copies)]
+
+        class _Module:  # what kind_of reads of an experts module
+            has_gate, is_transposed = True, False
+
+        kinds = {name: kind_of(codec, name, _Module) for name in spec.names}
+        if set(kinds.values()) != {dtype}:
+            continue  # this torch has no such kernel here: the lane decodes (charged apart)
+        up, down = (Projection(codec, name, dtype, False) for name in spec.names)
+        pool = itertools.cycle([codec.typed(r) for r in rows])
+
+        def call(pool=pool, up=up, down=down):
+            parts = next(pool)
+            gate, value = up(x, parts["gate_up_proj"]).chunk(2, dim=-1)
+            return down(torch.nn.functional.silu(gate) * value, parts["down_proj"])
+
+        rates[dtype] = codec.nbytes / _host_timed(call, budget_s=0.5)
+    return rates
 
 
 def _host_timed(fn, budget_s: float, repeats: int = 50) -> float:

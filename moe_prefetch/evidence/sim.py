@@ -296,7 +296,7 @@ def simulate(
             if host:
                 # The host lane runs beside the device's compute: the layer ends when both have.
                 # When the device is the host CPU itself, it runs after the device part instead.
-                host_s = sum(placement.host_s(per_expert) for _ in host)
+                host_s = placement.costs.host_layer_s + sum(placement.host_s(per_expert) for _ in host)
                 host_start = device_start if host_overlaps else clock.now
                 host_exposed += max(0.0, host_start + host_s - clock.now)
                 clock.now = max(clock.now, host_start + host_s)

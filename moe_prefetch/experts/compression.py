@@ -37,6 +37,7 @@ about 4,000 launches per token.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -153,73 +154,88 @@ class Int8(ParamFormat):
 
 
 class Int4(ParamFormat):
-    """Asymmetric group-wise int4 along the last dimension: w = q * scale + low, q in 0..15,
-    fp16 scale and low per group, two values per byte (low nibble first). A last dimension
-    that is not a multiple of the group is padded in the store and cut off when decoding."""
+    """Asymmetric group-wise int4 along the last dimension (K), in the form torch's CPU int4
+    kernel computes: w = (q - 8) * scale + zero, q in 0..15, one scale and zero per group,
+    two values per byte. Parts: `q` (the codes) and `sz` `[groups, rows, 2]` (scale, zero),
+    exactly the `qScaleAndZeros` operand of `torch._weight_int4pack_mm_for_cpu`.
+
+    Layout of `q`, chosen once per parameter (`block`) and recorded with a quantized copy:
+    - block B > 0 (a bf16 model, rows a multiple of B, K a multiple of a group the kernel takes):
+      the layout `torch._convert_weight_to_int4pack_for_cpu` writes on this machine (B = 64 with
+      AVX-512, 32 with AVX2, `torch_int4_block`): per block of B rows, `[K, B/2]` bytes whose low
+      nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1. The host lane's kernel reads these
+      bytes as stored; the device decodes the same bytes (one transpose more than for `0`).
+    - 0: pairs along K (low nibble first); a K that is not a multiple of the group is padded in
+      the store and cut off when decoding.
+    `sz` is in bf16 for a bf16 model (the kernel's dtype), fp16 otherwise."""
 
     name = "int4"
 
-    def __init__(self, group: int | None = None):
+    def __init__(self, group: int | None = None, block: int = 0, sz_dtype: torch.dtype = torch.float16):
         # Read at construction, not bound at import: scripts/compression_quality.py measures
         # other group sizes by setting `compression.INT4_GROUP`.
         group = INT4_GROUP if group is None else group
         if group % 2:
             raise ConfigError(f"int4 group size {group} must be even (two values per byte)")
-        self.group = group
+        self.group, self.block, self.sz_dtype = group, block, sz_dtype
+
+    @property
+    def layout(self) -> str:
+        return f"block{self.block}" if self.block else "k-pairs"
 
     def _groups(self, shape):
         return -(-shape[-1] // self.group)
 
+    def kernel_layout(self, shape) -> bool:
+        """Whether parameters of `shape` are stored in the layout torch's CPU int4 kernel reads."""
+        return self.block > 0 and self.sz_dtype == torch.bfloat16
+
     def parts(self, shape, dtype):
-        groups = self._groups(shape)
+        groups, rows = self._groups(shape), math.prod(shape[:-1])
         return {
             "q": ((*shape[:-1], groups * self.group // 2), torch.uint8),
-            "scale": ((*shape[:-1], groups), torch.float16),
-            "low": ((*shape[:-1], groups), torch.float16),
+            "sz": ((groups, rows, 2), self.sz_dtype),
         }
 
     def encode(self, w):
         shape, groups = w.shape, self._groups(w.shape)
-        w = w.float()
+        w = w.float().reshape(-1, shape[-1])
         pad = groups * self.group - shape[-1]
         if pad:
             w = torch.nn.functional.pad(w, (0, pad), value=float(w.flatten()[0]) if w.numel() else 0.0)
-        g = w.reshape(*shape[:-1], groups, self.group)
+        g = w.reshape(w.shape[0], groups, self.group)
         low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        # Scale and low are rounded to fp16 first and q computed against the rounded values, so
-        # decoding (which only sees the fp16 ones) lands on the nearest level.
-        low = low.half().float()
-        scale = ((high - low) / 15).half().float()
+        # Scale and zero are rounded to their stored dtype first and q computed against the
+        # rounded values, so decoding (which only sees those) lands on the nearest level.
+        scale = ((high - low) / 15).to(self.sz_dtype).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round((g - low) / scale).clamp_(0, 15).to(torch.uint8).reshape(*shape[:-1], -1)
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)
-        return {"q": packed, "scale": scale.squeeze(-1).half(), "low": low.squeeze(-1).half()}
+        zero = (low + 8 * scale).to(self.sz_dtype).float()
+        q = torch.round((g - (zero - 8 * scale)) / scale).clamp_(0, 15).to(torch.uint8).reshape(w.shape[0], -1)
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1)  # [groups, rows, 2]
+        return {"q": _pack_int4(q, self.block).reshape(*shape[:-1], -1), "sz": sz.to(self.sz_dtype).contiguous()}
 
     def decode(self, parts, out):
-        q, scale, low, o = _rows(parts["q"]), _rows(parts["scale"]), _rows(parts["low"]), _rows(out)
-        padded = q.shape[1] * 2
-        for sl in _row_chunks(o.shape[0], padded):
-            packed = q[sl]
-            rows = packed.shape[0]
-            nibbles = _scratch(o.device, "u8", rows * padded, torch.uint8).view(rows, -1, 2)
-            torch.bitwise_and(packed, 15, out=nibbles[..., 0])
-            torch.bitwise_right_shift(packed, 4, out=nibbles[..., 1])
+        rows, padded = math.prod(out.shape[:-1]), parts["q"].numel() * 2 // math.prod(out.shape[:-1])
+        q, o = parts["q"].reshape(rows, padded // 2), _rows(out)
+        sz = parts["sz"]
+        for sl in _row_chunks(rows, padded, self.block or 1):
+            nrows = q[sl].shape[0]
+            nibbles = _scratch(o.device, "u8", nrows * padded, torch.uint8).view(nrows, padded)
+            _unpack_int4(q, sl, self.block, nibbles)
+            # w = q * scale + (zero - 8 * scale): q * scale is exact in fp32 and zero - 8 * scale
+            # too, so this rounds once, as the kernel's fused (q - 8) * scale + zero does.
+            scale = sz[:, sl, 0].t().float().unsqueeze(-1)  # [rows, groups, 1]
+            low = sz[:, sl, 1].t().float().unsqueeze(-1) - 8 * scale
+            groups = (nrows, -1, self.group)
             if _single_pass(o.device) and padded == o.shape[1]:  # low + q * scale, into the output
-                groups = (rows, -1, self.group)
-                torch.addcmul(
-                    low[sl].float().unsqueeze(-1),
-                    nibbles.view(groups),
-                    scale[sl].float().unsqueeze(-1),
-                    out=o[sl].view(groups),
-                )
+                torch.addcmul(low, nibbles.view(groups), scale, out=o[sl].view(groups))
                 continue
-            # q * scale + low in fp32 (two roundings, as the reference computes it), in place:
-            # in the fp32 output itself when it has no padding, else in scratch.
+            # In fp32 in place: in the fp32 output itself when it has no padding, else in scratch.
             direct = o.dtype == torch.float32 and padded == o.shape[1]
-            f = o[sl] if direct else _scratch(o.device, "f32", rows * padded).view(rows, -1)
-            g = f.view(rows, -1, self.group)
-            g.copy_(nibbles.view(rows, -1, self.group))
-            g.mul_(scale[sl].unsqueeze(-1)).add_(low[sl].unsqueeze(-1))
+            f = o[sl] if direct else _scratch(o.device, "f32", nrows * padded).view(nrows, -1)
+            g = f.view(groups)
+            g.copy_(nibbles.view(groups))
+            g.mul_(scale).add_(low)
             if not direct:
                 o[sl].copy_(f[:, : o.shape[1]])
 
@@ -227,30 +243,11 @@ class Int4(ParamFormat):
     scratch_bytes_per_value = 1 + 8 / 64
 
     def decode_batch(self, parts, out, scratch):
-        q, scale, low = parts["q"], parts["scale"], parts["low"]  # [n, *lead, ...]: lead = rows
-        n, cols = out.shape[0], out.shape[-1]
-        q, scale, low, o = (_flat_rows(t) for t in (q, scale, low, out))
-        padded, groups = q.shape[-1] * 2, scale.shape[-1]
-        per_row = n * (padded * (1 if padded == cols else 5) + 8 * groups)
-        for sl in scratch.row_chunks(o.shape[1], per_row):
-            rows = q[:, sl].shape[1]
-            scratch.reset()
-            nibbles = scratch.take((n, rows, padded // 2, 2), torch.uint8)
-            torch.bitwise_and(q[:, sl], 15, out=nibbles[..., 0])
-            torch.bitwise_right_shift(q[:, sl], 4, out=nibbles[..., 1])
-            s = scratch.take((n, rows, groups, 1), torch.float32)
-            s.copy_(scale[:, sl].unsqueeze(-1))
-            m = scratch.take((n, rows, groups, 1), torch.float32)
-            m.copy_(low[:, sl].unsqueeze(-1))
-            shape = (n, rows, groups, self.group)
-            # low + q * scale in fp32: q * scale is exact (4 x 11 significant bits), so a fused
-            # multiply-add rounds once where the host rounds the sum once: the same value.
-            if padded == cols:
-                torch.addcmul(m, nibbles.view(shape), s, out=o[:, sl].view(shape))
-                continue
-            f = scratch.take(shape, torch.float32)
-            torch.addcmul(m, nibbles.view(shape), s, out=f)
-            o[:, sl].copy_(f.view(n, rows, padded)[..., :cols])
+        # The stored layout is now the host kernel's (`block`, issue 19), which the wave-at-once
+        # decode written for the earlier layout (issue 20 item 7) does not read yet: one expert
+        # at a time here, the same values as the host decode. TODO: batch it per block of rows.
+        for i in range(out.shape[0]):
+            self.decode({name: part[i] for name, part in parts.items()}, out[i])
 
 
 def _flat_rows(t: torch.Tensor) -> torch.Tensor:
@@ -308,9 +305,66 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
-def _row_chunks(rows: int, per_row: int):
-    """Row slices that keep each decode step under `_DECODE_ELEMS` values."""
-    step = max(1, _DECODE_ELEMS // max(1, per_row))
+def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes `q` [rows, K] (0..15) as bytes: pairs along K (`block` 0) or torch's CPU block layout."""
+    if not block:
+        return q[..., 0::2] | (q[..., 1::2] << 4)
+    rows, k = q.shape
+    q = q.reshape(rows // block, 2, block // 2, k)
+    return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(rows, k // 2)
+
+
+def _unpack_int4(q: torch.Tensor, sl: slice, block: int, out: torch.Tensor) -> None:
+    """Rows `sl` of the packed codes `q` [rows, K/2] into `out` [len(sl), K], one code per byte."""
+    if not block:
+        packed, pairs = q[sl], out.view(out.shape[0], -1, 2)
+        torch.bitwise_and(packed, 15, out=pairs[..., 0])
+        torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
+        return
+    # Row chunks cover whole blocks (`_row_chunks` is asked for multiples below): [blocks, K, B/2].
+    start = sl.start or 0
+    blocks = out.shape[0] // block
+    k = out.shape[1]
+    packed = q[start : start + blocks * block].reshape(blocks, k, block // 2)
+    halves = out.view(blocks, 2, block // 2, k)
+    torch.bitwise_and(packed, 15, out=halves[:, 0].transpose(1, 2))
+    torch.bitwise_right_shift(packed, 4, out=halves[:, 1].transpose(1, 2))
+
+
+@functools.cache
+def torch_int4_block() -> int:
+    """The block of rows torch's CPU int4 kernel packs its weights in on this machine (64 with
+    AVX-512, 32 with AVX2), found by packing a probe with `torch._convert_weight_to_int4pack_for_cpu`
+    and comparing with `_pack_int4`; 0 when it packs otherwise or has no such op (then int4 is
+    stored in pairs along K and the host lane decodes it)."""
+    convert = getattr(torch, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return 0
+    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = convert(probe, 1)
+    except RuntimeError:
+        return 0
+    for block in (64, 32):
+        if torch.equal(packed.reshape(-1), _pack_int4(probe.to(torch.uint8), block).reshape(-1)):
+            return block
+    return 0
+
+
+def int4_block(shape, dtype: torch.dtype, group: int) -> int:
+    """The kernel's block for an int4 parameter of `shape` in a model of `dtype`, or 0 where the
+    kernel cannot read it (not bf16, rows not a multiple of the block, K not whole groups)."""
+    block = torch_int4_block() if dtype == torch.bfloat16 and len(shape) == 2 else 0
+    rows, k = shape[0] if len(shape) == 2 else 0, shape[-1]
+    if not block or rows % block or k % group or group not in (32, 64, 128, 256):
+        return 0
+    return block
+
+
+def _row_chunks(rows: int, per_row: int, multiple: int = 1):
+    """Row slices that keep each decode step under `_DECODE_ELEMS` values (each a multiple of
+    `multiple` rows: int4's block layout decodes whole blocks)."""
+    step = max(multiple, _DECODE_ELEMS // max(1, per_row) // multiple * multiple)
     for start in range(0, rows, step):
         yield slice(start, start + step)
 
@@ -462,7 +516,9 @@ def make_codec(spec: ExpertSpec, experts_dtype: str = "auto", native: Mapping[st
         elif experts_dtype == "int8":
             fmt = Int8()
         else:
-            fmt = Int4()
+            group = INT4_GROUP
+            sz = torch.bfloat16 if spec.dtype == torch.bfloat16 else torch.float16
+            fmt = Int4(group, int4_block(shape, spec.dtype, group), sz)
         formats[pname] = fmt
     name = experts_dtype if experts_dtype != "auto" else _auto_name(spec, formats)
     return Codec(spec, name, formats)

@@ -114,7 +114,13 @@ def default_dtype(config, device: torch.device, dtype) -> torch.dtype:
         if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DeviceError("this GPU cannot run bfloat16; pass dtype='float16'")
         return dtype
-    if device.type == "cpu":
-        return torch.float32  # half-precision matmuls on CPU are slow or missing
     saved = getattr(config, "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    if device.type == "cpu":
+        # The checkpoint's own dtype: a bf16 checkpoint built in fp32 reads twice the expert bytes
+        # per token and converts them on every use (47% of a bf16 host-lane run, issue 19). Not
+        # float16, whose matmuls torch's CPU kernels emulate (and whose packed kernels are slow):
+        # fp32 there, as for a checkpoint that names no dtype.
+        return saved if saved in (torch.bfloat16, torch.float32) else torch.float32
     return saved if isinstance(saved, torch.dtype) else torch.bfloat16

@@ -13,8 +13,9 @@ last. It is valid only if the manifest's fingerprints match:
   the bytes: hashing all of a 90 GB checkpoint takes minutes, and a rewritten shard changes
   its size or mtime; the header holds every tensor's name, dtype, shape and offsets. An edit in
   place that keeps the size and restores the mtime goes unnoticed;
-- the settings: `experts_dtype`, each parameter's format (int4 group size, the biases' dtype),
-  the stored layout and `FORMAT_VERSION`.
+- the settings: `experts_dtype`, each parameter's format (int4 group size and layout: torch's CPU
+  kernel packs per machine, so a copy made with AVX2 is rewritten on an AVX-512 one), the stored
+  layout and `FORMAT_VERSION`.
 
 Where: beside the checkpoint (`<folder>/moe_prefetch/<experts_dtype>-<settings>/`) or, when that
 folder is not writable (a demo installed in site-packages) or lacks the room, under
@@ -47,7 +48,7 @@ from ..experts.compression import Cast, Codec
 logger = logging.getLogger(__name__)
 
 FORMAT = "moe-prefetch/quantized-experts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 as (q - 8) * scale + zero, `sz` parts, torch's CPU block layout
 CACHE_ENV = "MOE_PREFETCH_CACHE"
 MANIFEST = "manifest.json"
 _SAFETENSORS_DTYPES = {
@@ -109,7 +110,7 @@ def _expected(codec: Codec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 def settings_fingerprint(codec: Codec, experts_dtype: str) -> str:
     """Hash of everything that decides the stored bytes besides the weights."""
-    formats = {p: [f.name, getattr(f, "group", None)] for p, f in codec.formats.items()}
+    formats = {p: [f.name, getattr(f, "group", None), getattr(f, "layout", None)] for p, f in codec.formats.items()}
     parts = {name: [list(shape), str(dtype)] for name, (shape, dtype) in _expected(codec).items()}
     settings = {"version": FORMAT_VERSION, "experts_dtype": experts_dtype, "formats": formats, "parts": parts}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -3,8 +3,13 @@ the host CPU from the host store. Tensor-free, shared by the runtime and the sim
 
 The choice is per expert and per layer call, by expected finish time (`on_miss="auto"`):
 
-  host lane:    call overhead + max(expert bytes / host DRAM bandwidth, FLOPs / host FLOP/s)
+  host lane:    call overhead + max(expert bytes / host DRAM bandwidth, FLOPs / host FLOP/s),
+                plus one pass's fixed cost for the layer's first host expert
   wait lane:    remaining upload time over the link + the same work on the device
+
+Expert bytes on the host are per format: the stored bytes at the kernel's cost per byte
+(`experts.host_kernels.host_bytes`: bf16 as stored, packed int8 and int4), or the decode's
+traffic for formats the lane decodes first.
 
 At batch-1 decode a cold expert is one token of work: reading it once from DRAM on the host
 costs a fraction of copying it over PCIe, so it runs on the host. A prefill chunk with many
@@ -37,6 +42,15 @@ class LaneCosts:
     # Where the device lane is the same CPU (a CPU device), running part of a layer on the host
     # lane costs one more call of the stock kernel: paid once per layer call that splits.
     split_call_s: float = 0.0
+    # The host lane's fixed cost per layer call with host experts (runtime/host_lane.py: the
+    # pairs, one gate over all of them, the weighted sum): paid once, by the first host expert.
+    host_layer_s: float = 0.0
+
+
+# The host lane's pass, measured on one core of the workplace's 2-core EPYC (CPU time of
+# HostLane.run on demo-fine's tiny experts, 1 against 8 experts: 67 us per pass, 22 us per expert
+# beyond it; the latter is below every profile's `expert_call_overhead_s`, which stays as cited).
+HOST_LAYER_S = 60e-6
 
 
 # No profile given: a PCIe 4.0 x16 link (~25 GB/s pinned), desktop DDR4-3200 dual channel
@@ -50,6 +64,7 @@ DEFAULT_COSTS = LaneCosts(
     host_call_s=30e-6,
     device_bytes_per_s=900e9,
     device_flops=80e12,
+    host_layer_s=HOST_LAYER_S,
 )
 
 
@@ -81,6 +96,8 @@ class Placement:
         self.host_bytes = expert_bytes if host_bytes is None else host_bytes
         # Memory bytes one device call touches: the stored expert, plus the decode's traffic when
         # compressed (`compression.Codec.device_bytes`); the simulator's roofline charges the same.
+        # On a CPU device a compressed expert in a slot is decoded by the CPU (`Codec.host_bytes`),
+        # so a use there never costs less than on the host lane and no upload can pay.
         self.device_bytes = expert_bytes if device_bytes is None else device_bytes
         self.expert_params = expert_params
         self.on_miss = on_miss
@@ -109,5 +126,10 @@ class Placement:
         if self.on_miss == "host":
             return True
         wait = link_busy + self.link_s() * (left if in_flight else 1.0) + self.device_s(tokens)
-        split = self.costs.split_call_s if host_busy == 0 else 0.0  # the layer's first host expert
+        split = self.host_pass_s() if host_busy == 0 else 0.0  # the layer's first host expert
         return host_busy + split + self.host_s(tokens) < wait
+
+    def host_pass_s(self) -> float:
+        """What a layer call pays once for running any expert on the host: the lane's pass, and
+        on a CPU device the second stock-kernel call of the split layer."""
+        return self.costs.split_call_s + self.costs.host_layer_s

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .placement import LaneCosts
+from .placement import HOST_LAYER_S, LaneCosts
 
 # No torch here: listing and reading profiles (`moe-prefetch profiles`, `--help`) must not pay
 # seconds for it.
@@ -365,6 +365,7 @@ def lane_costs(device: Profile, host: HostProfile) -> LaneCosts:
         host_call_s=float(host.expert_call_overhead_s),
         device_bytes_per_s=float(device.hbm_bandwidth_bytes_per_s),
         device_flops=float(device.peak_bf16_flops),
+        host_layer_s=HOST_LAYER_S,
     )
 
 

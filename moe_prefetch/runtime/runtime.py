@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from ..errors import AttachedModelError
+from ..experts import host_kernels as kernels
 from ..experts.compression import release_scratch
-from ..experts.host_kernels import packed_int8, run_int8
 from ..experts.layout import ExpertSpec, MoELayer
 from . import lanes
 from .cache import ExpertCache, SlotState
 from .config import RuntimeConfig
+from .host_lane import HostLane
 from .loader import Loader
 from .placement import DEFAULT_COSTS, LaneCosts, Placement
 from .pool import SlotPool
@@ -128,19 +129,23 @@ class Runtime:
         self.scheduler = Scheduler(
             cache, loader, self._source, self.moe_layer_ids, top_k=max(layer.top_k for layer in layers)
         )
-        # How the kernel saw its experts: a span of slots, gathered into the working buffer, or
-        # (host lane) torch's packed int8 kernel on the stored bytes (host_kernels.py).
-        self.kernel_calls = {"span": 0, "gathered": 0, "host_span": 0, "host_packed": 0}
-        self._host_int8 = {layer.layer_idx: packed_int8(self.codec, layer.experts) for layer in layers}
-        # The host lane reads packed int8 experts as stored; anything else compressed is decoded first.
-        host_bytes = self.codec.nbytes if all(self._host_int8.values()) else self.codec.host_bytes
+        # How the kernel saw its experts: a span of slots or gathered into the working buffer;
+        # the host lane counts its own passes and kernel calls (`host_lane.py`).
+        self.kernel_calls = {"span": 0, "gathered": 0}
+        self.host_lane = HostLane(store, self.codec, layers)
+        # The host lane reads the stored bytes where a kernel reads them as stored (bf16 as is,
+        # packed int8 and int4, each at its cost per byte); anything else is decoded first.
+        host_bytes = max(kernels.host_bytes(self.codec, layer.experts) for layer in layers)
+        # On a CPU device the device lane decodes compressed experts on the CPU too (issue 19:
+        # int4 experts were uploaded there as investments, then decoded on every use).
+        device_bytes = self.codec.host_bytes if device.type == "cpu" else self.codec.device_bytes
         self.placement = Placement(
             costs or default_costs(device),
             self.codec.nbytes,
             spec.numel,
             config.on_miss,
             host_bytes,
-            device_bytes=self.codec.device_bytes,
+            device_bytes=device_bytes,
         )
         self.scheduler.placement = self.placement
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
@@ -260,75 +265,22 @@ class Runtime:
         return out
 
     def _host_part(self, layer, host, routing, hidden_states, top_k_weights, host_inputs, device_out):
-        """The host lane: `host`'s experts with the stock kernel on the host store's own tensors
-        and the routed tokens' hidden states, summed in fp32 in a fixed order and added to the
-        device part (rounded once by the caller), so results do not depend on timing.
-
-        Plain experts: one kernel call per store chunk (consecutive experts of the layer, as the
-        kernel wants them), over the pairs routed to its host experts, as a device wave does; one
-        call per expert would pay the kernel's fixed cost (sort, histogram, two grouped matmuls:
-        ~0.3 ms on a CPU) once per expert. Compressed experts: one expert at a time, decoded, or
-        int8 read as stored (host_kernels.py)."""
+        """The host lane (`host_lane.py`): one pass over `host`'s experts on the host store's
+        stored bytes and the routed tokens' hidden states, summed in fp32 in a fixed order and
+        added to the device part (rounded once by the caller), so results do not depend on timing."""
         start = time.perf_counter()
-        count = len(host)
         if host_inputs:
             hidden, weights = host_inputs
         else:  # a large call: read what the host lane needs now (a second read, prefill only)
             hidden, weights = hidden_states.cpu(), top_k_weights.cpu()
-        acc = torch.zeros((hidden.shape[0], hidden.shape[-1]), dtype=torch.float32)
-        packed = self._host_int8[layer.layer_idx]
-        if self.codec.identity:
-            host = self._host_spans(layer, host, routing, hidden, weights, acc)
-        for expert_id in host:
-            rows, slots = np.nonzero(routing == expert_id)
-            rows_t, slots_t = torch.from_numpy(rows), torch.from_numpy(slots)
-            if packed:
-                row = self.store[(layer.layer_idx, expert_id)]
-                part = run_int8(self.codec, layer.experts, row, hidden[rows_t], weights[rows_t, slots_t].unsqueeze(-1))
-                acc.index_add_(0, rows_t, part.float())
-                self.kernel_calls["host_packed"] += 1
-                continue
-            proxy = self._proxy(layer, self.store.expert((layer.layer_idx, expert_id)), None, None)
-            index = torch.zeros((len(rows), 1), dtype=torch.long)
-            x = hidden[rows_t]
-            if self._wide_waves:
-                x = x.float()  # as in waves: the kernel's sum comes back unrounded, rounded once
-            part = self.kernel(proxy, x, index, weights[rows_t, slots_t].unsqueeze(-1))
-            acc.index_add_(0, rows_t, part.float())
+        acc = self.host_lane.run(layer, host, routing, hidden, weights)
         counters = self.cache.counters[layer.layer_idx]
-        counters.host_experts += count
+        counters.host_experts += len(host)
         self._call_host = time.perf_counter() - start
         counters.host_seconds += self._call_host
         if hidden_states.device.type != "cpu":
             acc = acc.pin_memory().to(hidden_states.device, non_blocking=True)
         return acc if device_out is None else device_out.float() + acc
-
-    def _host_spans(self, layer, host, routing, hidden, weights, acc) -> list[int]:
-        """Run `host`'s experts one store chunk at a time (see `_host_part`), adding into `acc`.
-        Returns the experts left for the per-expert path (those in a chunk of scattered ids)."""
-        num = layer.num_experts
-        done: set[int] = set()
-        for first, count, rows in self.store.spans(layer.layer_idx):
-            members = [e for e in host if first <= e < first + count]
-            if not members or rows is None:  # no host expert here, or scattered ids: one at a time
-                continue
-            lut = np.full(num + 1, -1, dtype=np.int64)  # the last row: transformers' EP sentinel
-            lut[members] = np.asarray(members) - first
-            index = lut[np.clip(routing, 0, num)]
-            in_call = index >= 0
-            tokens = np.nonzero(in_call.any(axis=1))[0]
-            mask = torch.from_numpy(in_call[tokens])
-            sub_index = torch.from_numpy(np.where(in_call[tokens], index[tokens], members[0] - first))
-            tokens_t = torch.from_numpy(tokens)
-            sub_weights = torch.where(mask, weights[tokens_t], torch.zeros((), dtype=weights.dtype))
-            x = hidden[tokens_t]
-            if self._wide_waves:
-                x = x.float()  # as in waves: the kernel's sum comes back unrounded, rounded once
-            proxy = self._proxy(layer, self.spec.views(rows), 0, count)
-            acc.index_add_(0, tokens_t, self.kernel(proxy, x, sub_index, sub_weights).float())
-            self.kernel_calls["host_span"] += 1
-            done.update(members)
-        return [e for e in host if e not in done]
 
     # -- internals ---------------------------------------------------------------
     def _read(self, top_k_index: torch.Tensor, extra: tuple = ()) -> tuple[np.ndarray, tuple]:
@@ -492,8 +444,6 @@ class Runtime:
         proxy = object.__new__(type(module))
         proxy.__dict__.update(module.__dict__)
         proxy.__dict__["_parameters"] = {}
-        if lo is None:  # one expert's own tensors (the host lane): a leading expert dim of 1
-            params, lo, hi = {name: t.unsqueeze(0) for name, t in params.items()}, 0, 1
         for name, param in params.items():
             proxy.__dict__[name] = param[lo:hi]
         proxy.__dict__["num_experts"] = hi - lo
@@ -557,6 +507,11 @@ class Runtime:
             "lookahead": self.config.lookahead,
             "stall_timing": "cuda-events" if self.loader.kind == "cuda-stream" else "cpu-wait",
             "kernel_calls": dict(self.kernel_calls),
+            # the host lane: passes (one per layer call with host experts), kernel calls per kind,
+            # and which kernel ran each parameter (pure torch: no compiled kernel of our own)
+            "host_passes": self.host_lane.passes,
+            "host_kernel_calls": dict(self.host_lane.calls),
+            "host_kernels": self.host_lane.describe(),
         }
 
     def replace_experts(self, encoded: dict) -> None:
@@ -584,6 +539,8 @@ class Runtime:
         self.step_starts.clear()
         self.step_stalls.clear()
         self.kernel_calls = dict.fromkeys(self.kernel_calls, 0)
+        self.host_lane.calls = dict.fromkeys(self.host_lane.calls, 0)
+        self.host_lane.passes = 0
         self.step = -1
 
     def detach(self):
@@ -599,6 +556,7 @@ class Runtime:
         self._spans.clear()
         self._shifted.clear()
         self._pending.clear()
+        self.host_lane.close()  # its views of the store go before the store
         self.predictor = None
         self.pool.close()  # slots, working buffer, the device decode's scratch
         self.pool = None

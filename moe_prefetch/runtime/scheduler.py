@@ -22,7 +22,8 @@ Rules:
   less; at most UPLOAD_WINDOW_LAYERS layers' worth of link time is queued. With
   on_miss="wait" the prefetch rules above apply unchanged; where a use on the device saves no
   host time (a CPU device), host-served experts are uploaded behind every prediction, within a
-  budget of copies in flight.
+  budget of copies in flight; with on_miss="host" there, nothing is copied at all (no copy
+  could pay: `_copies_cannot_pay`).
 
 Host cost per layer grows with the experts routed and predicted, never with the pool: what
 a prefetch may not evict is a predicate evaluated only on the eviction candidates the cache
@@ -75,9 +76,22 @@ class Scheduler:
         # its layer runs (a late one is computed on the host anyway). The runtime or simulator sets
         # `placement` and calls `tick` at each MoE layer, so the scheduler knows how long a layer
         # takes: whether an upload lands in time (`_lands`) and how much link time to queue.
-        self.placement: Placement | None = None
+        self._placement: Placement | None = None
+        self._invests = self._no_copies = False  # what the placement implies (`placement`)
         self.layer_s: float | None = None  # moving average of the time between MoE layers
         self._last_tick: float | None = None
+
+    @property
+    def placement(self) -> Placement | None:
+        return self._placement
+
+    @placement.setter
+    def placement(self, placement: Placement | None) -> None:
+        # Decided once per placement, not per layer call: both compare lane speeds that are fixed.
+        self._placement = placement
+        saving = None if placement is None else _saving(placement)
+        self._invests = saving is not None and placement.on_miss != "wait" and saving > 0
+        self._no_copies = saving is not None and placement.on_miss == "host" and saving <= 0
 
     def new_step(self) -> None:
         self.step += 1
@@ -108,6 +122,8 @@ class Scheduler:
             self.value.predict(target, experts)
         if self._investing():
             self._invest([((t, e), d) for t, d, es in predictions if t > layer_idx for e in es])
+            return
+        if self._copies_cannot_pay():
             return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
@@ -154,6 +170,8 @@ class Scheduler:
         """The routed experts of `needed` that run on the host: those not resident for which
         the host lane finishes first (`placement`). Costs the experts routed, not the pool."""
         resident, state = self.cache.resident[layer_idx], self.cache.state
+        if placement.on_miss == "host":  # no choice to weigh: every expert not ready runs on the host
+            return [e for e in needed if (slot := resident.get(e)) is None or state[slot] is not SlotState.READY]
         host: list[int] = []
         host_busy = link_busy = 0.0  # work already placed on each lane in this call
         for expert_id in needed:
@@ -173,8 +191,15 @@ class Scheduler:
         """Experts just served on the host: upload those worth their link time (`_invest`)."""
         if self._investing():
             self._invest([((layer_idx, e), None) for e in experts])
-        else:
+        elif not self._copies_cannot_pay():
             self._upload_recent(layer_idx, experts)
+
+    def _copies_cannot_pay(self) -> bool:
+        """Every miss runs on the host and a use on the device saves no host time (a CPU device:
+        both lanes are the same cores and the same memory): a copy into a slot only competes with
+        the host lane for memory bandwidth, so neither predictions nor host-served experts are
+        copied. Issue 19 measured ~89 such uploads per token (~280 MB) on a bf16 CPU run, none used."""
+        return self._no_copies
 
     def _investing(self) -> bool:
         """Whether misses run on the host and a use on the device saves host time, so uploads are
@@ -182,8 +207,7 @@ class Scheduler:
         upload could pay, and the rules before uploads were investments apply: predictions are
         prefetched as with `wait`, host-served experts uploaded behind them (`_upload_recent`),
         so a CPU run still moves and evicts experts as a GPU run does (and tests that path)."""
-        placement = self.placement
-        return placement is not None and placement.on_miss != "wait" and _saving(placement) > 0
+        return self._invests
 
     def _upload_recent(self, layer_idx: int, experts: list[int]) -> None:
         """Upload experts just served on the host in the background, behind every prediction,
@@ -269,7 +293,8 @@ class Scheduler:
         (`placement`; none without one or with on_miss "wait"), and split the rest into waves
         that fit the pool (resident experts first). Returns (host experts, device waves)."""
         self.reap()
-        self.value.used(layer_idx, needed)
+        if not self._no_copies:  # use counts and prediction scores only ever price uploads
+            self.value.used(layer_idx, needed)
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
             self._forget_stale(layer_idx, set(needed))
         host = []

@@ -1,0 +1,144 @@
+"""The medium model of the llama.cpp comparison (issue 19): a random Qwen3-MoE of 1.66B
+parameters (hidden 1024, 16 layers, 64 experts, moe_intermediate 512, top-8), saved in bf16 with
+the demo's tokenizer, and a decode-speed measurement of any model on it.
+
+    python scripts/medium_model.py build FOLDER
+    python scripts/medium_model.py host FOLDER --experts-dtype bf16 --threads 1 [--tokens 64]
+    python scripts/medium_model.py stock FOLDER --threads 1
+
+`host` loads it as the comparison does: `load(path, device="cpu", on_miss="host", cache_slots=8,
+dtype=torch.bfloat16, experts_dtype=D)`; `stock` with transformers. Each prints one JSON line:
+decode tokens/s after a warm-up, its CPU time over wall time, and where the time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_IDS = [(i * 997 + 13) % 4000 + 5 for i in range(19)]  # the same 19 ids for every engine
+MEDIUM = dict(
+    hidden_size=1024,
+    num_hidden_layers=16,
+    num_local_experts=64,
+    moe_intermediate_size=512,
+    intermediate_size=512,
+    num_experts_per_tok=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=4096,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    norm_topk_prob=True,
+)
+
+
+def build(folder: Path) -> None:
+    """Write the medium model (random, seed 0, bf16) and the demo's tokenizer into `folder`."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moe_prefetch.model.folders import resolve_path
+
+    if (folder / "config.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**MEDIUM, num_experts=MEDIUM["num_local_experts"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    demo = resolve_path("demo-fine")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, folder / name)
+
+
+def decode(model, tokens: int, warmup: int = 8, onednn: bool = True) -> dict:
+    """Greedy decode after the prompt: `warmup` tokens untimed, then `tokens` timed (with
+    `onednn` False, oneDNN is off from the first decode step on, and on again after)."""
+    ids = torch.tensor([PROMPT_IDS])
+    was = torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        torch.backends.mkldnn.enabled = was and onednn
+        for i in range(warmup + tokens):
+            if i == warmup:
+                wall, cpu = time.perf_counter(), time.process_time()
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    torch.backends.mkldnn.enabled = was
+    return {"tokens": tokens, "tok_s": tokens / wall, "cpu_per_wall": cpu / wall / torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["build", "host", "stock"])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--experts-dtype", default="bf16")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops")
+    parser.add_argument(
+        "--no-onednn",
+        action="store_true",
+        help="oneDNN off for the whole decode (the non-expert matmuls too; after the prompt): torch's own gemv",
+    )
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    if args.what == "build":
+        build(args.folder)
+        return
+    torch.set_num_threads(args.threads)
+    result = {"engine": args.what, "threads": args.threads, "experts_dtype": args.experts_dtype}
+    if args.what == "stock":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16).eval()
+        runtime = None
+    else:
+        import moe_prefetch
+
+        model, runtime = moe_prefetch.load(
+            str(args.folder),
+            device="cpu",
+            on_miss="host",
+            cache_slots=8,
+            dtype=torch.bfloat16,
+            experts_dtype=args.experts_dtype,
+            host_threads=args.threads,
+        )
+    result.update(decode(model, args.tokens, onednn=not args.no_onednn), onednn=not args.no_onednn)
+    if runtime is not None:
+        stats = runtime.stats()
+        per_token = stats["host_seconds"] / max(1, stats["host_passes"]) * len(runtime.layers)
+        result.update(
+            host_kernels=stats["host_kernels"],
+            expert_bytes=stats["expert_bytes"],
+            host_experts=stats["host_experts"],
+            uploads=stats["uploads"],
+            host_s_per_token=per_token,
+            # expert bytes the host lane read per second of its own time
+            expert_gb_s=stats["expert_bytes"] * stats["host_experts"] / stats["host_seconds"] / 1e9,
+            # the runtime's own CPU-side work per MoE layer (routing read, plan, bookkeeping): a
+            # layer call's time without its host lane (no expert runs elsewhere here)
+            runtime_us_per_layer=1e6
+            * statistics.median(r["end"] - r["start"] - r["host_s"] - r["wait_s"] for r in runtime.trace),
+        )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode(model, 8, warmup=0)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
