@@ -130,11 +130,12 @@ def test_host_lane_runs_one_pass_per_layer_with_two_kernel_calls_per_expert():
         runtime.detach()
 
 
-def test_measured_bench_hit_rate_counts_host_experts(monkeypatch):
+@pytest.mark.parametrize("on_miss", ["host", "wait"])
+def test_measured_bench_hit_rate_counts_host_experts(monkeypatch, on_miss):
     """A measured bench row's decode hit rate is device hits over every routed expert of the
     decode steps, recomputed here from the trace the row was made from: experts that ran on the
     host are not hits (it read 100% when they were left out), and the prefill (step 0) is not
-    decode."""
+    decode (with misses waiting for copies, the decode steps hit and the prefill does not)."""
     from tiny_models import make_model, prompt
 
     from moe_prefetch.evidence import bench
@@ -149,14 +150,17 @@ def test_measured_bench_hit_rate_counts_host_experts(monkeypatch):
     real = bench.replay_payload
     monkeypatch.setattr(bench, "replay_payload", replay_payload)
     result = bench.run_bench(
-        make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss="host"
+        make_model("mixtral"), prompt(1, 6), ["none"], [0.25], tokens=6, device="cpu", on_miss=on_miss
     )
     row = next(r for r in result["rows"] if r["predictor"] == "none")
     (trace,) = traces
     decode = [r for r in trace if r["step"] >= 1]
     hits = sum(r["hits"] for r in decode)
     routed = sum(r["hits"] + r["misses"] + len(r["host"]) for r in decode)
-    assert sum(len(r["host"]) for r in decode) > 0 and any(r["step"] == 0 for r in trace)
+    if on_miss == "host":
+        assert sum(len(r["host"]) for r in decode) > 0
+    else:
+        assert hits > 0 and sum(r["misses"] for r in trace if r["step"] == 0) > 0
     assert row["decode_hit_rate"] == pytest.approx(hits / routed, rel=1e-9)
 
 
