@@ -2,6 +2,7 @@
 bandwidth, replayed through the same scheduler on a virtual link of that bandwidth; with host
 execution, its host lane timed at what one expert on the host costs on this machine."""
 
+import os
 import statistics
 
 import pytest
@@ -93,8 +94,17 @@ def measure_cpu_lane() -> CpuLane:
     return CpuLane(layer_s=min(times) / config.num_hidden_layers)  # the least loaded of three
 
 
+def _quiet_machine():
+    """These checks time a paced run on this CPU against the simulator: on a machine whose other
+    work keeps every core busy, the measured side slows and the ratio says nothing about the model."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 1.5 * cores:
+        pytest.skip(f"machine busy (load average {load:.1f} on {cores} cores): the 15% timing check needs it quiet")
+
+
 @pytest.mark.parametrize("predictor", ["none", "next-gate"])
 def test_simulated_tokens_per_second_within_15_percent(predictor):
+    _quiet_machine()
     bandwidth = 80e6  # 80 MB/s: each 262 kB expert takes ~3.3 ms, so stalls dominate
     measured, run = paced_run(predictor, bandwidth)
     sim = simulate(
@@ -169,6 +179,7 @@ def host_lane_run():
 
 @pytest.mark.parametrize("on_miss", ["host", "auto"])
 def test_simulated_hybrid_tokens_per_second_within_15_percent(on_miss, host_lane_run):
+    _quiet_machine()
     measured, run = host_lane_run
     host_s = host_expert_s(run["trace"])  # this machine's host lane, as the host-lane run timed it
     if on_miss == "auto":
