@@ -12,10 +12,15 @@ from moe_prefetch.cli.main import app
 
 @pytest.fixture(scope="module", params=["wait", "host"])
 def run(request, tmp_path_factory):
-    """A CLI run of a tiny Mixtral with 5 slots: misses wait for their copies, or run on the host."""
+    """A CLI run of a tiny Mixtral with 5 slots: misses wait for their copies, or run on the host.
+    The host case takes a desktop host profile's lanes, where a use on the device saves host time,
+    so experts are still uploaded and there are copies to rate (on a CPU device's own lanes,
+    on_miss="host" copies nothing: no copy could pay)."""
     ckpt = make_checkpoint(tmp_path_factory.mktemp("model"))
     out = tmp_path_factory.mktemp("report")
     args = run_args(ckpt, "--cache-slots", "5", "--predictor", "next-gate", "--on-miss", request.param)
+    if request.param == "host":
+        args = [*args, "--host", "ddr4-3200-2ch"]
     result = CliRunner().invoke(app, [*args, "--report", str(out)])
     assert result.exit_code == 0, result.output
     return json.loads((out / "run.json").read_text())
