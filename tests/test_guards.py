@@ -350,3 +350,27 @@ def test_deepcopy_of_a_loaded_model(tmp_path):
     assert all(p.device.type == "cpu" and p.numel() > 0 for p in clone.parameters())
     torch.testing.assert_close(_logits(clone, ids), _logits(stock, ids), atol=1e-5, rtol=0)
     runtime.detach()
+
+
+def test_generate_on_an_accelerator_keeps_the_runtime(monkeypatch):
+    """generate() on a non-CPU device switches grouped_mm to batched_mm for decoding, through
+    set_experts_implementation, and back afterwards. Attached, the runtime is the implementation:
+    there is nothing to switch, and entering generate's decode context must not raise (the first
+    GPU run's exactness and bench checks failed here)."""
+    model = make_model("mixtral")
+    model.set_experts_implementation("grouped_mm")  # the one generate switches on CUDA
+    runtime = _attach(model)
+    try:
+        assert set(model.get_experts_implementation().values()) == {"moe_prefetch"}
+        optimize = getattr(model, "_optimize_model_for_decode", None)
+        if optimize is None:
+            pytest.skip("this transformers has no decode-time experts switch")
+        monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("meta")))
+        with optimize():
+            assert set(model.get_experts_implementation().values()) == {"moe_prefetch"}
+        monkeypatch.undo()
+        ids = prompt(1, 5)
+        assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape[1] == 7
+    finally:
+        runtime.detach()
+    assert "grouped_mm" in model.get_experts_implementation().values()

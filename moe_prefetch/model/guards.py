@@ -9,6 +9,8 @@ through the runtime or stops with one clear error naming the fix:
                                  as torch loads them, experts go into the host store (and the slots
                                  holding them), so the model computes with the new weights
   set_experts_implementation     refused: the runtime is the implementation; detach first
+  get_experts_implementation     "moe_prefetch" for the model and its sub-configs, so generate's
+                                 decode-time grouped_mm -> batched_mm switch on CUDA has nothing to do
   backward through the experts   refused when it happens; forwards with grad enabled still work
   .to / .half / .float / .cuda   refused when they would change the experts' dtype or device
   copy.deepcopy                  a detached copy with the stock weights (integration.py); `strip`
@@ -155,12 +157,26 @@ def _refuse_experts_switch(model) -> Callable[[], None]:
 
         return set_experts_implementation
 
+    def runtime_implementation(owner):
+        stock = owner.get_experts_implementation
+
+        def get_experts_implementation():
+            # What runs the experts now. generate() reads this before decoding and, on a CUDA
+            # device, switches grouped_mm to batched_mm (and back) through the refused setter:
+            # saying "moe_prefetch" leaves it nothing to switch, so generate works unchanged.
+            return dict.fromkeys(stock(), "moe_prefetch")
+
+        return get_experts_implementation
+
     for owner in owners:
         owner.__dict__["set_experts_implementation"] = mark(refuse(owner))
+        if hasattr(owner, "get_experts_implementation"):
+            owner.__dict__["get_experts_implementation"] = mark(runtime_implementation(owner))
 
     def undo() -> None:
         for owner in owners:
             owner.__dict__.pop("set_experts_implementation", None)
+            owner.__dict__.pop("get_experts_implementation", None)
 
     return undo
 

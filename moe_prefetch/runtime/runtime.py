@@ -236,7 +236,7 @@ class Runtime:
         alone = len(waves) == 1 and not host
         out = None
         for wave in waves:  # device work first: on CUDA it runs while the host computes below
-            part = self._run_wave(layer, wave, hidden_states, top_k_index, top_k_weights, alone=alone)
+            part = self._run_wave(layer, wave, routing, hidden_states, top_k_index, top_k_weights, alone=alone)
             out = part if out is None else out + part
         if host:
             out = self._host_part(layer, host, routing, hidden_states, top_k_weights, host_inputs, out)
@@ -322,7 +322,7 @@ class Runtime:
             self.scheduler.prefetch(origin, said)
         return routing, extra
 
-    def _run_wave(self, layer, wave, hidden_states, top_k_index, top_k_weights, alone):
+    def _run_wave(self, layer, wave, routing, hidden_states, top_k_index, top_k_weights, alone):
         waited = time.perf_counter()
         slots = self.scheduler.acquire(layer.layer_idx, wave)
         self._call_wait += time.perf_counter() - waited
@@ -331,9 +331,16 @@ class Runtime:
                 self.verify()  # debug: every ready slot, not only this wave's
             slot_list = [slots[e] for e in wave]
             lo, hi = min(slot_list), max(slot_list) + 1
+            if hi - lo == 1:
+                # Never a one-expert span: the stock kernel's histc(bins=1, min=0, max=0) then
+                # takes its range from the data, a device->host read (a sync on CUDA). The extra
+                # row is a resident slot no pair points at: an empty group, never computed.
+                lo, hi = (lo, hi + 1) if hi < self.cache.num_slots else (lo - 1, hi)
             if hi - lo <= layer.num_experts and self.codec.identity:
                 self.kernel_calls["span"] += 1
-                return self._compute(layer, wave, slot_list, hidden_states, top_k_index, top_k_weights, alone, lo, hi)
+                return self._compute(
+                    layer, wave, slot_list, routing, hidden_states, top_k_index, top_k_weights, alone, lo, hi
+                )
             # Slots scattered over the pool: gather the routed experts, a few at a time.
             self.kernel_calls["gathered"] += 1
             width = self.pool.work_slots
@@ -343,6 +350,7 @@ class Runtime:
                     layer,
                     wave[i : i + width],
                     slot_list[i : i + width],
+                    routing,
                     hidden_states,
                     top_k_index,
                     top_k_weights,
@@ -353,9 +361,13 @@ class Runtime:
         finally:
             self.scheduler.release(slots.values())
 
-    def _compute(self, layer, experts, slots, hidden_states, top_k_index, top_k_weights, alone, lo=None, hi=None):
+    def _compute(
+        self, layer, experts, slots, routing, hidden_states, top_k_index, top_k_weights, alone, lo=None, hi=None
+    ):
         """The stock kernel on `experts` (held in `slots`): on the pool span lo..hi, or (lo None)
-        on copies gathered into the working buffer. `alone`: every routed pair is in `experts`."""
+        on copies gathered into the working buffer. `alone`: every routed pair is in `experts`.
+        `routing`: `top_k_index` as read to the host, so which tokens a wave covers is known
+        without reading the device again."""
         num = layer.num_experts
         if lo is None:
             index = self._to_device(slots)
@@ -366,7 +378,9 @@ class Runtime:
                 staged = self.pool.staging[: len(slots)]
                 torch.index_select(self.pool.buffer, 0, index, out=staged)
                 self.codec.decode(staged, work, self.pool.scratch)  # a wave at once on CUDA
-            proxy = self._proxy(layer, self.pool.work_params, 0, len(slots))
+            # at least two rows, as for a span (the histc read); rows past len(slots) are not routed to
+            width = max(len(slots), min(2, self.pool.work_slots))
+            proxy = self._proxy(layer, self.pool.work_params, 0, width)
             local = list(range(len(slots)))
         else:
             proxy = self._span_proxy(layer, lo, hi)
@@ -385,8 +399,11 @@ class Runtime:
             return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
         # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
         # and only tokens with at least one pair in this wave are computed.
+        # The tokens with a pair in this wave, from the host's copy of the routing: a
+        # `nonzero` on the device would synchronise before the kernel is enqueued (and after
+        # the wait on this wave's copies), so the host lane could not run beside the link.
         in_wave = slot_index >= 0
-        rows = in_wave.any(dim=-1).nonzero().squeeze(-1)
+        rows = self._to_device(np.flatnonzero(np.isin(routing, experts).any(axis=-1)).tolist())
         sub_index = torch.where(in_wave[rows], slot_index[rows], local[0])
         sub_weights = torch.where(in_wave[rows], top_k_weights[rows], torch.zeros_like(top_k_weights[rows]))
         sub_hidden = hidden_states[rows]
