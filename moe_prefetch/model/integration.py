@@ -252,8 +252,8 @@ def wire(
         slots = resolve_slots(config, spec, layers, target, codec=store.codec, model_config=model.config, widths=widths)
         pool = SlotPool(spec, slots, target, work_slots=max(layer.top_k for layer in layers), codec=store.codec)
     except BaseException:
-        _refill(saved, store, layers)  # refused: give the model its experts back, untouched
-        model.to(original_device)
+        model.to(original_device)  # refused: give the model its experts back, untouched (as in restore)
+        _refill(saved, store, layers)
         raise
     cache = ExpertCache(
         slots, store.codec.nbytes, [layer.layer_idx for layer in layers], policy=make_policy(config.cache_policy)
@@ -288,8 +288,11 @@ def wire(
             layer.experts.__dict__.pop("_moe_prefetch", None)
         if generation is not None:
             generation.disable_compile = compile_was
-        _refill(saved, store, layers)
+        # The move first, while the expert Parameters are empty; then the experts go back to
+        # their own home. A model loaded for CUDA keeps its experts on the host after detach
+        # (its home there is the CPU): moving after the refill would put them all on the device.
         model.to(original_device)
+        _refill(saved, store, layers)
         model.__dict__.pop("_moe_prefetch_runtime", None)
         model.__dict__.pop("__deepcopy__", None)
 
