@@ -13,7 +13,7 @@ import moe_prefetch
 from moe_prefetch.errors import ConfigError
 from moe_prefetch.experts import compression
 from moe_prefetch.experts import host_kernels as kernels
-from moe_prefetch.experts.compression import compress_experts, make_codec, round_trip
+from moe_prefetch.experts.compression import Int4, compress_experts, make_codec, round_trip
 from moe_prefetch.experts.layout import SUPPORTED, ExpertSpec, find_moe_layers, spec_of
 
 SPEC = ExpertSpec(names=("gate_up_proj", "down_proj", "bias"), shapes=((96, 80), (80, 48), (96,)), dtype=torch.float32)
@@ -330,7 +330,25 @@ def assert_batched_decode_is_the_host_decode(monkeypatch, codec, rows, scratch_b
 def test_batched_device_decode_gives_the_host_values(monkeypatch, dtype, out_dtype, cols):
     spec = ExpertSpec(names=("w1", "w2", "b"), shapes=((96, cols), (cols, 64), (96,)), dtype=out_dtype)
     codec = make_codec(spec, dtype)
-    assert_batched_decode_is_the_host_decode(monkeypatch, codec, _stored_rows(codec, 3))
+    # int4 in the kernel's block layout (bf16, rows a multiple of the block) decodes whole blocks
+    blocks = any(getattr(f, "block", 0) for f in codec.formats.values())
+    scratch = 1 << 17 if blocks else None
+    assert_batched_decode_is_the_host_decode(monkeypatch, codec, _stored_rows(codec, 3), scratch_bytes=scratch)
+
+
+def _int4_block_codec(block: int = 64) -> compression.Codec:
+    """int4 in the layout torch's CPU int4 kernel reads (blocks of 64 rows, as with AVX-512),
+    whatever this CPU's torch packs."""
+    spec = ExpertSpec(names=("w1", "w2"), shapes=((128, 128), (128, 64)), dtype=torch.bfloat16)
+    return compression.Codec(spec, "int4", {n: Int4(block=block, sz_dtype=torch.bfloat16) for n in spec.names})
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_batched_device_decode_reads_the_kernel_layout(monkeypatch, block):
+    """The int4 block layout (issue 19) decoded a wave at once on the device path (issue 20,
+    item 7): the host decode's values, in whole-block row chunks when the scratch is small."""
+    codec = _int4_block_codec(block)
+    assert_batched_decode_is_the_host_decode(monkeypatch, codec, _stored_rows(codec, 3), scratch_bytes=1 << 15)
 
 
 def test_device_decode_launches_do_not_grow_with_the_wave(monkeypatch):
@@ -349,12 +367,12 @@ def test_device_decode_launches_do_not_grow_with_the_wave(monkeypatch):
 
     spec = ExpertSpec(names=("w1", "w2"), shapes=((96, 128), (128, 64)), dtype=torch.bfloat16)
     monkeypatch.setattr(compression, "_single_pass", lambda device: True)
-    for dtype in ("int8",):  # int4 in the host kernel's layout decodes one expert at a time (TODO)
-        codec = make_codec(spec, dtype)
+    for dtype in ("int8", "int4", "int4-block"):
+        codec = _int4_block_codec() if dtype == "int4-block" else make_codec(spec, dtype)
         counts = []
         for n in (1, 8):
             rows = _stored_rows(codec, n)
-            work = torch.empty(n, spec.numel, dtype=spec.dtype)
+            work = torch.empty(n, codec.spec.numel, dtype=codec.spec.dtype)
             scratch = compression.Scratch(torch.empty(1 << 20, dtype=torch.uint8))
             Count.ops = 0
             with Count():

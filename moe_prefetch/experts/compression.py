@@ -243,11 +243,38 @@ class Int4(ParamFormat):
     scratch_bytes_per_value = 1 + 8 / 64
 
     def decode_batch(self, parts, out, scratch):
-        # The stored layout is now the host kernel's (`block`, issue 19), which the wave-at-once
-        # decode written for the earlier layout (issue 20 item 7) does not read yet: one expert
-        # at a time here, the same values as the host decode. TODO: batch it per block of rows.
-        for i in range(out.shape[0]):
-            self.decode({name: part[i] for name, part in parts.items()}, out[i])
+        o = _flat_rows(out)  # [n, rows, K]
+        n, rows, k = o.shape
+        padded = parts["q"][0].numel() * 2 // rows
+        if padded != k:  # K padded to the group (rare): the per-expert path cuts the padding off
+            return super().decode_batch(parts, out, scratch)
+        q = parts["q"].view(n, rows, k // 2)
+        sz = parts["sz"]  # [n, groups, rows, 2]
+        groups, block = k // self.group, self.block or 1
+        # Row chunks of whole blocks whose temporaries (nibbles, fp32 scale and minimum) fit the scratch.
+        step = max(block, int((scratch.capacity - 8 * _ALIGN) // (n * (k + 8 * groups))) // block * block)
+        for start in range(0, rows, step):
+            sl = slice(start, min(rows, start + step))
+            nrows = sl.stop - start
+            scratch.reset()
+            nibbles = scratch.take((n, nrows, k), torch.uint8)
+            packed = q[:, sl]
+            if self.block:  # per block of B rows, [K, B/2] bytes: low nibbles rows 0..B/2-1, high B/2..B-1
+                packed = packed.reshape(n, nrows // block, k, block // 2)
+                halves = nibbles.view(n, nrows // block, 2, block // 2, k)
+                torch.bitwise_and(packed, 15, out=halves[:, :, 0].transpose(-1, -2))
+                torch.bitwise_right_shift(packed, 4, out=halves[:, :, 1].transpose(-1, -2))
+            else:  # pairs along K, low nibble first
+                pairs = nibbles.view(n, nrows, k // 2, 2)
+                torch.bitwise_and(packed, 15, out=pairs[..., 0])
+                torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
+            # As `decode`'s single pass: w = (zero - 8 * scale) + q * scale, in fp32, rounded once.
+            scale = scratch.take((n, nrows, groups, 1), torch.float32)
+            low = scratch.take((n, nrows, groups, 1), torch.float32)
+            scale.copy_(sz[:, :, sl, 0].transpose(1, 2).unsqueeze(-1))
+            low.copy_(sz[:, :, sl, 1].transpose(1, 2).unsqueeze(-1)).sub_(scale, alpha=8)
+            shape = (n, nrows, groups, self.group)
+            torch.addcmul(low, nibbles.view(shape), scale, out=o[:, sl].view(shape))
 
 
 def _flat_rows(t: torch.Tensor) -> torch.Tensor:
