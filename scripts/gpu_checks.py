@@ -30,7 +30,7 @@ for path in (ROOT, ROOT / "tests"):  # the package without an install, and the t
         sys.path.insert(0, str(path))
 
 import moe_prefetch  # noqa: E402
-from moe_prefetch.evidence.bench import run_bench, shape_model  # noqa: E402
+from moe_prefetch.evidence.bench import run_bench  # noqa: E402
 from moe_prefetch.experts import compression  # noqa: E402
 from moe_prefetch.experts.compression import Scratch, make_codec, scratch_bytes  # noqa: E402
 from moe_prefetch.experts.layout import ExpertSpec, decoder_layers, find_moe_layers  # noqa: E402
@@ -69,6 +69,37 @@ def _tiny(arch: str, dtype=torch.bfloat16):
     from tiny_models import make_model
 
     return make_model(arch).to(dtype)
+
+
+def _shape_model(name: str, layers: int, dtype=torch.bfloat16, seed: int = 0):
+    """`shape_model`, built in seconds: the first GPU run spent 39 s of its 45 s cap building a
+    2-layer Qwen3-30B shape (transformers' per-module init on the host). Built without that init;
+    matrices are then filled from one pool of normal values (std 0.02) at a different offset each,
+    routers from their own draw; norms keep their ones. Random weights either way: the checks time
+    the runtime, not what the model says."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from moe_prefetch.evidence.shapes import shape_config
+
+    with no_init_weights(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(shape_config(name, layers), dtype=dtype).eval()
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 24, generator=g) * 0.02).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() < 2:
+                continue
+            flat = param.view(-1)
+            if flat.numel() <= 1 << 20:  # routers, small projections: their own values
+                flat.copy_(torch.randn(flat.numel(), generator=g) * 0.02)
+                continue
+            start = int(torch.randint(0, pool.numel(), (1,), generator=g))
+            rolled = torch.cat([pool[start:], pool[:start]])
+            for off in range(0, flat.numel(), rolled.numel()):
+                n = min(rolled.numel(), flat.numel() - off)
+                flat[off : off + n].copy_(rolled[:n])
+    return model
 
 
 def _prompt(batch: int, length: int, device) -> torch.Tensor:
@@ -433,7 +464,7 @@ def link(device: torch.device, small: bool) -> dict:
     del dst
     progress(f"link: plain {figures['pinned_copy_gb_per_s']:.1f} GB/s, loader {figures['loader_gb_per_s']:.1f} GB/s")
 
-    model = shape_model("qwen3-30b-a3b", layers=2, dtype=torch.bfloat16)
+    model = _shape_model("qwen3-30b-a3b", layers=2)
     progress("link: model built")
     total = sum(layer.num_experts for layer in find_moe_layers(model))
     runtime = moe_prefetch.attach(
@@ -509,7 +540,7 @@ def memory(device: torch.device, small: bool) -> dict:
     peak beside the weights and the pool against the reserve (`sizing.reserve`)."""
     shape, layers = ("olmoe-1b-7b", 1) if small else ("qwen3-30b-a3b", 2)
     prompt_len, new = (32, 16) if small else (512, 512)
-    model = shape_model(shape, layers=layers, dtype=torch.bfloat16)
+    model = _shape_model(shape, layers=layers)
     progress("memory: model built")
     rows = {"before_attach": _memory(device)}
     if device.type == "cuda":
@@ -593,7 +624,7 @@ def lanes(device: torch.device, small: bool) -> dict:
     profile = calibrate(str(device))[0] if cuda else load_profile("rtx3060-12gb")
     progress("lanes: calibrated")
     shape, layers = ("olmoe-1b-7b", 1) if small else ("qwen3-30b-a3b", 2)
-    model = shape_model(shape, layers=layers, dtype=torch.bfloat16)
+    model = _shape_model(shape, layers=layers)
     progress("lanes: model built")
     total = sum(layer.num_experts for layer in find_moe_layers(model))
     runtime = moe_prefetch.attach(
@@ -604,6 +635,12 @@ def lanes(device: torch.device, small: bool) -> dict:
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
+        with torch.no_grad():
+            # Warm-up first: the first GPU run timed a cold decode (cuBLAS handles, first launches),
+            # 53 ms per layer where the warm bench ran about 4.6 ms.
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        runtime.reset_stats()
+        progress("lanes: warmed up")
         timeline = Timeline(model, runtime) if cuda else None
         with torch.no_grad():
             model.generate(
@@ -688,11 +725,21 @@ def bench(device: torch.device, small: bool) -> dict:
     shape, layers, tokens = ("olmoe-1b-7b", 1, 6) if small else ("qwen3-30b-a3b", 3, 24)
     profiles = [calibrate(str(device))[0]] if cuda else []
     progress("bench: calibrated")
-    model = shape_model(shape, layers=layers, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = _shape_model(shape, layers=layers, dtype=torch.bfloat16 if cuda else torch.float32)
     progress("bench: model built")
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    # warmup: the figures are the last `tokens` of each run (the first GPU run had none, so its
+    # first configuration carried the cold start: 13.6 tok/s against 50.2 for the next)
     result = run_bench(
-        model, ids, ["none", "next-gate"], [0.25, 1.0], tokens, device=str(device), profiles=profiles, on_miss="auto"
+        model,
+        ids,
+        ["none", "next-gate"],
+        [0.25, 1.0],
+        tokens,
+        device=str(device),
+        profiles=profiles,
+        on_miss="auto",
+        warmup=4,
     )
     rows = [r for r in result["rows"] if r.get("tokens_per_s")]
     resident = next((r for r in rows if r["cache_fraction"] == 1.0 and r["predictor"] == "none"), None)
