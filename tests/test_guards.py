@@ -34,7 +34,7 @@ def test_experts_switch_is_refused_and_detach_lifts_it():
     ids = prompt(2, 5)
     expected = _logits(model, ids)
     runtime = _attach(model)
-    for implementation in ("eager", "batched_mm", "grouped_mm"):
+    for implementation in ("eager", "sdpa_like_unknown"):
         _refused(lambda impl=implementation: model.set_experts_implementation(impl), "moe-prefetch runtime")
     _refused(lambda: model.model.set_experts_implementation("eager"), "moe-prefetch runtime")
     model.set_experts_implementation("moe_prefetch")  # no change: allowed
@@ -352,25 +352,54 @@ def test_deepcopy_of_a_loaded_model(tmp_path):
     runtime.detach()
 
 
-def test_generate_on_an_accelerator_keeps_the_runtime(monkeypatch):
+def test_generate_on_an_accelerator_switches_the_runtimes_kernel_as_stock(monkeypatch):
     """generate() on a non-CPU device switches grouped_mm to batched_mm for decoding, through
-    set_experts_implementation, and back afterwards. Attached, the runtime is the implementation:
-    there is nothing to switch, and entering generate's decode context must not raise (the first
-    GPU run's exactness and bench checks failed here)."""
-    model = make_model("mixtral")
-    model.set_experts_implementation("grouped_mm")  # the one generate switches on CUDA
+    set_experts_implementation, and back afterwards. The first GPU run's exactness and bench
+    checks failed there (the switch was refused). Attached, the switch goes through: the runtime
+    runs batched_mm on its slots while decoding, computing what the stock model then computes,
+    and grouped_mm again after."""
+    stock, model = make_model("mixtral"), make_model("mixtral")
+    for m in (stock, model):
+        m.set_experts_implementation("grouped_mm")
+    ids = prompt(2, 5)
     runtime = _attach(model)
     try:
-        assert set(model.get_experts_implementation().values()) == {"moe_prefetch"}
         optimize = getattr(model, "_optimize_model_for_decode", None)
         if optimize is None:
             pytest.skip("this transformers has no decode-time experts switch")
         monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("meta")))
-        with optimize():
-            assert set(model.get_experts_implementation().values()) == {"moe_prefetch"}
+        switch = optimize()
+        switch.__enter__()
         monkeypatch.undo()
-        ids = prompt(1, 5)
-        assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape[1] == 7
+        try:
+            assert model.get_experts_implementation()[""] == "batched_mm"
+            assert runtime.kernel.__name__ == "batched_mm_experts_forward"
+            stock.set_experts_implementation("batched_mm")
+            torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), atol=0, rtol=0)
+        finally:
+            switch.__exit__(None, None, None)
+        assert model.get_experts_implementation()[""] == "grouped_mm"
+        assert runtime.kernel.__name__ == "grouped_mm_experts_forward"
+        stock.set_experts_implementation("grouped_mm")
+        torch.testing.assert_close(_logits(model, ids), _logits(stock, ids), atol=1e-6, rtol=1e-5)
+        _refused(lambda: model.set_experts_implementation("eager"), "moe-prefetch runtime")
     finally:
         runtime.detach()
-    assert "grouped_mm" in model.get_experts_implementation().values()
+    assert model.get_experts_implementation()[""] == "grouped_mm"
+
+
+@pytest.mark.parametrize(
+    ("current", "request_", "ok"),
+    [
+        ({"": "grouped_mm"}, {"": "batched_mm"}, True),
+        ({"": "batched_mm"}, {"": "grouped_mm"}, True),
+        ({"": "grouped_mm"}, "batched_mm", True),
+        ({"": "grouped_mm", "vision_config": None}, "batched_mm", True),
+        ({"": "grouped_mm"}, "eager", False),
+        ({"": "eager"}, "batched_mm", False),
+        ({"": "grouped_mm"}, {"": "batched_mm", "other": "batched_mm"}, False),
+        ({"": "grouped_mm"}, None, False),
+    ],
+)
+def test_only_generates_kernel_swap_goes_through(current, request_, ok):
+    assert guards.kernel_switch_only(current, request_) is ok

@@ -8,9 +8,9 @@ through the runtime or stops with one clear error naming the fix:
   load_state_dict                checked whole before anything is written; non-expert tensors load
                                  as torch loads them, experts go into the host store (and the slots
                                  holding them), so the model computes with the new weights
-  set_experts_implementation     refused: the runtime is the implementation; detach first
-  get_experts_implementation     "moe_prefetch" for the model and its sub-configs, so generate's
-                                 decode-time grouped_mm -> batched_mm switch on CUDA has nothing to do
+  set_experts_implementation     refused (the runtime is the implementation; detach first), except
+                                 a swap of grouped_mm and batched_mm, which generate makes to decode on
+                                 CUDA: the runtime then runs that kernel on its slots, as stock would
   backward through the experts   refused when it happens; forwards with grad enabled still work
   .to / .half / .float / .cuda   refused when they would change the experts' dtype or device
   copy.deepcopy                  a detached copy with the stock weights (integration.py); `strip`
@@ -76,11 +76,13 @@ def strip(model) -> None:
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-def install(model, runtime) -> Callable[[], None]:
-    """Guard the attached `model` (see the module docstring); returns the undo function."""
+def install(model, runtime, on_switch: Callable[[], None]) -> Callable[[], None]:
+    """Guard the attached `model` (see the module docstring); returns the undo function.
+    `on_switch`: called after the model's experts implementation moved between grouped_mm and
+    batched_mm (generate's decode switch), to point the runtime at that kernel."""
     undos = [
         _opaque_entry_points(runtime),
-        _refuse_experts_switch(model),
+        _refuse_experts_switch(model, on_switch),
         _full_state_dict(runtime),
         _refuse_conversions(model, runtime),
         _load_through_store(model, runtime),
@@ -140,15 +142,42 @@ def _opaque_entry_points(runtime) -> Callable[[], None]:
     return undo
 
 
-def _refuse_experts_switch(model) -> Callable[[], None]:
+# The stock kernels generate() swaps: grouped_mm -> batched_mm for decoding on a non-CPU device,
+# and back after (transformers' `_optimize_model_for_decode`).
+DECODE_SWITCH = frozenset({"grouped_mm", "batched_mm"})
+
+
+def kernel_switch_only(current: Mapping[str, str | None], request) -> bool:
+    """Whether `request` (as `set_experts_implementation` takes it) only swaps grouped_mm and
+    batched_mm against `current` (`get_experts_implementation()`): the kernel the runtime calls
+    on its slots can follow it, as the stock model would."""
+    if isinstance(request, str):
+        wanted = {key: request for key, value in current.items() if value is not None}
+    elif isinstance(request, Mapping) and set(request) <= set(current):
+        wanted = {key: request.get(key, value) for key, value in current.items()}
+    else:
+        return False
+    return all(w == current[k] or {w, current[k]} <= DECODE_SWITCH for k, w in wanted.items())
+
+
+def _refuse_experts_switch(model, on_switch: Callable[[], None]) -> Callable[[], None]:
     # transformers applies the switch through every PreTrainedModel inside the model too.
     owners = [m for m in model.modules() if hasattr(m, "set_experts_implementation")]
 
     def refuse(owner):
+        stock_set = type(owner).set_experts_implementation.__get__(owner)
+
         def set_experts_implementation(experts_implementation):
             # The experts modules dispatch on private config copies set to the runtime (the
             # model's own config is left untouched); asking for the runtime changes nothing.
             if experts_implementation in ("moe_prefetch", {"": "moe_prefetch"}):
+                return
+            if kernel_switch_only(owner.get_experts_implementation(), experts_implementation):
+                # generate() on CUDA decodes with batched_mm and switches back after: the model's
+                # config follows (the private copies stay on the runtime) and so does the kernel the
+                # runtime runs on its slots, so decoding computes as the stock model's does.
+                stock_set(experts_implementation)
+                on_switch()
                 return
             raise AttachedModelError(
                 f"this model's experts are run by the moe-prefetch runtime; {DETACH}, "
@@ -157,26 +186,12 @@ def _refuse_experts_switch(model) -> Callable[[], None]:
 
         return set_experts_implementation
 
-    def runtime_implementation(owner):
-        stock = owner.get_experts_implementation
-
-        def get_experts_implementation():
-            # What runs the experts now. generate() reads this before decoding and, on a CUDA
-            # device, switches grouped_mm to batched_mm (and back) through the refused setter:
-            # saying "moe_prefetch" leaves it nothing to switch, so generate works unchanged.
-            return dict.fromkeys(stock(), "moe_prefetch")
-
-        return get_experts_implementation
-
     for owner in owners:
         owner.__dict__["set_experts_implementation"] = mark(refuse(owner))
-        if hasattr(owner, "get_experts_implementation"):
-            owner.__dict__["get_experts_implementation"] = mark(runtime_implementation(owner))
 
     def undo() -> None:
         for owner in owners:
             owner.__dict__.pop("set_experts_implementation", None)
-            owner.__dict__.pop("get_experts_implementation", None)
 
     return undo
 

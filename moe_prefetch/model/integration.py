@@ -60,10 +60,10 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _experts_forward)
 DEFAULT_KERNEL = "grouped_mm"  # transformers' default experts implementation
 
 
-def stock_kernel(model, experts) -> tuple[str, object]:
-    """The experts implementation the module runs without the runtime, and its function.
-    Never the runtime's own: a config left at "moe_prefetch" falls back to the default."""
-    name = getattr(experts.config, "_experts_implementation", None)
+def stock_kernel(model, experts, config=None) -> tuple[str, object]:
+    """The experts implementation the module runs without the runtime (by `config`, its own by
+    default), and its function. Never the runtime's own: "moe_prefetch" falls back to the default."""
+    name = getattr(experts.config if config is None else config, "_experts_implementation", None)
     if name in (None, IMPLEMENTATION):
         name = DEFAULT_KERNEL
     return name, ALL_EXPERTS_FUNCTIONS.get_interface(name, undecorated_forward(type(experts)))
@@ -369,7 +369,11 @@ def wire(
         torch.set_num_threads(threads)
         logger.info("host lane: %d torch threads while attached (was %d)", threads, threads_were)
     undo_memory = _name_the_setting_on_oom(model, runtime)
-    undo_guards = guards.install(model, runtime)
+
+    def follow_switch() -> None:  # the model's config moved between grouped_mm and batched_mm
+        runtime.use_kernel(stock_kernel(model, layers[0].experts, configs[0])[1])
+
+    undo_guards = guards.install(model, runtime, follow_switch)
     unguard = lambda: (undo_guards(), undo_memory())  # noqa: E731
 
     warn_if_small_cache(runtime)  # attach and load both end here

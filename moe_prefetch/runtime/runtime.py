@@ -153,10 +153,16 @@ class Runtime:
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
         self._shifted: dict[int, tuple[int, int, torch.Tensor]] = {}  # layer -> (version, lo, table - lo)
         self._call_wait = self._call_host = 0.0  # this layer call's stall and host-lane seconds
-        self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
+        self.use_kernel(kernel)
         self._attached = True
         self._cuda = device.type == "cuda"
         self._t0 = time.perf_counter() if t0 is None else t0
+
+    def use_kernel(self, kernel) -> None:
+        """Run `kernel` (a stock experts function) on the slots from now on: generate() decodes
+        with batched_mm on CUDA and switches back to grouped_mm after (guards.py)."""
+        self.kernel = kernel
+        self._wide_waves = getattr(kernel, "__name__", "") == "grouped_mm_experts_forward"
 
     @property
     def t0(self) -> float:
