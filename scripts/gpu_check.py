@@ -174,6 +174,9 @@ def main() -> int:
     print(f"gpu-check: {report['environment']['gpu'] or 'no CUDA device'}, torch {torch.__version__}, "
           f"transformers {report['environment']['transformers']}; writing {path}", flush=True)  # fmt: skip
     failed = False
+    # Files the checks share (the CPU lane measured by `cpulane`, read by lanes and bench): fresh
+    # for each run, so a figure never comes from an earlier run or another machine.
+    os.environ["GPU_CHECK_SHARED"] = tempfile.mkdtemp(prefix="gpu-check-")
     for name in names:
         _, cap = gpu_checks.CHECKS[name]
         cap *= scale

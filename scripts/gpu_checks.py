@@ -60,6 +60,32 @@ def cuda_only(device: torch.device, what: str) -> dict | None:
     return None
 
 
+def _shared(name: str) -> Path:
+    """A file the checks of one gpu-check run share (each runs in its own process): in the folder
+    the parent names in GPU_CHECK_SHARED, else under runs/."""
+    folder = Path(os.environ.get("GPU_CHECK_SHARED") or ROOT / "runs")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def _host_profile():
+    """The shipped desktop host profile, with the CPU lane (per-layer and per-token host time of a
+    decode) that the `cpulane` check measured on this machine when it ran: the first GPU run
+    simulated its 3-layer slices with a desktop's CPU lane and came out 3.3x optimistic."""
+    import dataclasses
+    import json
+
+    from moe_prefetch.evidence.scenario import host_or_default
+
+    host = host_or_default(None)
+    path = _shared("cpu_lane.json")
+    if not path.exists():
+        return host, False
+    m = json.loads(path.read_text())
+    lane = {k: m[k] for k in ("framework_layer_s", "runtime_layer_s", "framework_token_s")}
+    return dataclasses.replace(host, name=f"{host.name}_measured-cpu-lane", path=None, **lane), True
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -609,6 +635,30 @@ def memory(device: torch.device, small: bool) -> dict:
     return {"status": "pass" if ok else "fail", "summary": summary, "figures": figures}
 
 
+# -- 5b. the CPU side of a decode on this machine -----------------------------------------------
+def cpulane(device: torch.device, small: bool) -> dict:
+    """`calibration.cpu_lane` on CUDA: a tiny Qwen3-MoE-shaped model (128 experts, top-8, hidden
+    64), whose arithmetic costs nothing, decoded at batch 1: stock transformers' time per decoder
+    layer (kernel launches included), what the runtime adds per MoE layer with every expert
+    resident, and generate's own time per token. The lanes and bench checks simulate with it."""
+    import json
+
+    refused = cuda_only(device, "the host time of a CUDA decode (kernel launches count)")
+    if refused:
+        return refused
+    from moe_prefetch.evidence.calibration import cpu_lane
+
+    m = cpu_lane(str(device))
+    _shared("cpu_lane.json").write_text(json.dumps(m))
+    return {
+        "status": "pass",
+        "summary": f"per decoder layer {m['framework_layer_s'] * 1e6:.0f} us (stock, eager), the runtime "
+        f"+{m['runtime_layer_s'] * 1e6:.0f} us per MoE layer (all resident), generate's loop "
+        f"{m['framework_token_s'] * 1e3:.2f} ms per token",
+        "figures": m,
+    }
+
+
 # -- 6. per-layer lanes, measured and simulated --------------------------------------------------
 def lanes(device: torch.device, small: bool) -> dict:
     """A decode on a Qwen3-30B-A3B-shaped model (2 layers, a quarter of the experts cached,
@@ -617,12 +667,13 @@ def lanes(device: torch.device, small: bool) -> dict:
     (layer time less stall), the stall, the host lane and the link, and tokens/s."""
     from moe_prefetch.evidence.anatomy import expert_traffic
     from moe_prefetch.evidence.calibration import calibrate
-    from moe_prefetch.evidence.sim import replay_payload, simulate_replay
+    from moe_prefetch.evidence.sim import CpuLane, replay_payload, simulate_replay
     from moe_prefetch.runtime.profiles import load_profile
 
     cuda = device.type == "cuda"
     profile = calibrate(str(device))[0] if cuda else load_profile("rtx3060-12gb")
-    progress("lanes: calibrated")
+    host, measured_lane = _host_profile()
+    progress(f"lanes: calibrated; CPU lane {'measured here' if measured_lane else 'of the shipped desktop'}")
     shape, layers = ("olmoe-1b-7b", 1) if small else ("qwen3-30b-a3b", 2)
     model = _shape_model(shape, layers=layers)
     progress("lanes: model built")
@@ -657,6 +708,7 @@ def lanes(device: torch.device, small: bool) -> dict:
             on_miss=runtime.placement.on_miss,
             costs=runtime.placement.costs,
             experts=expert_traffic(runtime.codec, runtime.layers[0].experts),
+            cpu=CpuLane.of(host),
         )
     finally:
         runtime.detach()
@@ -703,6 +755,8 @@ def lanes(device: torch.device, small: bool) -> dict:
         else f"dry run on {device}: simulated against {profile.name} (not comparable); sim/measured {cells}",
         "figures": {
             "profile": profile.name,
+            "host_profile": host.name,
+            "cpu_lane_measured_here": measured_lane,
             "profile_h2d_gb_per_s": profile.h2d_bandwidth_bytes_per_s / 1e9,
             "measured_per_moe_layer": measured,
             "simulated_per_moe_layer": simulated,
@@ -724,7 +778,8 @@ def bench(device: torch.device, small: bool) -> dict:
     cuda = device.type == "cuda"
     shape, layers, tokens = ("olmoe-1b-7b", 1, 6) if small else ("qwen3-30b-a3b", 3, 24)
     profiles = [calibrate(str(device))[0]] if cuda else []
-    progress("bench: calibrated")
+    host, measured_lane = _host_profile()
+    progress(f"bench: calibrated; CPU lane {'measured here' if measured_lane else 'of the shipped desktop'}")
     model = _shape_model(shape, layers=layers, dtype=torch.bfloat16 if cuda else torch.float32)
     progress("bench: model built")
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -740,6 +795,7 @@ def bench(device: torch.device, small: bool) -> dict:
         profiles=profiles,
         on_miss="auto",
         warmup=4,
+        host=host,
     )
     rows = [r for r in result["rows"] if r.get("tokens_per_s")]
     resident = next((r for r in rows if r["cache_fraction"] == 1.0 and r["predictor"] == "none"), None)
@@ -767,7 +823,12 @@ def bench(device: torch.device, small: bool) -> dict:
     return {
         "status": "pass",
         "summary": f"{shape} x {layers} layers on {device}, random weights: {cells}",
-        "figures": {"rows": table, "meta": result["meta"]},
+        "figures": {
+            "rows": table,
+            "meta": result["meta"],
+            "host_profile": host.name,
+            "cpu_lane_measured_here": measured_lane,
+        },
     }
 
 
@@ -809,9 +870,10 @@ CHECKS = {
     # models takes longer there than sized; `progress` lines now say where the time goes
     "link": (link, 60),
     "memory": (memory, 60),
+    "cpulane": (cpulane, 45),
     "lanes": (lanes, 75),
     "bench": (bench, 90),
     "tests": (tests, 150),
 }
 # Only these mean nothing without CUDA (a dry run on the CPU runs the others small).
-CUDA_ONLY = {"syncs", "link", "tests"}
+CUDA_ONLY = {"syncs", "link", "cpulane", "tests"}

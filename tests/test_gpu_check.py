@@ -78,3 +78,21 @@ def test_a_check_that_breaks_or_overruns_is_reported_not_fatal():
     assert broken["status"] == "error" and "KeyError" in broken["summary"]
     slow = runner._child("memory", "cpu", True, cap=1)
     assert slow["status"] == "timeout" and slow["seconds"] < 30
+
+
+def test_lanes_and_bench_simulate_with_the_cpu_lane_measured_in_the_same_run(tmp_path, monkeypatch):
+    """The first GPU run simulated with a desktop's CPU lane and came out 3.3x optimistic: the
+    `cpulane` check's figures, shared through the run's folder, replace the desktop's three
+    CPU-lane times for the lanes and bench checks; without them, the desktop's stand, said so."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_checks
+
+    monkeypatch.setenv("GPU_CHECK_SHARED", str(tmp_path))
+    desktop, measured = gpu_checks._host_profile()
+    assert not measured
+    lane = {"framework_layer_s": 1.5e-3, "runtime_layer_s": 2.5e-4, "framework_token_s": 4e-3}
+    (tmp_path / "cpu_lane.json").write_text(json.dumps({**lane, "lane_layers": 8}))
+    host, measured = gpu_checks._host_profile()
+    assert measured and host.name != desktop.name
+    assert {k: getattr(host, k) for k in lane} == lane
+    assert host.expert_bytes_per_s == desktop.expert_bytes_per_s  # the rest is the desktop's
