@@ -42,7 +42,7 @@ def test_runs_end_to_end_without_cuda_from_a_bare_checkout(tmp_path):
     assert report["schema"] == "moe-prefetch/gpu-check" and report["verdict"] == "passed"
     # the package came from the checkout on PYTHONPATH, not from an installed copy
     assert Path(report["environment"]["moe_prefetch_from"]) == (tree / "moe_prefetch").resolve()
-    names = ["exactness", "decode", "syncs", "link", "memory", "lanes", "bench", "tests"]
+    names = ["exactness", "decode", "syncs", "link", "memory", "cpulane", "lanes", "bench", "tests"]
     assert list(report["checks"]) == names
     for name, check in report["checks"].items():
         assert check["status"] == "skipped", name
