@@ -148,3 +148,39 @@ def test_out_of_memory_when_sized_automatically_names_max_length():
         assert "set max_length (the pool was sized for 1 x 64 tokens)" in message and "(no memory)" in message
     finally:
         runtime.detach()
+
+
+def test_a_prefill_chunk_bounds_the_prefill_reserve():
+    """With `prefill_chunk` the reserve holds one chunk's activations, not the whole prompt's
+    (what `plan` assumes for `run` and `serve`); eager attention scores still span the context."""
+    spec = ExpertSpec(names=("w",), shapes=((3 * 64 * 32,),), dtype=torch.bfloat16)
+    whole = sizing.reserve(_small_config(), 2, 2, spec.numel, max_length=400)
+    chunked = sizing.reserve(_small_config(), 2, 2, spec.numel, max_length=400, prefill_chunk=10)
+    assert chunked.kv_cache == whole.kv_cache
+    assert chunked.prefill == sizing.prefill_bytes(_small_config(), 10, 2, 2, spec.numel, context=400) == 31_520
+    assert whole.prefill == 40 * (31_520 - 800) + 800  # the per-token parts x 40, the last logits once
+    eager = _small_config(_attn_implementation="eager")  # scores and probabilities of 10 queries x 400 keys
+    assert sizing.prefill_bytes(eager, 10, 2, 2, spec.numel, context=400) == 31_520 + 2 * 4 * 10 * 400 * 4
+    with pytest.raises(Exception, match="prefill_chunk=0 must be a positive number"):
+        RuntimeConfig(prefill_chunk=0)
+
+
+def test_attached_generate_feeds_the_prompt_in_chunks():
+    """`prefill_chunk` sets generate's `prefill_chunk_size` while attached (and back on detach):
+    no prefill forward reaches the experts with more tokens than the chunk, and the tokens are
+    the stock model's, fed whole."""
+    stock, model = make_model("qwen3_moe"), make_model("qwen3_moe")
+    ids = prompt(1, 11)
+    mask = torch.ones_like(ids)
+    expected = stock.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    was = model.generation_config.prefill_chunk_size
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=6, prefill_chunk=4, record=True)
+    try:
+        assert model.generation_config.prefill_chunk_size == 4
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        tokens = [r["tokens"] for r in runtime.trace]
+    finally:
+        runtime.detach()
+    assert torch.equal(got, expected)
+    assert max(tokens) == 4 and tokens.count(4) >= 2, tokens  # 11 prompt tokens: chunks of 4, 4, 3
+    assert model.generation_config.prefill_chunk_size == was

@@ -206,9 +206,11 @@ def record_run(
     if `echo_prompt`) while showing text and status, and return the run record (profiling's run.json schema).
     The model is detached before returning."""
     import moe_prefetch
+    from moe_prefetch.runtime.sizing import PREFILL_CHUNK
 
-    # The pool is sized after the KV cache and prefill of this run's length (sizing.reserve).
-    options = {"max_length": len(ids) + settings.max_new_tokens, **options}
+    # The pool is sized after the KV cache of this run's length and the prefill of one chunk
+    # (sizing.reserve): prompts are fed PREFILL_CHUNK tokens at a time, as `plan` sized them.
+    options = {"max_length": len(ids) + settings.max_new_tokens, "prefill_chunk": PREFILL_CHUNK, **options}
     model, runtime = moe_prefetch.load(folder, **options)
     try:
         with LiveView(show_text=show_text, show_status=show_status, prompt=prompt if echo_prompt else "") as view:

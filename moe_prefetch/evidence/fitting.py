@@ -22,11 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..runtime import sizing
 
 DEFAULT_CONTEXT = 4096
-# Tokens of one prefill chunk: a longer prompt is fed in chunks of this size
-# (`generate(..., prefill_chunk_size=512)`), so the peak does not grow with the prompt.
-PREFILL_CHUNK = 512
+# Tokens of one prefill chunk: `moe-prefetch run` and `serve` feed a longer prompt in chunks of
+# this size (RuntimeConfig.prefill_chunk), so the peak does not grow with the prompt.
+PREFILL_CHUNK = sizing.PREFILL_CHUNK
 # The decode's reused scratch per device when experts are compressed (compression._scratch): an
 # fp32 buffer and a uint8 one of at most this many values each (`compression._DECODE_ELEMS`), or
 # of one expert's values when fewer.

@@ -149,7 +149,14 @@ def resolve_slots(
         else:
             if model_config is not None:
                 held = sizing.reserve(
-                    model_config, spec.dtype.itemsize, top_k, spec.numel, config.max_length, config.max_batch, widths
+                    model_config,
+                    spec.dtype.itemsize,
+                    top_k,
+                    spec.numel,
+                    config.max_length,
+                    config.max_batch,
+                    widths,
+                    prefill_chunk=config.prefill_chunk,
                 )
                 logger.info("pool sized after %s", held.describe())
             budget = int(max(0, free - (held.total if held else 0)) * (1 - config.safety_margin))
@@ -272,6 +279,7 @@ def wire(
     configs = [layer.experts.__dict__.get("config") for layer in layers]
     generation = getattr(model, "generation_config", None)
     compile_was = getattr(generation, "disable_compile", None)
+    chunk_was = getattr(generation, "prefill_chunk_size", None)
     threads_were = torch.get_num_threads()
     threads = host_threads_for(config, target, psutil.cpu_count(logical=False))
     hooks = []
@@ -288,6 +296,8 @@ def wire(
             layer.experts.__dict__.pop("_moe_prefetch", None)
         if generation is not None:
             generation.disable_compile = compile_was
+            if config.prefill_chunk is not None:
+                generation.prefill_chunk_size = chunk_was
         # The move first, while the expert Parameters are empty; then the experts go back to
         # their own home. A model loaded for CUDA keeps its experts on the host after detach
         # (its home there is the CPU): moving after the refill would put them all on the device.
@@ -337,6 +347,9 @@ def wire(
         # runtime's routing-dependent host work cannot be captured in a graph.
         generation.disable_compile = True
         logger.info("generation_config.disable_compile set while attached (the runtime does not support compile)")
+    if generation is not None and config.prefill_chunk is not None:
+        # The reserve holds one chunk's activations (sizing.reserve): generate must feed no more.
+        generation.prefill_chunk_size = config.prefill_chunk
     model.__dict__["_moe_prefetch_runtime"] = runtime
 
     def deepcopy_detached(memo: dict):
@@ -362,6 +375,8 @@ def wire(
         clone.__dict__.pop("_moe_prefetch_runtime", None)
         if generation is not None:
             clone.generation_config.disable_compile = compile_was
+            if config.prefill_chunk is not None:
+                clone.generation_config.prefill_chunk_size = chunk_was
         return clone.to(original_device)
 
     model.__dict__["__deepcopy__"] = guards.mark(deepcopy_detached)

@@ -98,6 +98,11 @@ class RuntimeConfig:
     # whole prompt are left free first. None: the model's context, at most 4096 tokens.
     max_length: int | None = None
     max_batch: int = 1
+    # Prompt tokens per forward in prefill (generate's `prefill_chunk_size`, set on the model's
+    # generation config while attached): the prefill's activation peak is one chunk's, whatever
+    # the prompt's length, and the reserve holds one chunk. None: the whole prompt at once.
+    # `moe-prefetch run` and `serve` use sizing.PREFILL_CHUNK, the chunk `plan` sizes for.
+    prefill_chunk: int | None = None
     # Extra predicted experts per layer beyond top_k that may be prefetched.
     prefetch_margin: int = 0
     # Test option: pace every copy to this many bytes/s (CPU loader only); None = unthrottled.
@@ -137,6 +142,8 @@ class RuntimeConfig:
             raise ConfigError(f"lookahead={self.lookahead!r} must be an integer in 1..8")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
             raise ConfigError(f"max_length={self.max_length!r} must be a positive number of tokens (prompt + new)")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ConfigError(f"prefill_chunk={self.prefill_chunk!r} must be a positive number of tokens, or None")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"max_batch={self.max_batch!r} must be a positive number of sequences")
         if not 0.0 <= self.safety_margin < 1.0:

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 # cuBLAS and cuBLASLt workspaces on the compute stream: torch takes 32 MiB for each on Hopper
 # (CUBLAS_WORKSPACE_CONFIG ":4096:8"), less on older GPUs.
 CUBLAS_WORKSPACE_BYTES = 64 << 20
+# Prompt tokens per prefill forward in `moe-prefetch run` and `serve` (RuntimeConfig.prefill_chunk),
+# and what `plan` sizes the prefill peak for: a long prompt no longer needs a larger reserve.
+PREFILL_CHUNK = 512
 # Tokens reserved for when `max_length` is not given: the model's context, at most this.
 DEFAULT_MAX_LENGTH = 4096
 # Layer kinds whose cache does not grow with the sequence (recurrent or linear-attention state).
@@ -154,10 +157,13 @@ def kv_cache_bytes(config, itemsize: int, tokens: int, widths: list[int | None] 
     return total
 
 
-def prefill_bytes(config, tokens: int, itemsize: int, top_k: int, expert_params: int) -> int:
-    """Peak activations of one forward over `tokens` tokens (the longest prompt), beyond the
-    KV cache: a few hidden-state copies, one layer's attention projections (and, in eager
-    attention, its scores in fp32), the experts' working set for every routed pair (the runtime's
+def prefill_bytes(
+    config, tokens: int, itemsize: int, top_k: int, expert_params: int, context: int | None = None
+) -> int:
+    """Peak activations of one forward over `tokens` tokens (the longest prompt, or one prefill
+    chunk of it, attending to `context` tokens: default `tokens`), beyond the KV cache: a few
+    hidden-state copies, one layer's attention projections (and, in eager attention, its scores
+    in fp32), the experts' working set for every routed pair (the runtime's
     waves take hidden states and the kernel's sums in fp32) and the last token's logits in fp32.
     An estimate with a margin, not a measurement: `scripts/gpu_check.py` measures the peak."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -170,7 +176,7 @@ def prefill_bytes(config, tokens: int, itemsize: int, top_k: int, expert_params:
     residual = 4 * tokens * hidden * itemsize  # residual, normed, attention and MoE outputs
     attention = tokens * ((heads + 2 * kv_heads) * head_dim + hidden) * itemsize
     if _get(config, "_attn_implementation") == "eager":
-        attention += 2 * heads * tokens * tokens * 4  # scores and probabilities, fp32
+        attention += 2 * heads * tokens * (context or tokens) * 4  # scores and probabilities, fp32
     pairs = tokens * top_k
     # gathered fp32 inputs, gate/up and activation in the model's dtype, fp32 sums per pair;
     # the layer's fp32 accumulators per token
@@ -220,13 +226,15 @@ def reserve(
     max_length: int | None = None,
     max_batch: int = 1,
     widths: list[int | None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> Reserve:
     """What a run of `max_batch` sequences of up to `max_length` tokens (prompt and generated;
     default: the model's context, at most DEFAULT_MAX_LENGTH) needs on the device beside the
     weights and the pool: its KV cache (`widths`: see `kv_cache_bytes`), its prefill's peak
-    (the whole prompt in one forward) and cuBLAS's workspaces."""
+    (the whole prompt in one forward, or one `prefill_chunk` of it) and cuBLAS's workspaces."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_length = max_length or default_max_length(text)
     kv = max_batch * kv_cache_bytes(text, itemsize, max_length, widths)
-    prefill = prefill_bytes(text, max_batch * max_length, itemsize, top_k, expert_params)
+    tokens = min(max_length, prefill_chunk or max_length)
+    prefill = prefill_bytes(text, max_batch * tokens, itemsize, top_k, expert_params, context=max_batch * max_length)
     return Reserve(kv, prefill, CUBLAS_WORKSPACE_BYTES, max_length, max_batch)

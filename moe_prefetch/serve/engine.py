@@ -74,6 +74,7 @@ class Engine:
         import moe_prefetch
         from moe_prefetch.errors import ConfigError
         from moe_prefetch.model.folders import resolve_path
+        from moe_prefetch.runtime.sizing import PREFILL_CHUNK
 
         folder = resolve_path(model)
         tok = generation.load_tokenizer(tokenizer or folder, fix=TOKENIZER_FIX)
@@ -84,6 +85,8 @@ class Engine:
             except (OSError, UnicodeDecodeError) as err:
                 reason = getattr(err, "strerror", None) or err
                 raise ConfigError(f"cannot read --chat-template {chat_template}: {reason}") from None
+        # Prompts fed in chunks of PREFILL_CHUNK tokens: the reserve holds one chunk, as `plan` sized it.
+        options = {"prefill_chunk": PREFILL_CHUNK, **options}
         loaded, runtime = moe_prefetch.load(folder, **options)
         name = model if model in ("demo", "demo-fine") else folder.name
         return cls(loaded, runtime, tok, name, chat_template=template)
