@@ -90,6 +90,23 @@ def test_wheel_ships_every_package(installed):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_wheel_builds_the_host_lanes_c_kernels(installed):
+    """The installed package carries cpu_kernels.c and builds it at first use into the user's cache
+    (HOME is the test's folder), never into the package; without a compiler torch's kernels run."""
+    from moe_prefetch.experts import cpu_kernels
+
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler here: torch's kernels run (tested in test_cpu_kernels.py)")
+    code = "from moe_prefetch.experts import cpu_kernels as c; s = c.status(); print(s.reason); print(s.path)"
+    env = {k: v for k, v in installed["env"].items() if k not in ("MOE_PREFETCH_CACHE", "XDG_CACHE_HOME")}
+    out = subprocess.run(
+        [str(installed["bin"] / "python"), "-c", code], cwd=installed["cwd"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "self-check passed" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1].startswith(str(installed["cwd"] / ".cache")), out.stdout
+    assert not list(installed["site"].rglob("*.so")), "a kernel was built into the installed package"
+
+
 def test_wheel_lists_every_shipped_profile(installed):
     out = _run(installed, str(installed["bin"] / "moe-prefetch"), "profiles")
     assert out.returncode == 0, out.stderr

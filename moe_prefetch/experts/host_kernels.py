@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .compression import Cast, Codec, Int4, Int8
 
 KINDS = ("dense", "int8", "int4", "decode")
@@ -108,6 +109,10 @@ class Projection:
         self.shape = codec.spec.shapes[codec.spec.names.index(name)]
         self.dtype = codec.spec.dtype
         self._buffer: torch.Tensor | None = None  # `decode`: the decoded weight, reused per call
+        # int8 / int4: the compiled kernel where it built and passed its self-check, else torch's
+        # packed kernel (cpu_kernels.py; `cpu_kernels.status().reason` says which and why).
+        self.compiled = cpu_kernels.projection(kind, self.format) if kind in ("int8", "int4") else None
+        self.kernel_name = cpu_kernels.name(kind) if self.compiled else KERNEL_NAMES[kind]
 
     def weight(self, parts) -> torch.Tensor | Mapping[str, torch.Tensor]:
         """What `__call__` reads for one expert: its stored parts, or the decoded weight."""
@@ -119,6 +124,8 @@ class Projection:
         return self._buffer
 
     def __call__(self, x: torch.Tensor, parts) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled(x, parts)
         if self.kind == "int8":
             scale = parts["scale"].reshape(-1).to(x.dtype)  # the kernel takes scales in the input's dtype
             return torch._weight_int8pack_mm(x, parts["q"], scale)

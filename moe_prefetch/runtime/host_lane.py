@@ -56,9 +56,10 @@ class HostLane:
         self.passes = 0
 
     def describe(self) -> dict[str, str]:
-        """Which kernel ran each parameter (the first layer's; all layers share one spec)."""
-        kinds = next(iter(self.kinds.values()))
-        return {name: KERNEL_NAMES[kind] for name, kind in kinds.items()}
+        """Which kernel ran each parameter (the first layer's; all layers share one spec): torch's
+        in words, or a compiled one by name ("int8-c-avx512", experts/cpu_kernels.py)."""
+        projs = next(iter(self._projections.values()))
+        return {name: proj.kernel_name for name, proj in projs.items()}
 
     def _expert_parts(self, layer_idx: int, expert_id: int) -> dict:
         key = (layer_idx, expert_id)

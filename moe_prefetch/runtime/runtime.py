@@ -531,10 +531,12 @@ class Runtime:
             "stall_timing": "cuda-events" if self.loader.kind == "cuda-stream" else "cpu-wait",
             "kernel_calls": dict(self.kernel_calls),
             # the host lane: passes (one per layer call with host experts), kernel calls per kind,
-            # and which kernel ran each parameter (pure torch: no compiled kernel of our own)
+            # which kernel ran each parameter (int8 / int4: compiled, or torch's packed kernels),
+            # and why the compiled kernels run or not (experts/cpu_kernels.py)
             "host_passes": self.host_lane.passes,
             "host_kernel_calls": dict(self.host_lane.calls),
             "host_kernels": self.host_lane.describe(),
+            "host_kernels_reason": kernels.cpu_kernels.status().reason,
         }
 
     def replace_experts(self, encoded: dict) -> None:
