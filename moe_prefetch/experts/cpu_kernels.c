@@ -10,8 +10,8 @@
  *
  * Why: torch's int8 kernel converts and multiplies every weight in fp32 per output and runs
  * compute-bound (about 5.4 GB/s of stored bytes on one Zen 4 core, where a copy reaches ~9). Here
- * each 16 codes are widened once and FMA'd into fp32 accumulators, four weight rows at a time
- * sharing one load of x, so the loop waits on DRAM, not on arithmetic. Sums are in fp32 (x in fp32,
+ * each 16 codes are widened once and FMA'd into fp32 accumulators, row after row as one
+ * sequential stream with a software prefetch ahead of it. Sums are in fp32 (x in fp32,
  * exact from bf16), in another order than torch's: results agree to fp32 summation rounding,
  * rounded once into the output dtype.
  *
@@ -30,11 +30,19 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* -DMP_GENERIC forces the portable C (tests run it on an AVX-512 machine) */
+#if !defined(MP_GENERIC) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define MP_AVX512 1
 #else
 #define MP_AVX512 0
+#endif
+/* int4 with bf16 activations: byte permutes (VBMI) and bf16 pair dot products (AVX512_BF16) */
+#if MP_AVX512 && defined(__AVX512VBMI__) && defined(__AVX512BF16__)
+#define MP_DPBF16 1
+#define MP_PAIR_MASK 0x5555555555555555ull
+#else
+#define MP_DPBF16 0
 #endif
 
 enum { MP_F32 = 0, MP_BF16 = 1 };
@@ -87,61 +95,49 @@ static const float *x_f32(const void *x, int dtype, int64_t count, float *buf) {
 
 /* ---------------------------------------------------------------- int8 */
 
-/* Software prefetch distance per weight row: each row streams once, and the hardware prefetcher
- * alone left the loop waiting on DRAM (1024 x 1024 int8 matrices swept cold, one Zen 4 core, CPU
- * time: 123 us without, 110 us at 2 KiB, 115 us at 4 KiB; a plain read of the bytes 48 us). */
+/* Software prefetch distance along the weights (a hint: never faults). Rows are read one after
+ * another, so the whole matrix is one sequential stream. Measured cold (1024 x 1024 int8 matrices
+ * swept, one Zen 4 core, CPU time per matrix): four rows at a time sharing each load of x, 123 us;
+ * one row at a time, 80 us; with this prefetch 61-73 us; a plain read of the same bytes, 46 us. */
 #define MP_PF_BYTES 2048
 
-/* Dot products of x [k] with `rows` (1..4) int8 rows of q (row stride k), into acc[0..rows). */
-static void int8_dot4(const float *x, const int8_t *q, int64_t k, int rows, float *acc) {
+/* The dot product of x [k] (fp32) with one int8 row q [k]. */
+static float int8_dot(const float *x, const int8_t *q, int64_t k) {
 #if MP_AVX512
+#define MP_W(off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + (off)))))
+    /* four chains, so the FMAs' latency never waits on the previous sum */
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const int8_t *q0 = q, *q1 = q + (rows > 1) * k, *q2 = q + (rows > 2) * 2 * k, *q3 = q + (rows > 3) * 3 * k;
     int64_t i = 0;
-#define MP_W(p, off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((p) + (off)))))
-    for (; i + 16 <= k; i += 16) {
-        if ((i & 63) == 0) { /* one prefetch per cache line of each row (a hint: never faults) */
-            _mm_prefetch((const char *)(q0 + MP_PF_BYTES + i), _MM_HINT_NTA);
-            _mm_prefetch((const char *)(q1 + MP_PF_BYTES + i), _MM_HINT_NTA);
-            _mm_prefetch((const char *)(q2 + MP_PF_BYTES + i), _MM_HINT_NTA);
-            _mm_prefetch((const char *)(q3 + MP_PF_BYTES + i), _MM_HINT_NTA);
-        }
-        __m512 xv = _mm512_loadu_ps(x + i);
-        a0 = _mm512_fmadd_ps(xv, MP_W(q0, i), a0);
-        a1 = _mm512_fmadd_ps(xv, MP_W(q1, i), a1);
-        a2 = _mm512_fmadd_ps(xv, MP_W(q2, i), a2);
-        a3 = _mm512_fmadd_ps(xv, MP_W(q3, i), a3);
+    for (; i + 64 <= k; i += 64) {
+        _mm_prefetch((const char *)(q + i + MP_PF_BYTES), _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), MP_W(i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), MP_W(i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), MP_W(i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), MP_W(i + 48), a3);
     }
+    for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), MP_W(i), a0);
 #undef MP_W
     if (i < k) { /* K not a multiple of 16: masked loads read nothing past the row */
         __mmask16 m = (__mmask16)((1u << (k - i)) - 1u);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-#define MP_WM(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (p) + i)))
-        a0 = _mm512_fmadd_ps(xv, MP_WM(q0), a0);
-        a1 = _mm512_fmadd_ps(xv, MP_WM(q1), a1);
-        a2 = _mm512_fmadd_ps(xv, MP_WM(q2), a2);
-        a3 = _mm512_fmadd_ps(xv, MP_WM(q3), a3);
-#undef MP_WM
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + i)));
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), w, a1);
     }
-    float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                  _mm512_reduce_add_ps(a3)};
-    for (int j = 0; j < rows; j++) acc[j] = r[j];
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #else
-    /* Sixteen lanes per row: the compiler vectorises across lanes without reassociating a sum. */
-    float lanes[4][16];
+    /* 64 lanes: the compiler vectorises across lanes (four vector chains) without reassociating */
+    float lanes[64];
     memset(lanes, 0, sizeof lanes);
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16)
-        for (int j = 0; j < rows; j++) {
-            const int8_t *qr = q + j * k + i;
-            for (int l = 0; l < 16; l++) lanes[j][l] += x[i + l] * (float)qr[l];
-        }
-    for (int j = 0; j < rows; j++) {
-        float s = 0.0f;
-        for (int64_t t = i; t < k; t++) s += x[t] * (float)q[j * k + t];
-        for (int l = 0; l < 16; l++) s += lanes[j][l];
-        acc[j] = s;
+    for (; i + 64 <= k; i += 64) {
+#if defined(__GNUC__)
+        __builtin_prefetch(q + i + MP_PF_BYTES);
+#endif
+        for (int l = 0; l < 64; l++) lanes[l] += x[i + l] * (float)q[i + l];
     }
+    float s = 0.0f;
+    for (; i < k; i++) s += x[i] * (float)q[i];
+    for (int l = 0; l < 64; l++) s += lanes[l];
+    return s;
 #endif
 }
 
@@ -154,18 +150,11 @@ int mp_int8_mm(const void *x, int x_dtype, int64_t m, int64_t k, const int8_t *q
     float *scratch = scratch_for(x_dtype == MP_F32 ? 0 : m * k, stack);
     if (!scratch) return -1;
     const float *xf = x_f32(x, x_dtype, m * k, scratch);
-    int64_t quads = (n + 3) / 4;
+    /* static: each thread one contiguous range of rows, one sequential stream */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 256)
-    for (int64_t b = 0; b < quads; b++) {
-        int64_t r = b * 4;
-        int rows = (int)(n - r < 4 ? n - r : 4);
-        /* m inner: the four weight rows (4 * k bytes) stay in L1 across the activation rows */
-        for (int64_t i = 0; i < m; i++) {
-            float acc[4];
-            int8_dot4(xf + i * k, q + r * k, k, rows, acc);
-            for (int j = 0; j < rows; j++) store_out(out, out_dtype, i * n + r + j, acc[j] * scale[r + j]);
-        }
-    }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < m; i++) /* m inner: the row (k bytes) stays in L1 across activation rows */
+            store_out(out, out_dtype, i * n + r, int8_dot(xf + i * k, q + r * k, k) * scale[r]);
     if (scratch != stack) free(scratch);
     return 0;
 }
@@ -174,35 +163,81 @@ int mp_int8_mm(const void *x, int x_dtype, int64_t m, int64_t k, const int8_t *q
 
 /* One block of `block` rows starting at row r0, for activation row x [k] with group sums xs [G]:
  * out_row[0..block). */
-static void int4_block_dot(const float *x, const float *xs, const uint8_t *qb, const uint16_t *sz, int64_t n,
-                           int64_t r0, int64_t k, int64_t group, int block, float *res) {
+static void int4_block_dot(const float *x, const uint16_t *xb, const float *xs, const uint8_t *qb, const uint16_t *sz,
+                           int64_t n, int64_t r0, int64_t k, int64_t group, int block, float *res) {
     int64_t groups = k / group;
     int half = block / 2;
+    (void)xb; /* read by the bf16 pair path only */
 #if MP_AVX512
     if (block == 64) {
         __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-        const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
-        const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
-        for (int64_t g = 0; g < groups; g++) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
-                __m512 xv = _mm512_set1_ps(x[kk]);
-                __m256i b = _mm256_loadu_si256((const __m256i *)(qb + kk * 32));
-                __m256i lo = _mm256_sub_epi8(_mm256_and_si256(b, low4), eight); /* rows 0..31 */
-                __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4), eight); /* 32..63 */
-                a0 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(lo))), a0);
-                a1 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(lo, 1))), a1);
-                a2 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(hi))), a2);
-                a3 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(hi, 1))), a3);
+        const __m512i low4 = _mm512_set1_epi32(0x0f), hi16 = _mm512_set1_epi32((int)0xffff0000u);
+        const __m512 eight = _mm512_set1_ps(8.0f);
+#if MP_DPBF16
+        /* byte 4j <- k's byte j, byte 4j + 2 <- k + 1's byte j (32 + j), odd bytes zeroed by the mask */
+        uint8_t lo_idx[64], hi_idx[64];
+        uint16_t table[32];
+        for (int j = 0; j < 16; j++)
+            for (int t = 0; t < 4; t++) {
+                lo_idx[4 * j + t] = (uint8_t)(t == 2 ? 32 + j : j);
+                hi_idx[4 * j + t] = (uint8_t)(t == 2 ? 48 + j : 16 + j);
             }
-            /* (s, z) pairs of 16 rows as 32-bit words: s in the low half, z in the high half */
+        for (int i = 0; i < 32; i++) table[i] = f32_to_bf16((float)(i & 15)); /* code -> bf16, exact */
+        const __m512i pair_lo = _mm512_loadu_si512((const void *)lo_idx), pair_hi = _mm512_loadu_si512((const void *)hi_idx);
+        const __m512i lut = _mm512_loadu_si512((const void *)table);
+#endif
+        for (int64_t g = 0; g < groups; g++) {
+            /* The scales and zeros are read per group at a stride of n rows (4n bytes), which no
+             * hardware prefetcher follows: fetch this block's next group and the next block's
+             * same group (256 bytes each) while this group's codes stream. */
+            const char *next = (const char *)(sz + ((g + 1 < groups ? g + 1 : g) * n + r0) * 2);
+            const char *after = (const char *)(sz + (g * n + r0 + 64) * 2);
+            for (int line = 0; line < 256; line += 64) {
+                _mm_prefetch(next + line, _MM_HINT_T0);
+                _mm_prefetch(after + line, _MM_HINT_T0);
+            }
+            /* sum of x * q per row, q the unsigned code: the - 8 goes into the zero term below */
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#if MP_DPBF16
+            if (xb) { /* bf16 activations: two k at a time, bf16 pairs (exact products, fp32 sums) */
+                for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
+                    const uint8_t *b = qb + kk * 32; /* k: bytes 0..31, k + 1: bytes 32..63 */
+                    _mm_prefetch((const char *)(b + MP_PF_BYTES), _MM_HINT_T0);
+                    __m512i z = _mm512_loadu_si512((const void *)b);
+                    __m512bh xv = (__m512bh)_mm512_set1_epi32((int)((uint32_t)xb[kk] | (uint32_t)xb[kk + 1] << 16));
+                    /* words (code of k, code of k + 1) per row, bytes zero-extended */
+                    __m512i w0 = _mm512_maskz_permutexvar_epi8(MP_PAIR_MASK, pair_lo, z); /* bytes 0..15 */
+                    __m512i w1 = _mm512_maskz_permutexvar_epi8(MP_PAIR_MASK, pair_hi, z); /* 16..31 */
+                    /* the LUT reads an index's low 5 bits: the low nibble (and one bit it ignores) */
+                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_permutexvar_epi16(w0, lut), xv);
+                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_permutexvar_epi16(w1, lut), xv);
+                    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w0, 4), lut), xv);
+                    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w1, 4), lut), xv);
+                }
+            } else
+#endif
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
+                const uint8_t *b = qb + kk * 32;
+                if ((kk & 1) == 0) _mm_prefetch((const char *)(b + MP_PF_BYTES), _MM_HINT_T0);
+                __m512 xv = _mm512_set1_ps(x[kk]);
+                __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));        /* bytes 0..15 */
+                __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 16))); /* 16..31 */
+                a0 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_and_si512(d0, low4)), a0); /* rows 0..15 */
+                a1 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_and_si512(d1, low4)), a1); /* 16..31 */
+                a2 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_srli_epi32(d0, 4)), a2);   /* 32..47 */
+                a3 = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_srli_epi32(d1, 4)), a3);   /* 48..63 */
+            }
+            /* (s, z) pairs of 16 rows as 32-bit words: s in the low half, z in the high half;
+             * out += s * sum(x q) + (z - 8 s) * sum(x) */
             const uint16_t *p = sz + (g * n + r0) * 2;
             __m512 xg = _mm512_set1_ps(xs[g]);
 #define MP_SZ(o, a, rows)                                                                    \
     do {                                                                                     \
         __m512i u = _mm512_loadu_si512((const void *)(p + 2 * (rows)));                      \
-        o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), a, o);            \
-        o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(u, hi16)), xg, o);          \
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));                           \
+        __m512 lo = _mm512_fnmadd_ps(eight, sc, _mm512_castsi512_ps(_mm512_and_si512(u, hi16))); \
+        o = _mm512_fmadd_ps(sc, a, o);                                                       \
+        o = _mm512_fmadd_ps(lo, xg, o);                                                      \
     } while (0)
             MP_SZ(o0, a0, 0);
             MP_SZ(o1, a1, 16);
@@ -258,7 +293,8 @@ int mp_int4_mm(const void *x, int x_dtype, int64_t m, int64_t k, const uint8_t *
         float res[256];
         const uint8_t *qb = q + b * k * (block / 2);
         for (int64_t i = 0; i < m; i++) {
-            int4_block_dot(xf + i * k, xs + i * groups, qb, sz, n, b * block, k, group, block, res);
+            const uint16_t *xb = x_dtype == MP_BF16 ? (const uint16_t *)x + i * k : NULL;
+            int4_block_dot(xf + i * k, xb, xs + i * groups, qb, sz, n, b * block, k, group, block, res);
             for (int j = 0; j < block; j++) store_out(out, out_dtype, i * n + b * block + j, res[j]);
         }
     }
