@@ -116,10 +116,31 @@ def test_int4_other_blocks_take_the_portable_path(lib, block):
     parts = fmt.encode(torch.randn(n, k, generator=torch.Generator().manual_seed(block)))
     w = torch.empty(n, k)
     fmt.decode(parts, w)
-    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3))
-    exact = _fp64(x, w)
-    got = cpu_kernels.int4_mm(x, parts["q"], group, parts["sz"], block)
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+        exact = _fp64(x, w)
+        got = cpu_kernels.int4_mm(x.float(), parts["q"], group, parts["sz"], block)  # fp32 out: no rounding
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+        got = cpu_kernels.int4_mm(x, parts["q"], group, parts["sz"], block)
+        torch.testing.assert_close(got.double(), exact, rtol=2**-7, atol=1e-5 * exact.abs().max().item())
+
+
+@needs_cc
+def test_rows_split_over_threads_compute_the_same(lib):
+    """With the lane's threads above one, rows are split over OpenMP threads (at least 256 KiB of
+    weights each): the same values as one thread, each row being one thread's own sum."""
+    q, scale = _int8_parts(1024, 1024)
+    fmt = Int4(64, INT4_BLOCK or 64, torch.bfloat16)
+    parts = fmt.encode(torch.randn(1024, 1024, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(6)).bfloat16()
+    was = torch.get_num_threads()
+    one = cpu_kernels.int8_mm(x, q, scale), cpu_kernels.int4_mm(x, parts["q"], 64, parts["sz"], fmt.block)
+    try:
+        torch.set_num_threads(2)
+        two = cpu_kernels.int8_mm(x, q, scale), cpu_kernels.int4_mm(x, parts["q"], 64, parts["sz"], fmt.block)
+    finally:
+        torch.set_num_threads(was)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 @needs_cc
@@ -235,3 +256,24 @@ def test_host_lane_runs_the_compiled_int4_kernel(lib, arch):
     torch.testing.assert_close(one, one_ref, atol=4e-3, rtol=1e-2)
     assert stats["host_kernel_calls"]["int4"] > 0 and stats["host_kernel_calls"]["decode"] == 0
     assert set(stats["host_kernels"].values()) == {f"int4-c-{lib.isa}"}, stats["host_kernels"]
+
+
+@needs_cc
+def test_placement_charges_the_kernel_that_runs(lib, monkeypatch):
+    """The host lane's cost of an int8 expert (placement, simulator) is the compiled kernel's
+    where it runs and torch's packed kernel's where it does not."""
+    from moe_prefetch.experts import host_kernels
+    from moe_prefetch.experts.compression import make_codec
+    from moe_prefetch.experts.layout import ExpertSpec
+
+    spec = ExpertSpec(names=("gate_up_proj", "down_proj"), shapes=((128, 64), (64, 64)), dtype=torch.bfloat16)
+    codec = make_codec(spec, "int8")
+
+    class Experts:
+        has_gate, is_transposed = True, False
+
+    compiled = host_kernels.host_bytes(codec, Experts)
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    packed = host_kernels.host_bytes(codec, Experts)
+    assert compiled == round(codec.nbytes * host_kernels.COMPILED_BYTE_COST["int8"])
+    assert packed == round(codec.nbytes * host_kernels.KERNEL_BYTE_COST["int8"]) > compiled

@@ -19,8 +19,11 @@
  * s * sum(x (q - 8)) + z * sum(x), the same value as torch's per-weight (q - 8) * s + z up to
  * fp32 rounding, with two FMAs per weight fewer.
  *
- * Threads: output rows are split in whole blocks over `threads` OpenMP threads (torch's own
- * libgomp, already loaded by the time this library is, so one pool serves both). */
+ * Threads: output rows are split in contiguous ranges over up to `threads` OpenMP threads (torch's
+ * own libgomp, already loaded by the time this library is, so one pool serves both: the lane's
+ * `host_threads`), at least MP_SPLIT_BYTES of stored weights each: a fork and join costs a few
+ * microseconds, and a core reads ~10 GB/s, so smaller shares gain nothing. Not yet shown to pay:
+ * the development machine (2 cores, shared) ran every kernel slower on 2 threads, torch's too. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,6 +49,14 @@
 #endif
 
 enum { MP_F32 = 0, MP_BF16 = 1 };
+
+#define MP_SPLIT_BYTES (256 << 10)
+
+/* Threads for `bytes` of weights: one per MP_SPLIT_BYTES, at most `threads`. */
+static int split_threads(int threads, int64_t bytes) {
+    int64_t most = bytes / MP_SPLIT_BYTES;
+    return (int)(most < threads ? (most < 1 ? 1 : most) : threads);
+}
 
 const char *mp_isa(void) { return MP_AVX512 ? "avx512" : "generic"; }
 
@@ -151,7 +162,8 @@ int mp_int8_mm(const void *x, int x_dtype, int64_t m, int64_t k, const int8_t *q
     if (!scratch) return -1;
     const float *xf = x_f32(x, x_dtype, m * k, scratch);
     /* static: each thread one contiguous range of rows, one sequential stream */
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 256)
+    threads = split_threads(threads, n * k);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < n; r++)
         for (int64_t i = 0; i < m; i++) /* m inner: the row (k bytes) stays in L1 across activation rows */
             store_out(out, out_dtype, i * n + r, int8_dot(xf + i * k, q + r * k, k) * scale[r]);
@@ -288,7 +300,8 @@ int mp_int4_mm(const void *x, int x_dtype, int64_t m, int64_t k, const uint8_t *
             xs[i * groups + g] = s;
         }
     int64_t blocks = n / block;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks >= 4)
+    threads = split_threads(threads, n * k / 2);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         float res[256];
         const uint8_t *qb = q + b * k * (block / 2);

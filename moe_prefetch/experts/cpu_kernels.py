@@ -279,11 +279,12 @@ def _self_check(lib: ctypes.CDLL) -> str:
         parts = fmt.encode(torch.randn(n, k, generator=g))
         w = torch.empty(n, k)
         fmt.decode(parts, w)
-        x = torch.randn(1, k, generator=g)
-        out = torch.empty(1, n)
-        rc = lib.mp_int4_mm(x.data_ptr(), 0, 1, k, parts["q"].data_ptr(), parts["sz"].data_ptr(), n, group, block,
-                            out.data_ptr(), 0, 1)  # fmt: skip
-        ref = x.double() @ w.double().T
-        if rc or not torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()):
-            return f"int4 {n}x{k} in blocks of {block}"
+        for dtype in _DTYPES:  # bf16 activations take the pair dot-product path where there is one
+            x = torch.randn(1, k, generator=g).to(dtype)
+            out = torch.empty(1, n)
+            rc = lib.mp_int4_mm(x.data_ptr(), _DTYPES[dtype], 1, k, parts["q"].data_ptr(), parts["sz"].data_ptr(),
+                                n, group, block, out.data_ptr(), 0, 1)  # fmt: skip
+            ref = x.double() @ w.double().T
+            if rc or not torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()):
+                return f"int4 {n}x{k} in blocks of {block}, {dtype}"
     return ""

@@ -76,6 +76,9 @@ def plan(codec: Codec, module) -> dict[str, str]:
 # bound by arithmetic before DRAM: int8 reads half the bytes in the same time as bf16.
 # `moe-prefetch calibrate` measures these rates on the machine at hand (`format_bytes_per_s`).
 KERNEL_BYTE_COST = {"dense": 1.0, "int8": 1.9, "int4": 1.5}
+# The compiled kernels where they run (cpu_kernels.py; scripts/bench_cpu_kernels.py, one thread,
+# CPU time against bf16 in the same run): int8 reads at near bf16's rate per byte.
+COMPILED_BYTE_COST = {"int8": 1.2, "int4": 1.5}
 
 
 def host_bytes(codec: Codec, module) -> int:
@@ -91,7 +94,8 @@ def host_bytes(codec: Codec, module) -> int:
     for name, shape in zip(codec.stored.names, codec.stored.shapes):
         param = name.split(".")[0]
         stored[param] = stored.get(param, 0) + shape[0]  # uint8 parts: bytes
-    return round(sum(n * KERNEL_BYTE_COST[kinds[p]] for p, n in stored.items()))
+    cost = KERNEL_BYTE_COST | (COMPILED_BYTE_COST if cpu_kernels.status().available else {})
+    return round(sum(n * cost[kinds[p]] for p, n in stored.items()))
 
 
 def reads_stored(kinds: Mapping[str, str]) -> bool:
