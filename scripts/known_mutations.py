@@ -111,7 +111,14 @@ MUTATIONS = [
         "moe_prefetch/experts/host_kernels.py",
         'return torch._weight_int8pack_mm(x, parts["q"], scale)',
         'return torch._weight_int8pack_mm(x, parts["q"], scale) * 0.9',
-        ("tests/test_compression.py", "-k", "host_lane_reads_int8"),
+        ("tests/test_compression.py", "-k", "host_lane_reads_int8 and torch"),
+    ),
+    Mutation(
+        "host lane: the compiled int8 kernel scales by 0.9 (its self-check must refuse it)",
+        "moe_prefetch/experts/cpu_kernels.c",
+        "int8_dot(xf + i * k, q + r * k, k) * scale[r]",
+        "int8_dot(xf + i * k, q + r * k, k) * scale[r] * 0.9f",
+        ("tests/test_cpu_kernels.py", "-k", "host_lane_runs_the_compiled_int8"),
     ),
 ]
 

@@ -11,7 +11,7 @@ from tiny_models import interface_model_types, make_model, prompt
 
 import moe_prefetch
 from moe_prefetch.errors import ConfigError
-from moe_prefetch.experts import compression
+from moe_prefetch.experts import compression, cpu_kernels
 from moe_prefetch.experts import host_kernels as kernels
 from moe_prefetch.experts.compression import Int4, compress_experts, make_codec, round_trip
 from moe_prefetch.experts.layout import SUPPORTED, ExpertSpec, find_moe_layers, spec_of
@@ -182,19 +182,25 @@ def test_placement_charges_the_host_lane_for_decoding():
     assert p_packed.host_s(1) > p_plain.host_s(1)
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "olmoe"])
-def test_host_lane_reads_int8_as_stored_in_half_precision(arch):
-    """bf16 with int8 experts: the host lane runs torch's packed int8 kernel on the stored bytes
-    (no decode) with the model's own gating, within bf16 rounding of the reference.
+def test_host_lane_reads_int8_as_stored_in_half_precision(arch, kernel, monkeypatch):
+    """bf16 with int8 experts: the host lane runs an int8 kernel on the stored bytes (no decode)
+    with the model's own gating, within bf16 rounding of the reference: the compiled one
+    (experts/cpu_kernels.c, where it builds) and torch's packed kernel (its fallback).
 
     Logits of a tiny random model hide an expert output that is 10% off (the experts add little
     to the residual), so each MoE layer's expert output is also compared on its own inputs with
     the same experts decoded to fp32: the host lane may be off by a few times what the bf16
     reference's own rounding costs on those inputs (measured: at most 1.7x; a 10% error: 13x+)."""
+    if kernel == "torch":
+        monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
     stock = make_model(arch).to(torch.bfloat16)
     reference = compress_experts(copy.deepcopy(stock), "int8")
     model = copy.deepcopy(stock)
     runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, experts_dtype="int8", on_miss="host")
+    if kernel == "torch":
+        assert all(k.startswith("torch._weight_int8pack_mm") for k in runtime.stats()["host_kernels"].values())
     calls = []  # (layer_idx, the experts' inputs, their output) as the host lane computed it
     hooks = [
         layer.experts.register_forward_hook(lambda m, args, out, i=layer.layer_idx: calls.append((i, args, out)))
