@@ -9,8 +9,10 @@ against a plain torch reference, else torch's packed kernels run, with the reaso
                 says why (logged at debug), `host_kernels` keeps torch's packed kernels
 
 Why a kernel of our own: torch's int8 kernel widens and multiplies every weight in fp32 and runs
-compute-bound, about 5.4 GB/s of stored bytes on one Zen 4 core, where bf16's gemv reads ~10
-(issue 19; docs/benchmarks.md, section 8). Nothing is built at import time or into the checkout.
+compute-bound, at half of bf16's gemv rate per stored byte (7.1 against 15.4 GB/s per expert on
+one Zen 4 core; this kernel 11.7: docs/benchmarks.md, section 8). Nothing is built at import time
+or into the checkout. Threads: the kernels split rows over `torch.get_num_threads()`, the lane's
+`host_threads`, through torch's own OpenMP pool.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DISABLE_ENV = "MOE_PREFETCH_NO_CKERNEL"
 # Tried in turn: -fopenmp splits a matmul's rows over the lane's threads (a compiler without it
 # still builds one-threaded). -march=native is required: it enables the AVX-512 path, and the
-# portable C vectorised for the machine (AVX2: 9.0 GB/s of int8 on one core) still beats torch's
-# kernel (7.6), but built for baseline x86-64 (SSE2) it fell to 5.3, so then torch's runs.
+# portable C vectorised for the machine (AVX2: 9.0 GB/s on cold 1 MiB int8 matrices, one core)
+# still beats torch's kernel (7.6), but built for baseline x86-64 (SSE2) it fell to 5.3, so there
+# torch's runs.
 _FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-march=native"),
