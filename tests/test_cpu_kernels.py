@@ -71,14 +71,16 @@ def test_int8_matches_torchs_kernel(lib, m, n, k):
 
 
 @needs_cc
-@pytest.mark.parametrize("n,k", [(1, 1), (3, 15), (7, 17), (5, 77), (9, 1000), (4, 8200)])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 15), (7, 17), (5, 77), (19, 1000), (4, 8200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_tails_odd_rows_and_dtypes_against_fp64(lib, n, k, dtype):
-    """K not a multiple of 16 or 64 (masked tails), rows not a multiple of 4, a long K (the
-    activations in heap memory), each activation dtype: the stored fp32 scales, fp32 sums, one
-    rounding into the input's dtype."""
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_int8_tails_odd_rows_and_dtypes_against_fp64(lib, m, n, k, dtype):
+    """K not a multiple of 16 or 64 (masked tails), rows not a multiple of 4 or of the 8-row
+    blocks, activation rows one (decode), a few, and past a group of four (prefill), a long K
+    (the activations in heap memory), each activation dtype: the stored fp32 scales, fp32 sums,
+    one rounding into the input's dtype."""
     q, scale = _int8_parts(n, k, seed=k)
-    x = torch.randn(2, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
     got = cpu_kernels.int8_mm(x, q, scale)
     exact = _fp64(x, q.float() * scale)
     assert got.dtype == dtype

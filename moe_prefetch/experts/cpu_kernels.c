@@ -48,6 +48,9 @@
 enum { MP_F32 = 0, MP_BF16 = 1 };
 
 #define MP_SPLIT_BYTES (256 << 10)
+/* int8 weight rows per step (the unit threads split): with several activation rows, a block of
+ * 8 rows (8 KiB at K 1024) and four fp32 activation rows (16 KiB) share L1 */
+#define MP_ROW_BLOCK 8
 
 /* Threads for `bytes` of weights: one per MP_SPLIT_BYTES, at most `threads`. */
 static int split_threads(int threads, int64_t bytes) {
@@ -157,6 +160,39 @@ static float int8_dot(const float *x, const int8_t *q, int64_t k) {
 #endif
 }
 
+/* Several activation rows (prefill): the dot products of `rows` (1..4) rows of x (row stride k)
+ * with one int8 row q [k], into acc[0..rows). Each 16 codes are widened once for all four rows
+ * (one activation row at a time ran at 1.2x torch's kernel on 4 rows, this at 1.7x; with the row
+ * blocks below, 0.9-1.0x on 16 and 64 rows, where torch's kernel is compute-bound too). */
+static void int8_dot_rows(const float *x, int rows, const int8_t *q, int64_t k, float *acc) {
+#if MP_AVX512
+    const float *x0 = x, *x1 = x + (rows > 1) * k, *x2 = x + (rows > 2) * 2 * k, *x3 = x + (rows > 3) * 3 * k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        if ((i & 63) == 0) _mm_prefetch((const char *)(q + i + MP_PF_BYTES), _MM_HINT_T0);
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + i), w, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + i), w, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + i), w, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + i), w, a3);
+    }
+    if (i < k) {
+        __mmask16 m = (__mmask16)((1u << (k - i)) - 1u);
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + i)));
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x0 + i), w, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x1 + i), w, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x2 + i), w, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x3 + i), w, a3);
+    }
+    float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                  _mm512_reduce_add_ps(a3)};
+    for (int j = 0; j < rows; j++) acc[j] = r[j];
+#else
+    for (int j = 0; j < rows; j++) acc[j] = int8_dot(x + j * k, q, k);
+#endif
+}
+
 /* out [m, n] (dtype `out_dtype`) = x [m, k] (dtype `x_dtype`) . q [n, k]^T * scale [n]. Returns 0, or -1
  * when out of memory for x in fp32. */
 int mp_int8_mm(const void *x, int x_dtype, int64_t m, int64_t k, const int8_t *q, const float *scale, int64_t n,
@@ -169,9 +205,24 @@ int mp_int8_mm(const void *x, int x_dtype, int64_t m, int64_t k, const int8_t *q
     /* static: each thread one contiguous range of rows, one sequential stream */
     threads = split_threads(threads, n * k);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i = 0; i < m; i++) /* m inner: the row (k bytes) stays in L1 across activation rows */
-            store_out(out, out_dtype, i * n + r, int8_dot(xf + i * k, q + r * k, k) * scale[r]);
+    for (int64_t r0 = 0; r0 < n; r0 += MP_ROW_BLOCK) {
+        int64_t r1 = r0 + MP_ROW_BLOCK < n ? r0 + MP_ROW_BLOCK : n;
+        if (m == 1) {
+            for (int64_t r = r0; r < r1; r++) store_out(out, out_dtype, r, int8_dot(xf, q + r * k, k) * scale[r]);
+            continue;
+        }
+        /* a block of weight rows against four activation rows at a time: both stay in L1 while
+         * the block's rows pass (all activation rows per weight row read x from L2 for every
+         * row: 0.64-0.71x torch's kernel on 16 and 64 rows) */
+        for (int64_t i = 0; i < m; i += 4) {
+            int rows = (int)(m - i < 4 ? m - i : 4);
+            for (int64_t r = r0; r < r1; r++) {
+                float acc[4];
+                int8_dot_rows(xf + i * k, rows, q + r * k, k, acc);
+                for (int j = 0; j < rows; j++) store_out(out, out_dtype, (i + j) * n + r, acc[j] * scale[r]);
+            }
+        }
+    }
     if (scratch != stack) free(scratch);
     return 0;
 }
