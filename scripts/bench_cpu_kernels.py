@@ -9,7 +9,11 @@ run alternately within each repeat (the machine's load hits them alike); figures
 `--reps` repeats of one sweep each, wall and CPU time (`time.process_time`, all threads).
 A plain copy of the int8 experts' bytes (read + write) and bf16 on torch's gemv give the scale.
 
+With `--rows 1,4,16,64`: the up projection alone (`[2I, D]`) on that many activation rows (the
+host lane's prefill), int8 and int4, torch's kernel against the compiled one, CPU time per matrix.
+
     python scripts/bench_cpu_kernels.py [--hidden 1024] [--inter 512] [--copies 100] [--reps 15] [--threads 1]
+    python scripts/bench_cpu_kernels.py --rows 1,4,16,64 --copies 30
 """
 
 from __future__ import annotations
@@ -101,6 +105,43 @@ def variants(inter: int) -> dict:
     return table
 
 
+def rows_table(store: dict, inter: int, rows: list[int], reps: int) -> None:
+    """CPU us per up projection on `rows` activation rows: torch's kernel and the compiled one."""
+    block = torch_int4_block()
+    kernels = {
+        "int8": (
+            lambda x, p: torch._weight_int8pack_mm(x, p["q"], p["scale"].reshape(-1).to(x.dtype)),
+            lambda x, p: cpu_kernels.int8_mm(x, p["q"], p["scale"]),
+        ),
+        "int4": (
+            lambda x, p: torch._weight_int4pack_mm_for_cpu(x, p["q"], GROUP, p["sz"]),
+            lambda x, p: cpu_kernels.int4_mm(x, p["q"], GROUP, p["sz"], block),
+        ),
+    }
+    hidden = store["bf16"][0][0].shape[1]
+    copies = len(store["int8"])
+    print(f"up projection {2 * inter} x {hidden}, {copies} copies swept, CPU us per matrix, medians of {reps}")
+    print(f"{'rows':>5} " + " ".join(f"{f + ' torch':>11} {f + ' C':>8} {'torch/C':>7}" for f in kernels))
+    for m in rows:
+        x = torch.randn(m, hidden).bfloat16()
+        cells = []
+        for fmt, pair in kernels.items():
+            if not store[fmt]:
+                continue
+            times = [[], []]
+            for fn in pair:
+                [fn(x, e[0]) for e in store[fmt]]  # warm
+            for rep in range(reps):
+                for j in (0, 1) if rep % 2 == 0 else (1, 0):
+                    c0 = time.process_time()
+                    for e in store[fmt]:
+                        pair[j](x, e[0])
+                    times[j].append((time.process_time() - c0) / len(store[fmt]) * 1e6)
+            t, c = statistics.median(times[0]), statistics.median(times[1])
+            cells.append(f"{t:11.0f} {c:8.0f} {t / c:6.2f}x")
+        print(f"{m:>5} " + " ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -108,12 +149,18 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=100)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default="", help="comma-separated activation row counts: the prefill table instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch._C._set_mkldnn_enabled(False)  # the host lane's one-row bf16 path: torch's own gemv
     st = cpu_kernels.status()
     print(f"compiled kernels: {st.reason}")
     store = experts(args.hidden, args.inter, args.copies)
+    if args.rows:
+        if not st.available:
+            raise SystemExit(f"no compiled kernels to compare: {st.reason}")
+        rows_table(store, args.inter, [int(r) for r in args.rows.split(",")], args.reps)
+        return
     table = variants(args.inter)
     x = torch.randn(1, args.hidden).bfloat16()
     copy_src = [torch.cat([p["q"].reshape(-1) for p in e]) for e in store["int8"]]
