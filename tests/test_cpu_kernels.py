@@ -209,6 +209,19 @@ def test_nothing_is_built_at_import(tmp_path):
     assert not list(tmp_path.rglob("*"))
 
 
+def test_a_bf16_host_lane_builds_nothing(fresh):
+    """Stats of a lane without int8 or int4 parameters say so, and nothing is compiled for them."""
+    model = make_model("mixtral").to(torch.bfloat16)
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=3, on_miss="host")
+    try:
+        with torch.no_grad():
+            model(prompt(batch=1, length=3))
+        assert runtime.stats()["host_kernels_reason"] == "no int8 or int4 parameters"
+    finally:
+        runtime.detach()
+    assert not list(fresh.rglob("*.so")) and cpu_kernels._load.cache_info().currsize == 0
+
+
 def _host_lane_run(arch: str, experts_dtype: str, sizes: dict | None = None):
     """Logits and stats of a bf16 model whose experts all run on the host lane, and its reference
     (the same compressed experts decoded, all resident)."""

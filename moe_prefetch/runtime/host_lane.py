@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..experts import cpu_kernels
 from ..experts.compression import Codec
 from ..experts.host_kernels import KERNEL_NAMES, Projection, plan, projections
 from ..experts.layout import MoELayer
@@ -52,6 +53,10 @@ class HostLane:
             idx: half and any(k in ("dense", "decode") for k in kinds.values()) for idx, kinds in self.kinds.items()
         }
         self._parts: dict[tuple[int, int], dict] = {}
+        # Why the compiled int8 / int4 kernels run or not, as it stood when the projections chose
+        # (asked only where there are such projections: a bf16 lane never builds them).
+        compressed = any(k in ("int8", "int4") for kinds in self.kinds.values() for k in kinds.values())
+        self.kernels_reason = cpu_kernels.status().reason if compressed else "no int8 or int4 parameters"
         self.calls = dict.fromkeys(KERNEL_NAMES, 0)  # kernel calls per kind
         self.passes = 0
 

@@ -536,7 +536,7 @@ class Runtime:
             "host_passes": self.host_lane.passes,
             "host_kernel_calls": dict(self.host_lane.calls),
             "host_kernels": self.host_lane.describe(),
-            "host_kernels_reason": kernels.cpu_kernels.status().reason,
+            "host_kernels_reason": self.host_lane.kernels_reason,
         }
 
     def replace_experts(self, encoded: dict) -> None:
