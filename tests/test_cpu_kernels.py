@@ -91,7 +91,7 @@ def test_int8_tails_odd_rows_and_dtypes_against_fp64(lib, m, n, k, dtype):
 @needs_cc
 @pytest.mark.skipif(not INT4_BLOCK, reason="torch's CPU int4 kernel packs differently here")
 @pytest.mark.parametrize("n,k,group", [(1024, 1024, 64), (1024, 512, 64), (128, 192, 32), (64, 256, 128)])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 9])  # 9 rows of 1024: the activations in heap memory
 def test_int4_matches_torchs_kernel(lib, m, n, k, group):
     """The stored block layout decoded in C gives torch._weight_int4pack_mm_for_cpu's values:
     per group s * sum(x (q - 8)) + z * sum(x) against its per-weight (q - 8) * s + z, fp32 both."""
