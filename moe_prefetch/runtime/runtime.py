@@ -535,6 +535,8 @@ class Runtime:
             "host_passes": self.host_lane.passes,
             "host_kernel_calls": dict(self.host_lane.calls),
             "host_kernels": self.host_lane.describe(),
+            # one-row decode steps with oneDNN off on a CPU device, and why (model/decode_gemv.py)
+            **(self.decode_gemv.stats() if getattr(self, "decode_gemv", None) else {}),
         }
 
     def replace_experts(self, encoded: dict) -> None:
