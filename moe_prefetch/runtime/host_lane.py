@@ -66,6 +66,9 @@ class HostLane:
         if parts is None:
             row = self.store[key]
             parts = self.codec.spec.views(row) if self.codec.identity else self.codec.typed(row)
+            if not self.codec.identity:
+                projs = self._projections[layer_idx]
+                parts = {name: projs[name].prepare(p) for name, p in parts.items()}
             self._parts[key] = parts
         return parts
 
@@ -129,6 +132,12 @@ class HostLane:
         if getattr(module, "has_post_expert_norm", False):
             out = module.post_expert_norm(out)
         return out
+
+    def forget(self, keys) -> None:
+        """Drop what was prepared from the stored bytes of experts `keys` (their weights were
+        replaced: `Runtime.replace_experts`); their next use views the store again."""
+        for key in keys:
+            self._parts.pop(key, None)
 
     def close(self) -> None:
         """Drop every view of the store (its memory goes back once none is left)."""

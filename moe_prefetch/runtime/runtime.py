@@ -550,6 +550,7 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.scheduler.reap()
+        self.host_lane.forget(encoded)  # int8 scales it prepared from the old bytes
         for key, parts in encoded.items():
             self.store.update(key, parts)
             slot = self.cache.slot_of.get(key)
