@@ -5,10 +5,16 @@ bf16 and q8_0 with llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-pyt
 q4_0 from the bf16 file with llama.cpp's quantizer, then measures decode tokens/s of llama.cpp
 (llama-cpp-python, in its own venv) and of the host lane (`load(path, device="cpu",
 on_miss="host", cache_slots=8, dtype=torch.bfloat16, experts_dtype=D)`) at the same bits (bf16,
-8-bit: q8_0 / int8, 4-bit: q4_0 / int4), on the same prompt ids, at 1 and 2 threads,
-interleaved, after a warm-up, each run in a fresh process. Every run records its CPU time over
+8-bit: q8_0 / int8, 4-bit: q4_0 / int4), on the same prompt ids, by default the medium model on
+one thread (issue 19's targets; `--models medium,demo-fine --threads 1,2` for the rest),
+interleaved, after a warm-up, each run in a fresh process. The host lane runs as `load` sets it
+up (one-row decode steps with oneDNN off: `cpu_decode_gemv`); `--host-onednn` adds a host-lane run
+with `cpu_decode_gemv=False` beside it, to show what the switch gives. Every run records its CPU time over
 wall time per thread; runs below 0.95 are discarded (the machine may be shared) and the table
-takes the median of the rest. Prints a markdown table and writes `compare.json` in --work.
+takes the median of the rest. Prints a markdown table and writes `compare.json` in --work: every
+run (with the host lane's stats: kernels, decode_gemv and its reason, where its time went), the
+machine (CPU, load averages before each run, one-thread copy rate), the versions (torch,
+transformers, llama-cpp-python, this commit), the arguments and the table's rows.
 
     python scripts/compare_llamacpp.py --work build/llamacpp --llama-python build/llamacpp/venv/bin/python \
         --llama-src build/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -55,7 +61,8 @@ for i in range(warmup + tokens):
         wall, cpu = time.perf_counter(), time.process_time()
     llm.eval([last()])
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-print(json.dumps({"tok_s": tokens / wall, "cpu_per_wall": cpu / wall / threads}))
+print(json.dumps({"tok_s": tokens / wall, "cpu_per_wall": cpu / wall / threads, "cpu_s_per_token": cpu / tokens,
+                  "llama_cpp_python": llama_cpp.__version__}))
 """
 
 
@@ -131,9 +138,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "llamacpp")
     parser.add_argument("--llama-python")
     parser.add_argument("--llama-src", type=Path, help="vendor/llama.cpp of the sdist")
-    parser.add_argument("--models", default="medium,demo-fine")
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--models", default="medium", help="medium, demo-fine (comma-separated)")
+    parser.add_argument("--threads", default="1")
     parser.add_argument("--formats", default="bf16,8-bit,4-bit")
+    parser.add_argument(
+        "--host-onednn", action="store_true", help="also run the host lane with cpu_decode_gemv=False (oneDNN on)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
@@ -142,7 +152,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         summary = json.loads(args.table.read_text())
-        configs = {n: json.loads((Path(f) / "config.json").read_text()) for n, f in summary["folders"].items()}
+        configs = summary.get("configs") or {
+            n: json.loads((Path(f) / "config.json").read_text()) for n, f in summary["folders"].items()
+        }
         print(table(summary["runs"], configs, summary["copy_bytes_per_s"]))
         return
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -173,21 +185,51 @@ def main() -> None:
                     cases[0][1].extend([str(threads), str(args.tokens), str(args.warmup), "1" if amx else "0", prompt])
                     host = [sys.executable, str(ROOT / "scripts" / "medium_model.py"), "host", str(folders[name])]
                     cases.append(("host lane", [*host, "--experts-dtype", dtype, "--threads", str(threads)]))
+                    if args.host_onednn:
+                        cases.append(("host lane, oneDNN", [*cases[-1][1], "--no-decode-gemv"]))
                     if label == "bf16" and not args.no_stock:
                         stock = [sys.executable, str(ROOT / "scripts" / "medium_model.py"), "stock", str(folders[name])]
                         cases.append(("stock", [*stock, "--threads", str(threads)]))
                     for engine, cmd in cases:
                         if engine != "llama.cpp":
                             cmd = [*cmd, "--tokens", str(args.tokens)]
+                        load = os.getloadavg()[0]  # the machine's load as the run starts
                         result = json.loads(run(cmd, env).strip().splitlines()[-1])
                         row = {**result, "model": name, "threads": threads, "format": label, "engine": engine}
+                        row["load_before"] = load
                         runs.append(row)
                         print(json.dumps(row), flush=True)
     configs = {n: json.loads((folders[n] / "config.json").read_text()) for n in folders}
     folder_names = {n: str(f) for n, f in folders.items()}
-    summary = {"copy_bytes_per_s": copy_rate(), "amx": amx, "runs": runs, "cpu": _cpu(), "folders": folder_names}
+    summary = {
+        "copy_bytes_per_s": copy_rate(),
+        "amx": amx,
+        "cpu": _cpu(),
+        "logical_cpus": os.cpu_count(),
+        "versions": _versions(runs),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "folders": folder_names,
+        "configs": configs,  # the models' config.json: --table needs no model folder
+        "runs": runs,
+    }
+    text = table(runs, configs, summary["copy_bytes_per_s"])
+    summary["table"] = text.splitlines()
     (args.work / "compare.json").write_text(json.dumps(summary, indent=1))
-    print(table(runs, configs, summary["copy_bytes_per_s"]))
+    print(text)
+
+
+def _versions(runs: list[dict]) -> dict:
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    llama = sorted({r["llama_cpp_python"] for r in runs if "llama_cpp_python" in r})
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llama_cpp_python": llama,
+        "commit": commit,
+    }
 
 
 def _cpu() -> str:
@@ -205,8 +247,9 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         f"one-thread copy rate of this machine: {copy / 1e9:.1f} GB/s (bytes copied per second)",
         "",
         "| model | threads | experts | llama.cpp tok/s | host lane tok/s | host / llama.cpp | stock bf16 tok/s "
-        "| llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) | CPU/wall (llama / host) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| host lane, oneDNN on, tok/s | llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) "
+        "| CPU/wall (llama / host) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(FORMATS)
     keys = sorted(
@@ -215,7 +258,7 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
     )
     for model, threads, label in keys:
         cell = {}
-        for engine in ("llama.cpp", "host lane", "stock"):
+        for engine in ("llama.cpp", "host lane", "stock", "host lane, oneDNN"):
             rows = [
                 r
                 for r in runs
@@ -247,7 +290,8 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         }
         lines.append(
             f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} "
-            f"| {_fmt(stock)} | {gbs['llama']} | {gbs['host']} | {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
+            f"| {_fmt(stock)} | {_fmt(cell['host lane, oneDNN'][0])} | {gbs['llama']} | {gbs['host']} "
+            f"| {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
             f"| {cell['llama.cpp'][2]} / {cell['host lane'][2]} |"
         )
     return "\n".join(lines)

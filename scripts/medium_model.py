@@ -74,7 +74,13 @@ def decode(model, tokens: int, warmup: int = 8, onednn: bool = True) -> dict:
             out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     torch.backends.mkldnn.enabled = was
-    return {"tokens": tokens, "tok_s": tokens / wall, "cpu_per_wall": cpu / wall / torch.get_num_threads()}
+    threads = torch.get_num_threads()
+    return {
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "cpu_per_wall": cpu / wall / threads,
+        "cpu_s_per_token": cpu / tokens,
+    }
 
 
 def main() -> None:
@@ -88,7 +94,13 @@ def main() -> None:
     parser.add_argument(
         "--no-onednn",
         action="store_true",
-        help="oneDNN off for the whole decode (the non-expert matmuls too; after the prompt): torch's own gemv",
+        help="oneDNN off for the whole decode (after the prompt), whatever the engine: torch's own gemv "
+        "(the host lane does this itself since cpu_decode_gemv; this is for stock)",
+    )
+    parser.add_argument(
+        "--no-decode-gemv",
+        action="store_true",
+        help="host: load with cpu_decode_gemv=False (oneDNN's one-row matmuls outside the lane, as before)",
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -113,12 +125,16 @@ def main() -> None:
             dtype=torch.bfloat16,
             experts_dtype=args.experts_dtype,
             host_threads=args.threads,
+            cpu_decode_gemv=not args.no_decode_gemv,
         )
     result.update(decode(model, args.tokens, onednn=not args.no_onednn), onednn=not args.no_onednn)
     if runtime is not None:
         stats = runtime.stats()
         per_token = stats["host_seconds"] / max(1, stats["host_passes"]) * len(runtime.layers)
         result.update(
+            decode_gemv=stats["decode_gemv"],
+            decode_gemv_reason=stats["decode_gemv_reason"],
+            decode_gemv_steps=stats["decode_gemv_steps"],
             host_kernels=stats["host_kernels"],
             expert_bytes=stats["expert_bytes"],
             host_experts=stats["host_experts"],
