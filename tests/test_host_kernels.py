@@ -140,3 +140,22 @@ def test_replaced_int8_experts_are_read_anew_by_the_host_lane():
         runtime.detach()
         reference.detach()
     assert find_moe_layers(model)
+
+
+def test_stats_say_why_demo_fine_int4_is_decoded():
+    """demo-fine's experts (gate_up [96, 256], down [256, 48]) do not fit the int4 kernel's layout
+    (rows in blocks of 64 with AVX-512, K in groups of 64): stored in k-pairs and decoded per use,
+    which is why its int4 host lane ran at 0.04x llama.cpp; stats() says so."""
+    from moe_prefetch.experts.compression import torch_int4_block
+
+    model, runtime = moe_prefetch.load(
+        "demo-fine", device="cpu", dtype=torch.bfloat16, experts_dtype="int4", cache_slots=16, on_miss="host"
+    )
+    try:
+        said = runtime.stats()["host_kernels"]
+    finally:
+        runtime.detach()
+    for name, shape in (("gate_up_proj", "[96, 256]"), ("down_proj", "[256, 48]")):
+        assert said[name].startswith(f"{kernels.KERNEL_NAMES['decode']} (int4 {shape} stored in the k-pairs layout")
+    if torch_int4_block():
+        assert f"rows a multiple of {torch_int4_block()}, K of the group 64" in said["down_proj"]

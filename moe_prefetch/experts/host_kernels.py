@@ -244,3 +244,28 @@ def _fp8_rows(proj: Projection, parts, start: int, rows: int, w: torch.Tensor) -
     index = proj._index[: rows * n_in].view(grid)
     index.copy_(parts["weight"][start : start + rows].view(torch.uint8).view(grid)).add_(offset)
     torch.index_select(table, 0, index.view(-1), out=w.view(-1))
+
+
+def decode_reason(codec: Codec, name: str, module) -> str:
+    """Why parameter `name` is decoded before its matmul (`kind_of` said "decode"), in words for
+    `stats()["host_kernels"]`: what a kernel on the stored bytes would need."""
+    fmt, dtype = codec.formats[name], codec.spec.dtype
+    shape = codec.spec.shapes[codec.spec.names.index(name)]
+    model = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        return f"a {model} model: decode then F.linear is exact and the packed kernels gain little"
+    if isinstance(fmt, Cast):
+        return f"stored as {str(fmt.dtype).removeprefix('torch.')} in a {model} model"
+    if isinstance(fmt, FP8Block):
+        return f"FP8 {list(shape)} in blocks of {list(fmt.block)}: partial edge blocks"
+    if getattr(module, "is_transposed", False):
+        return "transposed experts: the packed kernels read [out, in] weights"
+    if isinstance(fmt, Int4):
+        from .compression import torch_int4_block
+
+        block = torch_int4_block()
+        need = f"rows a multiple of {block}, K of the group {fmt.group}" if block else "a torch that packs int4 here"
+        return f"int4 {list(shape)} stored in the {fmt.layout} layout: the kernel's needs a bf16 model, {need}"
+    if isinstance(fmt, Int8):
+        return "this torch has no torch._weight_int8pack_mm"
+    return f"{fmt.name}: no kernel on its stored bytes in a {model} model"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..experts.compression import Codec
-from ..experts.host_kernels import KERNEL_NAMES, Projection, plan, projections
+from ..experts.host_kernels import KERNEL_NAMES, Projection, decode_reason, plan, projections
 from ..experts.layout import MoELayer
 from .store import HostStore
 
@@ -34,6 +34,7 @@ class HostLane:
     def __init__(self, store: HostStore, codec: Codec, layers: list[MoELayer]):
         self.store, self.codec = store, codec
         self.kinds = {layer.layer_idx: plan(codec, layer.experts) for layer in layers}
+        self._modules = {layer.layer_idx: layer.experts for layer in layers}
         self._projections = {}
         for layer in layers:
             transposed = getattr(layer.experts, "is_transposed", False)
@@ -56,9 +57,14 @@ class HostLane:
         self.passes = 0
 
     def describe(self) -> dict[str, str]:
-        """Which kernel ran each parameter (the first layer's; all layers share one spec)."""
+        """Which kernel ran each parameter (the first layer's; all layers share one spec), and for
+        a decoded one, why no kernel reads its stored bytes."""
         kinds = next(iter(self.kinds.values()))
-        return {name: KERNEL_NAMES[kind] for name, kind in kinds.items()}
+        module = self._modules[next(iter(self.kinds))]
+        return {
+            name: KERNEL_NAMES[kind] + (f" ({decode_reason(self.codec, name, module)})" if kind == "decode" else "")
+            for name, kind in kinds.items()
+        }
 
     def _expert_parts(self, layer_idx: int, expert_id: int) -> dict:
         key = (layer_idx, expert_id)
