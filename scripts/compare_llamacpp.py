@@ -242,14 +242,16 @@ def _cpu() -> str:
 def table(runs: list[dict], configs: dict, copy: float) -> str:
     """Markdown: per model, threads and format, median tok/s of the kept runs (CPU/wall >= 0.95)
     of each engine (of all runs, marked noisy, where none was kept), the ratio host lane /
-    llama.cpp, and expert GB/s at each engine's bits."""
+    llama.cpp, the same ratio by CPU seconds per token (all runs' medians: llama.cpp's over the
+    host lane's), and expert GB/s at each engine's bits."""
     lines = [
         f"one-thread copy rate of this machine: {copy / 1e9:.1f} GB/s (bytes copied per second)",
         "",
-        "| model | threads | experts | llama.cpp tok/s | host lane tok/s | host / llama.cpp | stock bf16 tok/s "
+        "| model | threads | experts | llama.cpp tok/s | host lane tok/s | host / llama.cpp | by CPU time "
+        "| stock bf16 tok/s "
         "| host lane, oneDNN on, tok/s | llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) "
         "| CPU/wall (llama / host) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(FORMATS)
     keys = sorted(
@@ -257,20 +259,27 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         key=lambda k: (k[0] != "medium", k[1], order.index(k[2])),
     )
     for model, threads, label in keys:
-        cell = {}
-        for engine in ("llama.cpp", "host lane", "stock", "host lane, oneDNN"):
-            rows = [
-                r
-                for r in runs
-                if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, engine)
-            ]
-            kept = [r for r in rows if r["cpu_per_wall"] >= 0.95]
-            # No run kept (a busy machine): the median of all runs, marked, so the table still
-            # shows what was measured and the CPU/wall column says how noisy it was.
+        cell, engines = {}, ("llama.cpp", "host lane", "stock", "host lane, oneDNN")
+        rows = {
+            e: [r for r in runs if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, e)]
+            for e in engines
+        }
+        kept = {e: [r for r in rows[e] if r["cpu_per_wall"] >= 0.95] for e in engines}
+        # The ratio compares like with like: kept runs where both llama.cpp and the host lane have
+        # some, else every run of every engine (a busy machine), marked noisy, so the table still
+        # shows what was measured and the CPU/wall column says how noisy it was.
+        clean = all(kept[e] for e in ("llama.cpp", "host lane"))
+        for engine in engines:
+            use = kept[engine] if clean and kept[engine] else rows[engine]
             cell[engine] = (
-                statistics.median(r["tok_s"] for r in kept or rows) if rows else None,
-                f"{len(kept)}/{len(rows)}",
-                "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows),
+                statistics.median(r["tok_s"] for r in use) if use else None,
+                f"{len(kept[engine])}/{len(rows[engine])}",
+                "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows[engine]),
+                # CPU seconds per token, median of all runs: on a shared machine the work each
+                # engine needs, where wall time also counts the other programs
+                statistics.median(r["cpu_s_per_token"] for r in rows[engine])
+                if rows[engine] and "cpu_s_per_token" in rows[engine][0]
+                else None,
             )
         gguf, dtype = FORMATS[label]
         stored = [
@@ -281,15 +290,17 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         c = configs[model]
         host_bits = 8 * stored[0] / (3 * c["hidden_size"] * c["moe_intermediate_size"]) if stored else 16.0
         llama, host, stock = cell["llama.cpp"][0], cell["host lane"][0], cell["stock"][0]
-        noisy = any(cell[e][1].startswith("0/") for e in ("llama.cpp", "host lane"))
+        noisy = not clean
         ratio = f"**{host / llama:.2f}x**{' (noisy)' if noisy else ''}" if llama and host else "-"
+        cpu_llama, cpu_host = cell["llama.cpp"][3], cell["host lane"][3]
+        by_cpu = f"{cpu_llama / cpu_host:.2f}x" if cpu_llama and cpu_host else "-"
         per_token = {bits: expert_bytes_per_token(c, bits) for bits in (GGUF_BITS[gguf], host_bits)}
         gbs = {
             "llama": f"{llama * per_token[GGUF_BITS[gguf]] / 1e9:.2f}" if llama else "-",
             "host": f"{host * per_token[host_bits] / 1e9:.2f}" if host else "-",
         }
         lines.append(
-            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} "
+            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} | {by_cpu} "
             f"| {_fmt(stock)} | {_fmt(cell['host lane, oneDNN'][0])} | {gbs['llama']} | {gbs['host']} "
             f"| {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
             f"| {cell['llama.cpp'][2]} / {cell['host lane'][2]} |"
