@@ -159,3 +159,23 @@ def test_stats_say_why_demo_fine_int4_is_decoded():
         assert said[name].startswith(f"{kernels.KERNEL_NAMES['decode']} (int4 {shape} stored in the k-pairs layout")
     if torch_int4_block():
         assert f"rows a multiple of {torch_int4_block()}, K of the group 64" in said["down_proj"]
+
+
+def test_calibrate_times_every_stored_format():
+    """`moe-prefetch calibrate` (and scripts/bench_host_kernels.py) time the lane's kernel of each
+    stored format: each call computes the expert (close to the bf16 expert's output)."""
+    from moe_prefetch.evidence.calibration import HOST_FORMATS, _host_expert, _swiglu, format_calls
+    from moe_prefetch.experts.compression import torch_int4_block
+
+    gen = torch.Generator().manual_seed(0)
+    expert = _host_expert(256, 128, torch.bfloat16, gen)
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+    calls = format_calls(expert, x, copies=2)
+    expected = {f for f in HOST_FORMATS if f != "int4" or torch_int4_block()}
+    assert set(calls) == expected
+    reference = _swiglu(x, *expert).float()
+    for fmt, (nbytes, call) in calls.items():
+        assert nbytes < sum(w.numel() * 2 for w in expert), fmt
+        out = call().float()
+        # int4 ~10% off, MXFP4 (8 magnitudes under a power-of-two scale) ~23%, 8-bit ~1%
+        assert (out - reference).norm() < (0.3 if fmt == "mxfp4" else 0.15) * reference.norm(), fmt

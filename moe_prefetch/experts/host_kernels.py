@@ -94,10 +94,11 @@ def plan(codec: Codec, module) -> dict[str, str]:
 # for 1.58 MB, int4 128 us for 0.88 MB). The packed kernels dequantize in registers, so they are
 # bound by arithmetic before DRAM: int8 reads half the bytes in the same time as bf16.
 # `moe-prefetch calibrate` measures these rates on the machine at hand (`format_bytes_per_s`).
-# MXFP4 and FP8 decode a row chunk by one table lookup per byte, then `F.linear` (`scripts/
-# bench_host_kernels.py`, same machine, one thread: mxfp4 1561 us for 0.84 MB, fp8 2098 us for
-# 1.57 MB, beside bf16 220 us for 3.15 MB: the lookups, not the bytes, bound them).
-KERNEL_BYTE_COST = {"dense": 1.0, "int8": 1.9, "int4": 1.5, "mxfp4": 27.0, "fp8": 19.0}
+# MXFP4 and FP8 decode a row chunk by one table lookup per byte, then `F.linear`
+# (`scripts/bench_host_kernels.py`, same machine, one thread, two runs: mxfp4 26.7 and 31.5, fp8
+# 19.1 and 22.9 bf16 bytes per stored byte, e.g. mxfp4 1583 us for 0.84 MB beside bf16 189 us
+# for 3.15 MB): the lookups, not the bytes, bound them.
+KERNEL_BYTE_COST = {"dense": 1.0, "int8": 1.9, "int4": 1.5, "mxfp4": 29.0, "fp8": 21.0}
 
 
 def host_bytes(codec: Codec, module) -> int:
