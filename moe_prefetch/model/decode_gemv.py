@@ -109,7 +109,8 @@ def install(model, choice: DecodeGemv):
         finally:
             _leave()
 
-    model.__dict__["forward"] = guards.mark(decode_gemv_forward)
+    # dynamo skips this frame (the lock and the flag are not traceable) and compiles what it calls
+    model.__dict__["forward"] = guards.mark(guards._untraced(decode_gemv_forward))
 
     def undo() -> None:
         if had:
