@@ -88,6 +88,17 @@ def decode(model, tokens: int, warmup: int = 8, onednn: bool = True, profiler=No
     }
 
 
+def _stub_the_lane(runtime) -> None:
+    """The host lane computes nothing: each pass returns zeros of its output's shape, so the
+    token's time is the rest of the model (attention, norms, head, transformers' Python) and the
+    runtime's own work. Tokens then differ from a real run; only the time is of interest."""
+
+    def stub(layer, host, routing, hidden, weights):
+        return torch.zeros((hidden.shape[0], hidden.shape[-1]), dtype=torch.float32)
+
+    runtime.host_lane.run = stub
+
+
 def _time_the_lane(runtime) -> dict:
     """CPU time of the host lane's one-row passes (decode steps), beside the runtime's wall times:
     on a shared machine wall time counts the other programs too."""
@@ -122,6 +133,11 @@ def main() -> None:
         "(the host lane does this itself since cpu_decode_gemv; this is for stock)",
     )
     parser.add_argument(
+        "--stub-experts",
+        action="store_true",
+        help="host: the lane returns zeros without computing (what the rest of a token costs, measured directly)",
+    )
+    parser.add_argument(
         "--no-decode-gemv",
         action="store_true",
         help="host: load with cpu_decode_gemv=False (oneDNN's one-row matmuls outside the lane, as before)",
@@ -133,6 +149,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     result = {"engine": args.what, "threads": args.threads, "experts_dtype": args.experts_dtype}
+    if args.stub_experts:
+        result["stub_experts"] = True
     if args.what == "stock":
         from transformers import AutoModelForCausalLM
 
@@ -151,6 +169,8 @@ def main() -> None:
             host_threads=args.threads,
             cpu_decode_gemv=not args.no_decode_gemv,
         )
+        if args.stub_experts:
+            _stub_the_lane(runtime)
         lane_cpu = _time_the_lane(runtime)
     result.update(decode(model, args.tokens, onednn=not args.no_onednn), onednn=not args.no_onednn)
     if runtime is not None:
