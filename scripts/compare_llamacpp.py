@@ -5,10 +5,16 @@ bf16 and q8_0 with llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-pyt
 q4_0 from the bf16 file with llama.cpp's quantizer, then measures decode tokens/s of llama.cpp
 (llama-cpp-python, in its own venv) and of the host lane (`load(path, device="cpu",
 on_miss="host", cache_slots=8, dtype=torch.bfloat16, experts_dtype=D)`) at the same bits (bf16,
-8-bit: q8_0 / int8, 4-bit: q4_0 / int4), on the same prompt ids, at 1 and 2 threads,
-interleaved, after a warm-up, each run in a fresh process. Every run records its CPU time over
+8-bit: q8_0 / int8, 4-bit: q4_0 / int4), on the same prompt ids, by default the medium model on
+one thread (issue 19's targets; `--models medium,demo-fine --threads 1,2` for the rest),
+interleaved, after a warm-up, each run in a fresh process. The host lane runs as `load` sets it
+up (one-row decode steps with oneDNN off: `cpu_decode_gemv`); `--host-onednn` adds a host-lane run
+with `cpu_decode_gemv=False` beside it, to show what the switch gives. Every run records its CPU time over
 wall time per thread; runs below 0.95 are discarded (the machine may be shared) and the table
-takes the median of the rest. Prints a markdown table and writes `compare.json` in --work.
+takes the median of the rest. Prints a markdown table and writes `compare.json` in --work: every
+run (with the host lane's stats: kernels, decode_gemv and its reason, where its time went), the
+machine (CPU, load averages before each run, one-thread copy rate), the versions (torch,
+transformers, llama-cpp-python, this commit), the arguments and the table's rows.
 
     python scripts/compare_llamacpp.py --work build/llamacpp --llama-python build/llamacpp/venv/bin/python \
         --llama-src build/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -55,7 +61,8 @@ for i in range(warmup + tokens):
         wall, cpu = time.perf_counter(), time.process_time()
     llm.eval([last()])
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-print(json.dumps({"tok_s": tokens / wall, "cpu_per_wall": cpu / wall / threads}))
+print(json.dumps({"tok_s": tokens / wall, "cpu_per_wall": cpu / wall / threads, "cpu_s_per_token": cpu / tokens,
+                  "llama_cpp_python": llama_cpp.__version__}))
 """
 
 
@@ -131,9 +138,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "llamacpp")
     parser.add_argument("--llama-python")
     parser.add_argument("--llama-src", type=Path, help="vendor/llama.cpp of the sdist")
-    parser.add_argument("--models", default="medium,demo-fine")
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--models", default="medium", help="medium, demo-fine (comma-separated)")
+    parser.add_argument("--threads", default="1")
     parser.add_argument("--formats", default="bf16,8-bit,4-bit")
+    parser.add_argument(
+        "--host-onednn", action="store_true", help="also run the host lane with cpu_decode_gemv=False (oneDNN on)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
@@ -142,7 +152,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         summary = json.loads(args.table.read_text())
-        configs = {n: json.loads((Path(f) / "config.json").read_text()) for n, f in summary["folders"].items()}
+        configs = summary.get("configs") or {
+            n: json.loads((Path(f) / "config.json").read_text()) for n, f in summary["folders"].items()
+        }
         print(table(summary["runs"], configs, summary["copy_bytes_per_s"]))
         return
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -173,21 +185,51 @@ def main() -> None:
                     cases[0][1].extend([str(threads), str(args.tokens), str(args.warmup), "1" if amx else "0", prompt])
                     host = [sys.executable, str(ROOT / "scripts" / "medium_model.py"), "host", str(folders[name])]
                     cases.append(("host lane", [*host, "--experts-dtype", dtype, "--threads", str(threads)]))
+                    if args.host_onednn:
+                        cases.append(("host lane, oneDNN", [*cases[-1][1], "--no-decode-gemv"]))
                     if label == "bf16" and not args.no_stock:
                         stock = [sys.executable, str(ROOT / "scripts" / "medium_model.py"), "stock", str(folders[name])]
                         cases.append(("stock", [*stock, "--threads", str(threads)]))
                     for engine, cmd in cases:
                         if engine != "llama.cpp":
                             cmd = [*cmd, "--tokens", str(args.tokens)]
+                        load = os.getloadavg()[0]  # the machine's load as the run starts
                         result = json.loads(run(cmd, env).strip().splitlines()[-1])
                         row = {**result, "model": name, "threads": threads, "format": label, "engine": engine}
+                        row["load_before"] = load
                         runs.append(row)
                         print(json.dumps(row), flush=True)
     configs = {n: json.loads((folders[n] / "config.json").read_text()) for n in folders}
     folder_names = {n: str(f) for n, f in folders.items()}
-    summary = {"copy_bytes_per_s": copy_rate(), "amx": amx, "runs": runs, "cpu": _cpu(), "folders": folder_names}
+    summary = {
+        "copy_bytes_per_s": copy_rate(),
+        "amx": amx,
+        "cpu": _cpu(),
+        "logical_cpus": os.cpu_count(),
+        "versions": _versions(runs),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "folders": folder_names,
+        "configs": configs,  # the models' config.json: --table needs no model folder
+        "runs": runs,
+    }
+    text = table(runs, configs, summary["copy_bytes_per_s"])
+    summary["table"] = text.splitlines()
     (args.work / "compare.json").write_text(json.dumps(summary, indent=1))
-    print(table(runs, configs, summary["copy_bytes_per_s"]))
+    print(text)
+
+
+def _versions(runs: list[dict]) -> dict:
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    llama = sorted({r["llama_cpp_python"] for r in runs if "llama_cpp_python" in r})
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llama_cpp_python": llama,
+        "commit": commit,
+    }
 
 
 def _cpu() -> str:
@@ -200,13 +242,16 @@ def _cpu() -> str:
 def table(runs: list[dict], configs: dict, copy: float) -> str:
     """Markdown: per model, threads and format, median tok/s of the kept runs (CPU/wall >= 0.95)
     of each engine (of all runs, marked noisy, where none was kept), the ratio host lane /
-    llama.cpp, and expert GB/s at each engine's bits."""
+    llama.cpp, the same ratio by CPU seconds per token (all runs' medians: llama.cpp's over the
+    host lane's), and expert GB/s at each engine's bits."""
     lines = [
         f"one-thread copy rate of this machine: {copy / 1e9:.1f} GB/s (bytes copied per second)",
         "",
-        "| model | threads | experts | llama.cpp tok/s | host lane tok/s | host / llama.cpp | stock bf16 tok/s "
-        "| llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) | CPU/wall (llama / host) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | threads | experts | llama.cpp tok/s | host lane tok/s | host / llama.cpp | by CPU time "
+        "| stock bf16 tok/s "
+        "| host lane, oneDNN on, tok/s | llama.cpp expert GB/s | host lane expert GB/s | runs kept (llama / host) "
+        "| CPU/wall (llama / host) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(FORMATS)
     keys = sorted(
@@ -214,20 +259,27 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         key=lambda k: (k[0] != "medium", k[1], order.index(k[2])),
     )
     for model, threads, label in keys:
-        cell = {}
-        for engine in ("llama.cpp", "host lane", "stock"):
-            rows = [
-                r
-                for r in runs
-                if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, engine)
-            ]
-            kept = [r for r in rows if r["cpu_per_wall"] >= 0.95]
-            # No run kept (a busy machine): the median of all runs, marked, so the table still
-            # shows what was measured and the CPU/wall column says how noisy it was.
+        cell, engines = {}, ("llama.cpp", "host lane", "stock", "host lane, oneDNN")
+        rows = {
+            e: [r for r in runs if (r["model"], r["threads"], r["format"], r["engine"]) == (model, threads, label, e)]
+            for e in engines
+        }
+        kept = {e: [r for r in rows[e] if r["cpu_per_wall"] >= 0.95] for e in engines}
+        # The ratio compares like with like: kept runs where both llama.cpp and the host lane have
+        # some, else every run of every engine (a busy machine), marked noisy, so the table still
+        # shows what was measured and the CPU/wall column says how noisy it was.
+        clean = all(kept[e] for e in ("llama.cpp", "host lane"))
+        for engine in engines:
+            use = kept[engine] if clean and kept[engine] else rows[engine]
             cell[engine] = (
-                statistics.median(r["tok_s"] for r in kept or rows) if rows else None,
-                f"{len(kept)}/{len(rows)}",
-                "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows),
+                statistics.median(r["tok_s"] for r in use) if use else None,
+                f"{len(kept[engine])}/{len(rows[engine])}",
+                "/".join(f"{r['cpu_per_wall']:.2f}" for r in rows[engine]),
+                # CPU seconds per token, median of all runs: on a shared machine the work each
+                # engine needs, where wall time also counts the other programs
+                statistics.median(r["cpu_s_per_token"] for r in rows[engine])
+                if rows[engine] and "cpu_s_per_token" in rows[engine][0]
+                else None,
             )
         gguf, dtype = FORMATS[label]
         stored = [
@@ -238,16 +290,19 @@ def table(runs: list[dict], configs: dict, copy: float) -> str:
         c = configs[model]
         host_bits = 8 * stored[0] / (3 * c["hidden_size"] * c["moe_intermediate_size"]) if stored else 16.0
         llama, host, stock = cell["llama.cpp"][0], cell["host lane"][0], cell["stock"][0]
-        noisy = any(cell[e][1].startswith("0/") for e in ("llama.cpp", "host lane"))
+        noisy = not clean
         ratio = f"**{host / llama:.2f}x**{' (noisy)' if noisy else ''}" if llama and host else "-"
+        cpu_llama, cpu_host = cell["llama.cpp"][3], cell["host lane"][3]
+        by_cpu = f"{cpu_llama / cpu_host:.2f}x" if cpu_llama and cpu_host else "-"
         per_token = {bits: expert_bytes_per_token(c, bits) for bits in (GGUF_BITS[gguf], host_bits)}
         gbs = {
             "llama": f"{llama * per_token[GGUF_BITS[gguf]] / 1e9:.2f}" if llama else "-",
             "host": f"{host * per_token[host_bits] / 1e9:.2f}" if host else "-",
         }
         lines.append(
-            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} "
-            f"| {_fmt(stock)} | {gbs['llama']} | {gbs['host']} | {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
+            f"| {model} | {threads} | {label} ({gguf} / {dtype}) | {_fmt(llama)} | {_fmt(host)} | {ratio} | {by_cpu} "
+            f"| {_fmt(stock)} | {_fmt(cell['host lane, oneDNN'][0])} | {gbs['llama']} | {gbs['host']} "
+            f"| {cell['llama.cpp'][1]} / {cell['host lane'][1]} "
             f"| {cell['llama.cpp'][2]} / {cell['host lane'][2]} |"
         )
     return "\n".join(lines)

@@ -59,9 +59,10 @@ def build(folder: Path) -> None:
         shutil.copy(demo / name, folder / name)
 
 
-def decode(model, tokens: int, warmup: int = 8, onednn: bool = True) -> dict:
+def decode(model, tokens: int, warmup: int = 8, onednn: bool = True, profiler=None) -> dict:
     """Greedy decode after the prompt: `warmup` tokens untimed, then `tokens` timed (with
-    `onednn` False, oneDNN is off from the first decode step on, and on again after)."""
+    `onednn` False, oneDNN is off from the first decode step on, and on again after; a
+    `profiler` context, entered after the warm-up, sees the timed decode steps only)."""
     ids = torch.tensor([PROMPT_IDS])
     was = torch.backends.mkldnn.enabled
     with torch.no_grad():
@@ -69,12 +70,52 @@ def decode(model, tokens: int, warmup: int = 8, onednn: bool = True) -> dict:
         torch.backends.mkldnn.enabled = was and onednn
         for i in range(warmup + tokens):
             if i == warmup:
+                if profiler is not None:
+                    profiler.__enter__()
                 wall, cpu = time.perf_counter(), time.process_time()
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
     torch.backends.mkldnn.enabled = was
-    return {"tokens": tokens, "tok_s": tokens / wall, "cpu_per_wall": cpu / wall / torch.get_num_threads()}
+    threads = torch.get_num_threads()
+    return {
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "cpu_per_wall": cpu / wall / threads,
+        "cpu_s_per_token": cpu / tokens,
+    }
+
+
+def _stub_the_lane(runtime) -> None:
+    """The host lane computes nothing: each pass returns zeros of its output's shape, so the
+    token's time is the rest of the model (attention, norms, head, transformers' Python) and the
+    runtime's own work. Tokens then differ from a real run; only the time is of interest."""
+
+    def stub(layer, host, routing, hidden, weights):
+        return torch.zeros((hidden.shape[0], hidden.shape[-1]), dtype=torch.float32)
+
+    runtime.host_lane.run = stub
+
+
+def _time_the_lane(runtime) -> dict:
+    """CPU time of the host lane's one-row passes (decode steps), beside the runtime's wall times:
+    on a shared machine wall time counts the other programs too."""
+    lane, run, spent = runtime.host_lane, runtime.host_lane.run, {"s": 0.0, "passes": 0}
+
+    def timed(layer, host, routing, hidden, weights):
+        if hidden.shape[0] != 1:
+            return run(layer, host, routing, hidden, weights)
+        start = time.process_time()
+        try:
+            return run(layer, host, routing, hidden, weights)
+        finally:
+            spent["s"] += time.process_time() - start
+            spent["passes"] += 1
+
+    lane.run = timed
+    return spent
 
 
 def main() -> None:
@@ -88,7 +129,18 @@ def main() -> None:
     parser.add_argument(
         "--no-onednn",
         action="store_true",
-        help="oneDNN off for the whole decode (the non-expert matmuls too; after the prompt): torch's own gemv",
+        help="oneDNN off for the whole decode (after the prompt), whatever the engine: torch's own gemv "
+        "(the host lane does this itself since cpu_decode_gemv; this is for stock)",
+    )
+    parser.add_argument(
+        "--stub-experts",
+        action="store_true",
+        help="host: the lane returns zeros without computing (what the rest of a token costs, measured directly)",
+    )
+    parser.add_argument(
+        "--no-decode-gemv",
+        action="store_true",
+        help="host: load with cpu_decode_gemv=False (oneDNN's one-row matmuls outside the lane, as before)",
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -97,6 +149,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     result = {"engine": args.what, "threads": args.threads, "experts_dtype": args.experts_dtype}
+    if args.stub_experts:
+        result["stub_experts"] = True
     if args.what == "stock":
         from transformers import AutoModelForCausalLM
 
@@ -113,19 +167,30 @@ def main() -> None:
             dtype=torch.bfloat16,
             experts_dtype=args.experts_dtype,
             host_threads=args.threads,
+            cpu_decode_gemv=not args.no_decode_gemv,
         )
+        if args.stub_experts:
+            _stub_the_lane(runtime)
+        lane_cpu = _time_the_lane(runtime)
     result.update(decode(model, args.tokens, onednn=not args.no_onednn), onednn=not args.no_onednn)
     if runtime is not None:
         stats = runtime.stats()
-        per_token = stats["host_seconds"] / max(1, stats["host_passes"]) * len(runtime.layers)
+        # decode steps only (step 0 is the prompt, whose passes carry 19 tokens each)
+        steps = {r["step"] for r in runtime.trace if r["step"] > 0}
+        per_token = sum(r["host_s"] for r in runtime.trace if r["step"] > 0) / max(1, len(steps))
         result.update(
+            decode_gemv=stats["decode_gemv"],
+            decode_gemv_reason=stats["decode_gemv_reason"],
+            decode_gemv_steps=stats["decode_gemv_steps"],
             host_kernels=stats["host_kernels"],
             expert_bytes=stats["expert_bytes"],
             host_experts=stats["host_experts"],
             uploads=stats["uploads"],
             host_s_per_token=per_token,
+            # the lane's CPU time in one-row passes (the timed steps and the warm-up), per token
+            host_cpu_s_per_token=lane_cpu["s"] / max(1, lane_cpu["passes"]) * len(runtime.layers),
             # expert bytes the host lane read per second of its own time
-            expert_gb_s=stats["expert_bytes"] * stats["host_experts"] / stats["host_seconds"] / 1e9,
+            expert_gb_s=stats["expert_bytes"] * runtime.layers[0].top_k * len(runtime.layers) / per_token / 1e9,
             # the runtime's own CPU-side work per MoE layer (routing read, plan, bookkeeping): a
             # layer call's time without its host lane (no expert runs elsewhere here)
             runtime_us_per_layer=1e6
@@ -134,8 +199,9 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode(model, 8, warmup=0)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        decode(model, 8, warmup=2, onednn=not args.no_onednn, profiler=prof)  # 8 decode steps, no prompt
+        print("8 decode steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     print(json.dumps(result))
 

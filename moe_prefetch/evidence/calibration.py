@@ -289,41 +289,72 @@ def _swiglu(x, gate_up, down):
         torch._C._set_mkldnn_enabled(was)
 
 
-def _packed_rates(expert: tuple, x, copies: int) -> dict[str, float]:
-    """Stored bytes per second of the host lane's int8 and int4 kernels on `expert` (bf16), each
-    cycling through `copies` encoded copies so the bytes come from DRAM."""
+# The stored formats the host lane runs on their own bytes (experts/host_kernels.py), beside bf16.
+HOST_FORMATS = ("int8", "int4", "mxfp4", "fp8")
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3-FP8's weight_block_size
+
+
+def format_calls(expert: tuple, x, copies: int, formats=HOST_FORMATS) -> dict[str, tuple[int, object]]:
+    """`{format: (stored bytes per expert, call)}`: `call()` runs the next of `copies` stored copies
+    of `expert` (bf16 `(gate_up, down)`) as the host lane runs it, up then down, on its stored
+    bytes. A format this torch or shape has no kernel for is left out (the lane decodes it, which
+    the placement charges apart). MXFP4 is stored as GPT-OSS stores it (`[in, out]` parameters,
+    transposed experts); FP8 in blocks of `FP8_BLOCK`."""
     import torch
 
-    from ..experts.compression import make_codec
+    from ..experts.compression import Codec, make_codec
     from ..experts.host_kernels import Projection, kind_of
     from ..experts.layout import ExpertSpec
+    from ..experts.native import MXFP4, FP8Block
 
-    spec = ExpertSpec(names=("gate_up_proj", "down_proj"), shapes=tuple(tuple(w.shape) for w in expert), dtype=x.dtype)
-    rates = {}
-    for dtype in ("int8", "int4"):
-        codec = make_codec(spec, dtype)
-        encoded = codec.encode(dict(zip(spec.names, expert)))
+    names = ("gate_up_proj", "down_proj")
+    calls = {}
+    for fmt in formats:
+        transposed = fmt == "mxfp4"
+        weights = tuple(w.t().contiguous() for w in expert) if transposed else expert
+        spec = ExpertSpec(names=names, shapes=tuple(tuple(w.shape) for w in weights), dtype=x.dtype)
+        if fmt in ("mxfp4", "fp8"):
+            one = MXFP4() if fmt == "mxfp4" else FP8Block(FP8_BLOCK)
+            codec = Codec(spec, fmt, dict.fromkeys(names, one))
+        else:
+            codec = make_codec(spec, fmt)
+        encoded = codec.encode(dict(zip(names, weights)))
         row = torch.empty(codec.stored.numel, dtype=torch.uint8)
         for name, view in codec.stored.views(row).items():
             view.copy_(encoded[name])
         rows = [row] + [row.clone() for _ in range(1, copies)]
-
-        class _Module:  # what kind_of reads of an experts module
-            has_gate, is_transposed = True, False
-
-        kinds = {name: kind_of(codec, name, _Module) for name in spec.names}
-        if set(kinds.values()) != {dtype}:
-            continue  # this torch has no such kernel here: the lane decodes (charged apart)
-        up, down = (Projection(codec, name, dtype, False) for name in spec.names)
-        pool = itertools.cycle([codec.typed(r) for r in rows])
+        module = type("Experts", (), {"has_gate": True, "is_transposed": transposed})()
+        kinds = {name: kind_of(codec, name, module) for name in names}
+        if set(kinds.values()) != {fmt}:
+            continue
+        up, down = (Projection(codec, name, fmt, transposed) for name in names)
+        projs = dict(zip(names, (up, down)))
+        pool = itertools.cycle([{n: projs[n].prepare(p) for n, p in codec.typed(r).items()} for r in rows])
 
         def call(pool=pool, up=up, down=down):
             parts = next(pool)
             gate, value = up(x, parts["gate_up_proj"]).chunk(2, dim=-1)
             return down(torch.nn.functional.silu(gate) * value, parts["down_proj"])
 
-        rates[dtype] = codec.nbytes / _host_timed(call, budget_s=0.5)
-    return rates
+        calls[fmt] = (codec.nbytes, call)
+    return calls
+
+
+def _packed_rates(expert: tuple, x, copies: int) -> dict[str, float]:
+    """Stored bytes per second of the host lane's kernel for each stored format on `expert`
+    (bf16), each cycling through `copies` encoded copies so the bytes come from DRAM; oneDNN off,
+    as in a one-row decode step (model/decode_gemv.py)."""
+    import torch
+
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return {
+            fmt: nbytes / _host_timed(call, budget_s=0.5)
+            for fmt, (nbytes, call) in format_calls(expert, x, copies).items()
+        }
+    finally:
+        torch._C._set_mkldnn_enabled(was)
 
 
 def _host_timed(fn, budget_s: float, repeats: int = 50) -> float:

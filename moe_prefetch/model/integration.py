@@ -37,7 +37,7 @@ from ..runtime.pool import SlotPool
 from ..runtime.runtime import Runtime
 from ..runtime.sizing import budget_shortfall, fmt_bytes, warn_if_small_cache, work_bytes
 from ..runtime.store import HostStore
-from . import guards
+from . import decode_gemv, guards
 
 logger = logging.getLogger(__name__)
 
@@ -383,13 +383,15 @@ def wire(
     if threads is not None and threads != threads_were:
         torch.set_num_threads(threads)
         logger.info("host lane: %d torch threads while attached (was %d)", threads, threads_were)
+    runtime.decode_gemv = decode_gemv.choose(config.cpu_decode_gemv, target, model.dtype)
+    undo_gemv = decode_gemv.install(model, runtime.decode_gemv)  # innermost: the OOM message wraps it
     undo_memory = _name_the_setting_on_oom(model, runtime)
 
     def follow_switch() -> None:  # the model's config moved between grouped_mm and batched_mm
         runtime.use_kernel(stock_kernel(model, layers[0].experts, configs[0])[1])
 
     undo_guards = guards.install(model, runtime, follow_switch)
-    unguard = lambda: (undo_guards(), undo_memory())  # noqa: E731
+    unguard = lambda: (undo_guards(), undo_memory(), undo_gemv())  # noqa: E731
 
     warn_if_small_cache(runtime)  # attach and load both end here
     logger.info(

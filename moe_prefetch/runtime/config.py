@@ -128,6 +128,10 @@ class RuntimeConfig:
     # How experts are stored in host memory, moved over the link and held in device slots:
     # "auto" (the checkpoint's own format), "bf16", "fp16", "fp32", "int8" or "int4" (compression.py).
     experts_dtype: str = "auto"
+    # On a CPU device, a one-row forward (batch 1 decode) of a bf16/fp16 model runs with oneDNN
+    # off: torch's own gemv takes about half the CPU time of oneDNN's one-row matmul, for the
+    # attention and head as well as the experts (model/decode_gemv.py). False: oneDNN as torch sets it.
+    cpu_decode_gemv: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
@@ -165,6 +169,8 @@ class RuntimeConfig:
                 f"experts_dtype={self.experts_dtype!r} is not one of {', '.join(EXPERTS_DTYPES)}; "
                 "int4 and int8 compress the experts, auto keeps the checkpoint's format"
             )
+        if not isinstance(self.cpu_decode_gemv, bool):
+            raise ConfigError(f"cpu_decode_gemv={self.cpu_decode_gemv!r} must be True or False")
         if self.cache_budget is not None and not str(self.cache_budget).strip().endswith("%"):
             parse_size(self.cache_budget, name="cache_budget")  # fail early on an unparsable size
 

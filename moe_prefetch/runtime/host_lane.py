@@ -23,7 +23,7 @@ import torch
 
 from ..experts import cpu_kernels
 from ..experts.compression import Codec
-from ..experts.host_kernels import KERNEL_NAMES, Projection, plan, projections
+from ..experts.host_kernels import KERNEL_NAMES, Projection, decode_reason, plan, projections
 from ..experts.layout import MoELayer
 from .store import HostStore
 
@@ -35,6 +35,7 @@ class HostLane:
     def __init__(self, store: HostStore, codec: Codec, layers: list[MoELayer]):
         self.store, self.codec = store, codec
         self.kinds = {layer.layer_idx: plan(codec, layer.experts) for layer in layers}
+        self._modules = {layer.layer_idx: layer.experts for layer in layers}
         self._projections = {}
         for layer in layers:
             transposed = getattr(layer.experts, "is_transposed", False)
@@ -62,9 +63,14 @@ class HostLane:
 
     def describe(self) -> dict[str, str]:
         """Which kernel ran each parameter (the first layer's; all layers share one spec): torch's
-        in words, or a compiled one by name ("int8-c-avx512", experts/cpu_kernels.py)."""
-        projs = next(iter(self._projections.values()))
-        return {name: proj.kernel_name for name, proj in projs.items()}
+        in words or a compiled one by name ("int8-c-avx512", experts/cpu_kernels.py), and for a
+        decoded one, why no kernel reads its stored bytes."""
+        layer_idx = next(iter(self._projections))
+        module = self._modules[layer_idx]
+        return {
+            name: proj.kernel_name + (f" ({decode_reason(self.codec, name, module)})" if proj.kind == "decode" else "")
+            for name, proj in self._projections[layer_idx].items()
+        }
 
     def _expert_parts(self, layer_idx: int, expert_id: int) -> dict:
         key = (layer_idx, expert_id)
@@ -72,6 +78,9 @@ class HostLane:
         if parts is None:
             row = self.store[key]
             parts = self.codec.spec.views(row) if self.codec.identity else self.codec.typed(row)
+            if not self.codec.identity:
+                projs = self._projections[layer_idx]
+                parts = {name: projs[name].prepare(p) for name, p in parts.items()}
             self._parts[key] = parts
         return parts
 
@@ -135,6 +144,12 @@ class HostLane:
         if getattr(module, "has_post_expert_norm", False):
             out = module.post_expert_norm(out)
         return out
+
+    def forget(self, keys) -> None:
+        """Drop what was prepared from the stored bytes of experts `keys` (their weights were
+        replaced: `Runtime.replace_experts`); their next use views the store again."""
+        for key in keys:
+            self._parts.pop(key, None)
 
     def close(self) -> None:
         """Drop every view of the store (its memory goes back once none is left)."""

@@ -8,8 +8,9 @@ The choice is per expert and per layer call, by expected finish time (`on_miss="
   wait lane:    remaining upload time over the link + the same work on the device
 
 Expert bytes on the host are per format: the stored bytes at the kernel's cost per byte
-(`experts.host_kernels.host_bytes`: bf16 as stored, packed int8 and int4), or the decode's
-traffic for formats the lane decodes first.
+(`experts.host_kernels.host_bytes`: bf16 as stored, packed int8 and int4, MXFP4 and FP8 by
+row-chunk lookups, each at its measured cost per stored byte), or the decode's traffic for
+formats the lane decodes first.
 
 At batch-1 decode a cold expert is one token of work: reading it once from DRAM on the host
 costs a fraction of copying it over PCIe, so it runs on the host. A prefill chunk with many

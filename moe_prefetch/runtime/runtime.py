@@ -537,6 +537,8 @@ class Runtime:
             "host_kernel_calls": dict(self.host_lane.calls),
             "host_kernels": self.host_lane.describe(),
             "host_kernels_reason": self.host_lane.kernels_reason,
+            # one-row decode steps with oneDNN off on a CPU device, and why (model/decode_gemv.py)
+            **(self.decode_gemv.stats() if getattr(self, "decode_gemv", None) else {}),
         }
 
     def replace_experts(self, encoded: dict) -> None:
@@ -550,6 +552,7 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.scheduler.reap()
+        self.host_lane.forget(encoded)  # int8 scales it prepared from the old bytes
         for key, parts in encoded.items():
             self.store.update(key, parts)
             slot = self.cache.slot_of.get(key)
