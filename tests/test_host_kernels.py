@@ -11,6 +11,7 @@ from native_fixtures import fp8_checkpoint, mxfp4_checkpoint
 from tiny_models import make_model, prompt
 
 import moe_prefetch
+from moe_prefetch.experts import cpu_kernels
 from moe_prefetch.experts import host_kernels as kernels
 from moe_prefetch.experts.compression import Codec, Int8
 from moe_prefetch.experts.layout import ExpertSpec, find_moe_layers
@@ -104,7 +105,8 @@ def test_a_bf16_native_checkpoint_on_the_host_lane_matches_it_resident(tmp_path,
     torch.testing.assert_close(logits["host"], logits["wait"], atol=2e-2, rtol=2e-2)
 
 
-def test_int8_scales_are_made_once_per_expert():
+def test_int8_scales_are_made_once_per_expert(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")  # torch's int8 kernel, which takes the scales prepared
     shape = (48, 32)
     fmt = Int8()
     parts = fmt.encode(torch.randn(shape))
@@ -117,11 +119,16 @@ def test_int8_scales_are_made_once_per_expert():
     assert not proj(x, prepared).any()
 
 
-def test_replaced_int8_experts_are_read_anew_by_the_host_lane():
+@pytest.mark.parametrize("kernel", ["torch", "compiled"])
+def test_replaced_int8_experts_are_read_anew_by_the_host_lane(monkeypatch, kernel):
     """load_state_dict after the host lane prepared an expert's scales: the next forward uses
     the new scales (bit for bit a fresh attach of the new weights)."""
     model, other = make_model("mixtral", seed=0).to(torch.bfloat16), make_model("mixtral", seed=1).to(torch.bfloat16)
     fresh = make_model("mixtral", seed=1).to(torch.bfloat16)
+    if kernel == "torch":  # the kernel that takes scales prepared in the model's dtype
+        monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    elif not cpu_kernels.status().available:
+        pytest.skip(f"no compiled kernel here: {cpu_kernels.status().reason}")
     ids = prompt(length=6)
     options = dict(device="cpu", cache_slots=4, experts_dtype="int8", on_miss="host")
     runtime = moe_prefetch.attach(model, **options)
@@ -130,7 +137,8 @@ def test_replaced_int8_experts_are_read_anew_by_the_host_lane():
         with torch.no_grad():
             before = model(ids).logits
             assert runtime.host_lane._parts and all(
-                "kernel_scale" in parts["down_proj"] for parts in runtime.host_lane._parts.values()
+                ("kernel_scale" in parts["down_proj"]) == (kernel == "torch")
+                for parts in runtime.host_lane._parts.values()
             )
             model.load_state_dict(other.state_dict())
             after, expected = model(ids).logits, fresh(ids).logits
