@@ -269,3 +269,20 @@ def test_cuda_release_all_shares_one_fresh_event_and_release_restores_the_slots_
         assert loader._released[0] is loader._own_release[0] and loader._released[2] is shared
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize(
+    "indices, limit",
+    [([[5, 2, 7]], 3), ([[5, 2, 7]], 2), ([[5, 2], [2, 7], [7, 2]], 3), ([[1, 1, 3]], 2), ([[4, 0], [0, 4]], 1)],
+)
+def test_rank_of_one_vote_each_keeps_the_order_of_the_votes(indices, limit):
+    """`rank`'s shortcut for distinct ids (a single token's top-k) gives what counting gives."""
+    from collections import Counter
+
+    import numpy as np
+
+    from moe_prefetch.runtime.prediction import rank
+
+    votes = Counter(np.asarray(indices).reshape(-1).tolist())
+    assert rank(np.asarray(indices), limit) == [e for e, _ in votes.most_common(limit)]
+    assert rank(torch.tensor(indices), limit) == [e for e, _ in votes.most_common(limit)]

@@ -128,7 +128,8 @@ class Scheduler:
             return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
-        outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
+        later = self.moe_layer_ids[bisect.bisect_right(self.moe_layer_ids, layer_idx) :]
+        outstanding = sum(map(len, map(self.cache.unused.__getitem__, later)))  # at C speed: every later layer
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
