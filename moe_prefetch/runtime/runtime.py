@@ -431,7 +431,7 @@ class Runtime:
         # small upload and no gather on the device (half the host time of the device gather on CPU).
         lut = np.full(num + 1, -1, dtype=np.int64)
         lut[experts] = local
-        slot_index = self._to_device(lut[np.clip(routing, 0, num)])
+        slot_index = self._to_device(lut.take(routing, mode="clip"))  # clip: ids clamped to 0..num, as before
         if alone:
             return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
         # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
