@@ -286,3 +286,20 @@ def test_rank_of_one_vote_each_keeps_the_order_of_the_votes(indices, limit):
     votes = Counter(np.asarray(indices).reshape(-1).tolist())
     assert rank(np.asarray(indices), limit) == [e for e, _ in votes.most_common(limit)]
     assert rank(torch.tensor(indices), limit) == [e for e, _ in votes.most_common(limit)]
+
+
+def test_fast_path_takes_int32_routing_as_long():
+    """Routers that return int32 ids reach the fast path's remap too (`torch.take` takes long only)."""
+    stock = make_model("qwen3_moe")
+    model, runtime = attached(stock, True, cache_slots=16)
+    decode(model, steps=2)
+    layer = runtime.layers[0]
+    experts = sorted(runtime.cache.resident[layer.layer_idx])[: layer.top_k]
+    hidden = torch.randn(1, stock.config.hidden_size)
+    weights = torch.softmax(torch.randn(1, len(experts)), -1)
+    before = runtime.fast_path_calls
+    with torch.no_grad():
+        as_long = runtime.experts_forward(layer, hidden, torch.tensor([experts]), weights)
+        as_int = runtime.experts_forward(layer, hidden, torch.tensor([experts], dtype=torch.int32), weights)
+    assert runtime.fast_path_calls == before + 2
+    assert torch.equal(as_long, as_int)

@@ -425,8 +425,10 @@ class Runtime:
             proxy = self._span_proxy(layer, lo, hi)
             if alone:
                 # Every routed expert is resident and in this span: the device table maps them.
-                # `take`: the same gather as indexing, at a third of its host time on CPU
-                slot_index = torch.take(self._shifted_table(layer, lo), top_k_index)
+                # `take`: the same gather as indexing, at a third of its host time on CPU (it
+                # takes long indices only)
+                table = self._shifted_table(layer, lo)
+                slot_index = torch.take(table, top_k_index) if top_k_index.dtype is torch.long else table[top_k_index]
                 return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
             local = [s - lo for s in slots]
         # expert id -> index in the proxy for these experts only; every other expert (and the
