@@ -3,10 +3,17 @@
 A Qwen3-MoE-shaped model with tiny matrices (48 layers x 128 experts, top-8 by default, hidden
 32, fp32, one torch thread), so a decode step is almost all per-layer host work: the stock
 model's Python and launches, plus whatever the runtime adds. Each configuration runs a stock
-copy and an attached copy in alternating blocks of decode steps; per MoE layer it prints the
-median step's process CPU time (the loader thread's included) and wall time, runtime minus
-stock, divided by the MoE layers, and each block's CPU time / wall (below ~0.95 another process
-held the core: wall figures are then upper bounds; CPU time is the steadier figure).
+copy and an attached copy in alternating blocks of decode steps; per MoE layer (medians of the
+per-step figures, divided by the MoE layers) it prints:
+  own CPU   the compute thread's CPU time inside the runtime's entry points (experts call,
+            hooks) less the expert compute inside them: the runtime's own host work;
+  CPU, wall the whole step's process CPU time (the loader thread's included) and wall time,
+            runtime minus stock. On CPU stock's grouped_mm costs ~1 us per expert, routed or
+            not, while the runtime's kernel sees only the routed slots: these can be negative;
+  rest CPU  the step's CPU time less expert compute, runtime minus stock (indirect costs too);
+and each block's CPU time / wall (below ~0.95 another process held the core: CPU time is then
+the steadier figure). Last, where a stock layer's CPU time goes (attention, router, experts,
+the rest): what piecewise CUDA graphs around the experts call could take off the CPU.
 
 Configurations (`--configs`, comma-separated):
   resident       every expert has a slot and is warm: nothing loads while timed;
@@ -14,7 +21,7 @@ Configurations (`--configs`, comma-separated):
   wait           a quarter of the experts cached, misses wait for their copy;
   host           a quarter cached, misses computed on the host lane (on_miss="host");
   next-gate      a quarter cached, next-gate predictions 2 layers ahead, misses wait.
-`--profile NAME` runs one configuration under cProfile instead and prints the top functions.
+`--profile NAME` runs one configuration under cProfile (CPU time) instead and prints the top functions.
 Usage: python scripts/bench_layer_overhead.py [--layers 48] [--experts 128] [--top-k 8]
        [--tokens 16] [--blocks 4] [--json out.json]
 """
