@@ -5,7 +5,9 @@ Per MoE layer call (`experts_forward`):
   named since the last read -> those predictions become prefetches -> distinct experts ->
   cache.access (hit, or demand load ahead of every prefetch) -> wait on each slot's copy (the
   stall) -> expert ids remapped to slot ids -> the model's stock expert kernel on the slot
-  tensors -> release the slots.
+  tensors -> release the slots. When every routed expert is resident and landed (most decode
+  calls once the cache is warm), `Scheduler.hit_all` does that bookkeeping in one pass, without
+  plan, pins or per-slot releases: the fast path, with the same decisions and counters.
 The kernel sees at most the layer's own number of experts: the span of pool slots holding the
 routed experts when it is that tight (no copy), otherwise the routed experts gathered into a
 small working buffer (`SlotPool.work`). Kernels such as grouped_mm cost per group, so a span

@@ -314,8 +314,8 @@ class Scheduler:
         """The fast path of `plan` + `acquire` when every routed expert of the running layer is
         resident and its copy has landed: the same bookkeeping in the same order (stale
         predictions, use counts, hits, policy order), without pins (`ExpertCache.hit_all`).
-        Returns the slots of `needed`, or None with nothing changed when any expert is absent or
-        loading, so the caller takes the general path. The caller releases the slots
+        Returns the slots of `needed`, or None when any expert is absent or loading (having only
+        marked landed copies, as `plan` does first), so the caller takes the general path. The caller releases the slots
         (`Loader.release_all`) once its reads of them are enqueued."""
         self.reap()
         slots = self.cache.ready_slots(layer_idx, needed)
