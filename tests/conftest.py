@@ -38,8 +38,8 @@ def restore_logging():
 # its selection that reach the function; this narrows them to the module's own files, so a
 # survivor costs seconds, not the minutes of every end-to-end test that happens to pass through).
 OWN_TESTS = {
-    "moe_prefetch.runtime.scheduler": ("test_scheduler.py", "test_uploads.py"),
-    "moe_prefetch.runtime.cache": ("test_cache.py", "test_policies.py", "test_scheduler.py"),
+    "moe_prefetch.runtime.scheduler": ("test_scheduler.py", "test_uploads.py", "test_fast_path.py"),
+    "moe_prefetch.runtime.cache": ("test_cache.py", "test_policies.py", "test_scheduler.py", "test_fast_path.py"),
     "moe_prefetch.runtime.placement": ("test_hybrid.py", "test_uploads.py"),
     "moe_prefetch.runtime.uploads": ("test_uploads.py",),
     "moe_prefetch.predict.evaluate": ("test_evaluate.py", "test_m2r2.py"),

@@ -164,9 +164,10 @@ def test_a_layer_with_a_placement_splits_host_and_device_and_counts_each_use():
     from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
 
     scheduler, link = scheduler_with(num_slots=2)
+    host_only = Placement(DEFAULT_COSTS, 100, 50, on_miss="host")
+    scheduler.placement = host_only  # uploads are investments: plan counts each use to price them
     scheduler.new_step()
     serve(scheduler, 1, [4, 5])
-    host_only = Placement(DEFAULT_COSTS, 100, 50, on_miss="host")
     host, waves = scheduler.plan(1, [3, 4, 6], {3: 1, 4: 1, 6: 1}, host_only)
     assert (host, waves) == ([3, 6], [[4]])
     assert scheduler.value.count((1, 4)) == pytest.approx(2.0) and scheduler.value.count((1, 6)) == pytest.approx(1.0)

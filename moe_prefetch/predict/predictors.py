@@ -60,8 +60,14 @@ class Predictor:
 
     def targets(self, layer_idx: int) -> list[tuple[MoELayer, int]]:
         """The MoE layers at distance d = 1..lookahead after decoder layer `layer_idx`."""
-        after = [layer for layer in self.layers if layer.layer_idx > layer_idx]
-        return [(layer, d) for d, layer in enumerate(after[: self.lookahead], start=1)]
+        # Asked at every decoder layer: kept per (layer, lookahead, layers) rather than walking
+        # every layer each time. Callers only read the list.
+        key = (layer_idx, self.lookahead, id(self.layers), len(self.layers))
+        found = self.__dict__.setdefault("_targets", {}).get(key)
+        if found is None:
+            after = [layer for layer in self.layers if layer.layer_idx > layer_idx]
+            found = self._targets[key] = [(layer, d) for d, layer in enumerate(after[: self.lookahead], start=1)]
+        return found
 
     def limit(self, layer: MoELayer, tokens: int) -> int:
         return min(layer.num_experts, layer.top_k * tokens + self.margin)

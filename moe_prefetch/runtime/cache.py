@@ -382,6 +382,31 @@ class ExpertCache:
         self.pins[slot] += 1
         return slot, True
 
+    def ready_slots(self, layer_idx: int, experts: list[int]) -> list[int] | None:
+        """The slots of `experts` of layer `layer_idx` if every one is READY, else None."""
+        resident, state = self.resident[layer_idx], self.state
+        slots = []
+        for expert_id in experts:
+            slot = resident.get(expert_id)
+            if slot is None or state[slot] is not SlotState.READY:
+                return None
+            slots.append(slot)
+        return slots
+
+    def hit_all(self, layer_idx: int, experts: list[int]) -> None:
+        """Demand accesses of the running layer to `experts`, every one READY (`ready_slots`):
+        what `access` counts for each (a hit, a prefetch used), the policy touched in the same
+        order, but no pins. The caller enqueues its reads of these slots before anything can
+        evict them (one thread drives the cache), and on CUDA records their release events after."""
+        counters, touch, unused = self.counters[layer_idx], self.policy.touch, self.unused[layer_idx]
+        counters.hits += len(experts)
+        for expert_id in experts:
+            key = (layer_idx, expert_id)
+            if unused and expert_id in unused:
+                self._forget_unused(key)
+                counters.prefetch_used += 1
+            touch(key)
+
     def prefetch(self, key: Key, protected: Protected | None = None) -> tuple[int, bool] | None:
         """Reserve a slot for a predicted expert: (slot, needs_load), or None if only a
         protected, pinned or in-flight slot could be taken (among the first

@@ -116,6 +116,11 @@ class Loader:
     def release(self, slot: int) -> None:
         """The compute side has finished issuing reads of `slot`."""
 
+    def release_all(self, slots) -> None:
+        """`release` of each of `slots`, whose reads were all issued together."""
+        for slot in slots:
+            self.release(slot)
+
     def left(self, slot: int) -> float:
         """Share of `slot`'s copy still to move (1.0: not started, or not known)."""
         return 1.0
@@ -348,6 +353,9 @@ class ThreadLoader(_WorkerLoader):
             if remaining > 0:
                 time.sleep(remaining)
 
+    def release_all(self, slots):
+        pass  # kernels on CPU are synchronous: the reads are over before the slots are released
+
     def done(self, slot):
         self._raise_if_failed()
         return self._issued[slot].is_set()
@@ -395,7 +403,10 @@ class CudaStreamLoader(_WorkerLoader):
         with torch.cuda.device(self.device):
             self.stream = torch.cuda.Stream(device=self.device)
             self._copied = [torch.cuda.Event() for _ in range(num_slots)]
-            self._released = [torch.cuda.Event() for _ in range(num_slots)]
+            # The event a copy into each slot waits on: the slot's own, re-recorded by `release`,
+            # or one `release_all` shared among the slots of one call.
+            self._own_release = [torch.cuda.Event() for _ in range(num_slots)]
+            self._released = list(self._own_release)
             # A ring of chunk events: the oldest is synchronized before it is reused, which is
             # what bounds the chunks outstanding on the copy stream.
             self._ring = [torch.cuda.Event() for _ in range(self.max_inflight)]
@@ -454,7 +465,18 @@ class CudaStreamLoader(_WorkerLoader):
         self._stall_events.append((self.step, layer_idx, start, end))
 
     def release(self, slot):
-        self._released[slot].record(torch.cuda.current_stream(self.device))
+        # The slot's own event: a shared one, re-recorded, would delay copies into other slots.
+        event = self._released[slot] = self._own_release[slot]
+        event.record(torch.cuda.current_stream(self.device))
+
+    def release_all(self, slots):
+        # One event for the whole call rather than one record per slot: every slot's reads were
+        # enqueued before it. A fresh event, never one re-recorded later, so a copy into a slot
+        # waits for that slot's last reader only, not for whatever the compute stream ran since.
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        for slot in slots:
+            self._released[slot] = event
 
     def drain(self) -> None:
         super().drain()

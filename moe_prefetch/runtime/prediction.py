@@ -21,8 +21,10 @@ Prediction = tuple[int, int, list[int]]  # (target layer_idx, distance d, expert
 
 def rank(indices, limit: int) -> list[int]:
     """Experts named in `indices` (a host array or tensor), most votes first, at most `limit`."""
-    votes = Counter(np.asarray(indices).reshape(-1).tolist())
-    return [int(e) for e, _ in votes.most_common(limit)]
+    named = np.asarray(indices).reshape(-1).tolist()
+    if len(set(named)) == len(named):  # one vote each (a single token's top-k): the order as named
+        return named[:limit]
+    return [int(e) for e, _ in Counter(named).most_common(limit)]
 
 
 @dataclass

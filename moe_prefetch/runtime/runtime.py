@@ -5,7 +5,9 @@ Per MoE layer call (`experts_forward`):
   named since the last read -> those predictions become prefetches -> distinct experts ->
   cache.access (hit, or demand load ahead of every prefetch) -> wait on each slot's copy (the
   stall) -> expert ids remapped to slot ids -> the model's stock expert kernel on the slot
-  tensors -> release the slots.
+  tensors -> release the slots. When every routed expert is resident and landed (most decode
+  calls once the cache is warm), `Scheduler.hit_all` does that bookkeeping in one pass, without
+  plan, pins or per-slot releases: the fast path, with the same decisions and counters.
 The kernel sees at most the layer's own number of experts: the span of pool slots holding the
 routed experts when it is that tight (no copy), otherwise the routed experts gathered into a
 small working buffer (`SlotPool.work`). Kernels such as grouped_mm cost per group, so a span
@@ -151,8 +153,14 @@ class Runtime:
         self._pending: list[tuple[int, list[Guess]]] = []  # guesses not yet read: (origin layer, guesses)
         self._tables: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (version, expert -> slot on device)
         self._spans: dict[int, tuple[int, int, object]] = {}  # layer -> (lo, hi, proxy): latest span view
+        self._work_proxies: dict[tuple[int, int], object] = {}  # (layer, width) -> proxy on the working buffer
         self._shifted: dict[int, tuple[int, int, torch.Tensor]] = {}  # layer -> (version, lo, table - lo)
         self._call_wait = self._call_host = 0.0  # this layer call's stall and host-lane seconds
+        # Layer calls whose routed experts were all resident and landed take `Scheduler.hit_all`:
+        # the same bookkeeping without planning, pins or per-slot releases. Off: the general path
+        # for every call (for comparisons; the results are the same).
+        self.fast_path = True
+        self.fast_path_calls = 0
         self.use_kernel(kernel)
         self._attached = True
         self._cuda = device.type == "cuda"
@@ -231,25 +239,40 @@ class Runtime:
         # read, in case an expert runs on the host; prefill calls read them only if one does.
         small = self.placement.on_miss != "wait" and hidden_states.shape[0] <= HOST_READ_TOKENS
         routing, host_inputs = self._read(top_k_index, (hidden_states, top_k_weights) if small else ())
-        # Pairs per routed expert (a token picks an expert once: its token count). Plain Python:
-        # at decode sizes it is several times faster than numpy's unique.
+        # The routed experts, in plain Python: at decode sizes it is several times faster than
+        # numpy's unique.
         num = layer.num_experts
-        tokens_on = collections.Counter(e for e in routing.ravel().tolist() if 0 <= e < num)
-        needed = sorted(tokens_on)
-        host, waves = self.scheduler.plan(layer_idx, needed, tokens_on, self.placement)
+        ids = routing.ravel().tolist()
+        needed = sorted({e for e in ids if 0 <= e < num})
+        # Every routed expert resident and landed: the fast path, no placement, pins or waves.
+        slots = self.scheduler.hit_all(layer_idx, needed) if self.fast_path and needed else None
+        if slots is not None:
+            host, waves = [], [needed]
+        else:
+            # Pairs per routed expert (a token picks an expert once: its token count), for placement.
+            tokens_on = collections.Counter(e for e in ids if 0 <= e < num)
+            host, waves = self.scheduler.plan(layer_idx, needed, tokens_on, self.placement)
         if self.predictor is not None:
             self.predictor.observe(layer_idx, routing, self.step)
-        alone = len(waves) == 1 and not host
         out = None
-        for wave in waves:  # device work first: on CUDA it runs while the host computes below
-            part = self._run_wave(layer, wave, routing, hidden_states, top_k_index, top_k_weights, alone=alone)
-            out = part if out is None else out + part
+        if slots is not None:
+            self.fast_path_calls += 1
+            try:
+                out = self._on_slots(layer, needed, slots, routing, hidden_states, top_k_index, top_k_weights, True)
+            finally:
+                self.loader.release_all(slots)
+        else:
+            alone = len(waves) == 1 and not host
+            for wave in waves:  # device work first: on CUDA it runs while the host computes below
+                part = self._run_wave(layer, wave, routing, hidden_states, top_k_index, top_k_weights, alone=alone)
+                out = part if out is None else out + part
         if host:
             out = self._host_part(layer, host, routing, hidden_states, top_k_weights, host_inputs, out)
             self.scheduler.upload(layer_idx, host)
         if out is None:  # no token routed to a local expert
             out = torch.zeros_like(hidden_states)
-        out = out.to(hidden_states.dtype)
+        if out.dtype != hidden_states.dtype:
+            out = out.to(hidden_states.dtype)
         self.trace.append(
             {
                 "step": self.step,
@@ -294,12 +317,19 @@ class Runtime:
         since the last read, and the `extra` tensors (hidden states and routing weights for the
         host lane): one transfer, one synchronisation. The guesses become prefetches here,
         before the layer's own demand loads are planned. Returns (routing [T, k], extra on host)."""
+        if not self._pending and (not extra or top_k_index.device.type == "cpu"):
+            # no guesses to read (predictor "none", most layers of the others), and on a CPU
+            # device `extra` is on the host already: the routing alone
+            return top_k_index.cpu().numpy(), extra
         pending, self._pending = self._pending, []
         tensors = [top_k_index.reshape(-1)]
         for _, guesses in pending:
             for guess in guesses:
                 tensors.extend(t.reshape(-1) for t in guess.tensors())
-        flat = tensors[0] if len(tensors) == 1 else torch.cat([t.to(torch.long) for t in tensors])
+        if len(tensors) == 1:
+            flat = tensors[0]
+        else:  # `.to` of a tensor already long still costs a dispatch (~1 us on CPU)
+            flat = torch.cat([t if t.dtype is torch.long else t.to(torch.long) for t in tensors])
         if extra and flat.device.type != "cpu":
             # Different dtypes, one transfer: as bytes, the integers first (8-byte aligned).
             flat = flat.to(torch.long)
@@ -333,39 +363,44 @@ class Runtime:
         slots = self.scheduler.acquire(layer.layer_idx, wave)
         self._call_wait += time.perf_counter() - waited
         try:
-            if self.config.verify_slots:
-                self.verify()  # debug: every ready slot, not only this wave's
             slot_list = [slots[e] for e in wave]
-            lo, hi = min(slot_list), max(slot_list) + 1
-            if hi - lo == 1:
-                # Never a one-expert span: the stock kernel's histc(bins=1, min=0, max=0) then
-                # takes its range from the data, a device->host read (a sync on CUDA). The extra
-                # row is a resident slot no pair points at: an empty group, never computed.
-                lo, hi = (lo, hi + 1) if hi < self.cache.num_slots else (lo - 1, hi)
-            if hi - lo <= layer.num_experts and self.codec.identity:
-                self.kernel_calls["span"] += 1
-                return self._compute(
-                    layer, wave, slot_list, routing, hidden_states, top_k_index, top_k_weights, alone, lo, hi
-                )
-            # Slots scattered over the pool: gather the routed experts, a few at a time.
-            self.kernel_calls["gathered"] += 1
-            width = self.pool.work_slots
-            out = None
-            for i in range(0, len(wave), width):
-                part = self._compute(
-                    layer,
-                    wave[i : i + width],
-                    slot_list[i : i + width],
-                    routing,
-                    hidden_states,
-                    top_k_index,
-                    top_k_weights,
-                    alone and len(wave) <= width,
-                )
-                out = part if out is None else out + part
-            return out
+            return self._on_slots(layer, wave, slot_list, routing, hidden_states, top_k_index, top_k_weights, alone)
         finally:
             self.scheduler.release(slots.values())
+
+    def _on_slots(self, layer, wave, slot_list, routing, hidden_states, top_k_index, top_k_weights, alone):
+        """The stock kernel on `wave`'s experts, held (and landed) in `slot_list`: on the span of
+        the pool they lie in when it is tight, else gathered into the working buffer."""
+        if self.config.verify_slots:
+            self.verify()  # debug: every ready slot, not only this wave's
+        lo, hi = min(slot_list), max(slot_list) + 1
+        if hi - lo == 1:
+            # Never a one-expert span: the stock kernel's histc(bins=1, min=0, max=0) then
+            # takes its range from the data, a device->host read (a sync on CUDA). The extra
+            # row is a resident slot no pair points at: an empty group, never computed.
+            lo, hi = (lo, hi + 1) if hi < self.cache.num_slots else (lo - 1, hi)
+        if hi - lo <= layer.num_experts and self.codec.identity:
+            self.kernel_calls["span"] += 1
+            return self._compute(
+                layer, wave, slot_list, routing, hidden_states, top_k_index, top_k_weights, alone, lo, hi
+            )
+        # Slots scattered over the pool: gather the routed experts, a few at a time.
+        self.kernel_calls["gathered"] += 1
+        width = self.pool.work_slots
+        out = None
+        for i in range(0, len(wave), width):
+            part = self._compute(
+                layer,
+                wave[i : i + width],
+                slot_list[i : i + width],
+                routing,
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                alone and len(wave) <= width,
+            )
+            out = part if out is None else out + part
+        return out
 
     def _compute(
         self, layer, experts, slots, routing, hidden_states, top_k_index, top_k_weights, alone, lo=None, hi=None
@@ -386,21 +421,24 @@ class Runtime:
                 self.codec.decode(staged, work, self.pool.scratch)  # a wave at once on CUDA
             # at least two rows, as for a span (the histc read); rows past len(slots) are not routed to
             width = max(len(slots), min(2, self.pool.work_slots))
-            proxy = self._proxy(layer, self.pool.work_params, 0, width)
+            proxy = self._work_proxy(layer, width)
             local = list(range(len(slots)))
         else:
             proxy = self._span_proxy(layer, lo, hi)
             if alone:
                 # Every routed expert is resident and in this span: the device table maps them.
-                slot_index = self._shifted_table(layer, lo)[top_k_index]
+                # `take`: the same gather as indexing, at a third of its host time on CPU (it
+                # takes long indices only)
+                table = self._shifted_table(layer, lo)
+                slot_index = torch.take(table, top_k_index) if top_k_index.dtype is torch.long else table[top_k_index]
                 return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
             local = [s - lo for s in slots]
         # expert id -> index in the proxy for these experts only; every other expert (and the
-        # expert-parallel sentinel row) maps to -1
-        lut = [-1] * (num + 1)
-        for expert_id, idx in zip(experts, local):
-            lut[expert_id] = idx
-        slot_index = self._to_device(lut)[top_k_index.clamp(0, num)]
+        # expert-parallel sentinel row) maps to -1. Mapped on the host's copy of the routing: one
+        # small upload and no gather on the device (half the host time of the device gather on CPU).
+        lut = np.full(num + 1, -1, dtype=np.int64)
+        lut[experts] = local
+        slot_index = self._to_device(lut.take(routing, mode="clip"))  # clip: ids clamped to 0..num, as before
         if alone:
             return self.kernel(proxy, hidden_states, slot_index, top_k_weights)
         # A wave covers only some pairs: other pairs point at a wave slot with weight 0,
@@ -422,10 +460,10 @@ class Runtime:
         out = torch.zeros((hidden_states.shape[0], part.shape[-1]), dtype=part.dtype, device=part.device)
         return out.index_add_(0, rows, part)
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
+    def _to_device(self, values: list[int] | np.ndarray) -> torch.Tensor:
         """A small index tensor on the device, without synchronising: staged through pinned
         memory (the caching host allocator keeps the block until the copy has run)."""
-        host = torch.tensor(values, dtype=torch.long)
+        host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=torch.long)
         if self.device.type != "cuda":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
@@ -459,6 +497,14 @@ class Runtime:
             return cached[2]
         proxy = self._proxy(layer, self.pool.params, lo, hi)
         self._spans[layer.layer_idx] = (lo, hi, proxy)
+        return proxy
+
+    def _work_proxy(self, layer: MoELayer, width: int):
+        """The proxy on the first `width` rows of the working buffer: fixed views, made once."""
+        key = (layer.layer_idx, width)
+        proxy = self._work_proxies.get(key)
+        if proxy is None:
+            proxy = self._work_proxies[key] = self._proxy(layer, self.pool.work_params, 0, width)
         return proxy
 
     def _proxy(self, layer: MoELayer, params: dict, lo: int, hi: int):
@@ -530,6 +576,7 @@ class Runtime:
             "lookahead": self.config.lookahead,
             "stall_timing": "cuda-events" if self.loader.kind == "cuda-stream" else "cpu-wait",
             "kernel_calls": dict(self.kernel_calls),
+            "fast_path_calls": self.fast_path_calls,  # layer calls with every routed expert resident
             # the host lane: passes (one per layer call with host experts), kernel calls per kind,
             # which kernel ran each parameter (int8 / int4: compiled, or torch's packed kernels),
             # and why the compiled kernels run or not (experts/cpu_kernels.py)
@@ -567,6 +614,7 @@ class Runtime:
         self.step_starts.clear()
         self.step_stalls.clear()
         self.kernel_calls = dict.fromkeys(self.kernel_calls, 0)
+        self.fast_path_calls = 0
         self.host_lane.calls = dict.fromkeys(self.host_lane.calls, 0)
         self.host_lane.passes = 0
         self.step = -1
@@ -582,6 +630,7 @@ class Runtime:
         self.scheduler.close()  # its references to the pool and the loader go with it
         self._tables.clear()
         self._spans.clear()
+        self._work_proxies.clear()
         self._shifted.clear()
         self._pending.clear()
         self.host_lane.close()  # its views of the store go before the store

@@ -119,7 +119,8 @@ class Scheduler:
         self.reap()
         for target, _, experts in predictions:
             self.expected[target] = set(experts)
-            self.value.predict(target, experts)
+            if self._invests:
+                self.value.predict(target, experts)
         if self._investing():
             self._invest([((t, e), d) for t, d, es in predictions if t > layer_idx for e in es])
             return
@@ -127,7 +128,8 @@ class Scheduler:
             return
         first = bisect.bisect_left(self.moe_layer_ids, layer_idx)
         upcoming = self.moe_layer_ids[first : first + 2]
-        outstanding = sum(len(self.cache.unused[l]) for l in self.moe_layer_ids[first:] if l > layer_idx)
+        later = self.moe_layer_ids[bisect.bisect_right(self.moe_layer_ids, layer_idx) :]
+        outstanding = sum(map(len, map(self.cache.unused.__getitem__, later)))  # at C speed: every later layer
         for target, distance, experts in sorted(predictions, key=lambda p: p[1]):
             protected = self._protection(layer_idx, target, set(experts), upcoming)
             for expert_id in experts:
@@ -293,7 +295,7 @@ class Scheduler:
         (`placement`; none without one or with on_miss "wait"), and split the rest into waves
         that fit the pool (resident experts first). Returns (host experts, device waves)."""
         self.reap()
-        if not self._no_copies:  # use counts and prediction scores only ever price uploads
+        if self._invests:  # use counts and prediction scores only ever price uploads (`_invest`)
             self.value.used(layer_idx, needed)
         if self.loading[layer_idx] or self.cache.unused[layer_idx]:
             self._forget_stale(layer_idx, set(needed))
@@ -307,6 +309,27 @@ class Scheduler:
         resident = self.cache.resident[layer_idx]
         ordered = sorted(on_device, key=lambda e: e not in resident)
         return host, [ordered[i : i + n] for i in range(0, len(ordered), n)]
+
+    def hit_all(self, layer_idx: int, needed: list[int]) -> list[int] | None:
+        """The fast path of `plan` + `acquire` when every routed expert of the running layer is
+        resident and its copy has landed: the same bookkeeping in the same order (stale
+        predictions, use counts, hits, policy order), without pins (`ExpertCache.hit_all`).
+        Returns the slots of `needed`, or None when any expert is absent or loading (having only
+        marked landed copies, as `plan` does first), so the caller takes the general path. The caller releases the slots
+        (`Loader.release_all`) once its reads of them are enqueued."""
+        self.reap()
+        slots = self.cache.ready_slots(layer_idx, needed)
+        if slots is None:
+            return None
+        if self._invests:
+            self.value.used(layer_idx, needed)
+        if self.loading[layer_idx] or self.cache.unused[layer_idx]:
+            self._forget_stale(layer_idx, set(needed))  # touches only experts not in `needed`
+        self.cache.hit_all(layer_idx, needed)
+        step, last_used = self.step, self.last_used
+        for expert_id in needed:
+            last_used[(layer_idx, expert_id)] = step
+        return slots
 
     def acquire(self, layer_idx: int, wave: list[int]) -> dict[int, int]:
         """Pin every expert of `wave` in a slot and wait until its copy has landed (the stall)."""
