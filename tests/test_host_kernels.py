@@ -120,6 +120,30 @@ def test_int8_scales_are_made_once_per_expert(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["torch", "compiled"])
+def test_int8_with_k_torchs_kernel_cannot_take_is_decoded_not_crashed(monkeypatch, kernel):
+    """torch._weight_int8pack_mm kills the process (SIGSEGV) when K is not a multiple of 16: on
+    torch's path such a parameter is decoded first, with the reason; the compiled kernel takes it."""
+    if kernel == "torch":
+        monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
+    elif not cpu_kernels.status().available:
+        pytest.skip(f"no compiled kernel here: {cpu_kernels.status().reason}")
+    shape = (7, 72)
+    fmt = Int8()
+    codec = _codec(fmt, shape, torch.bfloat16)
+    kind = kernels.kind_of(codec, "w", object())
+    assert kind == ("decode" if kernel == "torch" else "int8")
+    if kind == "decode":
+        assert "multiple of 16" in kernels.decode_reason(codec, "w", object())
+    parts = fmt.encode(torch.randn(shape))
+    proj = kernels.Projection(codec, "w", kind, transposed=False)
+    x = torch.randn(1, shape[1]).to(torch.bfloat16)
+    weight = torch.empty(shape, dtype=torch.bfloat16)
+    fmt.decode(parts, weight)
+    expected = F.linear(x.float(), weight.float())
+    torch.testing.assert_close(proj(x, proj.prepare(parts)).float(), expected, rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "compiled"])
 def test_replaced_int8_experts_are_read_anew_by_the_host_lane(monkeypatch, kernel):
     """load_state_dict after the host lane prepared an expert's scales: the next forward uses
     the new scales (bit for bit a fresh attach of the new weights)."""

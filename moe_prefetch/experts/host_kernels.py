@@ -53,6 +53,9 @@ KERNEL_NAMES = {
 }
 
 
+INT8_PACK_K = 16  # torch._weight_int8pack_mm's K granularity on CPU (other K: a segfault)
+
+
 def projections(module) -> tuple[str, str]:
     """The up and down projection parameters of an experts module, in call order."""
     return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"), "down_proj"
@@ -78,7 +81,10 @@ def kind_of(codec: Codec, name: str, module) -> str:
     if transposed:  # packed kernels want [out, in] with scales per output channel / input group
         return "decode"
     if isinstance(fmt, Int8) and dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_weight_int8pack_mm"):
-        return "int8"
+        # torch's kernel crashes the process (SIGSEGV, torch 2.13 CPU) when K is not a multiple
+        # of 16; the compiled kernel takes any K (tests/test_cpu_kernels.py)
+        if shape[1] % INT8_PACK_K == 0 or cpu_kernels.status().available:
+            return "int8"
     if isinstance(fmt, Int4) and dtype == torch.bfloat16 and fmt.kernel_layout(shape):
         return "int4"
     return "decode"
@@ -279,5 +285,8 @@ def decode_reason(codec: Codec, name: str, module) -> str:
         need = f"rows a multiple of {block}, K of the group {fmt.group}" if block else "a torch that packs int4 here"
         return f"int4 {list(shape)} stored in the {fmt.layout} layout: the kernel's needs a bf16 model, {need}"
     if isinstance(fmt, Int8):
-        return "this torch has no torch._weight_int8pack_mm"
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            return "this torch has no torch._weight_int8pack_mm"
+        if dtype in (torch.bfloat16, torch.float16):
+            return f"int8 {list(shape)}: torch's kernel needs K a multiple of {INT8_PACK_K}, no compiled kernel ran"
     return f"{fmt.name}: no kernel on its stored bytes in a {model} model"
