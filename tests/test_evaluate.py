@@ -8,6 +8,7 @@ from tiny_models import make_model
 
 from moe_prefetch.experts.layout import find_moe_layers
 from moe_prefetch.predict.evaluate import evaluate_predictors, format_table
+from moe_prefetch.predict.m2r2 import Adapters
 from moe_prefetch.predict.residuals import Residuals
 
 
@@ -70,3 +71,62 @@ def test_previous_token_recall_matches_a_count_by_hand(example):
     # {5,1} + {1,2} vs (4, 7): 0. Precision over the 4 named.
     assert pairs[1]["recall_at_k_plus_margin"] == pytest.approx((1 + 0) / 2 / 2)
     assert pairs[1]["precision_at_k_plus_margin"] == pytest.approx((1 + 0) / 4 / 2)
+
+
+def test_a_margin_beyond_the_experts_names_them_all(example):
+    model, data = example
+    result = evaluate_predictors(model, data, lookahead=1, margin=10, predictors=("next-gate",))
+    (pair,) = result["predictors"]["next-gate"]["by_pair"]
+    assert pair["recall_at_k_plus_margin"] == 1.0 and pair["precision_at_k_plus_margin"] == pytest.approx(2 / 8)
+    assert (result["lookahead"], result["margin"]) == (1, 10)
+
+
+@pytest.mark.parametrize("source", ["residual", "router-input"])
+def test_untrained_adapters_score_as_next_gate_from_their_point(example, source):
+    """An adapter whose `up` is zero is the identity: its row is next-gate's from the same point.
+    From the router input a next-gate row from that point is added, for a like-for-like comparison;
+    a pair without an adapter is next-gate's too."""
+    model, data = example
+    adapters = Adapters(32, 2, [(0, 1)] if source == "residual" else [], source)
+    result = evaluate_predictors(model, data, lookahead=1, adapters=adapters, predictors=("next-gate", "m2r2"))
+    rows = result["predictors"]
+    expected = {"next-gate", "m2r2"} | ({"next-gate@router-input"} if source == "router-input" else set())
+    assert set(rows) == expected
+    same_point = rows["next-gate" if source == "residual" else "next-gate@router-input"]
+    assert rows["m2r2"]["by_pair"] == same_point["by_pair"]
+    assert evaluate_predictors(model, data, lookahead=1, predictors=("m2r2",))["predictors"] == {}  # no adapters
+
+
+def test_the_table_lays_out_distances_and_target_layers():
+    row = dict(recall=0.5, precision_at_k_plus_margin=0.25, recall_at_k_plus_margin=0.75)
+    result = {
+        "tokens": 10,
+        "lookahead": 2,
+        "margin": 2,
+        "predictors": {
+            "next-gate": {
+                "by_distance": {
+                    1: row,
+                    2: dict(recall=0.125, precision_at_k_plus_margin=0.1, recall_at_k_plus_margin=0.2),
+                },
+                "by_pair": [dict(source=0, target=1, d=1, recall=0.5), dict(source=0, target=2, d=2, recall=0.125)],
+            },
+            "m2r2": {
+                "by_distance": {1: dict(recall=0.625, precision_at_k_plus_margin=0.3, recall_at_k_plus_margin=0.8)},
+                "by_pair": [dict(source=1, target=2, d=1, recall=0.625)],
+            },
+        },
+    }
+    assert format_table(result).split("\n") == [
+        "held-out tokens: 10   predictor recall@k: share of the router's top-k named (k+2: precision / recall)",
+        "predictor                       d=1                     d=2",
+        "next-gate         0.500 (0.25/0.75)       0.125 (0.10/0.20)",
+        "m2r2              0.625 (0.30/0.80)                        ",
+        "",
+        "predictor recall@k per target MoE layer (predicted d layers ahead)",
+        "predictor    d      L1      L2",
+        "next-gate    1   0.500       -",
+        "next-gate    2       -   0.125",
+        "m2r2         1       -   0.625",
+        "m2r2         2       -       -",
+    ]
