@@ -2,6 +2,7 @@
 rate in run.json's summary, recomputed from the token, loader and trace records beside them."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,9 @@ from moe_prefetch.report.profiling import (
     REQUIRED,
     RunRecorder,
     _write_atomic,
+    build_run,
     load_run,
+    model_record,
     summarize,
     upgrade,
 )
@@ -240,3 +243,103 @@ def test_a_version_1_run_is_read_in_version_2_terms():
     assert run["summary"] == summarize(run)
     current = _run() | {"version": 2, "summary": {"kept": 1}}
     assert upgrade(current)["summary"] == {"kept": 1} and "upgraded_from" not in current
+
+
+class _Tick:
+    """A streamer that is the recorder's tick, as the CLI's: the first call carries the prompt."""
+
+    def __init__(self, recorder):
+        self.recorder, self.prompt = recorder, True
+
+    def put(self, value):
+        if self.prompt:
+            self.prompt = False
+        else:
+            self.recorder.token()
+
+    def end(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """A tiny Mixtral attached with 5 slots, 4 tokens recorded as `moe-prefetch run` records them
+    (the CLI's run above takes seconds; this takes a fraction of one, so mutants die fast)."""
+    import torch
+    from tiny_models import make_model, prompt
+
+    import moe_prefetch
+
+    model = make_model("mixtral")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=5, predictor="next-gate")
+    recorder = RunRecorder(runtime)
+    recorder.start()
+    ids = prompt(1, 6, seed=5)
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, streamer=_Tick(recorder)
+    )
+    recorder.finish()
+    run = build_run(recorder, model=model_record(runtime, "tiny/mixtral"), config={"cache_slots": 5}, text="hi")
+    yield runtime, recorder, run
+    runtime.detach()
+
+
+def test_the_run_records_the_model_and_its_memory(recorded):
+    runtime, _, run = recorded
+    assert run["model"] == {
+        "path": "tiny/mixtral",
+        "model_type": "mixtral",
+        "dtype": "float32",
+        "moe_layers": 2,
+        "layer_ids": [0, 1],
+        "experts_per_layer": 8,
+        "top_k": 2,
+        "expert_bytes": runtime.spec.nbytes,
+        "experts_dtype": runtime.codec.name,
+        "experts_format": runtime.codec.describe(),
+        "stored_expert_bytes": runtime.codec.nbytes,
+        "num_layers": 2,
+    }
+    memory = run["memory"]
+    non_expert = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
+    assert (memory["device_pool_bytes"], memory["non_expert_bytes"]) == (5 * runtime.codec.nbytes, non_expert)
+    assert memory["device_bytes"] == 5 * runtime.codec.nbytes + non_expert and memory["device_peak_bytes"] is None
+    assert memory["host_store_bytes"] == runtime.store.nbytes and memory["rss_bytes"] > 2**20
+
+
+def test_the_run_keeps_every_record_a_figure_is_drawn_from(recorded):
+    runtime, recorder, run = recorded
+    assert (run["schema"], run["version"], run["measured_on"], run["interrupted"]) == (
+        "moe-prefetch/run",
+        2,
+        "cpu",
+        False,
+    )
+    assert (run["config"], run["text"], run["stall_timing"]) == (
+        {"cache_slots": 5},
+        "hi",
+        runtime.stats()["stall_timing"],
+    )
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", run["created"])
+    assert run["lane_basis"]["summary"].startswith("cpu clock")
+    assert len(run["tokens"]) == 4 and run["tokens"] is recorder.tokens
+    assert run["loads"] == recorder.loads() and run["trace"] == [dict(r) for r in runtime.trace]
+    assert run["step_starts"] == list(runtime.step_starts) and run["predictions"] == [
+        dict(p) for p in runtime.predictions
+    ]
+    assert run["predictions"] and "trace" not in run["replay"] and "predictions" not in run["replay"]
+    assert run["replay"]["cache_slots"] == 5 and "step_starts" not in run["replay"]
+    assert run["occupancy"] == {
+        "slots": 5,
+        "layer_ids": [0, 1],
+        "per_token": recorder.occupancy,
+        "final": [list(k) if k is not None else None for k in runtime.cache.key_of],
+    }
+    stats = runtime.stats()
+    for layer, row in zip(run["layers"], stats["per_layer"]):
+        assert (layer["layer_idx"], layer["num_experts"], layer["top_k"]) == (row["layer_idx"], 8, 2)
+        assert all(layer[k] == row[k] for k in COUNTERS)
+        routed = row["hits"] + row["misses"] + row["host_experts"]
+        assert layer["hit_rate"] == pytest.approx(row["hits"] / routed)
+        assert layer["ran"]["waited"] == row["misses"] and "decode_ran" in layer and "decode_lanes" in layer
+    assert run["summary"] == summarize(run)
