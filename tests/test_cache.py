@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_prefetch.errors import CacheCapacityError
-from moe_prefetch.runtime.cache import PREFETCH_VICTIM_WALK, Counters, ExpertCache, LFUPolicy, LRUPolicy
+from moe_prefetch.runtime.cache import PREFETCH_VICTIM_WALK, Counters, ExpertCache, LFUPolicy, LRUPolicy, SlotState
 
 
 def make(slots=3):
@@ -267,3 +267,47 @@ def test_the_capacity_error_names_the_key_and_the_pool():
     cache.access((0, 1))
     with pytest.raises(CacheCapacityError, match="no free slot for layer 1 expert 3: all 1 slots are in use"):
         cache.access((1, 3))
+
+
+def test_counters_add_up_over_several_events():
+    cache = make(2)
+    for e in (1, 2):
+        slot, _ = cache.prefetch((0, e))
+        cache.mark_ready(slot)
+        load(cache, (0, e))
+    assert cache.counters[0].prefetch_used == 2
+    for e in (3, 4):  # two unused prefetches evicted
+        slot, _ = cache.prefetch((1, e))
+        cache.mark_ready(slot)
+    for e in (5, 6):
+        load(cache, (0, e))
+    assert (cache.counters[1].evictions, cache.counters[1].prefetch_wasted) == (2, 2)
+    for e in (7, 8):  # two dropped before their copies started
+        cache.prefetch((1, e))
+    cache.drop((1, 7))
+    cache.drop((1, 8))
+    assert (cache.counters[1].prefetch_dropped, cache.counters[1].prefetch_wasted) == (2, 4)
+
+
+def test_a_slot_given_back_is_empty():
+    cache = make(1)
+    slot, _ = cache.prefetch((0, 1))
+    cache.drop((0, 1))
+    assert cache.state[slot] is SlotState.EMPTY and cache.key_of[slot] is None
+
+
+@pytest.mark.parametrize("corrupt", ["key_of", "state", "pinned free slot", "free key"])
+def test_check_finds_a_broken_table(corrupt):
+    cache = make(3)
+    slot = load(cache, (0, 1))[0]
+    free = cache._free[0]
+    if corrupt == "key_of":
+        cache.key_of[slot] = (0, 2)
+    elif corrupt == "state":
+        cache.state[slot] = SlotState.EMPTY
+    elif corrupt == "pinned free slot":
+        cache.pins[free] = 1
+    else:
+        cache.key_of[free] = (1, 1)
+    with pytest.raises(AssertionError):
+        cache.check()
