@@ -140,6 +140,8 @@ def test_a_layer_fills_the_free_slots_from_its_home_then_the_nearest_below():
     assert cache.access((0, 0))[0] == 0
     cache = ExpertCache(6, expert_bytes=1, layer_ids=[3, 5, 7])  # homes 0, 2, 4
     assert cache.access((7, 0))[0] == 4 and cache.access((5, 0))[0] == 2 and cache.access((3, 0))[0] == 0
+    cache = ExpertCache(4, expert_bytes=1, layer_ids=[0, 1, 2])  # homes 0, 1, 2: whole slots, rounded down
+    assert cache.access((1, 0))[0] == 1 and cache.access((2, 0))[0] == 2
 
 
 def test_a_dropped_slot_is_free_again_in_order():
@@ -265,7 +267,8 @@ def test_totals_add_every_counter_and_reset_starts_them_again():
 def test_the_capacity_error_names_the_key_and_the_pool():
     cache = make(1)
     cache.access((0, 1))
-    with pytest.raises(CacheCapacityError, match="no free slot for layer 1 expert 3: all 1 slots are in use"):
+    message = "no free slot for layer 1 expert 3: all 1 slots are in use or in flight; raise cache_slots$"
+    with pytest.raises(CacheCapacityError, match=message):
         cache.access((1, 3))
 
 
