@@ -49,15 +49,18 @@ OWN_TESTS = {
 
 
 def _keep_own_tests(config, items) -> None:
-    """Under mutmut (MUTANT_UNDER_TEST names the mutant), keep the mutated module's own tests."""
+    """Under mutmut (MUTANT_UNDER_TEST names the mutant), keep the mutated module's own tests,
+    less those marked e2e: a demo model or a CLI run costs seconds per mutant, over a thousand
+    mutants, and the module's unit tests pin the same rules (a mutant only e2e tests would kill
+    survives, and tests/mutation_survivors.md says so)."""
     match = re.match(r"(.*?)\.x[_\u01c1]", os.environ.get("MUTANT_UNDER_TEST", ""))
     own = OWN_TESTS.get(match.group(1)) if match else None
     if own is None:
         return
-    dropped = [item for item in items if item.path.name not in own]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if item.path.name in own]
+    kept = [item for item in items if item.path.name in own and item.get_closest_marker("e2e") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def pytest_collection_modifyitems(config, items):

@@ -68,6 +68,7 @@ def demo():
     return folder, model, find_moe_layers(model), collect(model, ids)
 
 
+@pytest.mark.e2e
 def test_training_lowers_the_loss_moves_the_adapters_and_beats_next_gate(demo):
     """80 steps on the demo's residuals: the loss of the last steps is well below the first
     steps' (the start is exactly next-gate), every adapter has left its start (`up` is zero
@@ -86,6 +87,7 @@ def test_training_lowers_the_loss_moves_the_adapters_and_beats_next_gate(demo):
     assert metrics["val_tokens"] > 0 and recall["m2r2"][1] > recall["next-gate"][1]
 
 
+@pytest.mark.e2e
 def test_the_shipped_demo_adapters_beat_next_gate_on_held_out_text(demo):
     """The demo's own adapters (lookahead 3, from the router input), scored by
     `evaluate_predictors` on held-out text: at every distance at least next-gate from the same

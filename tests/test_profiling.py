@@ -40,6 +40,7 @@ def run(request, tmp_path_factory):
     return json.loads((out / "run.json").read_text())
 
 
+@pytest.mark.e2e
 def test_decode_tokens_per_second_is_tokens_after_the_first_over_their_wall_time(run):
     decode = run["tokens"][1:]
     assert len(decode) > 2
@@ -48,6 +49,7 @@ def test_decode_tokens_per_second_is_tokens_after_the_first_over_their_wall_time
     assert run["summary"]["decode_wall_s"] == pytest.approx(wall, rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_h2d_rate_on_cpu_is_bytes_copied_over_the_loader_busy_time(run):
     """With timed copies, bytes over the time the loader was busy; with none (every miss served on
     the host lane), the bytes loaded over the run's wall time."""
@@ -68,6 +70,7 @@ def test_h2d_rate_on_cpu_is_bytes_copied_over_the_loader_busy_time(run):
     assert summary["h2d_bytes_per_s"] == pytest.approx(copied / busy, rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_decode_hit_rate_leaves_out_the_prefill(run):
     """Device hits over every expert routed in steps 1.. (wherever it ran), from the trace; the
     prefill (step 0) misses nearly everything and would pull the rate down."""
