@@ -17,7 +17,16 @@ torch.set_num_threads(1)
 # per session, so tests never read a copy an earlier run left and never fill ~/.cache.
 os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetch-cache-"))
 
-from tiny_models import save_model  # noqa: E402
+from tiny_models import make_model, save_model  # noqa: E402
+
+if "mutmut" in sys.modules:
+    # make mutate forks each mutant's test run from a server that has collected the tests. The first
+    # tiny model of a type costs ~1.6 s of CPU (transformers imports its code on first use; 5 ms
+    # after): build one of each type the modules' own tests use here, once, not once per mutant.
+    _rng = torch.random.get_rng_state()
+    for _model_type in ("mixtral", "olmoe", "qwen3_moe"):
+        make_model(_model_type)
+    torch.random.set_rng_state(_rng)
 
 
 @pytest.fixture(autouse=True)
