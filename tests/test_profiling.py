@@ -264,10 +264,11 @@ class _Tick:
         pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def recorded():
     """A tiny Mixtral attached with 5 slots, 4 tokens recorded as `moe-prefetch run` records them
-    (the CLI's run above takes seconds; this takes a fraction of one, so mutants die fast)."""
+    (the CLI's run above takes seconds; this takes a fraction of one, so mutants die fast). One
+    per test: mutmut ties a function to the tests that call it, fixtures included."""
     import torch
     from tiny_models import make_model, prompt
 
