@@ -58,15 +58,19 @@ OWN_TESTS = {
 
 
 def _keep_own_tests(config, items) -> None:
-    """Under mutmut (MUTANT_UNDER_TEST names the mutant), keep the mutated module's own tests,
-    less those marked e2e: a demo model or a CLI run costs seconds per mutant, over a thousand
-    mutants, and the module's unit tests pin the same rules (a mutant only e2e tests would kill
-    survives, and tests/mutation_survivors.md says so)."""
+    """Under mutmut: never the tests marked e2e (a demo model or a CLI run costs seconds per
+    mutant, over a thousand mutants, and the modules' unit tests pin the same rules; a mutant
+    only e2e tests would kill survives, and tests/mutation_survivors.md says so), and for a
+    mutant (MUTANT_UNDER_TEST names it) only its module's own test files."""
+    if "mutmut" not in sys.modules:
+        return
     match = re.match(r"(.*?)\.x[_\u01c1]", os.environ.get("MUTANT_UNDER_TEST", ""))
     own = OWN_TESTS.get(match.group(1)) if match else None
-    if own is None:
-        return
-    kept = [item for item in items if item.path.name in own and item.get_closest_marker("e2e") is None]
+    kept = [
+        item
+        for item in items
+        if (own is None or item.path.name in own) and item.get_closest_marker("e2e") is None  # stats too
+    ]
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept

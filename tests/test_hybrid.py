@@ -22,6 +22,7 @@ def test_a_decode_token_on_a_cold_expert_runs_on_the_host_and_a_prefill_chunk_wa
     assert Placement(DEFAULT_COSTS, 1, 1, "host").on_host(10_000, False) is True
 
 
+@pytest.mark.e2e
 def test_bench_contract_rows_with_on_miss_and_the_host_lane(tmp_path):
     out = tmp_path / "hybrid.json"
     args = [
