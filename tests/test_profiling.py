@@ -21,7 +21,10 @@ from moe_prefetch.report.profiling import (
     model_record,
     summarize,
     upgrade,
+    write_html,
+    write_report,
 )
+from moe_prefetch.runtime import lanes
 
 
 @pytest.fixture(scope="module", params=["wait", "host"])
@@ -132,7 +135,7 @@ def test_the_recorder_counts_each_tokens_own_share_and_the_slots_each_layer_hold
     assert first["per_layer"][0] == {"layer_idx": 0, **dict.fromkeys(COUNTERS, 0), "hits": 2, "misses": 3} | {
         "host_seconds": 0.5
     }
-    assert 0 <= first["wall_s"] <= first["t"]
+    assert 0 <= first["wall_s"] <= first["t"] < 60  # seconds since start(), not a clock reading
     runtime.counts[0]["hits"] += 4  # the second token's own
     second = recorder.token()
     assert (second["step"], second["hits"], second["misses"]) == (1, 4, 0)
@@ -203,6 +206,15 @@ def test_the_summary_of_a_run_without_timed_copies_or_decode():
         None,
     )
     assert (s["prefetch_precision"], s["on_miss"], s["interrupted"]) == (None, "wait", True)
+    two = _run(tokens=[_token(1.0), _token(1.25, hits=2)])  # one decode token: its own wall time
+    assert summarize(two)["decode_wall_s"] == 0.25
+    old = _run(tokens=[_token(1.0), _token(1.5, hits=2)])  # records from before the host lane was counted
+    for token in old["tokens"]:
+        del token["host_experts"], token["host_seconds"]
+    del old["stats"]["host_experts"], old["stats"]["host_seconds"], old["memory"]
+    s = summarize(old)
+    assert (s["decode_hit_rate"], s["hit_rate"], s["host_experts"], s["decode_host_seconds"]) == (1.0, 12 / 22, 0, 0.0)
+    assert s["device_bytes"] is None
     empty = _run(tokens=[{}])
     empty["tokens"] = []
     s = summarize(empty)
@@ -266,24 +278,24 @@ class _Tick:
 
 @pytest.fixture
 def recorded():
-    """A tiny Mixtral attached with 5 slots, 4 tokens recorded as `moe-prefetch run` records them
-    (the CLI's run above takes seconds; this takes a fraction of one, so mutants die fast). One
-    per test: mutmut ties a function to the tests that call it, fixtures included."""
+    """A tiny Mixtral with a slot for each of its 16 experts (20 asked), 4 tokens recorded as
+    `moe-prefetch run` records them (the CLI's run above takes seconds; this a fraction of one,
+    so mutants die fast). One per test: mutmut ties a function to the tests that call it."""
     import torch
     from tiny_models import make_model, prompt
 
     import moe_prefetch
 
     model = make_model("mixtral")
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=5, predictor="next-gate")
+    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=20, predictor="next-gate")  # 16 experts
     recorder = RunRecorder(runtime)
     recorder.start()
-    ids = prompt(1, 6, seed=5)
+    ids = prompt(1, 2, seed=5)  # short: the pool never fills, so empty slots show in "final"
     model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, streamer=_Tick(recorder)
     )
     recorder.finish()
-    run = build_run(recorder, model=model_record(runtime, "tiny/mixtral"), config={"cache_slots": 5}, text="hi")
+    run = build_run(recorder, model=model_record(runtime, "tiny/mixtral"), config={"cache_slots": 20}, text="hi")
     yield runtime, recorder, run
     runtime.detach()
 
@@ -306,8 +318,8 @@ def test_the_run_records_the_model_and_its_memory(recorded):
     }
     memory = run["memory"]
     non_expert = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
-    assert (memory["device_pool_bytes"], memory["non_expert_bytes"]) == (5 * runtime.codec.nbytes, non_expert)
-    assert memory["device_bytes"] == 5 * runtime.codec.nbytes + non_expert and memory["device_peak_bytes"] is None
+    assert (memory["device_pool_bytes"], memory["non_expert_bytes"]) == (16 * runtime.codec.nbytes, non_expert)
+    assert memory["device_bytes"] == 16 * runtime.codec.nbytes + non_expert and memory["device_peak_bytes"] is None
     assert memory["host_store_bytes"] == runtime.store.nbytes and memory["rss_bytes"] > 2**20
 
 
@@ -320,7 +332,7 @@ def test_the_run_keeps_every_record_a_figure_is_drawn_from(recorded):
         False,
     )
     assert (run["config"], run["text"], run["stall_timing"]) == (
-        {"cache_slots": 5},
+        {"cache_slots": 20},
         "hi",
         runtime.stats()["stall_timing"],
     )
@@ -332,9 +344,10 @@ def test_the_run_keeps_every_record_a_figure_is_drawn_from(recorded):
         dict(p) for p in runtime.predictions
     ]
     assert run["predictions"] and "trace" not in run["replay"] and "predictions" not in run["replay"]
-    assert run["replay"]["cache_slots"] == 5 and "step_starts" not in run["replay"]
+    assert run["replay"]["cache_slots"] == 16 and "step_starts" not in run["replay"]
+    assert None in run["occupancy"]["final"]  # empty slots stay empty in the record
     assert run["occupancy"] == {
-        "slots": 5,
+        "slots": 16,
         "layer_ids": [0, 1],
         "per_token": recorder.occupancy,
         "final": [list(k) if k is not None else None for k in runtime.cache.key_of],
@@ -345,5 +358,25 @@ def test_the_run_keeps_every_record_a_figure_is_drawn_from(recorded):
         assert all(layer[k] == row[k] for k in COUNTERS)
         routed = row["hits"] + row["misses"] + row["host_experts"]
         assert layer["hit_rate"] == pytest.approx(row["hits"] / routed)
-        assert layer["ran"]["waited"] == row["misses"] and "decode_ran" in layer and "decode_lanes" in layer
+        assert layer["ran"]["waited"] == row["misses"]
+        assert layer["decode_ran"] == lanes.layer_decode(recorder.tokens, row["layer_idx"])["decode_ran"]
+    decode_ran = [sum(layer["decode_ran"][k] for layer in run["layers"]) for k in ("device", "waited")]
+    assert decode_ran == [run["summary"]["decode_ran"][k] for k in ("device", "waited")] and sum(decode_ran) > 0
     assert run["summary"] == summarize(run)
+
+
+def test_a_report_folder_gets_run_json_and_the_page(recorded, tmp_path):
+    _, _, run = recorded
+    folder = tmp_path / "runs" / "one"  # parents made
+    json_path, html_path = write_report(folder, run)
+    assert (json_path, html_path) == (folder / "run.json", folder / "report.html")
+    assert json_path.read_text().startswith('{\n "schema": "moe-prefetch/run"')  # indent 1
+    assert load_run(folder)["tokens"] == json.loads(json.dumps(run["tokens"]))
+    page = html_path.read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") and "</html>" in page
+    assert write_report(folder, run) == (json_path, html_path)  # an existing folder is fine
+    assert write_html(tmp_path / "page.html", run) == tmp_path / "page.html"
+    assert (tmp_path / "page.html").read_text() == page
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ReportError, match="cannot create report folder .*file/sub"):
+        write_report(tmp_path / "file" / "sub", run)
