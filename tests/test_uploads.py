@@ -10,6 +10,7 @@ from moe_prefetch.runtime.cache import ExpertCache
 from moe_prefetch.runtime.loader import Loader
 from moe_prefetch.runtime.placement import DEFAULT_COSTS, LaneCosts, Placement
 from moe_prefetch.runtime.scheduler import MIN_GAIN, UPLOAD_WINDOW_LAYERS, Scheduler, _saving
+from moe_prefetch.runtime.uploads import UploadValue
 
 EXPERT_BYTES = 10_000_000
 # A 1 GB/s link and a 1 GB/s host lane: a 10 MB expert takes 10 ms either way, on a device 1000x faster.
@@ -184,3 +185,55 @@ def test_an_upload_must_gain_a_quarter_use_even_on_an_idle_link():
     assert uses == (pytest.approx(0.2), pytest.approx(0.4)) and uses[0] < MIN_GAIN < uses[1]
     scheduler.upload(1, [5, 6])
     assert uploaded(link) == [(1, 6)]
+
+
+def test_expected_uses_add_a_predictions_chance_to_the_use_rate():
+    value = UploadValue()
+    value.used(1, [5])
+    value.used(1, [5])  # two uses this token: 2 x (1 - 0.95) x 4 tokens
+    value.predict(1, [5])
+    assert value.uses((1, 5)) == pytest.approx(0.4 + 0.5)  # in time by default: the prior precision
+    assert value.uses((1, 5), in_time=False) == pytest.approx(0.4)
+
+
+def test_a_late_prediction_alone_is_not_uploaded():
+    scheduler, link = scheduler_with(num_slots=4, layer_s=0.001)  # a copy cannot land in one layer
+    scheduler.new_step()
+    scheduler.prefetch(0, [(1, 1, [5])])
+    assert uploaded(link) == []
+
+
+def test_the_most_valuable_candidate_goes_first_when_the_link_has_room_for_one():
+    scheduler, link = scheduler_with(num_slots=4, layer_s=0.005)  # window: one 10 ms copy
+    use(scheduler, {0: [(1, 5)] * 2 + [(1, 6)] * 5}, until=0)  # 0.4 and 1.0 expected uses
+    scheduler.upload(1, [5, 6])
+    assert uploaded(link) == [(1, 6)]
+
+
+def test_a_resident_candidate_is_skipped_not_the_end_of_the_list():
+    scheduler, link = scheduler_with(num_slots=4)
+    resident(scheduler, (1, 5))
+    use(scheduler, {0: [(1, 5)] * 5 + [(1, 6)] * 5}, until=0)
+    scheduler.upload(1, [5, 6])
+    assert uploaded(link) == [(1, 6)]
+
+
+def test_a_queue_near_its_window_charges_nearly_a_copys_worth_of_uses():
+    """Link time is priced by how full the queue is: with 20 of 30 ms queued, an upload must bring
+    2/3 of a full copy's worth of uses (link / saving per use, ~1 here) beyond MIN_GAIN."""
+    scheduler, link = scheduler_with(num_slots=8, layer_s=0.015)
+    use(scheduler, {0: [(1, 1)] * 12 + [(1, 2)] * 11 + [(1, 3)] * 3}, until=0)  # 2.4, 2.2, 0.6 uses
+    scheduler.upload(1, [1, 2, 3])
+    assert uploaded(link) == [(1, 1), (1, 2)]
+
+
+def test_the_queue_counts_what_is_left_of_each_copy():
+    scheduler, link = scheduler_with(num_slots=8)
+    use(scheduler, {0: [(2, 7)] * 4}, until=0)
+    scheduler.prefetch(0, [(1, 1, [5, 6])])  # two urgent copies
+    scheduler.upload(2, [7])  # one behind them
+    slots = {key: scheduler.cache.slot_of[key] for key in [(1, 5), (1, 6), (2, 7)]}
+    share = {slots[(1, 5)]: 0.5, slots[(1, 6)]: 0.25, slots[(2, 7)]: 0.125}
+    link.left = share.__getitem__
+    total, urgent = scheduler._queue_s()
+    assert (total, urgent) == (pytest.approx(0.875 * 0.01), pytest.approx(0.75 * 0.01))
