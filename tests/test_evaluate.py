@@ -4,12 +4,12 @@ hidden features, and the experts each token "actually" chose written out."""
 
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import make_model, prompt, sized_config
 
 from moe_prefetch.experts.layout import find_moe_layers
-from moe_prefetch.predict.evaluate import evaluate_predictors, format_table
+from moe_prefetch.predict.evaluate import _overlap, evaluate_predictors, format_table
 from moe_prefetch.predict.m2r2 import Adapters
-from moe_prefetch.predict.residuals import Residuals
+from moe_prefetch.predict.residuals import Residuals, collect
 
 
 def _scores(*ranked: int, hidden: int = 32) -> torch.Tensor:
@@ -130,3 +130,41 @@ def test_the_table_lays_out_distances_and_target_layers():
         "m2r2         1       -   0.625",
         "m2r2         2       -       -",
     ]
+
+
+def test_overlap_counts_each_actual_expert_once():
+    pred = torch.tensor([[1, 2, 1, 5], [3, 3, 3, 3]])  # a margin can repeat an expert
+    actual = torch.tensor([[1, 7], [3, 4]])
+    assert _overlap(pred, actual).tolist() == [1.0, 1.0]
+
+
+def test_defaults_look_three_layers_ahead_with_a_margin_of_two(example):
+    model, data = example
+    result = evaluate_predictors(model, data, predictors=("next-gate",))
+    assert (result["lookahead"], result["margin"]) == (3, 2)
+
+
+def test_previous_token_follows_sequences_of_any_length():
+    """Sequence 0 is one token, sequence 1 three: token 1 has no previous token, token 3's
+    margin is token 1's experts (same sequence, two back)."""
+    model = make_model("mixtral")
+    chosen = torch.tensor([[6, 7], [1, 2], [3, 4], [5, 1]])
+    data = Residuals(
+        hidden={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
+        router_in={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
+        chosen={0: [chosen], 1: [chosen]},
+        seq_ids=[torch.tensor([0, 1, 1, 1])],
+    )
+    result = evaluate_predictors(model, data, lookahead=1, margin=2, predictors=("previous-token",))
+    (pair,) = result["predictors"]["previous-token"]["by_pair"]
+    # token 2: (3, 4) after (1, 2): 0 hits; token 3: (5, 1) after (3, 4): 0, and with token 1's (1, 2): 1
+    assert pair["recall"] == 0.0
+    assert pair["recall_at_k_plus_margin"] == pytest.approx((0 + 1) / 2 / 2)
+
+
+def test_lookahead_limits_the_distances_scored():
+    model = make_model("mixtral", config=sized_config("mixtral", num_hidden_layers=3))
+    data = collect(model, prompt(batch=2, length=6))
+    result = evaluate_predictors(model, data, lookahead=1, predictors=("next-gate",))
+    pairs = [(p["source"], p["target"], p["d"]) for p in result["predictors"]["next-gate"]["by_pair"]]
+    assert pairs == [(0, 1, 1), (1, 2, 1)]
