@@ -145,10 +145,10 @@ def test_defaults_look_three_layers_ahead_with_a_margin_of_two(example):
 
 
 def test_previous_token_follows_sequences_of_any_length():
-    """Sequence 0 is one token, sequence 1 three: token 1 has no previous token, token 3's
-    margin is token 1's experts (same sequence, two back)."""
+    """Sequence 0 is one token, sequence 1 three: token 1 has no previous token, token 2 none
+    two back (its margin names nothing), token 3's margin is token 1's experts."""
     model = make_model("mixtral")
-    chosen = torch.tensor([[6, 7], [1, 2], [3, 4], [5, 1]])
+    chosen = torch.tensor([[6, 7], [2, 6], [3, 1], [5, 6]])
     data = Residuals(
         hidden={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
         router_in={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
@@ -157,7 +157,7 @@ def test_previous_token_follows_sequences_of_any_length():
     )
     result = evaluate_predictors(model, data, lookahead=1, margin=2, predictors=("previous-token",))
     (pair,) = result["predictors"]["previous-token"]["by_pair"]
-    # token 2: (3, 4) after (1, 2): 0 hits; token 3: (5, 1) after (3, 4): 0, and with token 1's (1, 2): 1
+    # token 2: (3, 1) after (2, 6): 0 hits; token 3: (5, 6) after (3, 1): 0, and with token 1's (2, 6): 1
     assert pair["recall"] == 0.0
     assert pair["recall_at_k_plus_margin"] == pytest.approx((0 + 1) / 2 / 2)
 
@@ -168,3 +168,22 @@ def test_lookahead_limits_the_distances_scored():
     result = evaluate_predictors(model, data, lookahead=1, predictors=("next-gate",))
     pairs = [(p["source"], p["target"], p["d"]) for p in result["predictors"]["next-gate"]["by_pair"]]
     assert pairs == [(0, 1, 1), (1, 2, 1)]
+    by_pair = result["predictors"]["next-gate"]["by_pair"]
+    mean = sum(p["recall"] for p in by_pair) / 2
+    assert result["predictors"]["next-gate"]["by_distance"][1]["recall"] == pytest.approx(mean)
+
+
+def test_m2r2_scores_next_gate_on_the_adapted_residual(example):
+    """A trained adapter's row is next-gate's on the residual the adapter makes."""
+    model, data = example
+    adapters = Adapters(32, 2, [(0, 1)], "residual")
+    torch.manual_seed(1)
+    torch.nn.init.normal_(adapters.get(0, 1).up.weight, std=3.0)
+    with torch.no_grad():
+        adapted = adapters.get(0, 1)(data.get("hidden", 0))
+    moved = Residuals({0: [adapted], 1: data.hidden[1]}, data.router_in, data.chosen, data.seq_ids)
+    m2r2 = evaluate_predictors(model, data, lookahead=1, adapters=adapters, predictors=("m2r2",))
+    next_gate = evaluate_predictors(model, data, lookahead=1, predictors=("next-gate",))
+    on_adapted = evaluate_predictors(model, moved, lookahead=1, predictors=("next-gate",))
+    assert m2r2["predictors"]["m2r2"]["by_pair"] == on_adapted["predictors"]["next-gate"]["by_pair"]
+    assert m2r2["predictors"]["m2r2"]["by_pair"] != next_gate["predictors"]["next-gate"]["by_pair"]
