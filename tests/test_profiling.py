@@ -162,7 +162,7 @@ def _run(measured_on="cpu", loads=(), tokens=None, **stats):
         "measured_on": measured_on,
         "tokens": tokens,
         "loads": list(loads),
-        "memory": {"device_bytes": 10, "rss_bytes": 20},
+        "memory": dict(device_bytes=10, rss_bytes=20, device_pool_bytes=4, non_expert_bytes=6, host_store_bytes=30),
         "stats": {"hits": 12, "misses": 10, "host_experts": 6, "host_seconds": 0.875, "prefetch_used": 2}
         | {"prefetch_issued": 8, "bytes_loaded": 3000, "on_miss": "host", "experts_dtype": "bf16", "expert_bytes": 300}
         | stats,
@@ -188,6 +188,7 @@ def test_the_summary_is_counted_from_the_records():
     assert (s["bytes_loaded"], s["experts_dtype"], s["stored_expert_bytes"]) == (3000, "bf16", 300)
     assert (s["h2d_bytes_per_s"], s["h2d_basis"]) == (400 / 1.0, "bytes over loader busy time")
     assert (s["device_bytes"], s["rss_bytes"], s["device_peak_bytes"]) == (10, 20, None)
+    assert (s["device_pool_bytes"], s["non_expert_bytes"], s["host_store_bytes"]) == (4, 6, 30)
     assert s["interrupted"] is True
 
 
@@ -214,7 +215,8 @@ def test_the_summary_of_a_run_without_timed_copies_or_decode():
     del old["stats"]["host_experts"], old["stats"]["host_seconds"], old["memory"]
     s = summarize(old)
     assert (s["decode_hit_rate"], s["hit_rate"], s["host_experts"], s["decode_host_seconds"]) == (1.0, 12 / 22, 0, 0.0)
-    assert s["device_bytes"] is None
+    assert s["device_bytes"] is None and s["host_seconds"] == 0.0
+    assert (s["prefill_host_experts"], s["prefill_host_seconds"], s["decode_host_experts"]) == (0, 0.0, 0)
     empty = _run(tokens=[{}])
     empty["tokens"] = []
     s = summarize(empty)
@@ -231,7 +233,7 @@ def test_reports_are_written_whole_and_read_back_with_checks(tmp_path):
         ({**run, "schema": "other"}, 'not a moe-prefetch run \\(no "schema": "moe-prefetch/run"\\)'),
         ({**run, "version": 3}, "run schema version 3; this moe-prefetch reads up to 2: upgrade moe-prefetch"),
         ({**run, "version": "2"}, "run schema version '2'"),
-        ({k: v for k, v in run.items() if k != "trace"}, "incomplete or corrupt \\(missing trace\\)"),
+        ({k: v for k, v in run.items() if k not in ("trace", "loads")}, "corrupt \\(missing loads, trace\\)$"),
         ({**run, "measured_on": "gpu"}, "missing a valid measured_on"),
         ([run], "not a moe-prefetch run"),
     ]:
@@ -243,13 +245,14 @@ def test_reports_are_written_whole_and_read_back_with_checks(tmp_path):
         load_run(path)
     with pytest.raises(ReportError, match="does not exist; pass the run.json written by `moe-prefetch run --report`"):
         load_run(tmp_path / "none.json")
-    with pytest.raises(ReportError, match="cannot write .*; choose a writable location"):
+    with pytest.raises(ReportError, match="cannot write .*: No such file or directory; choose a writable location"):
         _write_atomic(tmp_path / "no" / "run.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 def test_a_version_1_run_is_read_in_version_2_terms():
-    run = _run() | {"version": 1, "layers": [{"layer_idx": 0, "lanes": {"device_s": 1.0}}], "summary": {}}
+    layers = [{"layer_idx": 0, "lanes": {"device_s": 1.0}}, {"layer_idx": 1}]  # a layer without lanes too
+    run = _run() | {"version": 1, "layers": layers, "summary": {}}
     run["tokens"][1]["per_layer"] = [{"layer_idx": 0, "hits": 3, "misses": 1}]
     upgraded = upgrade(run)
     assert upgraded is run and (run["version"], run["upgraded_from"]) == (2, 1)
