@@ -262,3 +262,14 @@ def test_auto_sends_a_bf16_models_int4_decode_miss_to_the_host_where_it_wins():
     assert packed.on_host(tokens=1, in_flight=False)
     assert not decoded.on_host(tokens=1, in_flight=False)
     assert not placements[torch.bfloat16, "pcie4"].on_host(tokens=1, in_flight=False)
+
+
+def test_the_share_of_a_copy_left_counts_only_for_a_copy_in_flight():
+    mixtral = 3 * 4096 * 14336
+    auto = Placement(DEFAULT_COSTS, 2 * mixtral, mixtral, "auto")
+    assert auto.on_host(1, in_flight=False) and not auto.on_host(1, in_flight=True, left=0.05)
+    assert auto.on_host(1, in_flight=False, left=0.05), "a copy not yet started: its whole link time"
+    # left defaults to the whole copy: in flight or not, the same choice where the two lanes are close
+    close = next(t for t in range(1, 4096) if not auto.on_host(t, in_flight=False))
+    assert auto.on_host(close, in_flight=True) is False
+    assert Placement(DEFAULT_COSTS, 2 * mixtral, mixtral, "wait").on_host(1, in_flight=False) is False

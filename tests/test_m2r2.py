@@ -427,3 +427,12 @@ def test_a_predictor_without_a_runtime_runs_on_the_cpu_and_passes_unpaired_layer
 def test_m2r2_without_adapters_says_how_to_get_them():
     with pytest.raises(moe_prefetch.PredictorError, match="needs adapters: pass predictor_path="):
         M2R2Predictor.from_config(SimpleNamespace(predictor_path=None), runtime=None)
+
+
+def test_a_predictor_applies_the_adapter_of_its_pair():
+    adapters = Adapters(8, 2, [(0, 1)])
+    torch.nn.init.normal_(adapters.get(0, 1).up.weight)
+    predictor = M2R2Predictor(None, adapters, trained_lookahead=1)
+    h = torch.randn(2, 8)
+    got = predictor.residual_for(0, SimpleNamespace(layer_idx=1), 1, h)
+    assert torch.equal(got, predictor.adapters.get(0, 1)(h)) and not torch.equal(got, h)
