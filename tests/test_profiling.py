@@ -279,28 +279,44 @@ class _Tick:
         pass
 
 
-@pytest.fixture
-def recorded():
-    """A tiny Mixtral with a slot for each of its 16 experts (20 asked), 4 tokens recorded as
-    `moe-prefetch run` records them (the CLI's run above takes seconds; this a fraction of one,
-    so mutants die fast). One per test: mutmut ties a function to the tests that call it."""
+def _record(device: str):
+    """A tiny Mixtral with a slot for each of its 16 experts (20 asked), tokens recorded as
+    `moe-prefetch run` records them, and its run (a fraction of a second on CPU)."""
     import torch
     from tiny_models import make_model, prompt
 
     import moe_prefetch
 
     model = make_model("mixtral")
-    runtime = moe_prefetch.attach(model, device="cpu", cache_slots=20, predictor="next-gate")  # 16 experts
+    runtime = moe_prefetch.attach(model, device=device, cache_slots=20, predictor="next-gate")  # 16 experts
     recorder = RunRecorder(runtime)
     recorder.start()
-    ids = prompt(1, 2, seed=5)  # short: the pool never fills, so empty slots show in "final"
+    ids = prompt(1, 2, seed=5).to(runtime.device)  # short: the pool never fills, so empty slots show in "final"
     model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, streamer=_Tick(recorder)
     )
     recorder.finish()
     run = build_run(recorder, model=model_record(runtime, "tiny/mixtral"), config={"cache_slots": 20}, text="hi")
+    return runtime, recorder, run
+
+
+@pytest.fixture
+def recorded():
+    """`_record` on the CPU (the CLI's run above takes seconds). One per test: mutmut ties a
+    function to the tests that call it, fixtures included."""
+    runtime, recorder, run = _record("cpu")
     yield runtime, recorder, run
     runtime.detach()
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_says_so_and_records_the_device_peak():
+    runtime, _, run = _record("cuda")
+    try:
+        assert run["measured_on"] == "cuda" and run["lane_basis"]["summary"].startswith("stall from CUDA events")
+        assert run["memory"]["device_peak_bytes"] > 0 and run["summary"]["device_peak_bytes"] > 0
+    finally:
+        runtime.detach()
 
 
 def test_the_run_records_the_model_and_its_memory(recorded):
