@@ -314,3 +314,10 @@ def test_check_finds_a_broken_table(corrupt):
         cache.key_of[free] = (1, 1)
     with pytest.raises(AssertionError):
         cache.check()
+
+
+def test_stalls_add_up_per_layer():
+    cache = make(1)
+    cache.add_stall(1, 0.25)
+    cache.add_stall(1, 0.5)
+    assert (cache.counters[1].stall_seconds, cache.counters[0].stall_seconds) == (0.75, 0.0)

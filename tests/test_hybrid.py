@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -273,3 +274,8 @@ def test_the_share_of_a_copy_left_counts_only_for_a_copy_in_flight():
     close = next(t for t in range(1, 4096) if not auto.on_host(t, in_flight=False))
     assert auto.on_host(close, in_flight=True) is False
     assert Placement(DEFAULT_COSTS, 2 * mixtral, mixtral, "wait").on_host(1, in_flight=False) is False
+
+
+def test_a_host_pass_costs_the_split_call_and_the_lanes_fixed_cost():
+    costs = dataclasses.replace(DEFAULT_COSTS, split_call_s=1e-3, host_layer_s=2e-3)
+    assert Placement(costs, 100, 50).host_pass_s() == pytest.approx(3e-3)

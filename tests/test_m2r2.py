@@ -1,5 +1,6 @@
 """M2R2 adapters: they train, save with a fingerprint, refuse other models, and never change outputs."""
 
+import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -107,10 +108,13 @@ def test_adapters_round_trip_and_fingerprint(trained, tmp_path):
     adapters, meta = load_adapters(path, model, layers)
     assert meta["settings"] == SETTINGS and len(adapters.keys) == 1
     other = make_model("mixtral", seed=7)
-    with pytest.raises(moe_prefetch.PredictorError, match="trained for another model"):
+    theirs, ours = fingerprint(model, layers), fingerprint(other, find_moe_layers(other))
+    message = f"trained for another model \\(fingerprint {theirs}, this model {ours}\\); train them with"
+    with pytest.raises(moe_prefetch.PredictorError, match=message):
         load_adapters(path, other, find_moe_layers(other))
-    with pytest.raises(moe_prefetch.PredictorError, match="train them with"):
-        load_adapters(tmp_path / "none.safetensors", model, layers)
+    missing = tmp_path / "none.safetensors"
+    with pytest.raises(moe_prefetch.PredictorError, match=f"--out {missing}`$"):
+        load_adapters(missing, model, layers)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(moe_prefetch.PredictorError, match="not a readable adapters file"):
         load_adapters(tmp_path / "junk.safetensors", model, layers)
@@ -269,13 +273,27 @@ def test_the_fingerprint_follows_the_routers_and_the_shape():
     mine = fingerprint(model, layers)
     assert len(mine) == 16 and int(mine, 16) >= 0
     assert fingerprint(make_model("mixtral"), find_moe_layers(make_model("mixtral"))) == mine
+    weight = layers[1].router.weight.detach().clone()
     with torch.no_grad():
         layers[1].router.weight[0, 0] += 1.0
     assert fingerprint(model, layers) != mine
     with torch.no_grad():
-        layers[1].router.weight[0, 0] -= 1.0
+        layers[1].router.weight.copy_(weight)
+    assert fingerprint(model, layers) == mine
     model.config.vocab_size += 1
     assert fingerprint(model, layers) != mine
+
+
+def test_the_fingerprint_hashes_the_shape_as_sorted_json_then_the_router_weights():
+    """The format saved adapter files carry (the demo's among them): changing it orphans them."""
+    config = SimpleNamespace(model_type="x", hidden_size=4, num_hidden_layers=1, vocab_size=10)
+    router = torch.nn.Linear(4, 2, bias=False)
+    layers = [SimpleNamespace(layer_idx=0, num_experts=2, top_k=1, router=router)]
+    digest = hashlib.sha256()
+    shape = '{"experts": [[0, 2, 1]], "hidden_size": 4, "model_type": "x", "num_hidden_layers": 1, "vocab_size": 10}'
+    digest.update(shape.encode())
+    digest.update(router.weight.detach().numpy().tobytes())
+    assert fingerprint(SimpleNamespace(config=config), layers) == digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +326,8 @@ def test_held_out_recall_counts_the_routers_top_k_named(small_data):
     named = torch.topk(router_logits(layer, layer.norm(data.get("router_in", 0)[rows])), 2).indices
     hits = sum(len(set(a.tolist()) & set(n.tolist())) for a, n in zip(actual, named))
     assert got["m2r2"] == got["next-gate"] == {1: pytest.approx(hits / 16)}
+    twice = _val_recall(adapters, [(0, 1, 1), (0, 1, 1)], data, rows, frozen, {1: layer})
+    assert twice == got  # a distance's recall is the mean over its pairs
     assert 0 < hits < 16  # the count means something
 
 
@@ -425,7 +445,7 @@ def test_a_predictor_without_a_runtime_runs_on_the_cpu_and_passes_unpaired_layer
 
 
 def test_m2r2_without_adapters_says_how_to_get_them():
-    with pytest.raises(moe_prefetch.PredictorError, match="needs adapters: pass predictor_path="):
+    with pytest.raises(moe_prefetch.PredictorError, match="needs adapters: pass predictor_path=.*--out m2r2_"):
         M2R2Predictor.from_config(SimpleNamespace(predictor_path=None), runtime=None)
 
 
@@ -436,3 +456,17 @@ def test_a_predictor_applies_the_adapter_of_its_pair():
     h = torch.randn(2, 8)
     got = predictor.residual_for(0, SimpleNamespace(layer_idx=1), 1, h)
     assert torch.equal(got, predictor.adapters.get(0, 1)(h)) and not torch.equal(got, h)
+
+
+def test_training_saves_a_checkpoint_every_100_steps_by_default(small_data, tmp_path):
+    model, layers, data = small_data
+    settings = TrainSettings(lookahead=1, rank=2, steps=101, batch_tokens=4)
+    ckpt = tmp_path / "train.ckpt"
+    saved = []
+
+    def watch(step, loss):
+        if step >= 99:
+            saved.append(torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None)
+
+    train_adapters(model, layers, data, settings, progress=watch, checkpoint=ckpt)
+    assert saved == [None, 100] and not ckpt.exists()

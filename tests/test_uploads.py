@@ -237,3 +237,16 @@ def test_the_queue_counts_what_is_left_of_each_copy():
     link.left = share.__getitem__
     total, urgent = scheduler._queue_s()
     assert (total, urgent) == (pytest.approx(0.875 * 0.01), pytest.approx(0.75 * 0.01))
+
+
+def test_precision_is_the_share_of_predicted_experts_their_layer_routed():
+    value = UploadValue()
+    assert value.precision == 0.5  # the prior, before any prediction is scored
+    value.predict(1, [5, 6])
+    value.predict(2, [9])
+    value.used(1, [5, 6])  # both right
+    assert value.precision == pytest.approx((2 + 2) / (2 + 4))
+    value.used(1, [5])  # no prediction for this pass of layer 1 any more: nothing scored
+    assert value.precision == pytest.approx((2 + 2) / (2 + 4))
+    value.used(2, [7, 8])  # wrong
+    assert value.precision == pytest.approx((2 + 2) / (3 + 4))
