@@ -2,13 +2,14 @@
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import make_model, prompt
+from tiny_models import make_model, prompt, sized_config
 
 import moe_prefetch
 from moe_prefetch.experts.layout import find_moe_layers
@@ -154,7 +155,7 @@ def test_evaluation_table(trained):
     assert "m2r2" in format_table(result)
 
 
-def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path):
+def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path, caplog):
     model, layers, data, _, _ = trained
     settings = TrainSettings(lookahead=1, rank=4, steps=40, batch_tokens=64)
     straight, _ = train_adapters(model, layers, data, settings)
@@ -167,7 +168,9 @@ def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_adapters(model, layers, data, settings, progress=interrupt, checkpoint=ckpt, checkpoint_every=10)
     assert ckpt.is_file() and not (tmp_path / "train.ckpt.tmp").exists()
-    resumed, _ = train_adapters(model, layers, data, settings, checkpoint=ckpt, checkpoint_every=10)
+    with caplog.at_level(logging.INFO, logger="moe_prefetch.predict.m2r2"):
+        resumed, _ = train_adapters(model, layers, data, settings, checkpoint=ckpt, checkpoint_every=10)
+    assert f"resuming M2R2 training from step 25 ({ckpt})" in caplog.messages  # step 24 completed
     assert not ckpt.exists(), "a finished run removes its checkpoint"
     assert all(block.up.weight.abs().max() > 0 for block in resumed.blocks.values()), "the runs trained"
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
@@ -306,8 +309,11 @@ def small_data():
 def test_training_holds_out_the_last_tenth_of_the_sequences(small_data):
     model, layers, data = small_data
     settings = TrainSettings(lookahead=1, rank=2, steps=1, batch_tokens=8)
-    _, metrics = train_adapters(model, layers, data, settings)
+    adapters, metrics = train_adapters(model, layers, data, settings)
+    assert adapters.source == "router-input" and adapters.keys == [(0, 1)]
     assert (metrics["train_tokens"], metrics["val_tokens"]) == (72, 8)
+    three = collect(model, prompt(batch=3, length=8, seed=2))  # the tenth rounds down to sequence 2
+    assert train_adapters(model, layers, three, settings)[1]["train_tokens"] == 16
     assert set(metrics["val_recall"]) == {"m2r2", "next-gate"} and set(metrics["val_recall"]["m2r2"]) == {1}
     one = collect(model, prompt(batch=1, length=8, seed=2))  # one sequence: all of it trains
     _, metrics = train_adapters(model, layers, one, settings)
@@ -364,18 +370,26 @@ def test_a_checkpoint_holds_the_step_settings_and_the_schedule(small_data, tmp_p
     ckpt = tmp_path / "train.ckpt"
     saved = []
 
+    losses = []
+
     def watch(step, loss):
         saved.append(torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None)
-        if step == 7:
-            raise KeyboardInterrupt
+        losses.append(loss)
+        if step in (7, 59):
+            state = torch.load(ckpt, weights_only=False) if step == 59 else None
+            if step == 7:  # warm-up: the rate still rising
+                lr = torch.load(ckpt, weights_only=False)["sched"]["_last_lr"][0]
+                assert lr == pytest.approx(min(1.0, 7 / 50) * 0.5 * (1 + math.cos(math.pi * 6 / 100)))
+            if state is not None:
+                raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train_adapters(model, layers, data, settings, progress=watch, checkpoint=ckpt, checkpoint_every=3)
-    assert saved == [None, None, None, 3, 3, 3, 6, 6]
+    assert saved[:8] == [None, None, None, 3, 3, 3, 6, 6] and all(isinstance(x, float) and x > 0 for x in losses)
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == 8 and state["settings"] == asdict(settings)
-    lr = state["sched"]["_last_lr"][0]
-    assert lr == pytest.approx(min(1.0, 9 / 50) * 0.5 * (1 + math.cos(math.pi * 8 / 100)))
+    assert state["step"] == 60 and state["settings"] == asdict(settings)
+    lr = state["sched"]["_last_lr"][0]  # past warm-up: the cosine alone
+    assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi * 60 / 100)))
     with pytest.raises(moe_prefetch.PredictorError, match="other settings; delete it or rerun"):
         train_adapters(model, layers, data, TrainSettings(lookahead=1, rank=2, steps=99), checkpoint=ckpt)
 
@@ -470,3 +484,11 @@ def test_training_saves_a_checkpoint_every_100_steps_by_default(small_data, tmp_
 
     train_adapters(model, layers, data, settings, progress=watch, checkpoint=ckpt)
     assert saved == [None, 100] and not ckpt.exists()
+
+
+def test_training_pairs_follow_the_lookahead_over_three_moe_layers():
+    model = make_model("mixtral", config=sized_config("mixtral", num_hidden_layers=3))
+    data = collect(model, prompt(batch=2, length=6))
+    settings = TrainSettings(lookahead=1, rank=2, steps=1, batch_tokens=4)
+    adapters, _ = train_adapters(model, find_moe_layers(model), data, settings)
+    assert adapters.keys == [(0, 1), (1, 2)]

@@ -321,3 +321,38 @@ def test_each_miss_is_placed_behind_the_work_placed_before_it():
         (4, False, 30.0, 125.0, 1.0),  # 8: behind 7's whole copy
     ]
     assert host == [6, 8] and waves == [[4, 5, 7]]
+
+
+def test_a_demand_access_waits_for_copies_in_flight_when_every_slot_is_loading():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+    scheduler.upload(1, [5, 6])  # both slots queued: neither can be evicted yet
+    slots = scheduler.acquire(0, [3])
+    waited = [((1, 5), 0), ((1, 6), 0), ((0, 3), 0)]
+    assert link.waits == waited, "the copies in flight, then the demand load, each by layer 0"
+    assert resident(scheduler) == {(0, 3), (1, 6)} and scheduler.loading[1] == {}
+    assert link.copies[-1] == ((0, 3), DEMAND)
+    scheduler.release(slots.values())
+
+
+def test_a_full_pool_with_nothing_in_flight_is_an_error():
+    from moe_prefetch.errors import CacheCapacityError
+
+    scheduler, link = scheduler_with(num_slots=1)
+    scheduler.new_step()
+    scheduler.acquire(0, [3])  # pinned
+    with pytest.raises(CacheCapacityError, match="raise cache_slots"):
+        scheduler.acquire(1, [4])
+
+
+def test_an_interrupted_wait_releases_the_wave():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+
+    def interrupted(slot, layer_idx):
+        raise KeyboardInterrupt
+
+    link.wait = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.acquire(0, [3, 4])
+    assert scheduler.cache.pins == [0, 0] and sorted(link.released) == [0, 1]
