@@ -19,6 +19,7 @@ from moe_prefetch.predict.m2r2 import (
     Adapters,
     M2R2Predictor,
     TrainSettings,
+    _cpu_router,
     _val_recall,
     fingerprint,
     load_adapters,
@@ -306,18 +307,35 @@ def small_data():
     return model, find_moe_layers(model), collect(model, prompt(batch=10, length=8, seed=2))
 
 
-def test_training_holds_out_the_last_tenth_of_the_sequences(small_data):
+def test_training_holds_out_the_last_tenth_of_the_sequences(small_data, tmp_path):
     model, layers, data = small_data
     settings = TrainSettings(lookahead=1, rank=2, steps=1, batch_tokens=8)
-    adapters, metrics = train_adapters(model, layers, data, settings)
+    adapters, metrics = train_adapters(model, layers, data, settings, checkpoint=tmp_path / "never.ckpt")
     assert adapters.source == "router-input" and adapters.keys == [(0, 1)]
-    assert (metrics["train_tokens"], metrics["val_tokens"]) == (72, 8)
+    assert (metrics["train_tokens"], metrics["val_tokens"]) == (72, 8) and 0 <= metrics["train_seconds"] < 600
+    assert metrics["val_recall"]["next-gate"] == {1: pytest.approx(_next_gate_recall(layers[1], data, range(72, 80)))}
+    assert all(p.requires_grad for p in model.parameters()), "training leaves the model's own parameters alone"
     three = collect(model, prompt(batch=3, length=8, seed=2))  # the tenth rounds down to sequence 2
     assert train_adapters(model, layers, three, settings)[1]["train_tokens"] == 16
     assert set(metrics["val_recall"]) == {"m2r2", "next-gate"} and set(metrics["val_recall"]["m2r2"]) == {1}
     one = collect(model, prompt(batch=1, length=8, seed=2))  # one sequence: all of it trains
     _, metrics = train_adapters(model, layers, one, settings)
     assert (metrics["train_tokens"], metrics["val_tokens"]) == (8, 0) and "val_recall" not in metrics
+
+
+def _next_gate_recall(layer, data, rows) -> float:
+    """Share of layer 1's top-2 (by its router on its own input) that its router names on layer
+    0's router input, over `rows`: next-gate's held-out recall, counted by hand."""
+    rows = torch.tensor(list(rows))
+    actual = torch.topk(router_logits(layer, data.get("router_in", 1)[rows]), 2).indices
+    named = torch.topk(router_logits(layer, layer.norm(data.get("router_in", 0)[rows])), 2).indices
+    return sum(len(set(a.tolist()) & set(n.tolist())) for a, n in zip(actual, named)) / (2 * len(rows))
+
+
+def test_the_frozen_router_copy_keeps_its_bias():
+    router = torch.nn.Linear(4, 3, bias=True)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(_cpu_router(SimpleNamespace(router=router))(x), router(x))
 
 
 def test_held_out_recall_counts_the_routers_top_k_named(small_data):
