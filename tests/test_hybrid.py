@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
-from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
+from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement, device_call_s
 
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # w1, w3, w2
 
@@ -279,3 +279,14 @@ def test_the_share_of_a_copy_left_counts_only_for_a_copy_in_flight():
 def test_a_host_pass_costs_the_split_call_and_the_lanes_fixed_cost():
     costs = dataclasses.replace(DEFAULT_COSTS, split_call_s=1e-3, host_layer_s=2e-3)
     assert Placement(costs, 100, 50).host_pass_s() == pytest.approx(3e-3)
+
+
+def test_lane_times_are_the_bytes_or_the_flops_whichever_takes_longer():
+    costs = dataclasses.replace(DEFAULT_COSTS, host_call_s=1e-5, host_bytes_per_s=1e9, host_flops=1e9)
+    placement = Placement(costs, 1000, 10**6)  # the default placement decides by finish time
+    assert placement.on_miss == "auto"
+    assert placement.host_s(1) == pytest.approx(1e-5 + 2e-3) and placement.host_s(3) == pytest.approx(1e-5 + 6e-3)
+    assert device_call_s(10, params=100, pairs=3, bytes_per_s=1.0, flops=1.0) == 600
+    assert device_call_s(10, params=100, pairs=3, bytes_per_s=1.0, flops=1e9, experts=2) == 20
+    with pytest.raises(ValueError, match="on_miss='sometimes'; choose one of wait, host, auto$"):
+        Placement(costs, 1, 1, "sometimes")

@@ -308,19 +308,21 @@ class Lanes:
 
 def test_each_miss_is_placed_behind_the_work_placed_before_it():
     scheduler, link = scheduler_with(num_slots=4)
-    link.left = lambda slot: 0.25
     scheduler.new_step()
     serve(scheduler, 1, [4])  # resident and ready: not asked
-    scheduler.prefetch(0, [(1, 1, [5])])  # in flight, a quarter of its copy left
-    lanes = Lanes([True, False, False, True])
-    host, waves = scheduler.plan(1, [4, 6, 5, 7, 8], {4: 9, 5: 2, 6: 3, 7: 1, 8: 4}, lanes)
+    scheduler.prefetch(0, [(1, 1, [5, 9])])  # in flight, a quarter of 5's copy left
+    left = {scheduler.cache.slot_of[(1, 5)]: 0.25, scheduler.cache.slot_of[(1, 9)]: 0.5}
+    link.left = left.__getitem__
+    lanes = Lanes([True, False, True, False, True])
+    host, waves = scheduler.plan(1, [4, 6, 5, 9, 7, 8], {4: 9, 5: 2, 6: 3, 7: 1, 8: 4, 9: 1}, lanes)
     assert lanes.asked == [
         (3, False, 0.0, 0.0, 1.0),  # 6: first, nothing placed yet
         (2, True, 30.0, 0.0, 0.25),  # 5: behind 6 on the host (3 tokens x 10 s)
-        (1, False, 30.0, 25.0, 1.0),  # 7: behind 5's quarter copy
-        (4, False, 30.0, 125.0, 1.0),  # 8: behind 7's whole copy
+        (1, True, 30.0, 25.0, 0.5),  # 9: behind 5's quarter copy
+        (1, False, 40.0, 25.0, 1.0),  # 7: behind 6 and 9 on the host
+        (4, False, 40.0, 125.0, 1.0),  # 8: behind 7's whole copy
     ]
-    assert host == [6, 8] and waves == [[4, 5, 7]]
+    assert host == [6, 9, 8] and waves == [[4, 5, 7]]
 
 
 def test_a_demand_access_waits_for_copies_in_flight_when_every_slot_is_loading():

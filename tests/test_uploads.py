@@ -126,6 +126,22 @@ def test_a_use_on_the_device_saves_the_host_time_less_the_device_time():
     placement = Placement(COSTS, EXPERT_BYTES, EXPERT_BYTES // 2, "auto")
     assert _saving(placement) == pytest.approx(placement.host_s(1) - placement.device_s(1))
     assert _saving(placement) == pytest.approx(0.01 - 1e-5)
+    flop_bound = Placement(LaneCosts(1e9, 1e12, 1e9, 0.0, 1e12, 1e10), 1000, 10**6)  # one token's FLOPs
+    assert _saving(flop_bound) == pytest.approx(2e-3 - 2e-4)
+
+
+@pytest.mark.parametrize("decay, horizon", [(1.0, 4.0), (-0.1, 4.0), (0.5, 0.0), (0.5, -1.0)])
+def test_upload_value_refuses_a_decay_outside_zero_to_one_or_a_horizon_not_positive(decay, horizon):
+    with pytest.raises(ValueError, match=r"decay=.* must be in \[0, 1\)|horizon=.* must be positive \(tokens\)"):
+        UploadValue(decay=decay, horizon=horizon)
+
+
+def test_use_counts_decay_once_per_token_and_may_not_decay_at_all():
+    value = UploadValue(decay=0.5, horizon=0.5)
+    value.used(1, [5])
+    value.new_step()
+    assert value.count((1, 5)) == 0.5
+    assert UploadValue(decay=0.0).decay == 0.0
 
 
 # A host lane faster than the device at everything: a use on the device saves nothing.
