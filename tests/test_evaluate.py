@@ -148,7 +148,7 @@ def test_previous_token_follows_sequences_of_any_length():
     """Sequence 0 is one token, sequence 1 three: token 1 has no previous token, token 2 none
     two back (its margin names nothing), token 3's margin is token 1's experts."""
     model = make_model("mixtral")
-    chosen = torch.tensor([[6, 7], [2, 6], [3, 1], [5, 6]])
+    chosen = torch.tensor([[0, 7], [2, 6], [3, 1], [5, 6]])
     data = Residuals(
         hidden={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},
         router_in={0: [torch.zeros(4, 32)], 1: [torch.zeros(4, 32)]},

@@ -169,9 +169,13 @@ def test_interrupted_training_resumes_to_the_same_adapters(trained, tmp_path, ca
     with pytest.raises(KeyboardInterrupt):
         train_adapters(model, layers, data, settings, progress=interrupt, checkpoint=ckpt, checkpoint_every=10)
     assert ckpt.is_file() and not (tmp_path / "train.ckpt.tmp").exists()
+    steps = []
     with caplog.at_level(logging.INFO, logger="moe_prefetch.predict.m2r2"):
-        resumed, _ = train_adapters(model, layers, data, settings, checkpoint=ckpt, checkpoint_every=10)
+        resumed, _ = train_adapters(
+            model, layers, data, settings, progress=lambda s, _: steps.append(s), checkpoint=ckpt, checkpoint_every=10
+        )
     assert f"resuming M2R2 training from step 25 ({ckpt})" in caplog.messages  # step 24 completed
+    assert steps == list(range(25, 40)), "only the steps still to do"
     assert not ckpt.exists(), "a finished run removes its checkpoint"
     assert all(block.up.weight.abs().max() > 0 for block in resumed.blocks.values()), "the runs trained"
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
