@@ -49,6 +49,13 @@ MUTATIONS = [
         ("tests/test_evaluate.py",),
     ),
     Mutation(
+        "evaluate: previous-token's margin wraps to another sequence's token",
+        "moe_prefetch/predict/evaluate.py",
+        'torch.roll(data.get("chosen", target), 2, 0).masked_fill(~has_prev2[:, None], -1)[rows]',
+        'torch.roll(data.get("chosen", target), 2, 0)[rows]',
+        ("tests/test_evaluate.py",),
+    ),
+    Mutation(
         "profiling: decode tokens/s doubled",
         "moe_prefetch/report/profiling.py",
         '"decode_tokens_per_s": _ratio(len(decode), decode_wall)',

@@ -17,7 +17,16 @@ torch.set_num_threads(1)
 # per session, so tests never read a copy an earlier run left and never fill ~/.cache.
 os.environ.setdefault("MOE_PREFETCH_CACHE", tempfile.mkdtemp(prefix="moe-prefetch-cache-"))
 
-from tiny_models import save_model  # noqa: E402
+from tiny_models import make_model, save_model  # noqa: E402
+
+if "mutmut" in sys.modules:
+    # make mutate forks each mutant's test run from a server that has collected the tests. The first
+    # tiny model of a type costs ~1.6 s of CPU (transformers imports its code on first use; 5 ms
+    # after): build one of each type the modules' own tests use here, once, not once per mutant.
+    _rng = torch.random.get_rng_state()
+    for _model_type in ("mixtral", "olmoe", "qwen3_moe"):
+        make_model(_model_type)
+    torch.random.set_rng_state(_rng)
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +58,22 @@ OWN_TESTS = {
 
 
 def _keep_own_tests(config, items) -> None:
-    """Under mutmut (MUTANT_UNDER_TEST names the mutant), keep the mutated module's own tests."""
+    """Under mutmut: never the tests marked e2e (a demo model or a CLI run costs seconds per
+    mutant, over a thousand mutants, and the modules' unit tests pin the same rules; a mutant
+    only e2e tests would kill survives, and tests/mutation_survivors.md says so), and for a
+    mutant (MUTANT_UNDER_TEST names it) only its module's own test files."""
+    if "mutmut" not in sys.modules:
+        return
     match = re.match(r"(.*?)\.x[_\u01c1]", os.environ.get("MUTANT_UNDER_TEST", ""))
     own = OWN_TESTS.get(match.group(1)) if match else None
-    if own is None:
-        return
-    dropped = [item for item in items if item.path.name not in own]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if item.path.name in own]
+    kept = [
+        item
+        for item in items
+        if (own is None or item.path.name in own) and item.get_closest_marker("e2e") is None  # stats too
+    ]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def pytest_collection_modifyitems(config, items):

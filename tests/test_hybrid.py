@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 from moe_prefetch.cli.main import app
-from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement
+from moe_prefetch.runtime.placement import DEFAULT_COSTS, Placement, device_call_s
 
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # w1, w3, w2
 
@@ -22,6 +23,7 @@ def test_a_decode_token_on_a_cold_expert_runs_on_the_host_and_a_prefill_chunk_wa
     assert Placement(DEFAULT_COSTS, 1, 1, "host").on_host(10_000, False) is True
 
 
+@pytest.mark.e2e
 def test_bench_contract_rows_with_on_miss_and_the_host_lane(tmp_path):
     out = tmp_path / "hybrid.json"
     args = [
@@ -262,3 +264,30 @@ def test_auto_sends_a_bf16_models_int4_decode_miss_to_the_host_where_it_wins():
     assert packed.on_host(tokens=1, in_flight=False)
     assert not decoded.on_host(tokens=1, in_flight=False)
     assert not placements[torch.bfloat16, "pcie4"].on_host(tokens=1, in_flight=False)
+
+
+def test_the_share_of_a_copy_left_counts_only_for_a_copy_in_flight():
+    mixtral = 3 * 4096 * 14336
+    auto = Placement(DEFAULT_COSTS, 2 * mixtral, mixtral, "auto")
+    assert auto.on_host(1, in_flight=False) and not auto.on_host(1, in_flight=True, left=0.05)
+    assert auto.on_host(1, in_flight=False, left=0.05), "a copy not yet started: its whole link time"
+    # left defaults to the whole copy: in flight or not, the same choice where the two lanes are close
+    close = next(t for t in range(1, 4096) if not auto.on_host(t, in_flight=False))
+    assert auto.on_host(close, in_flight=True) is False
+    assert Placement(DEFAULT_COSTS, 2 * mixtral, mixtral, "wait").on_host(1, in_flight=False) is False
+
+
+def test_a_host_pass_costs_the_split_call_and_the_lanes_fixed_cost():
+    costs = dataclasses.replace(DEFAULT_COSTS, split_call_s=1e-3, host_layer_s=2e-3)
+    assert Placement(costs, 100, 50).host_pass_s() == pytest.approx(3e-3)
+
+
+def test_lane_times_are_the_bytes_or_the_flops_whichever_takes_longer():
+    costs = dataclasses.replace(DEFAULT_COSTS, host_call_s=1e-5, host_bytes_per_s=1e9, host_flops=1e9)
+    placement = Placement(costs, 1000, 10**6)  # the default placement decides by finish time
+    assert placement.on_miss == "auto"
+    assert placement.host_s(1) == pytest.approx(1e-5 + 2e-3) and placement.host_s(3) == pytest.approx(1e-5 + 6e-3)
+    assert device_call_s(10, params=100, pairs=3, bytes_per_s=1.0, flops=1.0) == 600
+    assert device_call_s(10, params=100, pairs=3, bytes_per_s=1.0, flops=1e9, experts=2) == 20
+    with pytest.raises(ValueError, match="on_miss='sometimes'; choose one of wait, host, auto$"):
+        Placement(costs, 1, 1, "sometimes")

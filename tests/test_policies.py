@@ -278,3 +278,69 @@ def test_run_rejects_an_unknown_policy_in_one_line():
     result = CliRunner().invoke(app, ["run", "--prompt", "x", "--device", "cpu", "--cache-policy", "mru"])
     assert result.exit_code != 0
     assert "unknown cache_policy 'mru'; choose one of lru, lfu, lfru" in result.output
+
+
+# -- the aging clock moves only on evictions, and LFRU's segments one rule at a time ---------------------
+def test_lfu_demoting_a_key_does_not_age_the_others():
+    """Only an eviction raises the LFU-DA floor: after demoting a hot key, a new key still starts
+    below a key used once (had the demotion aged the clock, it would start above it)."""
+    policy = LFUPolicy()
+    hot, once, new = KEYS[:3]
+    use(policy, hot, times=5)
+    use(policy, once)
+    policy.demote(hot)
+    policy.insert(new)
+    assert list(policy.victims()) == [hot, new, once]
+
+
+def test_lfru_a_use_or_a_demotion_in_the_frequency_segment_does_not_age_it():
+    policy = LFRUPolicy(window=0.5)
+    for i, key in enumerate(KEYS[:4]):
+        use(policy, key, times=4 - i)  # KEYS[0] used most; KEYS[2:4] stay recent
+    assert list(policy.victims()) == [KEYS[1], KEYS[0], KEYS[2], KEYS[3]]
+    policy.touch(KEYS[1])  # from the frequency segment back to the recent one
+    policy.demote(KEYS[2])  # the touch pushed it into the frequency segment
+    assert policy._ranked.age == 0
+    policy.remove(KEYS[2])  # a demoted key leaves without aging either
+    assert policy._ranked.age == 0
+
+
+def test_lfru_evicting_from_the_frequency_segment_ages_it():
+    policy = LFRUPolicy(window=0.5)
+    for i, key in enumerate(KEYS[:4]):
+        use(policy, key, times=4 - i)
+    evicted = next(policy.victims())
+    assert evicted == KEYS[1] and policy.counts[evicted] == 3
+    policy.remove(evicted)
+    assert policy._ranked.age == 3  # the evicted key's priority: later keys start from it
+
+
+def test_lfru_demoting_a_key_of_the_frequency_segment_moves_it_once():
+    policy = LFRUPolicy(window=0.5)
+    for i, key in enumerate(KEYS[:4]):
+        use(policy, key, times=4 - i)
+    policy.demote(KEYS[0])  # in the frequency segment
+    walked = list(policy.victims())
+    assert walked[0] == KEYS[0] and len(walked) == len(set(walked)) == 4
+
+
+def test_lfru_keeps_one_recent_key_at_least_and_a_window_share_beyond():
+    policy = LFRUPolicy(window=0.5)
+    a, b, c = KEYS[:3]
+    use(policy, a, times=3)
+    use(policy, b)
+    policy.insert(c)  # 3 keys, half of them recent: one
+    assert list(policy.victims()) == [b, a, c]
+
+
+@pytest.mark.parametrize("window", [0.0, -0.1, 1.5])
+def test_lfru_window_outside_zero_to_one_is_refused(window):
+    with pytest.raises(ValueError, match=r"window=.* must be in \(0, 1\]"):
+        LFRUPolicy(window=window)
+
+
+def test_lfru_window_of_one_keeps_every_key_recent():
+    policy = LFRUPolicy(window=1.0)
+    for i, key in enumerate(KEYS[:3]):
+        use(policy, key, times=3 - i)
+    assert list(policy.victims()) == KEYS[:3]  # least recent first, whatever the counts

@@ -216,3 +216,146 @@ def test_a_landed_prefetch_alone_is_demoted_too():
     serve(scheduler, 1, [6])
     assert scheduler.cache.counters[1].prefetch_wasted == 1
     assert next(iter(scheduler.cache.policy.victims())) == (1, 5)
+
+
+# -- one rule at a time: the layer clock, the order of predictions, the speculation count, the
+# upload's protection, and the per-expert placement inside plan() -----------------------------------
+def test_the_layer_time_is_a_moving_average_of_the_gaps_within_a_token():
+    scheduler, _ = scheduler_with(num_slots=2)
+    scheduler.tick(1.0)
+    assert scheduler.layer_s is None  # one tick: no gap yet
+    scheduler.tick(1.5)
+    assert scheduler.layer_s == pytest.approx(0.5)
+    scheduler.tick(2.5)
+    assert scheduler.layer_s == pytest.approx(0.8 * 0.5 + 0.2 * 1.0)
+    scheduler.tick(2.5)  # no time passed: not a gap
+    assert scheduler.layer_s == pytest.approx(0.6)
+    scheduler.new_step()  # the gap across tokens (sampling, the head) is not a layer
+    scheduler.tick(9.0)
+    assert scheduler.layer_s == pytest.approx(0.6)
+    scheduler.tick(9.1)
+    assert scheduler.layer_s == pytest.approx(0.8 * 0.6 + 0.2 * 0.1)
+
+
+def test_predictions_are_taken_nearest_first_whatever_their_order():
+    scheduler, link = scheduler_with(num_slots=3)  # two slots of speculation
+    scheduler.new_step()
+    scheduler.prefetch(0, [(3, 2, [7, 8]), (2, 1, [9, 6])])
+    assert link.copies == [((2, 9), 1.0), ((2, 6), 1.0)]
+
+
+def test_the_running_layers_own_prefetches_are_not_speculation_any_more():
+    scheduler, link = scheduler_with(num_slots=4)  # three slots of speculation
+    scheduler.new_step()
+    scheduler.prefetch(0, [(1, 1, [5])])
+    link.land((1, 5))
+    scheduler.prefetch(1, [(2, 1, [6, 7]), (3, 2, [8])])  # layer 1 runs: its (1, 5) is not counted
+    assert [key for key, _ in link.copies] == [(1, 5), (2, 6), (2, 7), (3, 8)]
+
+
+def test_a_target_with_nothing_to_evict_does_not_stop_the_next_target():
+    scheduler, link = scheduler_with(num_slots=4)
+    scheduler.new_step()  # token 0 fills the pool, one expert per layer
+    for layer_idx, expert_id in zip(LAYERS, (0, 1, 2, 5)):
+        serve(scheduler, layer_idx, [expert_id])
+    scheduler.new_step()  # token 1, at layer 0
+    # Layer 2 may evict none: (2, 2) is predicted again, the rest served their latest pass or lie
+    # before the target. Layer 3 may evict its own (3, 5), which its prediction rules out.
+    scheduler.prefetch(0, [(2, 1, [2, 6]), (3, 2, [7])])
+    assert resident(scheduler) == {(0, 0), (1, 1), (2, 2), (3, 7)}
+
+
+def test_an_upload_may_evict_the_running_layers_other_experts():
+    scheduler, link = scheduler_with(num_slots=1)
+    scheduler.new_step()
+    serve(scheduler, 0, [1])
+    scheduler.new_step()
+    scheduler.upload(0, [4])  # layer 0 runs; (0, 1) is not among the experts it served on the host
+    assert resident(scheduler) == {(0, 4)}
+
+
+def test_an_upload_keeps_what_the_next_two_layers_expect_not_a_third():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+    serve(scheduler, 1, [4])
+    scheduler.prefetch(1, [(2, 1, [9])])
+    link.land((2, 9))
+    scheduler.new_step()
+    scheduler.prefetch(0, [(2, 2, [9])])  # expected again, at layer 2: beyond layers 0 and 1
+    scheduler.upload(0, [3])  # (1, 4) served its latest pass and stays; (2, 9) goes
+    assert resident(scheduler) == {(1, 4), (0, 3)}
+
+
+class Lanes:
+    """A placement that records what plan() asks it: each expert's (tokens, in flight, host
+    seconds placed before it, link seconds placed before it, share of its copy left)."""
+
+    on_miss = "auto"
+
+    def __init__(self, on_host):
+        self.answers = list(on_host)
+        self.asked = []
+
+    def on_host(self, tokens, in_flight, host_busy, link_busy, left):
+        self.asked.append((tokens, in_flight, host_busy, link_busy, left))
+        return self.answers.pop(0)
+
+    def host_s(self, tokens):
+        return 10.0 * tokens
+
+    def link_s(self):
+        return 100.0
+
+
+def test_each_miss_is_placed_behind_the_work_placed_before_it():
+    scheduler, link = scheduler_with(num_slots=4)
+    scheduler.new_step()
+    serve(scheduler, 1, [4])  # resident and ready: not asked
+    scheduler.prefetch(0, [(1, 1, [5, 9])])  # in flight, a quarter of 5's copy left
+    left = {scheduler.cache.slot_of[(1, 5)]: 0.25, scheduler.cache.slot_of[(1, 9)]: 0.5}
+    link.left = left.__getitem__
+    lanes = Lanes([True, False, True, False, True])
+    host, waves = scheduler.plan(1, [4, 6, 5, 9, 7, 8], {4: 9, 5: 2, 6: 3, 7: 1, 8: 4, 9: 1}, lanes)
+    assert lanes.asked == [
+        (3, False, 0.0, 0.0, 1.0),  # 6: first, nothing placed yet
+        (2, True, 30.0, 0.0, 0.25),  # 5: behind 6 on the host (3 tokens x 10 s)
+        (1, True, 30.0, 25.0, 0.5),  # 9: behind 5's quarter copy
+        (1, False, 40.0, 25.0, 1.0),  # 7: behind 6 and 9 on the host
+        (4, False, 40.0, 125.0, 1.0),  # 8: behind 7's whole copy
+    ]
+    assert host == [6, 9, 8] and waves == [[4, 5, 7]]
+
+
+def test_a_demand_access_waits_for_copies_in_flight_when_every_slot_is_loading():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+    scheduler.upload(1, [5, 6])  # both slots queued: neither can be evicted yet
+    slots = scheduler.acquire(0, [3])
+    waited = [((1, 5), 0), ((1, 6), 0), ((0, 3), 0)]
+    assert link.waits == waited, "the copies in flight, then the demand load, each by layer 0"
+    assert resident(scheduler) == {(0, 3), (1, 6)} and scheduler.loading[1] == {}
+    assert link.copies[-1] == ((0, 3), DEMAND)
+    scheduler.release(slots.values())
+
+
+def test_a_full_pool_with_nothing_in_flight_is_an_error():
+    from moe_prefetch.errors import CacheCapacityError
+
+    scheduler, link = scheduler_with(num_slots=1)
+    scheduler.new_step()
+    scheduler.acquire(0, [3])  # pinned
+    with pytest.raises(CacheCapacityError, match="raise cache_slots"):
+        scheduler.acquire(1, [4])
+
+
+def test_an_interrupted_wait_releases_the_wave():
+    scheduler, link = scheduler_with(num_slots=2)
+    scheduler.new_step()
+
+    def interrupted(slot, layer_idx):
+        raise KeyboardInterrupt
+
+    link.wait = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.acquire(0, [3, 4])
+    assert scheduler.cache.pins == [0, 0] and sorted(link.released) == [0, 1]

@@ -27,9 +27,22 @@ KEY = "k3y"
 RSS_SLACK = 24 * 2**20
 
 
+def _start():
+    return serve_load.ServerProcess(["--model", "demo", "--device", "cpu", "--queue", "1", "--api-key", KEY])
+
+
 @pytest.fixture(scope="module")
 def server():
-    process = serve_load.ServerProcess(["--model", "demo", "--device", "cpu", "--queue", "1", "--api-key", KEY])
+    process = _start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def own_server():
+    """A server of the test's own, for a test that stops it: the shared one must outlive every
+    test of the module in any order (the suite also runs in random order, `make test-random`)."""
+    process = _start()
     yield process
     process.stop()
 
@@ -50,7 +63,8 @@ def test_small_load_is_answered_or_refused_none_lost_memory_flat(server):
     assert rss[-1] - rss[0] < RSS_SLACK, [f"{b / 2**20:.1f} MiB" for b in rss]
 
 
-def test_sigterm_mid_stream_ends_the_stream_cleanly_and_exits_0(server):
+def test_sigterm_mid_stream_ends_the_stream_cleanly_and_exits_0(own_server):
+    server = own_server
     parts = urlsplit(server.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
     body = {"model": "demo", "prompt": "def add(a, b):", "max_tokens": 400, "temperature": 0, "stream": True}

@@ -56,3 +56,16 @@ def test_make_chromium_is_best_effort(tmp_path, present, uid, apt_ok):
 
 def test_make_test_depends_on_chromium():
     assert re.search(r"^test: .*\bchromium\b", (ROOT / "Makefile").read_text(), re.M)
+
+
+def test_tiny_config_is_fresh_for_each_caller():
+    """A model keeps the config it was built from and may change it (the guards tests set the
+    experts implementation): a shared one made test_attach depend on which tests ran first."""
+    from tiny_models import make_model, tiny_config
+
+    first = tiny_config("mixtral")
+    first.num_local_experts = 3
+    make_model("mixtral").set_experts_implementation("eager")
+    again = tiny_config("mixtral")
+    assert again.num_local_experts == 8 and again is not first
+    assert make_model("mixtral").config._experts_implementation != "eager"

@@ -162,8 +162,14 @@ def _has(config, name: str) -> bool:
     return True
 
 
-@functools.cache
 def tiny_config(model_type: str):
+    """A fresh tiny config of `model_type`: a model built from it keeps it as its `config` and
+    may change it (`set_experts_implementation`), so no two callers share one."""
+    return copy.deepcopy(_tiny_config(model_type))
+
+
+@functools.cache
+def _tiny_config(model_type: str):
     default = AutoConfig.for_model(model_type)
     kwargs = {k: v for k, v in TINY.items() if _has(default, k)}
     if not _has(default, "sliding_window") or not getattr(default, "sliding_window", None):
@@ -200,7 +206,7 @@ CLASSIC = (
 def sized_config(model_type: str, **fields):
     """`tiny_config` with some sizes changed (bigger experts for memory tests). Fields that
     others derive from in __init__ must be given together (head_dim is fixed by TINY)."""
-    config = copy.deepcopy(tiny_config(model_type))
+    config = tiny_config(model_type)
     for name, value in fields.items():
         setattr(config, name, value)
     return config

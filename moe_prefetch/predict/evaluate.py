@@ -34,66 +34,71 @@ def _extend(layer, x_normed: torch.Tensor, chosen: torch.Tensor, total: int) -> 
     return torch.cat([chosen.cpu(), extra], dim=1)
 
 
-@torch.no_grad()
 def evaluate_predictors(
     model, data: Residuals, lookahead: int = 3, adapters: Adapters | None = None, margin: int = 2, predictors=PREDICTORS
 ) -> dict:
     """Recall per distance and per (source, target) layer pair, plus precision/recall at k+margin."""
-    layers = find_moe_layers(model)
-    by_idx = {layer.layer_idx: layer for layer in layers}
-    device = layers[0].router.weight.device
-    dtype = layers[0].router.weight.dtype
-    seq = data.seq_ids[0]
-    has_prev = torch.cat([torch.tensor([False]), seq[1:] == seq[:-1]])
-    results = {}
-    variants = [(name, "residual") for name in predictors if name != "m2r2"]
-    if "m2r2" in predictors and adapters is not None:
-        if adapters.source != "residual":  # next-gate from the same point, for a like-for-like row
-            variants.append((f"next-gate@{adapters.source}", adapters.source))
-        variants.append(("m2r2", adapters.source))
-    for name, point in variants:
-        sums: dict[int, list[float]] = {}
-        per_pair = []
-        for source, target, d in pairs(max(data.hidden) + 1, layers, lookahead, point):
-            layer = by_idx[target]
-            k = layer.top_k
-            actual = data.get("chosen", target)
-            rows = has_prev if name == "previous-token" else torch.ones_like(has_prev)
-            actual = actual[rows]
-            if name == "previous-token":
-                prev = data.get("chosen", target)[torch.roll(has_prev, -1)]  # token i-1 for each kept token i
-                prev2 = torch.roll(data.get("chosen", target), 2, 0)[rows]
-                pred_k, pred_m = prev, torch.cat([prev, prev2], 1)[:, : k + margin]
-            else:
-                h = data.get(DATA_KEY[point], source)[rows].to(device=device, dtype=dtype)
-                if name == "m2r2":
-                    adapter = adapters.get(source, target)
-                    h = adapter.to(device=device, dtype=dtype)(h) if adapter is not None else h
-                pred_k = route(layer, h).cpu()
-                normed = layer.norm(h) if layer.norm is not None else h
-                pred_m = _extend(layer, normed, pred_k, min(layer.num_experts, k + margin))
-            recall = (_overlap(pred_k, actual) / k).mean().item()
-            hits_m = _overlap(pred_m, actual)
-            per_pair.append(
-                {
-                    "source": source,
-                    "target": target,
-                    "d": d,
-                    "recall": recall,
-                    "precision_at_k_plus_margin": (hits_m / pred_m.shape[1]).mean().item(),
-                    "recall_at_k_plus_margin": (hits_m / k).mean().item(),
+    # a block, not a decorator: mutmut (make mutate) leaves decorated functions alone
+    with torch.no_grad():
+        layers = find_moe_layers(model)
+        by_idx = {layer.layer_idx: layer for layer in layers}
+        device = layers[0].router.weight.device
+        dtype = layers[0].router.weight.dtype
+        seq = data.seq_ids[0]
+        has_prev = torch.cat([torch.tensor([False]), seq[1:] == seq[:-1]])
+        # token i-2 in token i's sequence (previous-token's margin); torch.roll alone would wrap
+        # around the data and across sequences
+        has_prev2 = torch.cat([torch.tensor([False, False]), seq[2:] == seq[:-2]])[: len(seq)]
+        results = {}
+        variants = [(name, "residual") for name in predictors if name != "m2r2"]
+        if "m2r2" in predictors and adapters is not None:
+            if adapters.source != "residual":  # next-gate from the same point, for a like-for-like row
+                variants.append((f"next-gate@{adapters.source}", adapters.source))
+            variants.append(("m2r2", adapters.source))
+        for name, point in variants:
+            sums: dict[int, list[float]] = {}
+            per_pair = []
+            for source, target, d in pairs(max(data.hidden) + 1, layers, lookahead, point):
+                layer = by_idx[target]
+                k = layer.top_k
+                actual = data.get("chosen", target)
+                rows = has_prev if name == "previous-token" else torch.ones_like(has_prev)
+                actual = actual[rows]
+                if name == "previous-token":
+                    prev = data.get("chosen", target)[torch.roll(has_prev, -1)]  # token i-1 for each kept token i
+                    # no token i-2 in the sequence: the margin names nothing (-1 is no expert)
+                    prev2 = torch.roll(data.get("chosen", target), 2, 0).masked_fill(~has_prev2[:, None], -1)[rows]
+                    pred_k, pred_m = prev, torch.cat([prev, prev2], 1)[:, : k + margin]
+                else:
+                    h = data.get(DATA_KEY[point], source)[rows].to(device=device, dtype=dtype)
+                    if name == "m2r2":
+                        adapter = adapters.get(source, target)
+                        h = adapter.to(device=device, dtype=dtype)(h) if adapter is not None else h
+                    pred_k = route(layer, h).cpu()
+                    normed = layer.norm(h) if layer.norm is not None else h
+                    pred_m = _extend(layer, normed, pred_k, min(layer.num_experts, k + margin))
+                recall = (_overlap(pred_k, actual) / k).mean().item()
+                hits_m = _overlap(pred_m, actual)
+                per_pair.append(
+                    {
+                        "source": source,
+                        "target": target,
+                        "d": d,
+                        "recall": recall,
+                        "precision_at_k_plus_margin": (hits_m / pred_m.shape[1]).mean().item(),
+                        "recall_at_k_plus_margin": (hits_m / k).mean().item(),
+                    }
+                )
+                sums.setdefault(d, []).append(recall)
+            by_d = {}
+            for d in sorted(sums):
+                rows_d = [p for p in per_pair if p["d"] == d]
+                by_d[d] = {
+                    key: sum(p[key] for p in rows_d) / len(rows_d)
+                    for key in ("recall", "precision_at_k_plus_margin", "recall_at_k_plus_margin")
                 }
-            )
-            sums.setdefault(d, []).append(recall)
-        by_d = {}
-        for d in sorted(sums):
-            rows_d = [p for p in per_pair if p["d"] == d]
-            by_d[d] = {
-                key: sum(p[key] for p in rows_d) / len(rows_d)
-                for key in ("recall", "precision_at_k_plus_margin", "recall_at_k_plus_margin")
-            }
-        results[name] = {"by_distance": by_d, "by_pair": per_pair}
-    return {"tokens": data.num_tokens, "lookahead": lookahead, "margin": margin, "predictors": results}
+            results[name] = {"by_distance": by_d, "by_pair": per_pair}
+        return {"tokens": data.num_tokens, "lookahead": lookahead, "margin": margin, "predictors": results}
 
 
 def format_table(result: dict) -> str:
