@@ -204,7 +204,10 @@ def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):
     import moe_prefetch.predict.m2r2 as m2r2
 
     ckpt, data, _ = setup
-    out = tmp_path / "adapters.safetensors"
+    # a folder deep enough that the message is longer than the 120 columns of a non-terminal
+    folder = tmp_path / "runs" / ("adapters-of-a-model-with-a-long-name-" * 2)
+    folder.mkdir(parents=True)
+    out = folder / "adapters.safetensors"
     args = [
         "train-predictor",
         "--model",
@@ -235,9 +238,10 @@ def test_train_predictor_ctrl_c_then_resume(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(m2r2, "_train_step", step_then_interrupt)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
-    assert "run the same command to resume" in result.stderr
-    assert (tmp_path / "adapters.safetensors.ckpt").is_file() and not out.exists()
+    message = f"interrupted: progress saved to {out}.ckpt; run the same command to resume"
+    assert len(message) > 120 and message in result.stderr  # one line, whole
+    assert (folder / "adapters.safetensors.ckpt").is_file() and not out.exists()
     monkeypatch.setattr(m2r2, "_train_step", real_step)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert out.is_file() and not (tmp_path / "adapters.safetensors.ckpt").exists()
+    assert out.is_file() and not (folder / "adapters.safetensors.ckpt").exists()

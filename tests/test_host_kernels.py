@@ -134,13 +134,16 @@ def test_int8_with_k_torchs_kernel_cannot_take_is_decoded_not_crashed(monkeypatc
     assert kind == ("decode" if kernel == "torch" else "int8")
     if kind == "decode":
         assert "multiple of 16" in kernels.decode_reason(codec, "w", object())
+    torch.manual_seed(0)
     parts = fmt.encode(torch.randn(shape))
     proj = kernels.Projection(codec, "w", kind, transposed=False)
     x = torch.randn(1, shape[1]).to(torch.bfloat16)
-    weight = torch.empty(shape, dtype=torch.bfloat16)
+    weight = torch.empty(shape, dtype=torch.float32)
     fmt.decode(parts, weight)
-    expected = F.linear(x.float(), weight.float())
-    torch.testing.assert_close(proj(x, proj.prepare(parts)).float(), expected, rtol=1.6e-2, atol=2e-2)
+    expected = F.linear(x.float(), weight)
+    # bf16 output of a 72-term sum: the rounding is relative to the terms' size, not the result's
+    scale = (x.float().abs() @ weight.abs().T).max().item()
+    torch.testing.assert_close(proj(x, proj.prepare(parts)).float(), expected, rtol=0, atol=scale * 2**-7)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "compiled"])

@@ -81,10 +81,13 @@ def train_predictor(
         console=stderr(),
         transient=False,
     )
-    with progress:
-        collect_task = progress.add_task("collect", total=max_tokens, info="")
-        train_task = progress.add_task("train", total=steps, info="")
-        try:
+    # The message goes out after the live display has stopped (printed inside it, by another
+    # console, it could be overwritten by the display's last frame), unwrapped so the path and the
+    # advice stay whole at any width.
+    try:
+        with progress:
+            collect_task = progress.add_task("collect", total=max_tokens, info="")
+            train_task = progress.add_task("train", total=steps, info="")
             metrics = train(
                 model,
                 _data_files(data),
@@ -99,9 +102,14 @@ def train_predictor(
                 collect_progress=lambda n: progress.advance(collect_task, n),
                 progress=lambda step, loss: progress.update(train_task, completed=step + 1, info=f"loss {loss:.4f}"),
             )
-        except KeyboardInterrupt:
-            stderr().print(f"interrupted: progress saved to {out}.ckpt; run the same command to resume")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        stderr().print(
+            f"interrupted: progress saved to {out}.ckpt; run the same command to resume",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     table = Table(title=f"M2R2 adapters -> {out}")
     table.add_column("d")
     table.add_column("next-gate recall@k (val)")
