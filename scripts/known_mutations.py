@@ -123,8 +123,8 @@ MUTATIONS = [
     Mutation(
         "host lane: the compiled int8 kernel scales by 0.9 (its self-check must refuse it)",
         "moe_prefetch/experts/cpu_kernels.c",
-        "int8_dot(xf + i * k, q + r * k, k) * scale[r]",
-        "int8_dot(xf + i * k, q + r * k, k) * scale[r] * 0.9f",
+        "int8_dot(xf, q + r * k, k) * scale[r]",
+        "int8_dot(xf, q + r * k, k) * scale[r] * 0.9f",
         ("tests/test_cpu_kernels.py", "-k", "host_lane_runs_the_compiled_int8"),
     ),
 ]
