@@ -40,7 +40,7 @@ import time
 
 import torch
 from bench_resident import decode_times  # scripts/ is on sys.path when a script runs
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from bench_scale import build_stock
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import moe_prefetch
@@ -48,25 +48,6 @@ from moe_prefetch.model.guards import ENTRY_POINTS
 from moe_prefetch.model.integration import DEFAULT_KERNEL
 
 CONFIGS = ("resident", "resident-slow", "wait", "host", "next-gate")
-
-
-def build_stock(layers: int, experts: int, top_k: int) -> Qwen3MoeForCausalLM:
-    config = Qwen3MoeConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        decoder_sparse_step=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(config).eval()
 
 
 def attach_config(stock, name: str):

@@ -33,6 +33,27 @@ from moe_prefetch.runtime.scheduler import Scheduler
 CPU_SHARE_FLOOR = 0.95  # CPU time / wall of a timed block below this: the machine was busy, the block is dropped
 
 
+def build_stock(layers: int, experts: int, top_k: int) -> Qwen3MoeForCausalLM:
+    """A Qwen3-MoE shape at a real model's depth and expert count with tiny matrices (hidden 32),
+    so a decode step is almost all host work; seeded, so every run builds the same weights."""
+    config = Qwen3MoeConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        decoder_sparse_step=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
 def ratio_to_stock(stock, offloaded, runtime, tokens: int, blocks: int) -> tuple[float, float, dict]:
     """Median decode step of each model over alternating blocks. Each block's CPU time over its
     wall time is kept in the stats ("cpu_share"); a block below CPU_SHARE_FLOOR (another process
@@ -142,22 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
-    config = Qwen3MoeConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        decoder_sparse_step=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    stock = Qwen3MoeForCausalLM(config).eval()
+    stock = build_stock(args.layers, args.experts, args.top_k)
     total = args.layers * args.experts
     print(
         f"model: Qwen3-MoE-shaped, hidden 32, {args.layers} layers x {args.experts} experts, top-{args.top_k}, "
@@ -167,7 +173,7 @@ def main() -> None:
     resident = copy.deepcopy(stock)
     runtime = moe_prefetch.attach(resident, device="cpu", cache_slots=total)
     with torch.no_grad():  # a long prefill routes to (nearly) every expert once; then they stay
-        resident(torch.randint(0, config.vocab_size, (4, 256)))
+        resident(torch.randint(0, stock.config.vocab_size, (4, 256)))
     s, o, stats = ratio_to_stock(stock, resident, runtime, args.tokens, args.blocks)
     print(
         f"all {total} experts resident: stock {s * 1e3:.2f} ms, moe-prefetch {o * 1e3:.2f} ms per step -> "

@@ -94,7 +94,6 @@ def install(model, choice: DecodeGemv):
     run with oneDNN off; returns the undo function. Nothing is wrapped when `choice` is off."""
     if not choice.enabled:
         return lambda: None
-    had, previous = "forward" in model.__dict__, model.__dict__.get("forward")
     forward = model.forward
 
     @functools.wraps(forward)  # generate reads the forward's signature through __wrapped__
@@ -110,12 +109,4 @@ def install(model, choice: DecodeGemv):
             _leave()
 
     # dynamo skips this frame (the lock and the flag are not traceable) and compiles what it calls
-    model.__dict__["forward"] = guards.mark(guards._untraced(decode_gemv_forward))
-
-    def undo() -> None:
-        if had:
-            model.__dict__["forward"] = previous
-        else:
-            model.__dict__.pop("forward", None)
-
-    return undo
+    return guards.replace_forward(model, guards.mark(guards._untraced(decode_gemv_forward)))

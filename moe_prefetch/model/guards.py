@@ -255,6 +255,21 @@ def _refuse_conversions(model, runtime) -> Callable[[], None]:
     return undo
 
 
+def replace_forward(model, forward: Callable) -> Callable[[], None]:
+    """Put `forward` on the model instance, in front of its class's (and of a forward someone else
+    put there, such as accelerate's hooks); returns the undo that puts back what was there."""
+    had, previous = "forward" in model.__dict__, model.__dict__.get("forward")
+    model.__dict__["forward"] = forward
+
+    def undo() -> None:
+        if had:
+            model.__dict__["forward"] = previous
+        else:
+            model.__dict__.pop("forward", None)
+
+    return undo
+
+
 def _untraced(fn: Callable) -> Callable:
     """`fn` with its own frame skipped by dynamo and the frames it calls compiled as before.
     `torch.compiler.disable(recursive=False)` says the same, but in torch 2.13 dynamo converts the
@@ -275,7 +290,6 @@ def _refuse_fullgraph(model, runtime) -> Callable[[], None]:
     skips (`_untraced`), so that error passes through it and becomes an AttachedModelError.
     `model.compile(fullgraph=True)` (Module.compile, which traces the call itself) is refused
     before anything is compiled, on every module holding experts."""
-    own = model.__dict__.get("forward")  # a forward someone else put on the instance (accelerate's hooks)
     forward = model.forward
 
     @functools.wraps(forward)  # inspect.signature (generate reads the forward's parameters) follows __wrapped__
@@ -287,7 +301,7 @@ def _refuse_fullgraph(model, runtime) -> Callable[[], None]:
                 raise AttachedModelError(FULLGRAPH.format(detach=DETACH)) from err
             raise
 
-    model.__dict__["forward"] = mark(_untraced(guarded_forward))
+    restore_forward = replace_forward(model, mark(_untraced(guarded_forward)))
     holders = _holding_experts(model, runtime)
 
     def refuse(module):
@@ -304,10 +318,7 @@ def _refuse_fullgraph(model, runtime) -> Callable[[], None]:
     def undo() -> None:
         for module in holders:
             module.__dict__.pop("compile", None)
-        if own is None:
-            model.__dict__.pop("forward", None)
-        else:
-            model.__dict__["forward"] = own
+        restore_forward()
 
     return undo
 

@@ -435,7 +435,6 @@ def out_of_memory_message(runtime, err: BaseException) -> str:
 def _name_the_setting_on_oom(model, runtime):
     """An out-of-memory error in a forward (generate's too) becomes one CacheCapacityError
     naming the setting to change. Through the instance's `forward`, restored on detach."""
-    had, previous = "forward" in model.__dict__, model.__dict__.get("forward")
     forward = model.forward
 
     @functools.wraps(forward)  # generate reads the forward's signature through __wrapped__
@@ -445,15 +444,7 @@ def _name_the_setting_on_oom(model, runtime):
         except torch.OutOfMemoryError as err:
             raise CacheCapacityError(out_of_memory_message(runtime, err)) from err
 
-    model.__dict__["forward"] = guarded
-
-    def undo() -> None:
-        if had:
-            model.__dict__["forward"] = previous
-        else:
-            model.__dict__.pop("forward", None)
-
-    return undo
+    return guards.replace_forward(model, guarded)
 
 
 def _refill(saved, store: HostStore, layers: list[MoELayer]) -> None:
